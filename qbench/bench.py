@@ -1,0 +1,128 @@
+"""One cell: model x scheme x evaluation -> one result record.  `run_bench` walks a grid
+of cells, skipping those already in the store, so an interrupted run resumes where it
+stopped and loses at most the cell in flight."""
+from __future__ import annotations
+
+import copy
+import resource
+import time
+import traceback
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+import qbench
+from qbench.data import load_corpus
+from qbench.eval import NonFiniteError, PerplexityProtocol, evaluate_perplexity
+from qbench.quant import get_scheme, quantize
+from qbench.registry import closest
+from qbench.results import ResultStore, cell_key, git_sha, library_versions, machine
+from qbench.zoo import LoadedModel, load_model, read_zoo
+
+TASKS = {"ppl": "perplexity under the model's protocol (token, word and byte level)"}
+DEFAULT_WINDOW = 256
+
+
+def check_tasks(tasks: list[str]) -> None:
+    for task in tasks:
+        if task not in TASKS:
+            raise KeyError(f"unknown task {task!r}{closest(task, TASKS)}")
+
+
+def resolve_protocol(loaded: LoadedModel, limit: int | None, corpus: str | None = None) -> PerplexityProtocol:
+    """The model's own held-out data: its training corpus' test split (sotu by default),
+    or fixed synthetic sequences for Bigram-Backcopy models."""
+    training = loaded.info.get("training") or {}
+    data = training.get("data") or {}
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", DEFAULT_WINDOW) or DEFAULT_WINDOW
+    if data.get("task") == "bigram_backcopy":
+        return PerplexityProtocol(kind="bigram_backcopy", corpus=data["corpus"],
+                                  window=training["recipe"]["context"])
+    return PerplexityProtocol(corpus=corpus or data.get("corpus", "sotu"),
+                              window=min(DEFAULT_WINDOW, max_positions), max_chars=limit)
+
+
+def protocol_data_hash(protocol: PerplexityProtocol) -> str:
+    corpus = load_corpus(protocol.corpus)
+    return corpus.split_hash("train" if protocol.kind == "bigram_backcopy" else protocol.split)
+
+
+@dataclass
+class Cell:
+    model: str
+    scheme: str
+    task: str
+    config: dict
+
+    @property
+    def key(self) -> str:
+        return cell_key(self.config)
+
+
+def cell_config(loaded: LoadedModel, scheme_name: str, task: str, protocol: PerplexityProtocol,
+                data_hash: str) -> dict:
+    scheme = get_scheme(scheme_name)
+    return {
+        "model": {"name": loaded.name, "checkpoint_hash": loaded.checkpoint_hash},
+        "scheme": scheme.to_json(), "scheme_hash": scheme.hash(),
+        "evaluation": {"task": task, "protocol": protocol.to_dict()},
+        "data_hash": data_hash, "seeds": {"evaluation": protocol.seed},
+        "qbench_version": qbench.__version__,
+    }
+
+
+def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, progress: bool) -> dict:
+    """Quantize a copy of the model and evaluate it; failures become failed records."""
+    scheme = get_scheme(cell.scheme)
+    start = time.time()
+    record = {"key": cell.key, "config": cell.config, "model": cell.model, "scheme": cell.scheme,
+              "task": cell.task, "protocol": protocol.id}
+    try:
+        model = loaded.model if scheme.name == "fp32" else copy.deepcopy(loaded.model)
+        record["quantization"] = quantize(model, scheme)
+        record["metrics"] = evaluate_perplexity(model, loaded.tokenizer, protocol, progress=progress)
+        record["status"] = "ok"
+    except (NonFiniteError, NotImplementedError, RuntimeError, ValueError) as err:
+        record["status"] = "failed"
+        record["error"] = f"{type(err).__name__}: {err}"
+        record["traceback"] = traceback.format_exc(limit=5)
+    record["provenance"] = {
+        "wall_seconds": round(time.time() - start, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "libraries": library_versions(), "git_sha": git_sha(), "machine": machine(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return record
+
+
+def expand_models(models: list[str]) -> list[str]:
+    return list(read_zoo()) if models == ["all"] else models
+
+
+def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: ResultStore,
+              limit: int | None = None, force: bool = False, progress: bool = True,
+              corpus: str | None = None) -> list[dict]:
+    """Run every missing cell of models x schemes x tasks; returns all their records."""
+    models = expand_models(models)
+    for name in schemes:
+        get_scheme(name)  # fail before any work on a typo
+    check_tasks(tasks)
+    records = []
+    bar = tqdm(total=len(models) * len(schemes) * len(tasks), desc="cells", disable=not progress)
+    for model_name in models:
+        loaded = load_model(model_name)
+        protocol = resolve_protocol(loaded, limit, corpus)
+        data_hash = protocol_data_hash(protocol)
+        for scheme_name in schemes:
+            for task in tasks:
+                cell = Cell(model_name, scheme_name, task,
+                            cell_config(loaded, scheme_name, task, protocol, data_hash))
+                bar.set_postfix_str(f"{model_name} {scheme_name} {task}")
+                record = None if force else store.get(cell.key)
+                if record is None:
+                    record = run_cell(loaded, cell, protocol, progress)
+                    store.put(record)
+                records.append(record)
+                bar.update(1)
+    bar.close()
+    return records

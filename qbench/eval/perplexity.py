@@ -1,0 +1,118 @@
+"""Perplexity protocols.
+
+`nonoverlap`: the evaluation text is the held-out split's documents joined by blank lines,
+cut at a whitespace boundary after `max_chars` characters when a limit is set (so every
+tokenizer sees the same text).  It is tokenized whole and cut into non-overlapping
+windows of `window - 1` tokens, each preceded by BOS (as the models were trained); the
+NLL of every window token given the tokens before it in its window is summed.
+Token perplexity = exp(NLL / tokens); word and byte perplexity divide the same NLL by
+the whitespace-separated words and UTF-8 bytes of the text, so models with different
+tokenizers compare.
+
+`bigram_backcopy`: for models trained on the synthetic task, NLL over fixed sequences
+sampled with a fixed seed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qbench.data import load_corpus
+from qbench.data.tokens import encode_text, split_text
+
+
+class NonFiniteError(FloatingPointError):
+    """The model produced NaN or inf logits (typically after quantization)."""
+
+
+@dataclass(frozen=True)
+class PerplexityProtocol:
+    kind: str = "nonoverlap"  # or "bigram_backcopy"
+    corpus: str = "sotu"
+    split: str = "test"
+    window: int = 256
+    max_chars: int | None = None  # nonoverlap: cut the text; bigram_backcopy: ignored
+    sequences: int = 64  # bigram_backcopy only
+    seed: int = 1234  # bigram_backcopy only
+    batch_size: int = 8
+
+    @property
+    def id(self) -> str:
+        if self.kind == "bigram_backcopy":
+            return f"bb-n{self.sequences}-T{self.window}-seed{self.seed}"
+        limit = f"-first{self.max_chars}c" if self.max_chars else ""
+        return f"nonoverlap-w{self.window}-bos-{self.corpus}-{self.split}{limit}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "id": self.id}
+
+
+def _bos_id(tokenizer) -> int | None:
+    for attr in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def protocol_windows(protocol: PerplexityProtocol, tokenizer) -> tuple[list[torch.Tensor], dict, str]:
+    """The evaluation windows (each (T,), BOS first), text statistics and the data hash."""
+    if protocol.kind == "bigram_backcopy":
+        from qbench.data.bigram_backcopy import BigramBackcopy
+
+        corpus = load_corpus(protocol.corpus)
+        task = BigramBackcopy("".join(corpus.train))
+        seqs = task.sample(protocol.sequences, protocol.window, torch.Generator().manual_seed(protocol.seed))
+        data_hash = __import__("hashlib").sha256(seqs.numpy().tobytes()).hexdigest()
+        return list(seqs), {"words": None, "bytes": None}, data_hash
+    corpus = load_corpus(protocol.corpus)
+    text = split_text(corpus, protocol.split, protocol.max_chars)
+    ids = torch.from_numpy(encode_text(tokenizer, text).astype(np.int64))
+    bos = _bos_id(tokenizer)
+    body = protocol.window - 1 if bos is not None else protocol.window
+    windows = []
+    for start in range(0, len(ids), body):
+        chunk = ids[start: start + body]
+        windows.append(torch.cat([torch.tensor([bos]), chunk]) if bos is not None else chunk)
+    import hashlib
+
+    data_hash = hashlib.sha256(text.encode()).hexdigest()
+    return windows, {"words": len(text.split()), "bytes": len(text.encode())}, data_hash
+
+
+@torch.no_grad()
+def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityProtocol,
+                        progress: bool = False) -> dict:
+    windows, text_stats, data_hash = protocol_windows(protocol, tokenizer)
+    model.eval()
+    nll, tokens = 0.0, 0
+    # Windows of equal length go together; the last, shorter one runs alone.
+    batches: list[list[torch.Tensor]] = []
+    for w in windows:
+        if batches and len(batches[-1]) < protocol.batch_size and len(batches[-1][0]) == len(w):
+            batches[-1].append(w)
+        else:
+            batches.append([w])
+    for batch in tqdm(batches, desc=f"ppl {protocol.id}", disable=not progress, leave=False):
+        x = torch.stack(batch)  # (B, T)
+        if x.shape[1] < 2:
+            continue
+        logits = model(input_ids=x).logits.float()  # (B, T, V)
+        if not torch.isfinite(logits).all():
+            raise NonFiniteError(f"non-finite logits ({int((~torch.isfinite(logits)).sum())} values) "
+                                 f"under protocol {protocol.id}")
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        tokens += x[:, 1:].numel()
+    result = {"protocol": protocol.id, "nll_sum": nll, "tokens": tokens, "windows": len(windows),
+              "ppl": math.exp(nll / tokens), "data_hash": data_hash}
+    for unit in ("words", "bytes"):
+        count = text_stats[unit]
+        result[unit] = count
+        result[f"{unit[:-1]}_ppl"] = math.exp(nll / count) if count else None
+    return result

@@ -1,0 +1,13 @@
+"""Name look-ups with "did you mean" errors."""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+def closest(name: str, valid: Iterable[str]) -> str:
+    """A message tail suggesting the closest valid names, then listing all of them."""
+    valid = sorted(valid)
+    near = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+    return f"{hint} (valid: {', '.join(valid)})"

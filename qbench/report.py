@@ -1,0 +1,63 @@
+"""Records -> pandas tables (FP row and every scheme, same protocol) and REPORT.md."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from qbench.results import ResultStore
+
+REFERENCE_SCHEME = "fp32"
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        metrics = r.get("metrics") or {}
+        rows.append({
+            "model": r["model"], "scheme": r["scheme"], "task": r["task"], "protocol": r["protocol"],
+            "status": r.get("status"), "ppl": metrics.get("ppl"), "word_ppl": metrics.get("word_ppl"),
+            "byte_ppl": metrics.get("byte_ppl"), "tokens": metrics.get("tokens"), "error": r.get("error"),
+        })
+    return pd.DataFrame(rows)
+
+
+def comparison_table(records: list[dict]) -> pd.DataFrame:
+    """One row per (model, protocol, scheme): ppl, delta_ppl and relative delta against the
+    fp32 row measured under the same protocol."""
+    frame = records_frame([r for r in records if r["task"] == "ppl"])
+    if frame.empty:
+        return frame
+    reference = (frame[(frame.scheme == REFERENCE_SCHEME) & (frame.status == "ok")]
+                 .set_index(["model", "protocol"])["ppl"])
+    frame["fp_ppl"] = [reference.get((m, p)) for m, p in zip(frame.model, frame.protocol)]
+    frame["delta_ppl"] = frame.ppl - frame.fp_ppl
+    frame["rel_delta_%"] = 100.0 * frame.delta_ppl / frame.fp_ppl
+    columns = ["model", "scheme", "protocol", "status", "ppl", "delta_ppl", "rel_delta_%", "word_ppl", "byte_ppl",
+               "tokens"]
+    return frame[columns].sort_values(["model", "protocol", "scheme"], key=_fp_first).reset_index(drop=True)
+
+
+def _fp_first(column: pd.Series) -> pd.Series:
+    return column.map(lambda v: "" if v == REFERENCE_SCHEME else v) if column.name == "scheme" else column
+
+
+def format_table(table: pd.DataFrame) -> str:
+    return table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
+
+
+def write_report(store: ResultStore, out_dir: Path | None = None) -> tuple[Path, Path]:
+    out_dir = Path(out_dir or store.root)
+    table = comparison_table(store.records())
+    summary = out_dir / "summary.csv"
+    table.to_csv(summary, index=False)
+    lines = ["# qbench report", "", "Perplexity under each scheme next to the fp32 row of the same protocol "
+             "(`delta_ppl` = quantized - fp32; `rel_delta_%` = 100 delta / fp32).", ""]
+    for model, group in table.groupby("model", sort=False):
+        lines += [f"## {model}", "", group.drop(columns="model").to_markdown(index=False, floatfmt=".4g"), ""]
+    corrupt = store.corrupt()
+    if corrupt:
+        lines += [f"Skipped {len(corrupt)} corrupt record(s): " + ", ".join(p.name for p in corrupt), ""]
+    report = out_dir / "REPORT.md"
+    report.write_text("\n".join(lines))
+    return summary, report

@@ -1,0 +1,268 @@
+"""Training recipes: presets -> a checkpoint folder with tokenizer, loss log and model card.
+
+Deterministic for a seed (model init, data order); resumable: the full training state
+(model, optimizer, data-generator and RNG states, step) is saved every `save_every` steps
+to `train_state.pt` in the output folder, and a rerun of the same command continues
+from it.  The final checkpoint is written with `save_pretrained` (safetensors).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qbench.data import load_corpus
+from qbench.data.bigram_backcopy import BigramBackcopy
+from qbench.data.tokenizer import cached_bpe_tokenizer
+from qbench.data.tokens import cached_split_ids, random_windows
+from qbench.modeling import ATTENTION_ARMS, QBenchConfig, QBenchForCausalLM
+from qbench.registry import closest
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    task: str  # "lm" (next token on a corpus) or "bigram_backcopy"
+    n_layer: int
+    n_head: int
+    d_model: int
+    d_ff: int
+    context: int
+    vocab_size: int  # BPE vocab for "lm"; ignored for bigram_backcopy (characters)
+    batch_size: int
+    steps: int
+    lr: float
+    warmup: int
+    weight_decay: float
+    betas: tuple[float, float]
+    grad_clip: float
+    eval_every: int
+    save_every: int
+    description: str
+
+
+PRESETS = {
+    p.name: p
+    for p in [
+        Preset("bb", "bigram_backcopy", n_layer=1, n_head=1, d_model=256, d_ff=1024, context=64,
+               vocab_size=0, batch_size=128, steps=2000, lr=3e-4, warmup=100, weight_decay=1e-4,
+               betas=(0.9, 0.99), grad_clip=1.0, eval_every=250, save_every=250,
+               description="Bigram-Backcopy (Guo et al.): 1 layer, 1 head, width 256; minutes on CPU"),
+        Preset("tiny", "lm", n_layer=4, n_head=4, d_model=256, d_ff=1024, context=256,
+               vocab_size=4096, batch_size=16, steps=1000, lr=1e-3, warmup=100, weight_decay=0.1,
+               betas=(0.9, 0.95), grad_clip=1.0, eval_every=250, save_every=100,
+               description="5.3M parameters, context 256, 4.1M tokens; ~25 minutes on 2 CPU cores"),
+        Preset("small", "lm", n_layer=6, n_head=8, d_model=512, d_ff=2048, context=512,
+               vocab_size=8192, batch_size=64, steps=20000, lr=6e-4, warmup=500, weight_decay=0.1,
+               betas=(0.9, 0.95), grad_clip=1.0, eval_every=1000, save_every=500,
+               description="GPU-scale recipe (~23M parameters, 650M tokens); not trained on CPU"),
+    ]
+}
+
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.csv"
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}{closest(name, PRESETS)}")
+    return PRESETS[name]
+
+
+def learning_rate(step: int, preset: Preset) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < preset.warmup:
+        return preset.lr * (step + 1) / preset.warmup
+    progress = (step - preset.warmup) / max(1, preset.steps - preset.warmup)
+    return preset.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+class _LMData:
+    """Random BOS-prefixed windows of a corpus split."""
+
+    def __init__(self, corpus_spec: str, preset: Preset):
+        self.corpus = load_corpus(corpus_spec)
+        self.tokenizer = cached_bpe_tokenizer(self.corpus.train, preset.vocab_size, self.corpus.split_hash("train"))
+        self.ids = {s: cached_split_ids(self.corpus, s, self.tokenizer) for s in ("train", "validation")}
+        self.preset = preset
+        self.data_info = {"task": "lm", "corpus": corpus_spec, "hashes": self.corpus.hashes(),
+                          "train_tokens": int(len(self.ids["train"]))}
+
+    def batch(self, split: str, generator: torch.Generator) -> torch.Tensor:
+        return random_windows(self.ids[split], self.preset.batch_size, self.preset.context,
+                              self.tokenizer.bos_token_id, generator)
+
+
+class _BBData:
+    """Bigram-Backcopy sequences; the bigram statistics come from the corpus' training split."""
+
+    def __init__(self, corpus_spec: str, preset: Preset):
+        corpus = load_corpus(corpus_spec)
+        self.task = BigramBackcopy("".join(corpus.train))
+        self.tokenizer = self.task.tokenizer
+        self.preset = preset
+        self.data_info = {"task": "bigram_backcopy", "corpus": corpus_spec,
+                          "hashes": {"train": corpus.split_hash("train")},
+                          "triggers": [self.task.chars[i - 3] for i in self.task.triggers.tolist()]}
+
+    def batch(self, split: str, generator: torch.Generator) -> torch.Tensor:
+        return self.task.sample(self.preset.batch_size, self.preset.context, generator)
+
+
+def make_data(preset: Preset, corpus_spec: str):
+    return _BBData(corpus_spec, preset) if preset.task == "bigram_backcopy" else _LMData(corpus_spec, preset)
+
+
+@torch.no_grad()
+def validation_loss(model, data, n_batches: int = 8, seed: int = 1234) -> float:
+    """Mean loss on a fixed set of validation windows (the same for every arm and step)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    losses = [model(x, labels=x).loss.item() for x in (data.batch("validation", generator) for _ in range(n_batches))]
+    model.train()
+    return float(np.mean(losses))
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpus: str = "sotu",
+          steps: int | None = None, threads: int | None = None, progress: bool = True,
+          gate_init: float | None = None) -> dict:
+    """Train one arm with one preset; returns the summary written into the model card."""
+    if attention not in ATTENTION_ARMS:
+        raise ValueError(f"unknown attention arm {attention!r}{closest(attention, ATTENTION_ARMS)}")
+    preset = preset_name if isinstance(preset_name, Preset) else get_preset(preset_name)
+    if steps is not None:
+        preset = replace(preset, steps=steps, warmup=min(preset.warmup, max(1, steps // 10)),
+                         save_every=min(preset.save_every, steps))
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = make_data(preset, corpus)
+    torch.manual_seed(seed)
+    config = QBenchConfig(
+        vocab_size=len(data.tokenizer), n_layer=preset.n_layer, n_head=preset.n_head,
+        d_model=preset.d_model, d_ff=preset.d_ff, max_position_embeddings=preset.context,
+        attention=attention, gate_init=gate_init, bos_token_id=data.tokenizer.bos_token_id,
+        eos_token_id=data.tokenizer.eos_token_id, pad_token_id=data.tokenizer.pad_token_id,
+    )
+    model = QBenchForCausalLM(config)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=preset.lr, betas=preset.betas,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    step, elapsed = 0, 0.0
+    state_path = out / STATE_FILE
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state["recipe"] != {"attention": attention, "preset": asdict(preset), "seed": seed, "corpus": corpus}:
+            raise ValueError(f"{state_path} belongs to a different run ({state['recipe']}); "
+                             "choose another --out or delete the folder")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed = state["step"], state["elapsed"]
+    log_path = out / LOG_FILE
+    if step == 0 or not log_path.exists():
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(["step", "lr", "train_loss", "val_loss", "tokens", "seconds"])
+    else:  # drop log rows past the resumed state (they will be recomputed identically)
+        rows = list(csv.reader(open(log_path)))
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= step])
+
+    tokens_per_step = preset.batch_size * preset.context
+    model.train()
+    bar = tqdm(total=preset.steps, initial=step, desc=f"train {attention}/{preset.name}", disable=not progress)
+    start = time.time() - elapsed
+    train_loss = float("nan")
+    while step < preset.steps:
+        lr = learning_rate(step, preset)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = data.batch("train", generator)
+        loss = model(x, labels=x).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), preset.grad_clip)
+        optimizer.step()
+        step += 1
+        train_loss = loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}")
+        val = validation_loss(model, data) if step % preset.eval_every == 0 or step == preset.steps else ""
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow([step, f"{lr:.6g}", f"{train_loss:.5f}", f"{val:.5f}" if val != "" else "",
+                                    step * tokens_per_step, f"{time.time() - start:.1f}"])
+        if step % preset.save_every == 0 or step == preset.steps:
+            _atomic_torch_save({
+                "recipe": {"attention": attention, "preset": asdict(preset), "seed": seed, "corpus": corpus},
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "step": step, "elapsed": time.time() - start,
+            }, state_path)
+    bar.close()
+
+    rows = list(csv.DictReader(open(log_path)))
+    final_train = float(np.mean([float(r["train_loss"]) for r in rows[-50:]]))
+    final_val = validation_loss(model, data, n_batches=32)
+    config.qbench_training = {
+        "attention": attention, "preset": preset.name, "seed": seed, "steps": preset.steps,
+        "tokens": preset.steps * tokens_per_step, "recipe": asdict(preset), "data": data.data_info,
+        "final_train_loss": round(final_train, 5), "final_val_loss": round(final_val, 5),
+        "final_val_ppl": round(math.exp(final_val), 4), "wall_seconds": round(time.time() - start, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    model.config = config
+    model.save_pretrained(out)
+    data.tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(model_card(out.name, config.qbench_training))
+    state_path.unlink(missing_ok=True)  # the checkpoint is complete; keep the zoo small
+    return config.qbench_training
+
+
+def model_card(name: str, info: dict) -> str:
+    data = info["data"]
+    hashes = "\n".join(f"  - {k}: `{v}`" for k, v in data["hashes"].items())
+    return f"""# {name}
+
+qbench checkpoint trained by `qbench train --attention {info['attention']} --preset {info['preset']} --seed {info['seed']}`.
+
+| field | value |
+|---|---|
+| attention arm | `{info['attention']}` |
+| preset | `{info['preset']}` |
+| task | {data['task']} on `{data['corpus']}` |
+| seed | {info['seed']} |
+| steps | {info['steps']} |
+| training tokens | {info['tokens']:,} |
+| final train loss (mean of last 50 steps) | {info['final_train_loss']:.4f} |
+| final validation loss (32 fixed windows) | {info['final_val_loss']:.4f} |
+| final validation perplexity | {info['final_val_ppl']:.2f} |
+| wall time | {info['wall_seconds']:.0f} s on {info['torch_threads']} threads |
+
+Data hashes (sha256 of the split's documents):
+{hashes}
+
+Recipe: `{json.dumps(info['recipe'])}`
+
+The loss curve is in `train_log.csv`.
+"""

