@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 import qbench
 from qbench.data import load_corpus
+from qbench.data.calibration import calibration_source
 from qbench.eval import NonFiniteError, PerplexityProtocol, evaluate_perplexity
 from qbench.quant import get_scheme, quantize
 from qbench.registry import closest
@@ -66,7 +67,8 @@ def cell_config(loaded: LoadedModel, scheme_name: str, task: str, protocol: Perp
         "model": {"name": loaded.name, "checkpoint_hash": loaded.checkpoint_hash},
         "scheme": scheme.to_json(), "scheme_hash": scheme.hash(),
         "evaluation": {"task": task, "protocol": protocol.to_dict()},
-        "data_hash": data_hash, "seeds": {"evaluation": protocol.seed},
+        "data_hash": data_hash,
+        "seeds": {"evaluation": protocol.seed, "calibration": scheme.options.get("calibration_seed")},
         "qbench_version": qbench.__version__,
     }
 
@@ -79,7 +81,9 @@ def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, prog
               "task": cell.task, "protocol": protocol.id}
     try:
         model = loaded.model if scheme.name == "fp32" else copy.deepcopy(loaded.model)
-        record["quantization"] = quantize(model, scheme)
+        calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,
+                                         bigram_backcopy=protocol.kind == "bigram_backcopy")
+        record["quantization"] = quantize(model, scheme, calibration)
         record["metrics"] = evaluate_perplexity(model, loaded.tokenizer, protocol, progress=progress)
         record["status"] = "ok"
     except (NonFiniteError, NotImplementedError, RuntimeError, ValueError) as err:

@@ -103,10 +103,14 @@ class QBenchBlock(nn.Module):
         self.attn = QBenchAttention(config, layer_idx)
         self.mlp_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = QBenchMLP(config)
+        # Identity unless a quantizer (Bondarenko's protocol quantizes residual sums) or a
+        # probe replaces them; they hold no weights.
+        self.attn_residual = nn.Identity()
+        self.mlp_residual = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_residual(x + self.attn(self.attn_norm(x)))
+        return self.mlp_residual(x + self.mlp(self.mlp_norm(x)))
 
 
 class QBenchPreTrainedModel(PreTrainedModel):
@@ -140,6 +144,7 @@ class QBenchModel(QBenchPreTrainedModel):
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.d_model)
         self.layers = nn.ModuleList(QBenchBlock(config, i) for i in range(config.n_layer))
         self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.embed_sum = nn.Identity()  # the first residual sum (tokens + positions)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -156,7 +161,7 @@ class QBenchModel(QBenchPreTrainedModel):
                 f"{self.config.max_position_embeddings}; evaluate in windows of at most that length"
             )
         positions = torch.arange(t, device=input_ids.device)
-        x = self.embed_tokens(input_ids) + self.embed_positions(positions)  # (B, T, d)
+        x = self.embed_sum(self.embed_tokens(input_ids) + self.embed_positions(positions))  # (B, T, d)
         for layer in self.layers:
             x = layer(x)
         return self.final_norm(x)

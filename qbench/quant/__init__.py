@@ -1,24 +1,43 @@
-"""quantize(model, scheme): dispatch a scheme to its backend."""
+"""quantize(model, scheme, calibration): dispatch a scheme to its backend."""
 from __future__ import annotations
+
+from typing import Callable, Iterable
 
 import torch
 
 from qbench.quant.scheme import SCHEMES, Scheme, get_scheme
 
+# calibration(n_batches, seed, batch_size) -> iterable of (B, T) token batches from the
+# training split of the model's corpus.
+CalibrationSource = Callable[[int, int, int], Iterable[torch.Tensor]]
 
-def quantize(model: torch.nn.Module, scheme: Scheme | str) -> dict:
+
+def quantize(model: torch.nn.Module, scheme: Scheme | str, calibration: CalibrationSource | None = None) -> dict:
     """Quantize `model` in place; returns facts about what was done (recorded with results)."""
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     model.eval()
     if scheme.backend == "reference":
         model.to(getattr(torch, scheme.dtype))
         return {"quantized_linears": 0}
-    if scheme.backend == "simulated" and scheme.activation_granularity == "per_token":
+    if scheme.backend == "simulated":
         from qbench.quant.simulated import apply_dynamic
 
         return apply_dynamic(model, scheme)
-    raise NotImplementedError(f"scheme {scheme.name!r}: backend {scheme.backend!r} with "
-                              f"{scheme.activation_granularity} activations has no implementation")
+    if scheme.backend == "weight_only":
+        from qbench.quant.static import prepare_weight_only
+
+        return prepare_weight_only(model, scheme)
+    if scheme.backend == "static":
+        from qbench.quant.static import calibrate_and_freeze, prepare_static
+
+        if calibration is None:
+            raise ValueError(f"scheme {scheme.name!r} is calibrated: pass calibration batches")
+        facts = prepare_static(model, scheme)
+        options = scheme.options
+        batches = calibration(options["calibration_batches"], options["calibration_seed"],
+                              options["calibration_batch_size"])
+        return {**facts, **calibrate_and_freeze(model, batches)}
+    raise NotImplementedError(f"scheme {scheme.name!r}: backend {scheme.backend!r} has no implementation")
 
 
-__all__ = ["SCHEMES", "Scheme", "get_scheme", "quantize"]
+__all__ = ["SCHEMES", "CalibrationSource", "Scheme", "get_scheme", "quantize"]

@@ -12,7 +12,9 @@ from qbench.registry import closest
 @dataclass(frozen=True)
 class Scheme:
     name: str
-    backend: str  # "reference" (no quantization) or "simulated" (qbench's own)
+    # "reference" (no quantization), "simulated" (dynamic, qbench's own), "static"
+    # (Bondarenko protocol, calibrated), "weight_only", "bitsandbytes", "quanto"
+    backend: str
     description: str
     weight_bits: int | None = None
     weight_granularity: str | None = None  # "per_channel" | "per_tensor" | "group"
@@ -45,8 +47,12 @@ class Scheme:
         weights = f"W{self.weight_bits} {self.weight_granularity}" if self.weight_bits else "weights fp"
         acts = (f"A{self.activation_bits} {self.activation_granularity} "
                 f"{'static' if self.activation_static else 'dynamic'}") if self.activation_bits else "activations fp"
-        path = "real int8 matmul" if self.int8_matmul else "simulated"
-        return f"{weights}, {acts}, {path} [{self.backend}]"
+        if self.options.get("group_size"):
+            weights += f" g{self.options['group_size']}"
+        path = "real int8 matmul" if self.int8_matmul else ""
+        calibration = (f", {self.options['calibration_batches']} calibration batches"
+                       if "calibration_batches" in self.options else "")
+        return f"[{self.backend}] {weights}, {acts}{calibration}{', ' + path if path else ''}"
 
 
 SCHEMES: dict[str, Scheme] = {}
@@ -78,3 +84,35 @@ register(Scheme(
     weight_bits=8, weight_granularity="per_channel", activation_bits=8, activation_granularity="per_token",
     int8_matmul=True,
 ))
+
+# Bondarenko et al.'s protocol: per-tensor symmetric weights, static asymmetric per-tensor
+# activations by running min-max (momentum 0.9) over 16 calibration batches.
+_PT = {"calibration_batches": 16, "calibration_seed": 0, "calibration_batch_size": 4, "momentum": 0.9,
+       "weight_range": "minmax", "activation_range": "minmax"}
+register(Scheme("w8a8-pt", "static",
+                "Bondarenko W8A8: per-tensor weights; static activations at linear in/out, QK^T, softmax, PV, "
+                "residual sums, embeddings, norms",
+                weight_bits=8, weight_granularity="per_tensor", activation_bits=8,
+                activation_granularity="per_tensor", activation_static=True, options=_PT))
+register(Scheme("w8a8-pt-mse", "static", "w8a8-pt with MSE-searched weight ranges",
+                weight_bits=8, weight_granularity="per_tensor", activation_bits=8,
+                activation_granularity="per_tensor", activation_static=True, options={**_PT, "weight_range": "mse"}))
+for _p in ("99.99", "99.999"):
+    register(Scheme(f"w8a8-pt-p{_p.replace('.', '')}", "static", f"w8a8-pt with {_p}th-percentile activation ranges",
+                    weight_bits=8, weight_granularity="per_tensor", activation_bits=8,
+                    activation_granularity="per_tensor", activation_static=True,
+                    options={**_PT, "activation_range": "percentile", "percentile": float(_p)}))
+register(Scheme("w8a8-pt-gates", "static", "w8a8-pt with the gate branch quantized too",
+                weight_bits=8, weight_granularity="per_tensor", activation_bits=8,
+                activation_granularity="per_tensor", activation_static=True, quantize_gates=True, options=_PT))
+register(Scheme("w6a6", "static", "activation stress test: the w8a8-pt protocol at 6 bits",
+                weight_bits=6, weight_granularity="per_tensor", activation_bits=6,
+                activation_granularity="per_tensor", activation_static=True, options=_PT))
+register(Scheme("w4a8", "static", "4-bit per-channel weights with MSE ranges, 8-bit static activations (Bondarenko T10)",
+                weight_bits=4, weight_granularity="per_channel", activation_bits=8,
+                activation_granularity="per_tensor", activation_static=True, options={**_PT, "weight_range": "mse"}))
+for _g in (32, 64, 128):
+    register(Scheme(f"w4-rtn-g{_g}", "weight_only", f"4-bit round-to-nearest weights, asymmetric, groups of {_g}",
+                    weight_bits=4, weight_granularity="group", options={"group_size": _g, "symmetric": False}))
+register(Scheme("w4-rtn-pc", "weight_only", "4-bit round-to-nearest weights, asymmetric, per output channel",
+                weight_bits=4, weight_granularity="per_channel", options={"symmetric": False}))

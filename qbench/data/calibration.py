@@ -1,0 +1,25 @@
+"""Calibration batches: BOS-prefixed windows drawn with a seed from the training split of
+the corpus an evaluation protocol uses (never from the held-out text)."""
+from __future__ import annotations
+
+import torch
+
+from qbench.data.corpus import load_corpus
+from qbench.data.tokens import cached_split_ids, random_windows
+
+
+def calibration_source(corpus_spec: str, tokenizer, window: int, bigram_backcopy: bool = False):
+    """A function (n_batches, seed, batch_size) -> list of (batch_size, window) LongTensors."""
+    def batches(n_batches: int, seed: int, batch_size: int) -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        corpus = load_corpus(corpus_spec)
+        if bigram_backcopy:
+            from qbench.data.bigram_backcopy import BigramBackcopy
+
+            task = BigramBackcopy("".join(corpus.train))
+            return [task.sample(batch_size, window, generator) for _ in range(n_batches)]
+        ids = cached_split_ids(corpus, "train", tokenizer)
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [random_windows(ids, batch_size, window, bos, generator) for _ in range(n_batches)]
+
+    return batches

@@ -1,0 +1,146 @@
+import json
+import math
+
+import pytest
+
+import qbench.bench as bench
+from qbench.bench import run_bench
+from qbench.cli import main
+from qbench.eval import PerplexityProtocol, evaluate_perplexity
+from qbench.report import comparison_table, write_report
+from qbench.results import ResultStore
+from qbench.zoo import CheckpointError, load_model
+
+LIMIT = 3000
+
+
+def test_bench_writes_one_record_per_cell_with_provenance(micro_checkpoint, tmp_path):
+    store = ResultStore(tmp_path / "results")
+    records = run_bench([str(micro_checkpoint)], ["fp32", "w8a8-dyn"], ["ppl"], store, limit=LIMIT, progress=False)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert len(list(store.records_dir.glob("*.json"))) == 2
+    record = records[1]
+    assert json.loads(record["config"]["scheme"])["name"] == "w8a8-dyn"
+    assert record["config"]["data_hash"] and record["config"]["model"]["checkpoint_hash"]
+    provenance = record["provenance"]
+    assert provenance["libraries"]["torch"] and "cpu" in provenance["machine"]
+    assert "git_sha" in provenance and provenance["wall_seconds"] > 0
+    assert record["protocol"].startswith("nonoverlap-w64-bos-") and record["protocol"].endswith(f"-first{LIMIT}c")
+    table = comparison_table(records)
+    fp, q = table.iloc[0], table.iloc[1]
+    assert fp.scheme == "fp32" and fp.delta_ppl == 0
+    assert q.delta_ppl == pytest.approx(q.ppl - fp.ppl)
+    assert math.isfinite(q.ppl) and q.ppl != fp.ppl
+
+
+def test_rerun_skips_existing_cells_and_recomputes_corrupt_or_missing(micro_checkpoint, tmp_path, monkeypatch):
+    store = ResultStore(tmp_path / "results")
+    first = run_bench([str(micro_checkpoint)], ["fp32", "w8a8-dyn"], ["ppl"], store, limit=LIMIT, progress=False)
+    computed = []
+    real_run_cell = bench.run_cell
+
+    def counting_run_cell(loaded, cell, protocol, progress):
+        computed.append(cell.scheme)
+        return real_run_cell(loaded, cell, protocol, progress)
+
+    monkeypatch.setattr(bench, "run_cell", counting_run_cell)
+    again = run_bench([str(micro_checkpoint)], ["fp32", "w8a8-dyn"], ["ppl"], store, limit=LIMIT, progress=False)
+    assert computed == [] and [r["metrics"]["ppl"] for r in again] == [r["metrics"]["ppl"] for r in first]
+
+    store.path(first[1]["key"]).write_text('{"key": "truncated')  # a corrupt record
+    store.path(first[0]["key"]).unlink()  # a missing one (killed before it was written)
+    assert len(store.corrupt()) == 1
+    third = run_bench([str(micro_checkpoint)], ["fp32", "w8a8-dyn"], ["ppl"], store, limit=LIMIT, progress=False)
+    assert sorted(computed) == ["fp32", "w8a8-dyn"]
+    assert [r["metrics"]["ppl"] for r in third] == [r["metrics"]["ppl"] for r in first]  # deterministic
+    assert store.corrupt() == []
+
+
+def test_interrupted_run_keeps_finished_cells(micro_checkpoint, tmp_path, monkeypatch):
+    store = ResultStore(tmp_path / "results")
+    real_run_cell = bench.run_cell
+
+    def crash_on_second(loaded, cell, protocol, progress):
+        if cell.scheme == "w8a8-dyn":
+            raise KeyboardInterrupt
+        return real_run_cell(loaded, cell, protocol, progress)
+
+    monkeypatch.setattr(bench, "run_cell", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench([str(micro_checkpoint)], ["fp32", "w8a8-dyn"], ["ppl"], store, limit=LIMIT, progress=False)
+    assert len(store.records()) == 1
+    monkeypatch.setattr(bench, "run_cell", real_run_cell)
+    records = run_bench([str(micro_checkpoint)], ["fp32", "w8a8-dyn"], ["ppl"], store, limit=LIMIT, progress=False)
+    assert len(store.records()) == 2 and all(r["status"] == "ok" for r in records)
+
+
+def test_nan_after_quantization_is_a_failed_record_not_a_number(micro_checkpoint, tmp_path, monkeypatch):
+    import qbench.quant as quant
+
+    def poisoned_quantize(model, scheme, calibration=None):
+        facts = quant.quantize(model, scheme, calibration)
+        model.model.layers[0].mlp.fc1.bias.data.fill_(float("nan"))
+        return facts
+
+    monkeypatch.setattr(bench, "quantize", poisoned_quantize)
+    store = ResultStore(tmp_path / "results")
+    records = run_bench([str(micro_checkpoint)], ["w8a8-dyn"], ["ppl"], store, limit=LIMIT, progress=False)
+    assert records[0]["status"] == "failed" and "non-finite" in records[0]["error"]
+    assert "metrics" not in records[0]
+
+
+def test_bench_errors_name_the_problem(micro_checkpoint, tmp_path):
+    store = ResultStore(tmp_path / "results")
+    with pytest.raises(KeyError, match="did you mean 'w8a8-dyn'"):
+        run_bench([str(micro_checkpoint)], ["w8a8-dyn2"], ["ppl"], store)
+    with pytest.raises(KeyError, match="unknown task 'pll'; did you mean 'ppl'"):
+        run_bench([str(micro_checkpoint)], ["fp32"], ["pll"], store)
+    with pytest.raises(CheckpointError, match="unknown model 'tiny-vgaa'"):
+        run_bench(["tiny-vgaa"], ["fp32"], ["ppl"], store)
+
+
+def test_checkpoint_errors_name_the_file(micro_checkpoint, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(micro_checkpoint, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated"):
+        load_model(str(broken))
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        load_model(str(broken))
+    weights.write_bytes(data)
+    config = json.loads((broken / "config.json").read_text())
+    config["d_ff"] = 256
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_model(str(broken))
+    (broken / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_model(str(broken))
+
+
+def test_cli_bench_prints_table_and_report_writes_files(micro_checkpoint, tmp_path, capsys):
+    results = tmp_path / "results"
+    code = main(["bench", "--model", str(micro_checkpoint), "--schemes", "fp32,w8a8-dyn", "--limit", str(LIMIT),
+                 "--results", str(results), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "delta_ppl" in out and "w8a8-dyn" in out
+    assert main(["report", "--results", str(results)]) == 0
+    report = (results / "REPORT.md").read_text()
+    assert "| fp32" in report and "w8a8-dyn" in report
+    assert (results / "summary.csv").read_text().startswith("model,scheme")
+    assert main(["bench", "--model", str(micro_checkpoint), "--schemes", "fp33", "--results", str(results)]) == 2
+    assert "did you mean 'fp32'" in capsys.readouterr().err
+
+
+def test_word_and_byte_perplexity_share_the_token_nll(micro_checkpoint):
+    loaded = load_model(str(micro_checkpoint))
+    result = evaluate_perplexity(loaded.model, loaded.tokenizer, PerplexityProtocol(window=64, max_chars=LIMIT))
+    assert math.log(result["ppl"]) * result["tokens"] == pytest.approx(result["nll_sum"])
+    assert math.log(result["word_ppl"]) * result["words"] == pytest.approx(result["nll_sum"])
+    assert math.log(result["byte_ppl"]) * result["bytes"] == pytest.approx(result["nll_sum"])
+    assert result["bytes"] >= LIMIT * 0.9 and result["windows"] == math.ceil(result["tokens"] / 63)

@@ -1,0 +1,50 @@
+"""The committed zoo loads and reproduces the perplexities recorded in models/zoo.yaml."""
+import pytest
+
+from qbench.bench import resolve_protocol
+from qbench.eval import evaluate_perplexity
+from qbench.zoo import load_model, read_zoo
+
+ZOO = read_zoo()
+TRAINED = ["tiny-softmax", "tiny-vga", "tiny-iga", "bb-softmax", "bb-vga"]
+
+
+def test_zoo_lists_the_required_models():
+    for name in TRAINED + ["smollm2-135m"]:
+        assert name in ZOO, f"{name} missing from models/zoo.yaml"
+    for name in TRAINED:
+        entry = ZOO[name]
+        assert entry["arm"] == name.split("-", 1)[1] and entry["preset"] == name.split("-")[0]
+        assert entry["validation_ppl"] > 1 and entry["test_ppl"] > 1
+
+
+def _same_recipe(names):
+    recipes = [load_model(n).info["training"]["recipe"] for n in names]
+    return all(r == recipes[0] for r in recipes)
+
+
+def test_tiny_arms_share_data_seed_steps_and_recipe():
+    infos = [load_model(n).info["training"] for n in TRAINED[:3]]
+    assert len({(i["seed"], i["steps"], i["data"]["hashes"]["train"]) for i in infos}) == 1
+    assert _same_recipe(TRAINED[:3])
+
+
+@pytest.mark.parametrize("name", [n for n in TRAINED if n in ZOO])
+def test_zoo_checkpoint_reproduces_its_test_perplexity(name):
+    entry = ZOO[name]
+    loaded = load_model(name)
+    assert loaded.checkpoint_hash == entry["checkpoint_hash"]
+    protocol = resolve_protocol(loaded, entry["test_protocol"]["max_chars"])
+    assert protocol.id == entry["test_protocol"]["id"]
+    ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, protocol)["ppl"]
+    assert ppl == pytest.approx(entry["test_ppl"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_smollm2_loads_from_its_package_and_reproduces_its_perplexity():
+    entry = ZOO["smollm2-135m"]
+    loaded = load_model("smollm2-135m")
+    assert sum(p.numel() for p in loaded.model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    protocol = resolve_protocol(loaded, entry["test_protocol"]["max_chars"])
+    ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, protocol)["ppl"]
+    assert ppl == pytest.approx(entry["test_ppl"], rel=0.01)
