@@ -37,6 +37,14 @@ def quantize(model: torch.nn.Module, scheme: Scheme | str, calibration: Calibrat
         batches = calibration(options["calibration_batches"], options["calibration_seed"],
                               options["calibration_batch_size"])
         return {**facts, **calibrate_and_freeze(model, batches)}
+    if scheme.backend == "bitsandbytes":
+        from qbench.quant.bnb import apply_bitsandbytes
+
+        return apply_bitsandbytes(model, scheme)
+    if scheme.backend == "quanto":
+        from qbench.quant.quanto import apply_quanto
+
+        return apply_quanto(model, scheme, calibration)
     raise NotImplementedError(f"scheme {scheme.name!r}: backend {scheme.backend!r} has no implementation")
 
 

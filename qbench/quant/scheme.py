@@ -116,3 +116,25 @@ for _g in (32, 64, 128):
                     weight_bits=4, weight_granularity="group", options={"group_size": _g, "symmetric": False}))
 register(Scheme("w4-rtn-pc", "weight_only", "4-bit round-to-nearest weights, asymmetric, per output channel",
                 weight_bits=4, weight_granularity="per_channel", options={"symmetric": False}))
+
+register(Scheme("llm-int8", "bitsandbytes", "bitsandbytes LLM.int8: vector-wise int8, fp16 outliers above 6.0",
+                weight_bits=8, weight_granularity="per_channel", activation_bits=8, activation_granularity="per_token",
+                options={"method": "int8", "threshold": 6.0}))
+register(Scheme("llm-int8-t0", "bitsandbytes", "bitsandbytes LLM.int8 with threshold 0: no outlier rescue",
+                weight_bits=8, weight_granularity="per_channel", activation_bits=8, activation_granularity="per_token",
+                options={"method": "int8", "threshold": 0.0}))
+for _q in ("nf4", "fp4"):
+    register(Scheme(_q, "bitsandbytes", f"bitsandbytes Linear4bit {_q.upper()} weights (blocks of 64), fp32 compute",
+                    weight_bits=4, weight_granularity="group",
+                    options={"method": "4bit", "quant_type": _q, "compute_dtype": "float32", "group_size": 64}))
+_CAL = {"calibration_batches": 16, "calibration_seed": 0, "calibration_batch_size": 4}
+register(Scheme("quanto-w8a8", "quanto", "optimum-quanto qint8 weights and calibrated qint8 activations",
+                weight_bits=8, weight_granularity="per_channel", activation_bits=8,
+                activation_granularity="per_tensor", activation_static=True,
+                options={"weights": "qint8", "activations": "qint8", **_CAL}))
+register(Scheme("quanto-w4", "quanto", "optimum-quanto qint4 weights (groups of 128), activations fp",
+                weight_bits=4, weight_granularity="group", options={"weights": "qint4", "group_size": 128}))
+register(Scheme("quanto-fp8", "quanto", "optimum-quanto qfloat8 (e4m3) weights and calibrated activations",
+                weight_bits=8, weight_granularity="per_channel", activation_bits=8,
+                activation_granularity="per_tensor", activation_static=True,
+                options={"weights": "qfloat8", "activations": "qfloat8", **_CAL}))
