@@ -55,6 +55,9 @@ class QBenchAttention(nn.Module):
         self.sites = None
         # Probes may set this to a callable receiving (layer_idx, gate (B, H, T, 1|D)).
         self.gate_observer = None
+        # A low-precision attention kernel (qbench.quant.lowbit_attention) replaces the
+        # float arm function when attached; it computes its own gate from quantized V.
+        self.kernel = None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, d) -> (B, H, T, D)
@@ -80,6 +83,9 @@ class QBenchAttention(nn.Module):
         b, t, d = x.shape  # x: the normed attention input (B, T, d)
         v_full = self.v_proj(x)
         q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(v_full)
+        if self.kernel is not None:
+            context = self.kernel.attend(self, x, q, k, v, v_full)
+            return self.o_proj(context.transpose(1, 2).reshape(b, t, d))
         context = self.arm.function(
             q, k, v, self.gate(x, v_full), sites=self.sites, clip_alpha=self.clip_alpha
         )  # (B, H, T, D)

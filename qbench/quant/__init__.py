@@ -22,7 +22,13 @@ def quantize(model: torch.nn.Module, scheme: Scheme | str, calibration: Calibrat
     if scheme.backend == "simulated":
         from qbench.quant.simulated import apply_dynamic
 
-        return apply_dynamic(model, scheme)
+        facts = apply_dynamic(model, scheme)
+        kernel_options = scheme.options.get("attention_kernel")
+        if kernel_options:
+            from qbench.quant.lowbit_attention import LowBitAttention, install_kernel
+
+            facts["lowbit_attention_modules"] = install_kernel(model, LowBitAttention(**kernel_options))
+        return facts
     if scheme.backend == "weight_only":
         from qbench.quant.static import prepare_weight_only
 

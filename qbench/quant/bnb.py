@@ -42,9 +42,9 @@ def four_bit_linear(linear: nn.Linear, quant_type: str, compute_dtype: torch.dty
     if linear.in_features % 64:
         raise ValueError(f"bitsandbytes 4-bit on CPU needs in_features divisible by 64, got {linear.in_features}")
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=compute_dtype, quant_type=quant_type)
+                              compute_dtype=compute_dtype, quant_type=quant_type, compress_statistics=False)
     layer.weight = bnb.nn.Params4bit(linear.weight.detach().float().clone(), requires_grad=False,
-                                     quant_type=quant_type)
+                                     quant_type=quant_type, compress_statistics=False, blocksize=64)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
     return layer.to(linear.weight.device).eval()

@@ -79,6 +79,17 @@ register(Scheme(
     weight_bits=8, weight_granularity="per_channel", activation_bits=8, activation_granularity="per_token",
 ))
 register(Scheme(
+    "w8a8-attn", "simulated",
+    "w8a8-dyn plus the low-precision attention kernel: int8 Q K^T, 8-bit P (scale 1/255), 8-bit P V and gate",
+    weight_bits=8, weight_granularity="per_channel", activation_bits=8, activation_granularity="per_token",
+    options={"attention_kernel": {"probs": "int8", "qkv_granularity": "token"}},
+))
+register(Scheme(
+    "w8a8-attn-fp8", "simulated", "w8a8-attn with the attention probabilities in float8 e4m3",
+    weight_bits=8, weight_granularity="per_channel", activation_bits=8, activation_granularity="per_token",
+    options={"attention_kernel": {"probs": "fp8", "qkv_granularity": "token"}},
+))
+register(Scheme(
     "w8a8-dyn-int8", "simulated",
     "w8a8-dyn computed with real int8 x int8 -> int32 matmuls (torch._int_mm)",
     weight_bits=8, weight_granularity="per_channel", activation_bits=8, activation_granularity="per_token",
