@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow bench report zoo clean-venv
+.PHONY: setup test test-slow bench report zoo perf clean-venv
 
 setup: $(STAMP)
 
@@ -51,3 +51,7 @@ zoo: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Speed of the quantized paths as ratios against fp32 measured in the same run.
+perf: setup
+	$(PY) bench/perf_quant.py

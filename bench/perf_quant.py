@@ -1,0 +1,120 @@
+"""Speed of the quantized paths relative to fp32, measured in the same run (`make perf`).
+
+Prints, as throughput ratios (fp32 time / path time; > 1 means faster than fp32):
+  - the real int8 W8A8 linear (torch._int_mm) and the simulated one, at the tiny zoo's
+    and SmolLM2-135M's linear shapes;
+  - the low-precision attention kernel vs fp32 eager attention at T = 256 and 1024;
+  - bitsandbytes (LLM.int8, NF4) and optimum-quanto (qint8 W8A8) linears.
+Timings are medians of repeated runs after a warm-up; the CPU and thread count are printed
+because the int8 results depend on the instruction set (AVX-512 VNNI / AMX or not).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def linear_rows(tokens: int, repeats: int):
+    from qbench.quant.bnb import four_bit_linear, int8_linear
+    from qbench.quant.simulated import DynamicQuantLinear
+
+    shapes = {"tiny 256->1024": (256, 1024), "tiny 1024->256": (1024, 256),
+              "smollm2 576->1536": (576, 1536), "smollm2 1536->576": (1536, 576)}
+    for label, (n_in, n_out) in shapes.items():
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(n_in, n_out).eval()
+        x = torch.randn(tokens, n_in)
+        with torch.no_grad():
+            fp32 = median_seconds(lambda: linear(x), repeats)
+            paths = {
+                "w8a8 real int8": DynamicQuantLinear(linear, 8, 8, int8_matmul=True),
+                "w8a8 simulated": DynamicQuantLinear(linear, 8, 8, int8_matmul=False),
+                "bnb llm-int8": int8_linear(linear, 6.0),
+                "bnb nf4": four_bit_linear(linear, "nf4", torch.float32),
+            }
+            for name, module in paths.items():
+                yield label, name, fp32, median_seconds(lambda: module(x), repeats)
+            yield label, "quanto w8a8", fp32, median_seconds(_quanto_linear(linear, x), repeats)
+
+
+def _quanto_linear(linear, x):
+    import copy
+
+    import optimum.quanto as quanto
+
+    model = torch.nn.Sequential(copy.deepcopy(linear))
+    quanto.quantize(model, weights=quanto.qint8, activations=quanto.qint8)
+    with torch.no_grad(), quanto.Calibration():
+        model(x)
+    quanto.freeze(model)
+    return lambda: model(x)
+
+
+def attention_rows(repeats: int):
+    from qbench.modeling import QBenchConfig
+    from qbench.modeling.model import QBenchAttention
+    from qbench.quant.lowbit_attention import LowBitAttention
+
+    class Eager:  # the explicit float path: scores, softmax, P V
+        def scores(self, s): return s
+        def probs(self, p): return p
+        def context(self, c): return c
+
+    for t in (256, 1024):
+        for arm in ("softmax", "vga"):
+            torch.manual_seed(0)
+            module = QBenchAttention(QBenchConfig(d_model=256, n_head=4, attention=arm,
+                                                  max_position_embeddings=t), 0).eval()
+            x = torch.randn(1, t, 256)
+            with torch.no_grad():
+                module.sites, module.kernel = Eager(), None
+                eager = median_seconds(lambda: module(x), repeats)
+                module.sites, module.kernel = None, LowBitAttention()
+                kernel = median_seconds(lambda: module(x), repeats)
+            yield f"attention T={t} {arm}", "lowbit kernel", eager, kernel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048, help="rows of the linear inputs")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="results/PERF_QUANT.md")
+    args = parser.parse_args()
+    header = (f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+              f"{torch.backends.cpu.get_cpu_capability()} kernels")
+    lines = ["# Quantized-path speed vs fp32 (same run)", "", header, "",
+             "| shape | path | fp32 ms | path ms | throughput vs fp32 |", "|---|---|---:|---:|---:|"]
+    print(header)
+    rows = list(linear_rows(args.tokens, args.repeats)) + list(attention_rows(args.repeats))
+    for label, name, reference, seconds in rows:
+        ratio = reference / seconds
+        lines.append(f"| {label} | {name} | {reference * 1e3:.2f} | {seconds * 1e3:.2f} | {ratio:.2f}x |")
+        print(f"{label:24s} {name:16s} fp32 {reference * 1e3:8.2f} ms  path {seconds * 1e3:8.2f} ms  ratio {ratio:6.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
