@@ -104,3 +104,19 @@ def test_kernel_runs_stock_llama_attention_through_the_registry():
     out = model(x).logits
     assert len(calls) == 2 * 2 * 4 and calls[0] == (20, 20)  # layers x batch x heads, one T x T block each
     assert torch.isfinite(out).all() and 0 < (out - reference).abs().max() < 0.5
+
+
+def test_gpt2_conv1d_layers_and_attention_are_quantized():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qbench.quant import quantize
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    x = torch.randint(0, 320, (2, 20))
+    reference = model(x).logits
+    facts = quantize(model, "w8a8-attn")
+    assert facts["quantized_linears"] == 2 * 4  # c_attn, c_proj, c_fc, mlp c_proj per layer
+    assert facts["lowbit_attention_modules"] == 2
+    out = model(x).logits
+    assert torch.isfinite(out).all() and 0 < (out - reference).abs().max() < 0.5

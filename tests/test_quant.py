@@ -72,3 +72,29 @@ def test_scheme_json_round_trip_and_stable_hash():
 def test_unknown_scheme_suggests_the_closest():
     with pytest.raises(KeyError, match="did you mean 'w8a8-dyn'"):
         get_scheme("w8a8-dym")
+
+
+@pytest.mark.parametrize("group", [16, 32])
+def test_asymmetric_group_rtn_error_is_at_most_half_a_step(group):
+    from qbench.quant.static import quantize_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) + 0.3
+    q = quantize_weight(w, 4, "group", group, symmetric=False)
+    rows, q_rows = w.reshape(-1, group), q.reshape(-1, group)
+    lo, hi = rows.amin(1, keepdim=True).clamp(max=0), rows.amax(1, keepdim=True).clamp(min=0)
+    step = (hi - lo) / 15
+    assert ((q_rows - rows).abs() <= step / 2 + 1e-6).all()
+    assert q_rows.unique().numel() > 16  # several groups, each with its own grid
+
+
+def test_missing_optional_backend_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "optimum.quanto", None)
+    config = QBenchConfig(vocab_size=320, n_layer=1, n_head=2, d_model=64, d_ff=128, max_position_embeddings=32)
+    with pytest.raises(ImportError, match="`bitsandbytes` package"):
+        quantize(QBenchForCausalLM(config), "nf4")
+    with pytest.raises(ImportError, match="`optimum-quanto` package"):
+        quantize(QBenchForCausalLM(config), "quanto-w4")
+    code = "import sys; sys.modules['bitsandbytes'] = None; sys.modules['optimum'] = None; import qbench.quant, qbench.bench"
+    subprocess.run([sys.executable, "-c", code], check=True)  # qbench imports without them

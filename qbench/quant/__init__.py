@@ -12,10 +12,28 @@ from qbench.quant.scheme import SCHEMES, Scheme, get_scheme
 CalibrationSource = Callable[[int, int, int], Iterable[torch.Tensor]]
 
 
+def linearize_conv1d(model: torch.nn.Module) -> int:
+    """Replace GPT-2-style Conv1D layers (x @ W + b, W of shape (in, out)) by the equivalent
+    nn.Linear, so every backend sees them (quanto, for one, silently skips Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from qbench.quant.simulated import _set_submodule
+
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, Conv1D)]
+    for name, conv in convs:
+        linear = torch.nn.Linear(conv.weight.shape[0], conv.nf)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.t())
+            linear.bias.copy_(conv.bias)
+        _set_submodule(model, name, linear)
+    return len(convs)
+
+
 def quantize(model: torch.nn.Module, scheme: Scheme | str, calibration: CalibrationSource | None = None) -> dict:
     """Quantize `model` in place; returns facts about what was done (recorded with results)."""
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     model.eval()
+    linearize_conv1d(model)
     if scheme.backend == "reference":
         model.to(getattr(torch, scheme.dtype))
         return {"quantized_linears": 0}
