@@ -7,7 +7,7 @@ import copy
 import resource
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tqdm.auto import tqdm
 
@@ -15,13 +15,20 @@ import qbench
 from qbench.data import load_corpus
 from qbench.data.calibration import calibration_source
 from qbench.eval import NonFiniteError, PerplexityProtocol, evaluate_perplexity
+from qbench.eval.perplexity import protocol_windows
+from qbench.probes import run_probes
 from qbench.quant import get_scheme, quantize
 from qbench.registry import closest
 from qbench.results import ResultStore, cell_key, git_sha, library_versions, machine
 from qbench.zoo import LoadedModel, load_model, read_zoo
 
-TASKS = {"ppl": "perplexity under the model's protocol (token, word and byte level)"}
+TASKS = {
+    "ppl": "perplexity under the model's protocol (token, word and byte level)",
+    "probes": "activation outliers, attention sinks (T=64), value/residual drains, gate diagnostics",
+}
 DEFAULT_WINDOW = 256
+PROBE_WINDOW = 64  # Gu et al.'s sink rate is defined at a fixed T = 64
+PROBE_SEQUENCES = 64
 
 
 def check_tasks(tasks: list[str]) -> None:
@@ -41,6 +48,22 @@ def resolve_protocol(loaded: LoadedModel, limit: int | None, corpus: str | None 
                                   window=training["recipe"]["context"])
     return PerplexityProtocol(corpus=corpus or data.get("corpus", "sotu"),
                               window=min(DEFAULT_WINDOW, max_positions), max_chars=limit)
+
+
+def task_protocol(protocol: PerplexityProtocol, task: str) -> PerplexityProtocol:
+    """The protocol a task evaluates under: probes use 64-token windows of the same text."""
+    if task == "probes":
+        return replace(protocol, window=PROBE_WINDOW, sequences=PROBE_SEQUENCES)
+    return protocol
+
+
+def evaluate_task(model, tokenizer, task: str, protocol: PerplexityProtocol, progress: bool) -> dict:
+    if task == "ppl":
+        return evaluate_perplexity(model, tokenizer, protocol, progress=progress)
+    windows, _, data_hash = protocol_windows(protocol, tokenizer)
+    windows = [w for w in windows if len(w) == protocol.window][:PROBE_SEQUENCES]
+    return {"protocol": f"probes-n{len(windows)}-{protocol.id}", "data_hash": data_hash,
+            **run_probes(model, windows, progress=progress)}
 
 
 def protocol_data_hash(protocol: PerplexityProtocol) -> str:
@@ -84,7 +107,7 @@ def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, prog
         calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,
                                          bigram_backcopy=protocol.kind == "bigram_backcopy")
         record["quantization"] = quantize(model, scheme, calibration)
-        record["metrics"] = evaluate_perplexity(model, loaded.tokenizer, protocol, progress=progress)
+        record["metrics"] = evaluate_task(model, loaded.tokenizer, cell.task, protocol, progress)
         record["status"] = "ok"
     except (NonFiniteError, NotImplementedError, RuntimeError, ValueError) as err:
         record["status"] = "failed"
@@ -119,12 +142,13 @@ def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: Re
         data_hash = protocol_data_hash(protocol)
         for scheme_name in schemes:
             for task in tasks:
+                cell_protocol = task_protocol(protocol, task)
                 cell = Cell(model_name, scheme_name, task,
-                            cell_config(loaded, scheme_name, task, protocol, data_hash))
+                            cell_config(loaded, scheme_name, task, cell_protocol, data_hash))
                 bar.set_postfix_str(f"{model_name} {scheme_name} {task}")
                 record = None if force else store.get(cell.key)
                 if record is None:
-                    record = run_cell(loaded, cell, protocol, progress)
+                    record = run_cell(loaded, cell, cell_protocol, progress)
                     store.put(record)
                 records.append(record)
                 bar.update(1)

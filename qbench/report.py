@@ -22,6 +22,17 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+PROBE_COLUMNS = {"max_inf_norm": "max_inf_norm", "kurtosis_mean": "kurtosis", "sink_rate@0.3": "sink_rate@0.3",
+                 "first_token_share_mean": "first_token_share"}
+
+
+def probe_frame(records: list[dict]) -> pd.DataFrame:
+    rows = [{"model": r["model"], "scheme": r["scheme"],
+             **{name: (r.get("metrics") or {}).get(key) for key, name in PROBE_COLUMNS.items()}}
+            for r in records if r["task"] == "probes" and r.get("status") == "ok"]
+    return pd.DataFrame(rows, columns=["model", "scheme", *PROBE_COLUMNS.values()])
+
+
 def comparison_table(records: list[dict]) -> pd.DataFrame:
     """One row per (model, protocol, scheme): ppl, delta_ppl and relative delta against the
     fp32 row measured under the same protocol."""
@@ -35,6 +46,10 @@ def comparison_table(records: list[dict]) -> pd.DataFrame:
     frame["rel_delta_%"] = 100.0 * frame.delta_ppl / frame.fp_ppl
     columns = ["model", "scheme", "protocol", "status", "ppl", "delta_ppl", "rel_delta_%", "word_ppl", "byte_ppl",
                "tokens"]
+    probes = probe_frame(records)
+    if not probes.empty:
+        frame = frame.merge(probes, on=["model", "scheme"], how="left")
+        columns += list(PROBE_COLUMNS.values())
     return frame[columns].sort_values(["model", "protocol", "scheme"], key=_fp_first).reset_index(drop=True)
 
 

@@ -1,0 +1,224 @@
+"""Streaming probes: activation outliers, attention sinks, value and residual drains, gates.
+
+Definitions (REFERENCE.md section 3, code-faithful to Bondarenko et al. 2023):
+  max_inf_norm: per sample max|x| over the flattened (T x d) tensor, averaged over
+    samples, then the max over tracked tensors.
+  kurtosis: per sample E[(x - mu)^4] / (sigma^4 + 1e-6) over the flattened tensor (a
+    Gaussian gives 3), averaged over samples; mean and max over tracked tensors.
+  outlier_count_6: activations with |x| >= 6, per sample, summed over tracked tensors.
+  outlier_features: hidden dimensions with |x| >= 6 in >= 25% of layers and >= 6% of
+    sequence positions (Dettmers et al.), on the linear-layer inputs (attn/ffn input).
+  massive_activations: |a| > 100 and |a| >= 1000 x median|a| of its hidden state (Sun et
+    al.) on the block outputs; the ratio-only variant drops the absolute threshold.
+  sink_rate@0.3: per (layer, head), the mean attention token 0 receives from the queries
+    after it; the share of (layer, head) pairs above 0.3, averaged over sequences (Gu et
+    al.); first_token_share: per layer, the mean over heads and those queries.
+  value_norm_ratio: ||V_0|| / mean_{j>0} ||V_j|| per layer and head;
+  residual_norm_ratio: ||h_0|| / mean_{j>0} ||h_j|| per layer on block outputs.
+Every statistic is a running sum: nothing keeps full activations or T x T maps.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from qbench.probes.sites import SITES, tracked_modules, value_projections
+
+OUTLIER_THRESHOLD = 6.0
+SINK_EPSILON = 0.3
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class ActivationProbe:
+    """Forward hooks on the tracked tensors; `summary()` gives the outlier metrics."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.modules = tracked_modules(model)
+        self.values = value_projections(model)
+        self.n_layers = 1 + max(layer for layer, _ in self.modules)
+        self.samples = 0
+        self.max_sum = defaultdict(float)  # (layer, site) -> sum over samples of max|x|
+        self.kurt_sum = defaultdict(float)
+        self.count6 = 0
+        self.feature_hits: dict[tuple[int, str], torch.Tensor] = {}  # positions with |x| >= 6 per dim
+        self.positions = 0
+        self.massive = {"count": 0, "ratio_only_count": 0, "max": 0.0, "positions": defaultdict(int)}
+        self.residual_ratio_sum = torch.zeros(self.n_layers)
+        self.value_ratio_sum: dict[int, torch.Tensor] = {}
+        self.handles = []
+
+    def __enter__(self):
+        for key, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._hook(key)))
+        for layer, (module, heads) in enumerate(self.values):
+            if module is not None:
+                self.handles.append(module.register_forward_hook(self._value_hook(layer, heads)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _hook(self, key):
+        layer, site = key
+
+        def hook(module, inputs, output):
+            x = _first(output).detach().float()  # (B, T, d)
+            if layer == 0 and site == SITES[0]:
+                self.samples += x.shape[0]
+                self.positions += x.shape[0] * x.shape[1]
+            flat = x.reshape(x.shape[0], -1)
+            self.max_sum[key] += flat.abs().amax(dim=1).sum().item()
+            mu = flat.mean(dim=1, keepdim=True)
+            var = flat.var(dim=1, unbiased=False)
+            self.kurt_sum[key] += ((flat - mu).pow(4).mean(dim=1) / (var.pow(2) + 1e-6)).sum().item()
+            big = x.abs() >= OUTLIER_THRESHOLD
+            self.count6 += int(big.sum())
+            if site in ("attn_input", "ffn_input"):
+                hits = big.sum(dim=(0, 1)).cpu()
+                self.feature_hits[key] = self.feature_hits.get(key, torch.zeros_like(hits)) + hits
+            if site == "block_output":
+                self._massive(x)
+                norms = x.norm(dim=-1)  # (B, T)
+                if x.shape[1] > 1:
+                    ratio = norms[:, 0] / norms[:, 1:].mean(dim=1).clamp_min(1e-12)
+                    self.residual_ratio_sum[layer] += ratio.sum().item()
+        return hook
+
+    def _massive(self, x: torch.Tensor) -> None:
+        magnitude = x.abs()
+        median = magnitude.median(dim=-1, keepdim=True).values  # per hidden state (token)
+        ratio_hit = magnitude >= 1000 * median.clamp_min(1e-12)
+        hit = ratio_hit & (magnitude > 100)
+        self.massive["count"] += int(hit.sum())
+        self.massive["ratio_only_count"] += int(ratio_hit.sum())
+        self.massive["max"] = max(self.massive["max"], magnitude.max().item())
+        for position in hit.any(dim=-1).nonzero()[:, 1].tolist():
+            self.massive["positions"][position] += 1
+
+    def _value_hook(self, layer, heads):
+        def hook(module, inputs, output):
+            v = _first(output).detach().float()  # (B, T, heads * D)
+            b, t, _ = v.shape
+            if t < 2:
+                return
+            norms = v.view(b, t, heads, -1).norm(dim=-1)  # (B, T, heads)
+            ratio = norms[:, 0] / norms[:, 1:].mean(dim=1).clamp_min(1e-12)  # (B, heads)
+            self.value_ratio_sum[layer] = self.value_ratio_sum.get(layer, torch.zeros(heads)) + ratio.sum(0)
+        return hook
+
+    def summary(self) -> dict:
+        if self.samples == 0:
+            raise RuntimeError("the activation probe saw no samples")
+        n = self.samples
+        per_site_max = {k: v / n for k, v in self.max_sum.items()}
+        per_site_kurt = {k: v / n for k, v in self.kurt_sum.items()}
+        per_layer = lambda values: [max(v for (l, _), v in values.items() if l == layer)  # noqa: E731
+                                    for layer in range(self.n_layers)]
+        layers_per_dim = defaultdict(set)
+        for (layer, _), hits in self.feature_hits.items():
+            for dim in (hits >= 0.06 * self.positions).nonzero()[:, 0].tolist():
+                layers_per_dim[dim].add(layer)
+        features = sorted(d for d, layers in layers_per_dim.items() if len(layers) >= 0.25 * self.n_layers)
+        positions = sorted(self.massive["positions"].items(), key=lambda kv: -kv[1])[:5]
+        return {
+            "samples": n,
+            "max_inf_norm": max(per_site_max.values()),
+            "max_inf_norm_per_layer": per_layer(per_site_max),
+            "max_inf_norm_per_site": {site: max(v for (_, s), v in per_site_max.items() if s == site)
+                                      for site in sorted({s for _, s in per_site_max})},
+            "kurtosis_mean": sum(per_site_kurt.values()) / len(per_site_kurt),
+            "kurtosis_max": max(per_site_kurt.values()),
+            "kurtosis_per_layer": per_layer(per_site_kurt),
+            "outlier_count_6": self.count6 / n,
+            "outlier_features": len(features),
+            "outlier_feature_dims": features[:32],
+            "massive_activations": self.massive["count"] / n,
+            "massive_activations_ratio_only": self.massive["ratio_only_count"] / n,
+            "massive_activation_max": self.massive["max"],
+            "massive_activation_positions": [p for p, _ in positions],
+            "residual_norm_ratio_per_layer": (self.residual_ratio_sum / n).tolist(),
+            "value_norm_ratio_per_layer": [(self.value_ratio_sum[layer] / n).mean().item()
+                                           for layer in sorted(self.value_ratio_sum)],
+        }
+
+
+class AttentionProbe:
+    """Sink statistics from the attention probabilities, fed one (B, H, T, T) tensor or one
+    (T, T) block of one head at a time by the attention sites or the kernel's observer."""
+
+    def __init__(self):
+        self.first_sum: dict[int, torch.Tensor] = {}  # layer -> (H,) sum over sequences
+        self.above: dict[int, torch.Tensor] = {}
+        self.sequences: dict[int, int] = defaultdict(int)
+
+    def _ensure(self, layer: int, heads: int) -> None:
+        if layer not in self.first_sum:
+            self.first_sum[layer], self.above[layer] = torch.zeros(heads), torch.zeros(heads)
+
+    def observe(self, layer: int, probs: torch.Tensor) -> None:
+        """probs (B, H, T, T)."""
+        if probs.shape[-2] < 2:
+            return
+        first = probs.detach().float()[..., 1:, 0].mean(dim=-1)  # (B, H): token 0's share from later queries
+        self._ensure(layer, first.shape[1])
+        self.first_sum[layer] += first.sum(0)
+        self.above[layer] += (first > SINK_EPSILON).float().sum(0)
+        self.sequences[layer] += first.shape[0]
+
+    def observe_block(self, layer: int, head: int, heads: int, probs: torch.Tensor) -> None:
+        """probs (T, T) of one head of one sequence (the low-precision kernel's blocks)."""
+        if probs.shape[-2] < 2:
+            return
+        first = probs.detach().float()[1:, 0].mean().item()
+        self._ensure(layer, heads)
+        self.first_sum[layer][head] += first
+        self.above[layer][head] += float(first > SINK_EPSILON)
+        if head == 0:
+            self.sequences[layer] += 1
+
+    def summary(self) -> dict:
+        if not self.first_sum:
+            raise RuntimeError("the attention probe saw no attention probabilities")
+        layers = sorted(self.first_sum)
+        share = [(self.first_sum[l] / self.sequences[l]).tolist() for l in layers]
+        above = torch.cat([self.above[l] / self.sequences[l] for l in layers])
+        return {
+            "sink_rate@0.3": 100.0 * above.mean().item(),  # percent of (layer, head) pairs
+            "first_token_share_per_layer": [sum(s) / len(s) for s in share],
+            "first_token_share_per_head": share,
+            "first_token_share_mean": sum(sum(s) for s in share) / sum(len(s) for s in share),
+        }
+
+
+class GateProbe:
+    def __init__(self):
+        self.sum, self.count, self.sink, self.others, self.low = {}, {}, {}, {}, {}
+
+    def observe(self, layer: int, gate: torch.Tensor) -> None:
+        g = gate.detach().float()  # (B, H, T, 1 | D)
+        heads = g.shape[1]
+        per_head = g.transpose(0, 1).reshape(heads, -1)
+        for store, value in ((self.sum, per_head.sum(1)), (self.low, (per_head < 0.1).float().sum(1)),
+                             (self.sink, g[:, :, 0].transpose(0, 1).reshape(heads, -1).mean(1) * g.shape[0]),
+                             (self.others, g[:, :, 1:].transpose(0, 1).reshape(heads, -1).mean(1) * g.shape[0])):
+            store[layer] = store.get(layer, torch.zeros(heads)) + value
+        self.count[layer] = self.count.get(layer, (0, 0))
+        self.count[layer] = (self.count[layer][0] + per_head.shape[1], self.count[layer][1] + g.shape[0])
+
+    def summary(self) -> dict:
+        if not self.sum:
+            return {}
+        layers = sorted(self.sum)
+        return {
+            "gate_mean_per_head": [(self.sum[l] / self.count[l][0]).tolist() for l in layers],
+            "gate_at_sink_token": [(self.sink[l] / self.count[l][1]).mean().item() for l in layers],
+            "gate_at_other_tokens": [(self.others[l] / self.count[l][1]).mean().item() for l in layers],
+            "gate_fraction_below_0.1": sum(self.low[l].sum().item() for l in layers)
+            / sum(self.count[l][0] * len(self.sum[l]) for l in layers),
+        }

@@ -1,0 +1,104 @@
+"""Each probe against a hand-made case with a known answer."""
+import pytest
+import torch
+
+from qbench.modeling import QBenchConfig, QBenchForCausalLM
+from qbench.probes import run_probes
+from qbench.probes.stats import ActivationProbe, AttentionProbe
+
+D, T, LAYERS = 64, 32, 4
+
+
+def model(arm="softmax"):
+    torch.manual_seed(0)
+    return QBenchForCausalLM(QBenchConfig(vocab_size=320, n_layer=LAYERS, n_head=2, d_model=D, d_ff=128,
+                                          attention=arm, max_position_embeddings=T)).eval()
+
+
+class Fixed(torch.nn.Module):
+    def __init__(self, tensor):
+        super().__init__()
+        self.tensor = tensor
+
+    def forward(self, x):
+        return self.tensor.expand(x.shape[0], -1, -1)
+
+
+def windows(n=4):
+    torch.manual_seed(1)
+    return [torch.randint(3, 320, (T,)) for _ in range(n)]
+
+
+def test_kurtosis_and_max_norm_of_known_tensors():
+    m = model()
+    signs = (torch.arange(T * D) % 2 * 2 - 1).float().reshape(1, T, D)  # balanced +-1: mean 0, kurtosis 1
+    for layer in m.model.layers:
+        layer.attn_norm = Fixed(signs * 3.0)
+    probe = ActivationProbe(m)
+    with probe, torch.no_grad():
+        for w in windows():
+            m(w[None])
+    per_site = {k: v / probe.samples for k, v in probe.kurt_sum.items()}
+    assert per_site[(0, "attn_input")] == pytest.approx(81 / (81 + 1e-6), rel=1e-6)  # E x^4 / (sigma^4 + 1e-6)
+    assert probe.max_sum[(2, "attn_input")] / probe.samples == pytest.approx(3.0)
+
+
+def test_planted_outlier_feature_is_found_in_every_layer():
+    m = model()
+    planted = torch.randn(1, T, D) * 0.5
+    planted[0, : T // 5, 7] = 10.0  # dimension 7: |x| >= 6 at 20% of positions (>= 6%)
+    planted[0, 0, 9] = 10.0  # dimension 9: one position (3%): not an outlier feature
+    for layer in m.model.layers:
+        layer.mlp_norm = Fixed(planted)
+    result = run_probes(m, windows())
+    assert result["outlier_feature_dims"] == [7]
+    assert result["outlier_count_6"] >= LAYERS * (T // 5 + 1)
+
+
+def test_massive_activation_needs_both_thresholds():
+    probe = ActivationProbe(model())
+    x = torch.full((1, 4, D), 0.01)
+    x[0, 0, 3] = 500.0  # > 100 and >= 1000 x median (0.01): massive
+    x[0, 2, 5] = 50.0  # >= 1000 x median but < 100: ratio-only
+    probe._massive(x)
+    assert probe.massive["count"] == 1 and probe.massive["ratio_only_count"] == 2
+    assert dict(probe.massive["positions"]) == {0: 1}
+
+
+def test_sink_rate_of_a_known_attention_pattern():
+    probe = AttentionProbe()
+    probs = torch.zeros(3, 2, T, T)
+    probs[:, 0, :, 0] = 1.0  # head 0: every query puts all its mass on token 0
+    causal = torch.ones(T, T).tril()
+    probs[:, 1] = causal / causal.sum(-1, keepdim=True)  # head 1: uniform over visible keys
+    probe.observe(0, probs)
+    result = probe.summary()
+    assert result["sink_rate@0.3"] == pytest.approx(50.0)
+    uniform_share = sum(1 / (i + 1) for i in range(1, T)) / (T - 1)
+    assert result["first_token_share_per_head"][0] == pytest.approx([1.0, uniform_share], rel=1e-5)
+
+
+def test_probes_see_quantized_attention_and_restore_the_model():
+    from qbench.quant import quantize
+
+    m = model("vga")
+    fp = run_probes(m, windows())
+    assert m.model.layers[0].attn.sites is None and m.model.layers[0].attn.gate_observer is None
+    assert len(fp["gate_mean_per_head"]) == LAYERS and 0 < fp["gate_mean_per_head"][0][0] < 1
+    quantize(m, "w8a8-attn")
+    q = run_probes(m, windows())
+    assert q["first_token_share_per_layer"] != fp["first_token_share_per_layer"]
+    assert q["first_token_share_per_layer"] == pytest.approx(fp["first_token_share_per_layer"], abs=0.02)
+
+
+def test_probe_memory_is_flat_in_the_number_of_samples():
+    """The probe keeps running sums: its state has the same size after 2 and 8 batches."""
+    m = model()
+    sizes = []
+    for n in (2, 8):
+        probe = ActivationProbe(m)
+        with probe, torch.no_grad():
+            for w in windows(n):
+                m(w[None])
+        sizes.append(sum(t.numel() for t in probe.feature_hits.values()) + len(probe.max_sum))
+    assert sizes[0] == sizes[1]
