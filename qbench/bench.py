@@ -57,9 +57,10 @@ def task_protocol(protocol: PerplexityProtocol, task: str) -> PerplexityProtocol
     return protocol
 
 
-def evaluate_task(model, tokenizer, task: str, protocol: PerplexityProtocol, progress: bool) -> dict:
+def evaluate_task(model, tokenizer, task: str, protocol: PerplexityProtocol, progress: bool,
+                  reference=None) -> dict:
     if task == "ppl":
-        return evaluate_perplexity(model, tokenizer, protocol, progress=progress)
+        return evaluate_perplexity(model, tokenizer, protocol, progress=progress, reference=reference)
     windows, _, data_hash = protocol_windows(protocol, tokenizer)
     windows = [w for w in windows if len(w) == protocol.window][:PROBE_SEQUENCES]
     return {"protocol": f"probes-n{len(windows)}-{protocol.id}", "data_hash": data_hash,
@@ -107,7 +108,8 @@ def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, prog
         calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,
                                          bigram_backcopy=protocol.kind == "bigram_backcopy")
         record["quantization"] = quantize(model, scheme, calibration)
-        record["metrics"] = evaluate_task(model, loaded.tokenizer, cell.task, protocol, progress)
+        reference = None if model is loaded.model else loaded.model  # KL / top-1 against fp32
+        record["metrics"] = evaluate_task(model, loaded.tokenizer, cell.task, protocol, progress, reference)
         record["status"] = "ok"
     except (NonFiniteError, NotImplementedError, RuntimeError, ValueError) as err:
         record["status"] = "failed"

@@ -18,6 +18,8 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "model": r["model"], "scheme": r["scheme"], "task": r["task"], "protocol": r["protocol"],
             "status": r.get("status"), "ppl": metrics.get("ppl"), "word_ppl": metrics.get("word_ppl"),
             "byte_ppl": metrics.get("byte_ppl"), "tokens": metrics.get("tokens"), "error": r.get("error"),
+            "kl": metrics.get("kl", 0.0 if r["scheme"] == REFERENCE_SCHEME else None),
+            "top1_agreement": metrics.get("top1_agreement", 1.0 if r["scheme"] == REFERENCE_SCHEME else None),
         })
     return pd.DataFrame(rows)
 
@@ -44,8 +46,8 @@ def comparison_table(records: list[dict]) -> pd.DataFrame:
     frame["fp_ppl"] = [reference.get((m, p)) for m, p in zip(frame.model, frame.protocol)]
     frame["delta_ppl"] = frame.ppl - frame.fp_ppl
     frame["rel_delta_%"] = 100.0 * frame.delta_ppl / frame.fp_ppl
-    columns = ["model", "scheme", "protocol", "status", "ppl", "delta_ppl", "rel_delta_%", "word_ppl", "byte_ppl",
-               "tokens"]
+    columns = ["model", "scheme", "protocol", "status", "ppl", "delta_ppl", "rel_delta_%", "kl", "top1_agreement",
+               "word_ppl", "byte_ppl", "tokens"]
     probes = probe_frame(records)
     if not probes.empty:
         frame = frame.merge(probes, on=["model", "scheme"], how="left")

@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import qbench.bench as bench
 from qbench.bench import run_bench
@@ -144,3 +145,18 @@ def test_word_and_byte_perplexity_share_the_token_nll(micro_checkpoint):
     assert math.log(result["word_ppl"]) * result["words"] == pytest.approx(result["nll_sum"])
     assert math.log(result["byte_ppl"]) * result["bytes"] == pytest.approx(result["nll_sum"])
     assert result["bytes"] >= LIMIT * 0.9 and result["windows"] == math.ceil(result["tokens"] / 63)
+
+
+def test_kl_and_top1_against_full_precision(micro_checkpoint):
+    import copy
+
+    from qbench.quant import quantize
+
+    loaded = load_model(str(micro_checkpoint))
+    protocol = PerplexityProtocol(window=64, max_chars=LIMIT)
+    same = evaluate_perplexity(copy.deepcopy(loaded.model), loaded.tokenizer, protocol, reference=loaded.model)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+    quantized = copy.deepcopy(loaded.model)
+    quantize(quantized, "w6a6", lambda n, seed, bs: [torch.randint(3, 320, (bs, 64)) for _ in range(n)])
+    result = evaluate_perplexity(quantized, loaded.tokenizer, protocol, reference=loaded.model)
+    assert result["kl"] > 1e-5 and 0.5 < result["top1_agreement"] < 1.0

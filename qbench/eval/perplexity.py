@@ -87,10 +87,13 @@ def protocol_windows(protocol: PerplexityProtocol, tokenizer) -> tuple[list[torc
 
 @torch.no_grad()
 def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityProtocol,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, reference: torch.nn.Module | None = None) -> dict:
+    """NLL-based perplexities; with a full-precision `reference` model, also the mean
+    KL(P_fp || P_q) of the next-token distributions and the top-1 agreement, computed
+    window by window on the same tokens (no logits are kept beyond one batch)."""
     windows, text_stats, data_hash = protocol_windows(protocol, tokenizer)
     model.eval()
-    nll, tokens = 0.0, 0
+    nll, tokens, kl_sum, agree = 0.0, 0, 0.0, 0
     # Windows of equal length go together; the last, shorter one runs alone.
     batches: list[list[torch.Tensor]] = []
     for w in windows:
@@ -109,8 +112,16 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
         nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                reduction="sum").item()
         tokens += x[:, 1:].numel()
+        if reference is not None:
+            log_q = F.log_softmax(logits[:, :-1], dim=-1)
+            log_p = F.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
+            kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
+            agree += (log_p.argmax(-1) == log_q.argmax(-1)).sum().item()
     result = {"protocol": protocol.id, "nll_sum": nll, "tokens": tokens, "windows": len(windows),
               "ppl": math.exp(nll / tokens), "data_hash": data_hash}
+    if reference is not None:
+        result["kl"] = kl_sum / tokens
+        result["top1_agreement"] = agree / tokens
     for unit in ("words", "bytes"):
         count = text_stats[unit]
         result[unit] = count
