@@ -37,8 +37,23 @@ def _cmd_report(args) -> int:
     from qbench.report import write_report
     from qbench.results import ResultStore
 
-    summary, report = write_report(ResultStore(args.results))
-    print(f"wrote {summary} and {report}")
+    summary, report = write_report(ResultStore(args.results), fmt=args.format)
+    print(f"wrote {summary}" + (f" and {report}" if report != summary else ""))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from qbench.report import comparison_table, cross_model_table, format_table
+    from qbench.results import ResultStore
+
+    models = _split(args.models)
+    table = comparison_table(ResultStore(args.results).records())
+    rows = cross_model_table(table, args.scheme, models) if not table.empty else table
+    if rows.empty or rows.ppl.isna().all():
+        print(f"no records for scheme {args.scheme!r} and models {models} in {args.results}; run qbench bench first",
+              file=sys.stderr)
+        return 1
+    print(format_table(rows))
     return 0
 
 
@@ -110,7 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write summary.csv and REPORT.md from the result store")
     p.add_argument("--results", default="results")
+    p.add_argument("--format", choices=["md", "csv", "html"], default="md")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="one scheme, several models side by side in the terminal")
+    p.add_argument("--models", required=True, help="comma-separated model names")
+    p.add_argument("--scheme", required=True)
+    p.add_argument("--results", default="results")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("list", help="list models, attention arms, schemes, presets or tasks")
     p.add_argument("what", choices=["models", "attention", "schemes", "presets", "tasks"])

@@ -1,6 +1,7 @@
 """Records -> pandas tables (FP row and every scheme, same protocol) and REPORT.md."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -63,15 +64,113 @@ def format_table(table: pd.DataFrame) -> str:
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
 
 
-def write_report(store: ResultStore, out_dir: Path | None = None) -> tuple[Path, Path]:
+def cross_model_table(table: pd.DataFrame, scheme: str, models: list[str] | None = None) -> pd.DataFrame:
+    """One scheme, models (arms) side by side: a row per model."""
+    rows = table[table.scheme == scheme]
+    if models:
+        rows = rows[rows.model.isin(models)].set_index("model").reindex(models).reset_index()
+    return rows.drop(columns=["scheme"]).reset_index(drop=True)
+
+
+def write_plots(store: ResultStore, table: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """PNG plots: delta-ppl per scheme per model; per-layer probe curves, FP vs quantized."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots_dir = out_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    ok = table[(table.status == "ok") & (table.scheme != REFERENCE_SCHEME)].dropna(subset=["rel_delta_%"])
+    if not ok.empty:
+        pivot = ok.pivot_table(index="scheme", columns="model", values="rel_delta_%")
+        fig, ax = plt.subplots(figsize=(10, 0.35 * len(pivot) + 1.5))
+        pivot.plot.barh(ax=ax)
+        ax.set_xlabel("relative delta-ppl vs fp32 (%)")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_title("Perplexity degradation per scheme")
+        fig.tight_layout()
+        path = plots_dir / "delta_ppl.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    probes = [r for r in store.records() if r["task"] == "probes" and r.get("status") == "ok"]
+    for model in sorted({r["model"] for r in probes}):
+        mine = [r for r in probes if r["model"] == model]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for r in sorted(mine, key=lambda r: (r["scheme"] != REFERENCE_SCHEME, r["scheme"])):
+            m = r["metrics"]
+            style = {"linewidth": 2.5 if r["scheme"] == REFERENCE_SCHEME else 1.2, "label": r["scheme"]}
+            axes[0].plot(m["kurtosis_per_layer"], **style)
+            axes[1].plot(m["max_inf_norm_per_layer"], **style)
+            axes[2].plot(m["first_token_share_per_layer"], **style)
+        for ax, title in zip(axes, ["kurtosis (max over sites)", "max inf-norm", "first-token attention share"]):
+            ax.set_title(title)
+            ax.set_xlabel("layer")
+        axes[2].legend(fontsize=7)
+        fig.suptitle(f"{model}: per-layer probes, fp32 vs quantized")
+        fig.tight_layout()
+        path = plots_dir / f"probes_{re.sub(r'[^A-Za-z0-9_.-]+', '_', model).strip('_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    fp = [r for r in probes if r["scheme"] == REFERENCE_SCHEME]
+    if fp:
+        fig, axes = plt.subplots(1, len(fp), figsize=(3.2 * len(fp), 3.2), squeeze=False)
+        for ax, r in zip(axes[0], fp):
+            share = r["metrics"]["first_token_share_per_head"]
+            image = ax.imshow(share, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_title(r["model"])
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="attention on token 0")
+        path = plots_dir / "first_token_share.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+COLUMN_NOTES = """Columns: `ppl` token perplexity under `protocol`; `delta_ppl` = ppl - fp32 ppl (same protocol, same
+run of the store); `rel_delta_%` = 100 delta / fp32; `kl` = mean KL(P_fp32 || P_quantized) of the next-token
+distributions over the same tokens; `top1_agreement` = share of positions whose argmax agrees with fp32;
+`word_ppl` / `byte_ppl` = the same NLL per whitespace word / UTF-8 byte; `max_inf_norm`, `kurtosis` (mean over
+tracked tensors), `sink_rate@0.3` (% of layer-head pairs whose mean attention on token 0 exceeds 0.3, at T=64)
+and `first_token_share` come from the `probes` task (definitions in REFERENCE.md section 3 and
+qbench/probes/stats.py)."""
+
+
+def write_report(store: ResultStore, out_dir: Path | None = None, fmt: str = "md") -> tuple[Path, Path]:
+    """summary.csv always; REPORT.md (tables + plots) or REPORT.html."""
     out_dir = Path(out_dir or store.root)
     table = comparison_table(store.records())
     summary = out_dir / "summary.csv"
     table.to_csv(summary, index=False)
-    lines = ["# qbench report", "", "Perplexity under each scheme next to the fp32 row of the same protocol "
-             "(`delta_ppl` = quantized - fp32; `rel_delta_%` = 100 delta / fp32).", ""]
+    if fmt == "csv":
+        return summary, summary
+    plots = write_plots(store, table, out_dir) if not table.empty else []
+    if fmt == "html":
+        report = out_dir / "REPORT.html"
+        parts = ["<h1>qbench report</h1>", f"<p>{COLUMN_NOTES}</p>"]
+        for model, group in table.groupby("model", sort=False):
+            parts += [f"<h2>{model}</h2>", group.drop(columns="model").to_html(index=False, float_format="%.4g")]
+        parts += [f'<img src="plots/{p.name}">' for p in plots]
+        report.write_text("\n".join(parts))
+        return summary, report
+    lines = ["# qbench report", "", "Perplexity under each scheme next to the fp32 row of the same protocol.", "",
+             COLUMN_NOTES, ""]
     for model, group in table.groupby("model", sort=False):
         lines += [f"## {model}", "", group.drop(columns="model").to_markdown(index=False, floatfmt=".4g"), ""]
+    schemes = [s for s in table.scheme.unique() if (table.scheme == s).sum() > 1]
+    if schemes:
+        lines += ["## Models side by side, per scheme", ""]
+        for scheme in sorted(schemes, key=lambda s: (s != REFERENCE_SCHEME, s)):
+            compact = cross_model_table(table, scheme)[["model", "ppl", "delta_ppl", "rel_delta_%", "kl",
+                                                         "top1_agreement"]]
+            lines += [f"### {scheme}", "", compact.to_markdown(index=False, floatfmt=".4g"), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     corrupt = store.corrupt()
     if corrupt:
         lines += [f"Skipped {len(corrupt)} corrupt record(s): " + ", ".join(p.name for p in corrupt), ""]

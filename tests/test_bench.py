@@ -160,3 +160,33 @@ def test_kl_and_top1_against_full_precision(micro_checkpoint):
     quantize(quantized, "w6a6", lambda n, seed, bs: [torch.randint(3, 320, (bs, 64)) for _ in range(n)])
     result = evaluate_perplexity(quantized, loaded.tokenizer, protocol, reference=loaded.model)
     assert result["kl"] > 1e-5 and 0.5 < result["top1_agreement"] < 1.0
+
+
+def test_report_aggregates_hand_made_records(tmp_path):
+    """Delta against the fp32 row of the same model and protocol; probes joined in."""
+    from qbench.results import cell_key
+
+    store = ResultStore(tmp_path)
+
+    def put(model, scheme, task, metrics, protocol="p1"):
+        config = {"model": model, "scheme": scheme, "task": task, "protocol": protocol}
+        store.put({"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": task,
+                   "protocol": protocol, "status": "ok", "metrics": metrics})
+
+    put("a", "fp32", "ppl", {"ppl": 10.0})
+    put("a", "w8a8-pt", "ppl", {"ppl": 12.5, "kl": 0.1, "top1_agreement": 0.9})
+    put("b", "fp32", "ppl", {"ppl": 20.0})
+    put("b", "w8a8-pt", "ppl", {"ppl": 21.0, "kl": 0.05, "top1_agreement": 0.95})
+    put("a", "fp32", "probes", {"max_inf_norm": 7.0, "kurtosis_mean": 3.5, "sink_rate@0.3": 25.0,
+                                "first_token_share_mean": 0.4}, protocol="probes")
+    table = comparison_table(store.records()).set_index(["model", "scheme"])
+    assert table.loc[("a", "w8a8-pt"), "delta_ppl"] == pytest.approx(2.5)
+    assert table.loc[("a", "w8a8-pt"), "rel_delta_%"] == pytest.approx(25.0)
+    assert table.loc[("b", "w8a8-pt"), "rel_delta_%"] == pytest.approx(5.0)
+    assert table.loc[("a", "fp32"), "kl"] == 0.0 and table.loc[("a", "fp32"), "sink_rate@0.3"] == 25.0
+    summary, report = write_report(store)
+    text = report.read_text()
+    assert "### w8a8-pt" in text and "plots/delta_ppl.png" in text and (tmp_path / "plots" / "delta_ppl.png").exists()
+    assert main(["compare", "--models", "a,b", "--scheme", "w8a8-pt", "--results", str(tmp_path)]) == 0
+    assert main(["report", "--results", str(tmp_path), "--format", "html"]) == 0
+    assert (tmp_path / "REPORT.html").exists()
