@@ -95,7 +95,8 @@ def write_plots(store: ResultStore, table: pd.DataFrame, out_dir: Path) -> list[
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    probes = [r for r in store.records() if r["task"] == "probes" and r.get("status") == "ok"]
+    probes = [r for r in store.records() if r["task"] == "probes" and r.get("status") == "ok"
+              and "kurtosis_per_layer" in (r.get("metrics") or {})]
     for model in sorted({r["model"] for r in probes}):
         mine = [r for r in probes if r["model"] == model]
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
