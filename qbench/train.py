@@ -52,7 +52,7 @@ PRESETS = {
     p.name: p
     for p in [
         Preset("bb", "bigram_backcopy", n_layer=1, n_head=1, d_model=256, d_ff=1024, context=64,
-               vocab_size=0, batch_size=128, steps=2000, lr=3e-4, warmup=100, weight_decay=1e-4,
+               vocab_size=0, batch_size=128, steps=1000, lr=3e-4, warmup=100, weight_decay=1e-4,
                betas=(0.9, 0.99), grad_clip=1.0, eval_every=250, save_every=250,
                description="Bigram-Backcopy (Guo et al.): 1 layer, 1 head, width 256; minutes on CPU"),
         Preset("tiny", "lm", n_layer=4, n_head=4, d_model=256, d_ff=1024, context=256,
