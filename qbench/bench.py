@@ -20,7 +20,7 @@ from qbench.probes import run_probes
 from qbench.quant import get_scheme, quantize
 from qbench.registry import closest
 from qbench.results import ResultStore, cell_key, git_sha, library_versions, machine
-from qbench.zoo import LoadedModel, load_model, read_zoo
+from qbench.zoo import LoadedModel, ModelRef, read_zoo, resolve_model
 
 TASKS = {
     "ppl": "perplexity under the model's protocol (token, word and byte level)",
@@ -37,12 +37,15 @@ def check_tasks(tasks: list[str]) -> None:
             raise KeyError(f"unknown task {task!r}{closest(task, TASKS)}")
 
 
-def resolve_protocol(loaded: LoadedModel, limit: int | None, corpus: str | None = None) -> PerplexityProtocol:
+def resolve_protocol(model: ModelRef | LoadedModel, limit: int | None, corpus: str | None = None) -> PerplexityProtocol:
     """The model's own held-out data: its training corpus' test split (sotu by default),
     or fixed synthetic sequences for Bigram-Backcopy models."""
-    training = loaded.info.get("training") or {}
+    training = model.info.get("training") or {}
     data = training.get("data") or {}
-    max_positions = getattr(loaded.model.config, "max_position_embeddings", DEFAULT_WINDOW) or DEFAULT_WINDOW
+    if isinstance(model, ModelRef):
+        max_positions = model.max_positions or DEFAULT_WINDOW
+    else:
+        max_positions = getattr(model.model.config, "max_position_embeddings", DEFAULT_WINDOW) or DEFAULT_WINDOW
     if data.get("task") == "bigram_backcopy":
         return PerplexityProtocol(kind="bigram_backcopy", corpus=data["corpus"],
                                   window=training["recipe"]["context"])
@@ -84,11 +87,11 @@ class Cell:
         return cell_key(self.config)
 
 
-def cell_config(loaded: LoadedModel, scheme_name: str, task: str, protocol: PerplexityProtocol,
+def cell_config(ref: ModelRef, scheme_name: str, task: str, protocol: PerplexityProtocol,
                 data_hash: str) -> dict:
     scheme = get_scheme(scheme_name)
     return {
-        "model": {"name": loaded.name, "checkpoint_hash": loaded.checkpoint_hash},
+        "model": {"name": ref.name, "checkpoint_hash": ref.checkpoint_hash},
         "scheme": scheme.to_json(), "scheme_hash": scheme.hash(),
         "evaluation": {"task": task, "protocol": protocol.to_dict()},
         "data_hash": data_hash,
@@ -139,18 +142,18 @@ def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: Re
     records = []
     bar = tqdm(total=len(models) * len(schemes) * len(tasks), desc="cells", disable=not progress)
     for model_name in models:
-        loaded = load_model(model_name)
-        protocol = resolve_protocol(loaded, limit, corpus)
+        ref = resolve_model(model_name)  # weights load only if a cell is missing
+        protocol = resolve_protocol(ref, limit, corpus)
         data_hash = protocol_data_hash(protocol)
         for scheme_name in schemes:
             for task in tasks:
                 cell_protocol = task_protocol(protocol, task)
                 cell = Cell(model_name, scheme_name, task,
-                            cell_config(loaded, scheme_name, task, cell_protocol, data_hash))
+                            cell_config(ref, scheme_name, task, cell_protocol, data_hash))
                 bar.set_postfix_str(f"{model_name} {scheme_name} {task}")
                 record = None if force else store.get(cell.key)
                 if record is None:
-                    record = run_cell(loaded, cell, cell_protocol, progress)
+                    record = run_cell(ref.load(), cell, cell_protocol, progress)
                     store.put(record)
                 records.append(record)
                 bar.update(1)

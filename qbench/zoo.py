@@ -35,6 +35,23 @@ class LoadedModel:
     info: dict = field(default_factory=dict)  # zoo entry / training facts
 
 
+@dataclass
+class ModelRef:
+    """A model found and checked, but not loaded: enough to key its cells, so a rerun whose
+    records all exist never pays for loading the weights."""
+    name: str
+    checkpoint_hash: str
+    info: dict
+    max_positions: int | None
+    loader: object = field(repr=False, default=None)
+    _loaded: LoadedModel | None = field(repr=False, default=None)
+
+    def load(self) -> LoadedModel:
+        if self._loaded is None:
+            self._loaded = self.loader()
+        return self._loaded
+
+
 def read_zoo(folder: Path | None = None) -> dict[str, dict]:
     path = (folder or models_dir()) / ZOO_FILE
     if not path.exists():
@@ -72,6 +89,10 @@ def _package_file(spec: str) -> Path:
     return path
 
 
+def _gguf_ref(name: str, path: Path, entry: dict) -> ModelRef:
+    return ModelRef(name, file_hash([path]), dict(entry), None, lambda: _load_gguf(name, path, entry))
+
+
 def _load_gguf(name: str, path: Path, entry: dict) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,9 +105,10 @@ def _load_gguf(name: str, path: Path, entry: dict) -> LoadedModel:
     return LoadedModel(name, model.eval(), tokenizer, file_hash([path]), entry)
 
 
-def _load_folder(name: str, folder: Path, entry: dict) -> LoadedModel:
+def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
+    """Checks the folder's files and reads its config; the weights stay on disk."""
     import qbench  # noqa: F401  registers the qbench model type
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
@@ -103,6 +125,17 @@ def _load_folder(name: str, folder: Path, entry: dict) -> LoadedModel:
         config = AutoConfig.from_pretrained(folder)
     except Exception as err:
         raise CheckpointError(f"{config_path} could not be read: {err}") from err
+    info = dict(entry)
+    info.setdefault("training", getattr(config, "qbench_training", None))
+    return ModelRef(name, file_hash(weights + [config_path]), info,
+                    getattr(config, "max_position_embeddings", None),
+                    lambda: _load_folder(name, folder, config, info, file_hash(weights + [config_path])))
+
+
+def _load_folder(name: str, folder: Path, config, info: dict, checkpoint_hash: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_path = folder / "config.json"
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:
@@ -115,9 +148,7 @@ def _load_folder(name: str, folder: Path, entry: dict) -> LoadedModel:
     bad = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise CheckpointError(f"weights in {folder} do not match {config_path}: {json.dumps(bad, default=str)[:500]}")
-    info = dict(entry)
-    info.setdefault("training", getattr(config, "qbench_training", None))
-    return LoadedModel(name, model.eval(), tokenizer, file_hash(weights + [config_path]), info)
+    return LoadedModel(name, model.eval(), tokenizer, checkpoint_hash, info)
 
 
 def _check_safetensors(path: Path) -> None:
@@ -140,19 +171,24 @@ def _check_safetensors(path: Path) -> None:
                               f"file has {size}")
 
 
-def load_model(name_or_path: str) -> LoadedModel:
-    """A zoo name (`qbench list models`) or a path to a checkpoint folder / .gguf file."""
+def resolve_model(name_or_path: str) -> ModelRef:
+    """A zoo name (`qbench list models`) or a path to a checkpoint folder / .gguf file,
+    checked and hashed but not loaded."""
     zoo = read_zoo()
     if name_or_path in zoo:
         entry = zoo[name_or_path]
         source = entry.get("source") or entry["path"]
         if source.startswith("package:"):
-            return _load_gguf(name_or_path, _package_file(source), entry)
-        return _load_folder(name_or_path, models_dir() / source, entry)
+            return _gguf_ref(name_or_path, _package_file(source), entry)
+        return _folder_ref(name_or_path, models_dir() / source, entry)
     path = Path(name_or_path)
     if path.suffix == ".gguf" and path.is_file():
-        return _load_gguf(path.stem, path, {})
+        return _gguf_ref(path.stem, path, {})
     if path.exists():
-        return _load_folder(path.name, path, {})
+        return _folder_ref(path.name, path, {})
     raise CheckpointError(f"unknown model {name_or_path!r}: not a zoo name nor an existing path"
                           f"{closest(name_or_path, zoo)}")
+
+
+def load_model(name_or_path: str) -> LoadedModel:
+    return resolve_model(name_or_path).load()

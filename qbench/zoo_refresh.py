@@ -4,7 +4,7 @@ from __future__ import annotations
 from qbench.bench import resolve_protocol
 from qbench.eval import evaluate_perplexity
 from qbench.paths import models_dir
-from qbench.zoo import load_model, read_zoo, write_zoo
+from qbench.zoo import read_zoo, resolve_model, write_zoo
 
 ZOO_TEST_LIMIT = 60_000  # characters of the test text: seconds per tiny model
 PACKAGE_MODELS = {
@@ -28,19 +28,20 @@ def refresh_zoo(limit: int | None = None, force: bool = False) -> dict[str, dict
         entries[name] = dict(entry)
     write_zoo({**old, **entries})  # loadable by name while measuring
     for name, entry in entries.items():
-        loaded = load_model(name)
-        training = loaded.info.get("training") or {}
+        ref = resolve_model(name)
+        training = ref.info.get("training") or {}
         if training:
             entry.update(arm=training["attention"], preset=training["preset"], seed=training["seed"],
                          steps=training["steps"], validation_ppl=training["final_val_ppl"])
-        protocol = resolve_protocol(loaded, limit)
+        protocol = resolve_protocol(ref, limit)
         previous = old.get(name, {})
-        if (not force and previous.get("checkpoint_hash") == loaded.checkpoint_hash
+        if (not force and previous.get("checkpoint_hash") == ref.checkpoint_hash
                 and previous.get("test_protocol", {}).get("id") == protocol.id):
             entry.update({k: previous[k] for k in ("test_ppl", "test_protocol", "checkpoint_hash")})
             continue
+        loaded = ref.load()
         entry["test_ppl"] = round(evaluate_perplexity(loaded.model, loaded.tokenizer, protocol)["ppl"], 4)
         entry["test_protocol"] = protocol.to_dict()
-        entry["checkpoint_hash"] = loaded.checkpoint_hash
+        entry["checkpoint_hash"] = ref.checkpoint_hash
     write_zoo(entries)
     return entries

@@ -45,8 +45,13 @@ def test_rerun_skips_existing_cells_and_recomputes_corrupt_or_missing(micro_chec
         return real_run_cell(loaded, cell, protocol, progress)
 
     monkeypatch.setattr(bench, "run_cell", counting_run_cell)
+    import qbench.zoo
+
+    real_load = qbench.zoo.ModelRef.load
+    monkeypatch.setattr(qbench.zoo.ModelRef, "load", lambda self: pytest.fail("weights loaded for a complete rerun"))
     again = run_bench([str(micro_checkpoint)], ["fp32", "w8a8-dyn"], ["ppl"], store, limit=LIMIT, progress=False)
     assert computed == [] and [r["metrics"]["ppl"] for r in again] == [r["metrics"]["ppl"] for r in first]
+    monkeypatch.setattr(qbench.zoo.ModelRef, "load", real_load)
 
     store.path(first[1]["key"]).write_text('{"key": "truncated')  # a corrupt record
     store.path(first[0]["key"]).unlink()  # a missing one (killed before it was written)
