@@ -17,7 +17,7 @@ from qbench.data.calibration import calibration_source
 from qbench.eval import NonFiniteError, PerplexityProtocol, evaluate_perplexity
 from qbench.eval.perplexity import protocol_windows
 from qbench.probes import run_probes
-from qbench.quant import get_scheme, quantize
+from qbench.quant import Scheme, get_scheme, quantize
 from qbench.registry import closest
 from qbench.results import ResultStore, cell_key, git_sha, library_versions, machine
 from qbench.zoo import LoadedModel, ModelRef, read_zoo, resolve_model
@@ -81,15 +81,23 @@ class Cell:
     scheme: str
     task: str
     config: dict
+    resolved_scheme: Scheme | None = None
 
     @property
     def key(self) -> str:
         return cell_key(self.config)
 
 
-def cell_config(ref: ModelRef, scheme_name: str, task: str, protocol: PerplexityProtocol,
+def scheme_variants(name: str, calibration_seeds: list[int] | None) -> list[Scheme]:
+    """The scheme, or one variant per calibration seed for calibrated schemes."""
+    scheme = get_scheme(name)
+    if not calibration_seeds or "calibration_seed" not in scheme.options:
+        return [scheme]
+    return [replace(scheme, options={**scheme.options, "calibration_seed": seed}) for seed in calibration_seeds]
+
+
+def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityProtocol,
                 data_hash: str) -> dict:
-    scheme = get_scheme(scheme_name)
     return {
         "model": {"name": ref.name, "checkpoint_hash": ref.checkpoint_hash},
         "scheme": scheme.to_json(), "scheme_hash": scheme.hash(),
@@ -102,10 +110,11 @@ def cell_config(ref: ModelRef, scheme_name: str, task: str, protocol: Perplexity
 
 def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, progress: bool) -> dict:
     """Quantize a copy of the model and evaluate it; failures become failed records."""
-    scheme = get_scheme(cell.scheme)
+    scheme = cell.resolved_scheme or get_scheme(cell.scheme)
     start = time.time()
     record = {"key": cell.key, "config": cell.config, "model": cell.model, "scheme": cell.scheme,
-              "task": cell.task, "protocol": protocol.id}
+              "task": cell.task, "protocol": protocol.id,
+              "calibration_seed": scheme.options.get("calibration_seed")}
     try:
         model = loaded.model if scheme.name == "fp32" else copy.deepcopy(loaded.model)
         calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,
@@ -133,24 +142,26 @@ def expand_models(models: list[str]) -> list[str]:
 
 def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: ResultStore,
               limit: int | None = None, force: bool = False, progress: bool = True,
-              corpus: str | None = None) -> list[dict]:
-    """Run every missing cell of models x schemes x tasks; returns all their records."""
+              corpus: str | None = None, calibration_seeds: list[int] | None = None) -> list[dict]:
+    """Run every missing cell of models x schemes (x calibration seeds) x tasks; returns
+    all their records."""
     models = expand_models(models)
     for name in schemes:
         get_scheme(name)  # fail before any work on a typo
     check_tasks(tasks)
     records = []
-    bar = tqdm(total=len(models) * len(schemes) * len(tasks), desc="cells", disable=not progress)
+    variants = [v for name in schemes for v in scheme_variants(name, calibration_seeds)]
+    bar = tqdm(total=len(models) * len(variants) * len(tasks), desc="cells", disable=not progress)
     for model_name in models:
         ref = resolve_model(model_name)  # weights load only if a cell is missing
         protocol = resolve_protocol(ref, limit, corpus)
         data_hash = protocol_data_hash(protocol)
-        for scheme_name in schemes:
+        for scheme in variants:
             for task in tasks:
                 cell_protocol = task_protocol(protocol, task)
-                cell = Cell(model_name, scheme_name, task,
-                            cell_config(ref, scheme_name, task, cell_protocol, data_hash))
-                bar.set_postfix_str(f"{model_name} {scheme_name} {task}")
+                cell = Cell(model_name, scheme.name, task,
+                            cell_config(ref, scheme, task, cell_protocol, data_hash), scheme)
+                bar.set_postfix_str(f"{model_name} {scheme.name} {task}")
                 record = None if force else store.get(cell.key)
                 if record is None:
                     record = run_cell(ref.load(), cell, cell_protocol, progress)

@@ -25,7 +25,8 @@ def _cmd_bench(args) -> int:
     from qbench.results import ResultStore
 
     records = run_bench(_split(args.model), _split(args.schemes), _split(args.tasks), ResultStore(args.results),
-                        limit=args.limit, force=args.force, progress=not args.quiet, corpus=args.corpus)
+                        limit=args.limit, force=args.force, progress=not args.quiet, corpus=args.corpus,
+                        calibration_seeds=[int(x) for x in _split(args.calibration_seeds)] or None)
     print(format_table(comparison_table(records)))
     failed = [r for r in records if r.get("status") != "ok"]
     for r in failed:
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first LIMIT characters of the test text")
     p.add_argument("--corpus", default=None, help="evaluation corpus (default: the model's training corpus)")
     p.add_argument("--force", action="store_true", help="recompute cells that already have a record")
+    p.add_argument("--calibration-seeds", default="",
+                   help="e.g. 0,1,2: one cell per calibration draw for calibrated schemes (reported as mean +/- std)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (CI logs)")
     p.set_defaults(func=_cmd_bench)
 

@@ -36,19 +36,38 @@ def probe_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "scheme", *PROBE_COLUMNS.values()])
 
 
+def _aggregate_draws(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of one (model, scheme, protocol) that differ only by calibration draw (or other
+    seeds) become one row: the mean, with `ppl_std` and `n` (failed draws are not averaged)."""
+    keys = ["model", "scheme", "protocol"]
+    ok = frame[frame.status == "ok"]
+    numeric = ["ppl", "word_ppl", "byte_ppl", "tokens", "kl", "top1_agreement"]
+    if ok.empty:
+        return frame.assign(ppl_std=None, n=0)
+    means = ok.groupby(keys, sort=False)[numeric].mean()
+    means["ppl_std"] = ok.groupby(keys, sort=False)["ppl"].std(ddof=1)
+    means["n"] = ok.groupby(keys, sort=False)["ppl"].size()
+    means["status"] = "ok"
+    means = means.reset_index()
+    failed = frame[(frame.status != "ok") & ~frame.set_index(keys).index.isin(means.set_index(keys).index)]
+    failed = failed.drop_duplicates(keys).assign(n=0)
+    return pd.concat([means, failed], ignore_index=True)
+
+
 def comparison_table(records: list[dict]) -> pd.DataFrame:
     """One row per (model, protocol, scheme): ppl, delta_ppl and relative delta against the
     fp32 row measured under the same protocol."""
     frame = records_frame([r for r in records if r["task"] == "ppl"])
     if frame.empty:
         return frame
+    frame = _aggregate_draws(frame)
     reference = (frame[(frame.scheme == REFERENCE_SCHEME) & (frame.status == "ok")]
                  .set_index(["model", "protocol"])["ppl"])
     frame["fp_ppl"] = [reference.get((m, p)) for m, p in zip(frame.model, frame.protocol)]
     frame["delta_ppl"] = frame.ppl - frame.fp_ppl
     frame["rel_delta_%"] = 100.0 * frame.delta_ppl / frame.fp_ppl
-    columns = ["model", "scheme", "protocol", "status", "ppl", "delta_ppl", "rel_delta_%", "kl", "top1_agreement",
-               "word_ppl", "byte_ppl", "tokens"]
+    columns = ["model", "scheme", "protocol", "status", "n", "ppl", "ppl_std", "delta_ppl", "rel_delta_%", "kl",
+               "top1_agreement", "word_ppl", "byte_ppl", "tokens"]
     probes = probe_frame(records)
     if not probes.empty:
         frame = frame.merge(probes, on=["model", "scheme"], how="left")
@@ -133,7 +152,8 @@ def write_plots(store: ResultStore, table: pd.DataFrame, out_dir: Path) -> list[
     return written
 
 
-COLUMN_NOTES = """Columns: `ppl` token perplexity under `protocol`; `delta_ppl` = ppl - fp32 ppl (same protocol, same
+COLUMN_NOTES = """Columns: `n` records averaged (calibration draws or seeds); `ppl` token perplexity under `protocol`
+(the mean over the n records, `ppl_std` their sample standard deviation); `delta_ppl` = ppl - fp32 ppl (same protocol, same
 run of the store); `rel_delta_%` = 100 delta / fp32; `kl` = mean KL(P_fp32 || P_quantized) of the next-token
 distributions over the same tokens; `top1_agreement` = share of positions whose argmax agrees with fp32;
 `word_ppl` / `byte_ppl` = the same NLL per whitespace word / UTF-8 byte; `max_inf_norm`, `kurtosis` (mean over

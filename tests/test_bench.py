@@ -181,6 +181,11 @@ def test_report_aggregates_hand_made_records(tmp_path):
     put("a", "fp32", "ppl", {"ppl": 10.0})
     put("a", "w8a8-pt", "ppl", {"ppl": 12.5, "kl": 0.1, "top1_agreement": 0.9})
     put("b", "fp32", "ppl", {"ppl": 20.0})
+    put("c", "fp32", "ppl", {"ppl": 30.0})
+    for seed, ppl in enumerate([31.0, 33.0, 35.0]):  # three calibration draws
+        config = {"model": "c", "scheme": "w8a8-pt", "task": "ppl", "protocol": "p1", "calibration_seed": seed}
+        store.put({"key": cell_key(config), "config": config, "model": "c", "scheme": "w8a8-pt", "task": "ppl",
+                   "protocol": "p1", "status": "ok", "metrics": {"ppl": ppl}, "calibration_seed": seed})
     put("b", "w8a8-pt", "ppl", {"ppl": 21.0, "kl": 0.05, "top1_agreement": 0.95})
     put("a", "fp32", "probes", {"max_inf_norm": 7.0, "kurtosis_mean": 3.5, "sink_rate@0.3": 25.0,
                                 "first_token_share_mean": 0.4}, protocol="probes")
@@ -189,9 +194,23 @@ def test_report_aggregates_hand_made_records(tmp_path):
     assert table.loc[("a", "w8a8-pt"), "rel_delta_%"] == pytest.approx(25.0)
     assert table.loc[("b", "w8a8-pt"), "rel_delta_%"] == pytest.approx(5.0)
     assert table.loc[("a", "fp32"), "kl"] == 0.0 and table.loc[("a", "fp32"), "sink_rate@0.3"] == 25.0
+    assert table.loc[("c", "w8a8-pt"), "n"] == 3 and table.loc[("c", "w8a8-pt"), "ppl"] == pytest.approx(33.0)
+    assert table.loc[("c", "w8a8-pt"), "ppl_std"] == pytest.approx(2.0)  # sample std of 31, 33, 35
+    assert table.loc[("c", "w8a8-pt"), "delta_ppl"] == pytest.approx(3.0)
     summary, report = write_report(store)
     text = report.read_text()
     assert "### w8a8-pt" in text and "plots/delta_ppl.png" in text and (tmp_path / "plots" / "delta_ppl.png").exists()
     assert main(["compare", "--models", "a,b", "--scheme", "w8a8-pt", "--results", str(tmp_path)]) == 0
     assert main(["report", "--results", str(tmp_path), "--format", "html"]) == 0
     assert (tmp_path / "REPORT.html").exists()
+
+
+def test_calibration_seeds_make_one_cell_per_draw(micro_checkpoint, tmp_path):
+    store = ResultStore(tmp_path / "results")
+    records = run_bench([str(micro_checkpoint)], ["fp32", "w8a8-pt"], ["ppl"], store, limit=LIMIT, progress=False,
+                        calibration_seeds=[0, 1])
+    assert [(r["scheme"], r["calibration_seed"]) for r in records] == [("fp32", None), ("w8a8-pt", 0), ("w8a8-pt", 1)]
+    assert records[1]["key"] != records[2]["key"]
+    assert records[1]["metrics"]["ppl"] != records[2]["metrics"]["ppl"]  # different calibration batches
+    row = comparison_table(records).set_index("scheme").loc["w8a8-pt"]
+    assert row["n"] == 2 and row["ppl_std"] > 0
