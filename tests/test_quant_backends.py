@@ -117,3 +117,18 @@ def test_quanto_equals_quanto_used_directly():
     quanto.freeze(theirs)
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, theirs(x).logits)
+
+
+def test_llm_int8_threshold_rescues_outlier_features():
+    """With a |x| = 40 input column, threshold 6 keeps it in fp16 while threshold 0 quantizes
+    it with the rest of its row; the vector-wise int8 error then grows with max|x_row|."""
+    from qbench.quant.bnb import int8_linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 256)
+    x = torch.randn(8, 256)
+    x[:, 5] = 40.0
+    with torch.no_grad():
+        rescued = (int8_linear(linear, 6.0)(x) - linear(x)).abs().max()
+        plain = (int8_linear(linear, 0.0)(x) - linear(x)).abs().max()
+    assert rescued * 4 < plain
