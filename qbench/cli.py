@@ -21,13 +21,14 @@ def _split(text: str) -> list[str]:
 
 def _cmd_bench(args) -> int:
     from qbench.bench import run_bench
-    from qbench.report import comparison_table, format_table
+    from qbench.report import comparison_table, format_table, probe_frame
     from qbench.results import ResultStore
 
     records = run_bench(_split(args.model), _split(args.schemes), _split(args.tasks), ResultStore(args.results),
                         limit=args.limit, force=args.force, progress=not args.quiet, corpus=args.corpus,
                         calibration_seeds=[int(x) for x in _split(args.calibration_seeds)] or None)
-    print(format_table(comparison_table(records)))
+    table = comparison_table(records)
+    print(format_table(table if not table.empty else probe_frame(records)))
     failed = [r for r in records if r.get("status") != "ok"]
     for r in failed:
         print(f"FAILED {r['model']} {r['scheme']} {r['task']}: {r.get('error')}", file=sys.stderr)
