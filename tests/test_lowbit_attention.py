@@ -120,3 +120,17 @@ def test_gpt2_conv1d_layers_and_attention_are_quantized():
     assert facts["lowbit_attention_modules"] == 2
     out = model(x).logits
     assert torch.isfinite(out).all() and 0 < (out - reference).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("k", [64, 1024, 2500])
+def test_int_matmul_is_exact_on_every_path(k, monkeypatch):
+    import qbench.quant.lowbit_attention as kernel
+
+    torch.manual_seed(0)
+    a = torch.randint(-128, 128, (40, k), dtype=torch.int8)
+    b = torch.full((k, 24), -128, dtype=torch.int8)  # the worst case for the fp32 partial sums
+    b[:, ::2] = torch.randint(-128, 128, (k, 12), dtype=torch.int8)
+    exact = a.long() @ b.long()
+    for units in (True, False):
+        monkeypatch.setattr(kernel, "INT8_UNITS", units)
+        assert torch.equal(kernel.int_matmul(a, b).long(), exact)

@@ -31,9 +31,31 @@ def int8_codes(x: torch.Tensor, dim: int | tuple | None) -> tuple[torch.Tensor, 
     return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 
+# Partial sums of int8 x int8 products stay exact in fp32 while |sum| < 2^24:
+# K * 128 * 128 < 2^24 holds for K <= 1024 (Q K^T: K = head width; P V: K = T).
+EXACT_FP32_K = 2**24 // (128 * 128)
+
+
+def _has_int8_units() -> bool:
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AVX512" in capability or "AMX" in capability
+
+
+INT8_UNITS = _has_int8_units()
+
+
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) x int8 (K, N) -> int32, exact."""
-    return torch._int_mm(a.contiguous(), b)
+    """int8 (M, K) x int8 (K, N) -> int32, exact.  torch._int_mm where the CPU has int8
+    dot-product units (AVX-512 VNNI / AMX); on AVX2-only CPUs _int_mm takes a slow
+    reference path, so the same integers are computed by the fp32 GEMM, which is exact
+    while K <= 1024 (each partial sum below 2^24), in K-chunks otherwise."""
+    if INT8_UNITS:
+        return torch._int_mm(a.contiguous(), b)
+    out = None
+    for start in range(0, a.shape[1], EXACT_FP32_K):
+        part = (a[:, start:start + EXACT_FP32_K].float() @ b[start:start + EXACT_FP32_K].float()).to(torch.int32)
+        out = part if out is None else out + part
+    return out
 
 
 def quantize_probs(p: torch.Tensor, fmt: str) -> torch.Tensor:
