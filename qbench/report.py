@@ -162,6 +162,11 @@ and `first_token_share` come from the `probes` task (definitions in REFERENCE.md
 qbench/probes/stats.py)."""
 
 
+def _markdown(frame: pd.DataFrame) -> str:
+    """Markdown table; missing values (NaN) print as '-'."""
+    return frame.astype(object).where(frame.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="-")
+
+
 def write_report(store: ResultStore, out_dir: Path | None = None, fmt: str = "md") -> tuple[Path, Path]:
     """summary.csv always; REPORT.md (tables + plots) or REPORT.html."""
     out_dir = Path(out_dir or store.root)
@@ -182,14 +187,14 @@ def write_report(store: ResultStore, out_dir: Path | None = None, fmt: str = "md
     lines = ["# qbench report", "", "Perplexity under each scheme next to the fp32 row of the same protocol.", "",
              COLUMN_NOTES, ""]
     for model, group in table.groupby("model", sort=False):
-        lines += [f"## {model}", "", group.drop(columns="model").to_markdown(index=False, floatfmt=".4g"), ""]
+        lines += [f"## {model}", "", _markdown(group.drop(columns="model")), ""]
     schemes = [s for s in table.scheme.unique() if (table.scheme == s).sum() > 1]
     if schemes:
         lines += ["## Models side by side, per scheme", ""]
         for scheme in sorted(schemes, key=lambda s: (s != REFERENCE_SCHEME, s)):
             compact = cross_model_table(table, scheme)[["model", "ppl", "delta_ppl", "rel_delta_%", "kl",
                                                          "top1_agreement"]]
-            lines += [f"### {scheme}", "", compact.to_markdown(index=False, floatfmt=".4g"), ""]
+            lines += [f"### {scheme}", "", _markdown(compact), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     corrupt = store.corrupt()
