@@ -9,6 +9,8 @@ SCHEMES ?= fp32,w8a8-dyn
 TASKS ?= ppl
 LIMIT ?= 20000
 RESULTS ?= results
+# Extra `qbench bench` flags, e.g. BENCH_ARGS=--force to recompute, or --quiet for CI logs.
+BENCH_ARGS ?=
 
 PY := $(VENV)/bin/python
 QBENCH := $(VENV)/bin/qbench
@@ -40,7 +42,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow tests
 
 bench: setup
-	$(QBENCH) bench --model $(MODEL) --schemes $(SCHEMES) --tasks $(TASKS) --limit $(LIMIT) --results $(RESULTS)
+	$(QBENCH) bench --model $(MODEL) --schemes $(SCHEMES) --tasks $(TASKS) --limit $(LIMIT) --results $(RESULTS) $(BENCH_ARGS)
 	$(QBENCH) report --results $(RESULTS)
 
 report: setup
