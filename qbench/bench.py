@@ -15,6 +15,7 @@ import qbench
 from qbench.data import load_corpus
 from qbench.data.calibration import calibration_source
 from qbench.eval import NonFiniteError, PerplexityProtocol, evaluate_perplexity
+from qbench.eval.lm_eval_tasks import blimp_task_configs, files_hash, run_lm_eval, task_metrics
 from qbench.eval.perplexity import protocol_windows
 from qbench.probes import run_probes
 from qbench.quant import Scheme, get_scheme, quantize
@@ -25,7 +26,9 @@ from qbench.zoo import LoadedModel, ModelRef, read_zoo, resolve_model
 TASKS = {
     "ppl": "perplexity under the model's protocol (token, word and byte level)",
     "probes": "activation outliers, attention sinks (T=64), value/residual drains, gate diagnostics",
+    "qbench_blimp": "BLiMP minimal pairs through lm-eval (one subtask per file): accuracy, flip rate, recovery",
 }
+BLIMP_ITEMS_PER_SUBTASK = 20
 DEFAULT_WINDOW = 256
 PROBE_WINDOW = 64  # Gu et al.'s sink rate is defined at a fixed T = 64
 PROBE_SEQUENCES = 64
@@ -35,6 +38,8 @@ def check_tasks(tasks: list[str]) -> None:
     for task in tasks:
         if task not in TASKS:
             raise KeyError(f"unknown task {task!r}{closest(task, TASKS)}")
+        if task == "qbench_blimp":
+            blimp_task_configs()  # fails now, with the folder it looked in, if there is no data
 
 
 def resolve_protocol(model: ModelRef | LoadedModel, limit: int | None, corpus: str | None = None) -> PerplexityProtocol:
@@ -64,6 +69,11 @@ def evaluate_task(model, tokenizer, task: str, protocol: PerplexityProtocol, pro
                   reference=None) -> dict:
     if task == "ppl":
         return evaluate_perplexity(model, tokenizer, protocol, progress=progress, reference=reference)
+    if task == "qbench_blimp":
+        configs = blimp_task_configs()
+        quantized = run_lm_eval(model, tokenizer, configs, limit=BLIMP_ITEMS_PER_SUBTASK)
+        fp = run_lm_eval(reference, tokenizer, configs, limit=BLIMP_ITEMS_PER_SUBTASK) if reference is not None else None
+        return {"protocol": f"lm-eval-blimp-{len(configs)}x{BLIMP_ITEMS_PER_SUBTASK}", **task_metrics(quantized, fp)}
     windows, _, data_hash = protocol_windows(protocol, tokenizer)
     windows = [w for w in windows if len(w) == protocol.window][:PROBE_SEQUENCES]
     return {"protocol": f"probes-n{len(windows)}-{protocol.id}", "data_hash": data_hash,
@@ -101,7 +111,9 @@ def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityPr
     return {
         "model": {"name": ref.name, "checkpoint_hash": ref.checkpoint_hash},
         "scheme": scheme.to_json(), "scheme_hash": scheme.hash(),
-        "evaluation": {"task": task, "protocol": protocol.to_dict()},
+        "evaluation": {"task": task, "protocol": protocol.to_dict(),
+                       **({"blimp_files": files_hash(blimp_task_configs()), "items_per_subtask": BLIMP_ITEMS_PER_SUBTASK}
+                          if task == "qbench_blimp" else {})},
         "data_hash": data_hash,
         "seeds": {"evaluation": protocol.seed, "calibration": scheme.options.get("calibration_seed")},
         "qbench_version": qbench.__version__,

@@ -25,6 +25,7 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+TASK_COLUMNS = {"accuracy": "blimp_acc", "flip_rate": "blimp_flip_rate", "recovery": "blimp_recovery"}
 PROBE_COLUMNS = {"max_inf_norm": "max_inf_norm", "kurtosis_mean": "kurtosis", "sink_rate@0.3": "sink_rate@0.3",
                  "first_token_share_mean": "first_token_share"}
 
@@ -72,6 +73,14 @@ def comparison_table(records: list[dict]) -> pd.DataFrame:
     if not probes.empty:
         frame = frame.merge(probes, on=["model", "scheme"], how="left")
         columns += list(PROBE_COLUMNS.values())
+    tasks = pd.DataFrame([{"model": r["model"], "scheme": r["scheme"],
+                           **{name: (r.get("metrics") or {}).get(key, 0.0 if key == "flip_rate" else None)
+                              for key, name in TASK_COLUMNS.items()}}
+                          for r in records if r["task"] == "qbench_blimp" and r.get("status") == "ok"])
+    if not tasks.empty:
+        tasks = tasks.groupby(["model", "scheme"], as_index=False).mean()
+        frame = frame.merge(tasks, on=["model", "scheme"], how="left")
+        columns += list(TASK_COLUMNS.values())
     return frame[columns].sort_values(["model", "protocol", "scheme"], key=_fp_first).reset_index(drop=True)
 
 
@@ -158,7 +167,8 @@ run of the store); `rel_delta_%` = 100 delta / fp32; `kl` = mean KL(P_fp32 || P_
 distributions over the same tokens; `top1_agreement` = share of positions whose argmax agrees with fp32;
 `word_ppl` / `byte_ppl` = the same NLL per whitespace word / UTF-8 byte; `max_inf_norm`, `kurtosis` (mean over
 tracked tensors), `sink_rate@0.3` (% of layer-head pairs whose mean attention on token 0 exceeds 0.3, at T=64)
-and `first_token_share` come from the `probes` task (definitions in REFERENCE.md section 3 and
+and `first_token_share` come from the `probes` task; `blimp_acc`, `blimp_flip_rate` (items whose choice differs
+from fp32's) and `blimp_recovery` (accuracy / fp32 accuracy) from `qbench_blimp` through lm-eval (definitions in REFERENCE.md section 3 and
 qbench/probes/stats.py)."""
 
 
