@@ -21,14 +21,21 @@ def _split(text: str) -> list[str]:
 
 def _cmd_bench(args) -> int:
     from qbench.bench import run_bench
-    from qbench.report import comparison_table, format_table, probe_frame
+    from qbench.report import comparison_table, format_table
     from qbench.results import ResultStore
 
     records = run_bench(_split(args.model), _split(args.schemes), _split(args.tasks), ResultStore(args.results),
                         limit=args.limit, force=args.force, progress=not args.quiet, corpus=args.corpus,
                         calibration_seeds=[int(x) for x in _split(args.calibration_seeds)] or None)
     table = comparison_table(records)
-    print(format_table(table if not table.empty else probe_frame(records)))
+    if table.empty:  # no perplexity cells: show each record's headline numbers
+        import pandas as pd
+
+        keys = ["accuracy", "flip_rate", "recovery", "max_inf_norm", "kurtosis_mean", "sink_rate@0.3"]
+        table = pd.DataFrame([{"model": r["model"], "scheme": r["scheme"], "task": r["task"], "status": r.get("status"),
+                               **{k: (r.get("metrics") or {}).get(k) for k in keys}} for r in records])
+        table = table.dropna(axis=1, how="all")
+    print(format_table(table))
     failed = [r for r in records if r.get("status") != "ok"]
     for r in failed:
         print(f"FAILED {r['model']} {r['scheme']} {r['task']}: {r.get('error')}", file=sys.stderr)
