@@ -127,9 +127,9 @@ def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
         raise CheckpointError(f"{config_path} could not be read: {err}") from err
     info = dict(entry)
     info.setdefault("training", getattr(config, "qbench_training", None))
-    return ModelRef(name, file_hash(weights + [config_path]), info,
-                    getattr(config, "max_position_embeddings", None),
-                    lambda: _load_folder(name, folder, config, info, file_hash(weights + [config_path])))
+    checkpoint_hash = file_hash(weights + [config_path])
+    return ModelRef(name, checkpoint_hash, info, getattr(config, "max_position_embeddings", None),
+                    lambda: _load_folder(name, folder, config, info, checkpoint_hash))
 
 
 def _load_folder(name: str, folder: Path, config, info: dict, checkpoint_hash: str) -> LoadedModel:
