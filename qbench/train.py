@@ -68,6 +68,10 @@ PRESETS = {
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.csv"
+MECHANISM_FILE = "mechanism_log.csv"
+MECHANISM_EVERY = 50
+MECHANISM_FIELDS = ["step", "attn_s", "delta_logit_s", "val_s", "val_s_ratio", "val_s_eff", "val_s_eff_ratio",
+                    "gate_bos", "gate_others"]
 
 
 def get_preset(name: str) -> Preset:
@@ -130,6 +134,34 @@ def validation_loss(model, data, n_batches: int = 8, seed: int = 1234) -> float:
     return float(np.mean(losses))
 
 
+class _MechanismLog:
+    """Attn_s, Val_s and Delta-logit_s (qbench.probes.mechanism) on 64 fixed sequences,
+    logged every MECHANISM_EVERY steps of a Bigram-Backcopy run."""
+
+    def __init__(self, data, path: Path, step: int):
+        self.task, self.path = data.task, path
+        self.tokens = data.task.sample(64, data.preset.context, torch.Generator().manual_seed(4321))
+        if step == 0 or not path.exists():
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(MECHANISM_FIELDS)
+        else:
+            _truncate_log(path, step)
+
+    def log(self, model, step: int) -> None:
+        from qbench.probes.mechanism import bb_mechanism
+
+        m = bb_mechanism(model, self.tokens, self.task.is_trigger)
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([step] + [f"{m[k]:.6g}" if k in m else "" for k in MECHANISM_FIELDS[1:]])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past a resumed state (they will be recomputed identically)."""
+    rows = list(csv.reader(open(path)))
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= step])
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -182,10 +214,11 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
     if step == 0 or not log_path.exists():
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(["step", "lr", "train_loss", "val_loss", "tokens", "seconds"])
-    else:  # drop log rows past the resumed state (they will be recomputed identically)
-        rows = list(csv.reader(open(log_path)))
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= step])
+    else:
+        _truncate_log(log_path, step)
+    mechanism = _MechanismLog(data, out / MECHANISM_FILE, step) if preset.task == "bigram_backcopy" else None
+    if mechanism is not None and step == 0:
+        mechanism.log(model, 0)
 
     tokens_per_step = preset.batch_size * preset.context
     model.train()
@@ -212,6 +245,8 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow([step, f"{lr:.6g}", f"{train_loss:.5f}", f"{val:.5f}" if val != "" else "",
                                     step * tokens_per_step, f"{time.time() - start:.1f}"])
+        if mechanism is not None and (step % MECHANISM_EVERY == 0 or step == preset.steps):
+            mechanism.log(model, step)
         if step % preset.save_every == 0 or step == preset.steps:
             _atomic_torch_save({
                 "recipe": {"attention": attention, "preset": asdict(preset), "seed": seed, "corpus": corpus},
