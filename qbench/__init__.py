@@ -1,4 +1,11 @@
 """qbench: quantization-fidelity benchmarks for transformer language models."""
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+
+# qbench never downloads models or data at run time: the hub and datasets libraries run
+# offline unless the user sets these variables themselves (e.g. HF_DATASETS_OFFLINE=0).
+for _variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_variable, "1")
+
 from qbench import modeling  # noqa: E402,F401  registers model_type "qbench" with transformers

@@ -15,7 +15,9 @@ import qbench
 from qbench.data import load_corpus
 from qbench.data.calibration import calibration_source
 from qbench.eval import NonFiniteError, PerplexityProtocol, evaluate_perplexity
+from qbench.eval import heldout_tasks
 from qbench.eval.lm_eval_tasks import blimp_task_configs, files_hash, run_lm_eval, task_metrics
+from qbench.eval.reference import FPReference
 from qbench.eval.perplexity import protocol_windows
 from qbench.probes import run_probes
 from qbench.quant import Scheme, get_scheme, quantize
@@ -27,19 +29,55 @@ TASKS = {
     "ppl": "perplexity under the model's protocol (token, word and byte level)",
     "probes": "activation outliers, attention sinks (T=64), value/residual drains, gate diagnostics",
     "qbench_blimp": "BLiMP minimal pairs through lm-eval (one subtask per file): accuracy, flip rate, recovery",
+    "qbench_cloze": "LAMBADA-style last word of held-out sotu passages through lm-eval: greedy accuracy, flip rate",
+    "qbench_nextsent": "4-way next sentence of held-out sotu passages through lm-eval: accuracy, flip rate",
+    "qbench_agreement": "auxiliary-flip minimal pairs from held-out sotu sentences through lm-eval: accuracy, flip rate",
 }
+# Any other lm-eval task name (hellaswag, lambada_openai, ...) passes through to lm-eval;
+# it runs where its dataset is in the local Hugging Face cache and fails clearly elsewhere.
 BLIMP_ITEMS_PER_SUBTASK = 20
+LM_EVAL_TASKS = ("qbench_blimp", "qbench_cloze", "qbench_nextsent", "qbench_agreement")
 DEFAULT_WINDOW = 256
 PROBE_WINDOW = 64  # Gu et al.'s sink rate is defined at a fixed T = 64
 PROBE_SEQUENCES = 64
 
 
+def is_lm_eval_task(task: str) -> bool:
+    return task not in ("ppl", "probes")
+
+
 def check_tasks(tasks: list[str]) -> None:
+    others = [t for t in tasks if t not in TASKS]
+    if others:
+        from lm_eval.tasks import TaskManager
+
+        from qbench.eval.lm_eval_tasks import QBENCH_TASKS_DIR
+
+        known = TaskManager(include_path=str(QBENCH_TASKS_DIR)).all_tasks
+        for task in others:
+            if task not in known:
+                raise KeyError(f"unknown task {task!r} (neither a qbench task nor an lm-eval task)"
+                               f"{closest(task, list(TASKS) + list(known))}")
     for task in tasks:
-        if task not in TASKS:
-            raise KeyError(f"unknown task {task!r}{closest(task, TASKS)}")
         if task == "qbench_blimp":
             blimp_task_configs()  # fails now, with the folder it looked in, if there is no data
+
+
+def lm_eval_spec(task: str, task_limit: int | None) -> dict:
+    """What an lm-eval cell runs: task configs or names, the item limit, a protocol id and
+    a hash of the items (part of the cell key)."""
+    if task == "qbench_blimp":
+        configs = blimp_task_configs()
+        return {"tasks": configs, "limit": BLIMP_ITEMS_PER_SUBTASK,
+                "protocol": f"lm-eval-blimp-{len(configs)}x{BLIMP_ITEMS_PER_SUBTASK}", "items_hash": files_hash(configs)}
+    if task in heldout_tasks.TASK_NAMES:
+        n = len(heldout_tasks.load_items(task))
+        used = min(n, task_limit) if task_limit else n
+        return {"tasks": [task], "limit": task_limit,
+                "protocol": f"lm-eval-{task}-v{heldout_tasks.BUILDER_VERSION}-sotu-heldout-n{used}",
+                "items_hash": heldout_tasks.items_hash(task)}
+    return {"tasks": [task], "limit": task_limit, "protocol": f"lm-eval-{task}" + (f"-first{task_limit}" if task_limit else ""),
+            "items_hash": None}
 
 
 def resolve_protocol(model: ModelRef | LoadedModel, limit: int | None, corpus: str | None = None) -> PerplexityProtocol:
@@ -66,14 +104,21 @@ def task_protocol(protocol: PerplexityProtocol, task: str) -> PerplexityProtocol
 
 
 def evaluate_task(model, tokenizer, task: str, protocol: PerplexityProtocol, progress: bool,
-                  reference=None) -> dict:
+                  reference: FPReference | None = None, task_limit: int | None = None) -> dict:
     if task == "ppl":
         return evaluate_perplexity(model, tokenizer, protocol, progress=progress, reference=reference)
-    if task == "qbench_blimp":
-        configs = blimp_task_configs()
-        quantized = run_lm_eval(model, tokenizer, configs, limit=BLIMP_ITEMS_PER_SUBTASK)
-        fp = run_lm_eval(reference, tokenizer, configs, limit=BLIMP_ITEMS_PER_SUBTASK) if reference is not None else None
-        return {"protocol": f"lm-eval-blimp-{len(configs)}x{BLIMP_ITEMS_PER_SUBTASK}", **task_metrics(quantized, fp)}
+    if is_lm_eval_task(task):
+        spec = lm_eval_spec(task, task_limit)
+
+        def run(m):
+            return run_lm_eval(m, tokenizer, spec["tasks"], limit=spec["limit"])
+
+        quantized = run(model)
+        fp = None
+        if reference is not None:
+            key = {k: v for k, v in spec.items() if k != "tasks"} | {"task": task}
+            fp = reference.task_outputs(key, run)
+        return {"protocol": spec["protocol"], "items_hash": spec["items_hash"], **task_metrics(quantized, fp)}
     windows, _, data_hash = protocol_windows(protocol, tokenizer)
     windows = [w for w in windows if len(w) == protocol.window][:PROBE_SEQUENCES]
     return {"protocol": f"probes-n{len(windows)}-{protocol.id}", "data_hash": data_hash,
@@ -107,33 +152,41 @@ def scheme_variants(name: str, calibration_seeds: list[int] | None) -> list[Sche
 
 
 def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityProtocol,
-                data_hash: str) -> dict:
+                data_hash: str, task_limit: int | None = None) -> dict:
+    if is_lm_eval_task(task):
+        spec = lm_eval_spec(task, task_limit)
+        evaluation = {"task": task, "protocol": spec["protocol"], "items_hash": spec["items_hash"],
+                      "limit": spec["limit"]}
+    else:
+        evaluation = {"task": task, "protocol": protocol.to_dict()}
     return {
         "model": {"name": ref.name, "checkpoint_hash": ref.checkpoint_hash},
         "scheme": scheme.to_json(), "scheme_hash": scheme.hash(),
-        "evaluation": {"task": task, "protocol": protocol.to_dict(),
-                       **({"blimp_files": files_hash(blimp_task_configs()), "items_per_subtask": BLIMP_ITEMS_PER_SUBTASK}
-                          if task == "qbench_blimp" else {})},
+        "evaluation": evaluation,
         "data_hash": data_hash,
         "seeds": {"evaluation": protocol.seed, "calibration": scheme.options.get("calibration_seed")},
         "qbench_version": qbench.__version__,
     }
 
 
-def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, progress: bool) -> dict:
+def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, progress: bool,
+             task_limit: int | None = None) -> dict:
     """Quantize a copy of the model and evaluate it; failures become failed records."""
     scheme = cell.resolved_scheme or get_scheme(cell.scheme)
     start = time.time()
     record = {"key": cell.key, "config": cell.config, "model": cell.model, "scheme": cell.scheme,
-              "task": cell.task, "protocol": protocol.id,
+              "task": cell.task, "protocol": cell.config["evaluation"].get("protocol", protocol.id)
+              if is_lm_eval_task(cell.task) else protocol.id,
               "calibration_seed": scheme.options.get("calibration_seed")}
     try:
         model = loaded.model if scheme.name == "fp32" else copy.deepcopy(loaded.model)
         calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,
                                          bigram_backcopy=protocol.kind == "bigram_backcopy")
         record["quantization"] = quantize(model, scheme, calibration)
-        reference = None if model is loaded.model else loaded.model  # KL / top-1 against fp32
-        record["metrics"] = evaluate_task(model, loaded.tokenizer, cell.task, protocol, progress, reference)
+        # KL / top-1 / flip rate against fp32 (its outputs cached on disk, shared by all schemes)
+        reference = None if model is loaded.model else FPReference(loaded.model, loaded.checkpoint_hash)
+        record["metrics"] = evaluate_task(model, loaded.tokenizer, cell.task, protocol, progress, reference,
+                                          task_limit=task_limit)
         record["status"] = "ok"
     except (NonFiniteError, NotImplementedError, RuntimeError, ValueError) as err:
         record["status"] = "failed"
@@ -154,9 +207,12 @@ def expand_models(models: list[str]) -> list[str]:
 
 def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: ResultStore,
               limit: int | None = None, force: bool = False, progress: bool = True,
-              corpus: str | None = None, calibration_seeds: list[int] | None = None) -> list[dict]:
+              corpus: str | None = None, calibration_seeds: list[int] | None = None,
+              task_limit: int | None = None) -> list[dict]:
     """Run every missing cell of models x schemes (x calibration seeds) x tasks; returns
-    all their records."""
+    all their records.  Downstream (lm-eval) tasks are skipped for Bigram-Backcopy models,
+    whose vocabulary is 48 characters of a synthetic task.  `task_limit` caps the items
+    of each lm-eval task (BLiMP: fixed at BLIMP_ITEMS_PER_SUBTASK per subtask)."""
     models = expand_models(models)
     for name in schemes:
         get_scheme(name)  # fail before any work on a typo
@@ -168,15 +224,19 @@ def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: Re
         ref = resolve_model(model_name)  # weights load only if a cell is missing
         protocol = resolve_protocol(ref, limit, corpus)
         data_hash = protocol_data_hash(protocol)
+        model_tasks = tasks
+        if protocol.kind == "bigram_backcopy":
+            model_tasks = [t for t in tasks if not is_lm_eval_task(t)]
+            bar.total -= len(variants) * (len(tasks) - len(model_tasks))
         for scheme in variants:
-            for task in tasks:
+            for task in model_tasks:
                 cell_protocol = task_protocol(protocol, task)
                 cell = Cell(model_name, scheme.name, task,
-                            cell_config(ref, scheme, task, cell_protocol, data_hash), scheme)
+                            cell_config(ref, scheme, task, cell_protocol, data_hash, task_limit), scheme)
                 bar.set_postfix_str(f"{model_name} {scheme.name} {task}")
                 record = None if force else store.get(cell.key)
                 if record is None:
-                    record = run_cell(ref.load(), cell, cell_protocol, progress)
+                    record = run_cell(ref.load(), cell, cell_protocol, progress, task_limit)
                     store.put(record)
                 records.append(record)
                 bar.update(1)

@@ -26,7 +26,8 @@ def _cmd_bench(args) -> int:
 
     records = run_bench(_split(args.model), _split(args.schemes), _split(args.tasks), ResultStore(args.results),
                         limit=args.limit, force=args.force, progress=not args.quiet, corpus=args.corpus,
-                        calibration_seeds=[int(x) for x in _split(args.calibration_seeds)] or None)
+                        calibration_seeds=[int(x) for x in _split(args.calibration_seeds)] or None,
+                        task_limit=args.task_limit)
     table = comparison_table(records)
     if table.empty:  # no perplexity cells: show each record's headline numbers
         import pandas as pd
@@ -93,7 +94,9 @@ def _cmd_list(args) -> int:
         from qbench.bench import TASKS
 
         for name, text in TASKS.items():
-            print(f"{name:8s} {text}")
+            print(f"{name:17s} {text}")
+        print(f"{'<lm-eval task>':17s} any lm-eval task name (hellaswag, ...) whose dataset is in the local "
+              "Hugging Face cache")
     return 0
 
 
@@ -129,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first LIMIT characters of the test text")
     p.add_argument("--corpus", default=None, help="evaluation corpus (default: the model's training corpus)")
     p.add_argument("--force", action="store_true", help="recompute cells that already have a record")
+    p.add_argument("--task-limit", type=int, default=None,
+                   help="first N items of each lm-eval task (default: all; qbench_blimp: 20 per subtask)")
     p.add_argument("--calibration-seeds", default="",
                    help="e.g. 0,1,2: one cell per calibration draw for calibrated schemes (reported as mean +/- std)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (CI logs)")

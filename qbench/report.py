@@ -25,7 +25,35 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-TASK_COLUMNS = {"accuracy": "blimp_acc", "flip_rate": "blimp_flip_rate", "recovery": "blimp_recovery"}
+TASK_METRICS = {"accuracy": "acc", "flip_rate": "flip_rate", "recovery": "recovery"}
+
+
+def task_short(task: str) -> str:
+    return task.removeprefix("qbench_")
+
+
+def task_frame(records: list[dict]) -> pd.DataFrame:
+    """Downstream task metrics (every task that is neither ppl nor probes), one row per
+    (model, scheme) with columns <task>_acc / _flip_rate / _recovery (calibration draws
+    averaged).  fp32 rows carry flip_rate 0 and recovery 1 by definition."""
+    rows = []
+    for r in records:
+        if r["task"] in ("ppl", "probes") or r.get("status") != "ok":
+            continue
+        metrics, short = r.get("metrics") or {}, task_short(r["task"])
+        default = {"flip_rate": 0.0, "recovery": 1.0} if r["scheme"] == REFERENCE_SCHEME else {}
+        rows.append({"model": r["model"], "scheme": r["scheme"], "task": short,
+                     **{name: metrics.get(key, default.get(key)) for key, name in TASK_METRICS.items()}})
+    if not rows:
+        return pd.DataFrame(columns=["model", "scheme"])
+    frame = pd.DataFrame(rows).groupby(["model", "scheme", "task"], as_index=False).mean()
+    wide = frame.pivot_table(index=["model", "scheme"], columns="task", values=list(TASK_METRICS.values()),
+                             dropna=False)
+    tasks = sorted(frame.task.unique())
+    wide.columns = [f"{task}_{metric}" for metric, task in wide.columns]
+    ordered = [f"{t}_{m}" for t in tasks for m in TASK_METRICS.values() if f"{t}_{m}" in wide.columns]
+    return wide[ordered].reset_index()
+
 PROBE_COLUMNS = {"max_inf_norm": "max_inf_norm", "kurtosis_mean": "kurtosis", "sink_rate@0.3": "sink_rate@0.3",
                  "first_token_share_mean": "first_token_share"}
 
@@ -73,14 +101,10 @@ def comparison_table(records: list[dict]) -> pd.DataFrame:
     if not probes.empty:
         frame = frame.merge(probes, on=["model", "scheme"], how="left")
         columns += list(PROBE_COLUMNS.values())
-    tasks = pd.DataFrame([{"model": r["model"], "scheme": r["scheme"],
-                           **{name: (r.get("metrics") or {}).get(key, 0.0 if key == "flip_rate" else None)
-                              for key, name in TASK_COLUMNS.items()}}
-                          for r in records if r["task"] == "qbench_blimp" and r.get("status") == "ok"])
-    if not tasks.empty:
-        tasks = tasks.groupby(["model", "scheme"], as_index=False).mean()
+    tasks = task_frame(records)
+    if len(tasks.columns) > 2:
         frame = frame.merge(tasks, on=["model", "scheme"], how="left")
-        columns += list(TASK_COLUMNS.values())
+        columns += [c for c in tasks.columns if c not in ("model", "scheme")]
     return frame[columns].sort_values(["model", "protocol", "scheme"], key=_fp_first).reset_index(drop=True)
 
 

@@ -48,3 +48,16 @@ def micro_checkpoint(tmp_path_factory, small_corpus, micro_preset) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "micro-vga"
     train("vga", micro_preset, seed=0, out=out, corpus=str(small_corpus), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint_long(tmp_path_factory, small_corpus, micro_preset) -> Path:
+    """The micro recipe with a 256-token context, long enough for whole task sentences."""
+    from dataclasses import replace
+
+    from qbench.train import train
+
+    out = tmp_path_factory.mktemp("ckpt") / "micro-vga-256"
+    train("vga", replace(micro_preset, context=256, batch_size=4), seed=0, out=out, corpus=str(small_corpus),
+          progress=False)
+    return out

@@ -42,8 +42,8 @@ def test_one_subtask_per_file_and_loglikelihoods_equal_our_own(blimp_folder, mic
 
 
 def test_flip_rate_counts_changed_predictions():
-    fp = {"predictions": {"t": [0, 0, 1, 1]}, "accuracy_per_task": {"t": 0.5}}
-    q = {"predictions": {"t": [0, 1, 1, 0]}, "accuracy_per_task": {"t": 0.5}}
+    fp = {"predictions": {"t": [0, 0, 1, 1]}, "correct": {"t": [True, True, False, False]}, "accuracy_per_task": {}}
+    q = {"predictions": {"t": [0, 1, 1, 0]}, "correct": {"t": [True, False, False, True]}, "accuracy_per_task": {}}
     metrics = task_metrics(q, fp)
     assert metrics["flip_rate"] == 0.5 and metrics["accuracy"] == 0.5 and metrics["recovery"] == 1.0
 

@@ -65,6 +65,19 @@ def test_massive_activation_needs_both_thresholds():
     assert dict(probe.massive["positions"]) == {0: 1}
 
 
+def test_massive_activation_median_is_over_the_sequence_not_the_token():
+    """A sink token whose whole vector is inflated (median 30) still carries a massive
+    activation (5000 >= 1000 x the sequence median 0.01), as in SmolLM2's token 0."""
+    probe = ActivationProbe(model())
+    x = torch.full((1, 8, D), 0.01)
+    x[0, 0, :] = 30.0
+    x[0, 0, 7] = 5000.0
+    probe._massive(x)
+    assert probe.massive["count"] == 1  # 30 < 100: only the 5000 is massive
+    assert probe.massive["ratio_only_count"] == D  # every entry of token 0 is >= 1000 x 0.01
+    assert probe.massive["max"] == 5000.0 and probe.massive["max_position"] == 0
+
+
 def test_sink_rate_of_a_known_attention_pattern():
     probe = AttentionProbe()
     probs = torch.zeros(3, 2, T, T)

@@ -48,3 +48,24 @@ def test_smollm2_loads_from_its_package_and_reproduces_its_perplexity():
     protocol = resolve_protocol(loaded, entry["test_protocol"]["max_chars"])
     ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, protocol)["ppl"]
     assert ppl == pytest.approx(entry["test_ppl"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_smollm2_probes_show_its_known_extreme_tokens():
+    """REFERENCE.md section 5: 40-60% of attention on token 0 in layers 12-28 and a massive
+    activation of about 23,000 in one residual channel at the first token."""
+    from qbench.bench import PROBE_SEQUENCES, resolve_protocol, task_protocol
+    from qbench.eval.perplexity import protocol_windows
+    from qbench.probes import run_probes
+
+    loaded = load_model("smollm2-135m")
+    protocol = task_protocol(resolve_protocol(loaded, 20000), "probes")
+    windows, _, _ = protocol_windows(protocol, loaded.tokenizer)
+    windows = [w for w in windows if len(w) == protocol.window][:16]
+    result = run_probes(loaded.model, windows)
+    share = result["first_token_share_per_layer"]
+    middle = sum(share[12:29]) / len(share[12:29])
+    assert middle > 0.4 and middle > 4 * sum(share[:3]) / 3  # sinks form in the middle, not at the input
+    assert result["massive_activation_max"] > 10_000
+    assert result["max_activation_position"] == 0
+    assert result["massive_activations"] >= 1

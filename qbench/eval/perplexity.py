@@ -87,10 +87,13 @@ def protocol_windows(protocol: PerplexityProtocol, tokenizer) -> tuple[list[torc
 
 @torch.no_grad()
 def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityProtocol,
-                        progress: bool = False, reference: torch.nn.Module | None = None) -> dict:
-    """NLL-based perplexities; with a full-precision `reference` model, also the mean
+                        progress: bool = False, reference=None) -> dict:
+    """NLL-based perplexities; with a full-precision `reference` (a model, or an
+    FPReference whose log-probabilities are cached on disk per batch), also the mean
     KL(P_fp || P_q) of the next-token distributions and the top-1 agreement, computed
-    window by window on the same tokens (no logits are kept beyond one batch)."""
+    batch by batch on the same tokens (no logits are kept beyond one batch)."""
+    from qbench.eval.reference import FPReference
+
     windows, text_stats, data_hash = protocol_windows(protocol, tokenizer)
     model.eval()
     nll, tokens, kl_sum, agree = 0.0, 0, 0.0, 0
@@ -101,7 +104,8 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
             batches[-1].append(w)
         else:
             batches.append([w])
-    for batch in tqdm(batches, desc=f"ppl {protocol.id}", disable=not progress, leave=False):
+    cache_key = f"{protocol.id}|{data_hash}|bs{protocol.batch_size}"
+    for index, batch in enumerate(tqdm(batches, desc=f"ppl {protocol.id}", disable=not progress, leave=False)):
         x = torch.stack(batch)  # (B, T)
         if x.shape[1] < 2:
             continue
@@ -114,7 +118,10 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
         tokens += x[:, 1:].numel()
         if reference is not None:
             log_q = F.log_softmax(logits[:, :-1], dim=-1)
-            log_p = F.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
+            if isinstance(reference, FPReference):
+                log_p = reference.log_probs(cache_key, index, x)
+            else:
+                log_p = F.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
             kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
             agree += (log_p.argmax(-1) == log_q.argmax(-1)).sum().item()
     result = {"protocol": protocol.id, "nll_sum": nll, "tokens": tokens, "windows": len(windows),

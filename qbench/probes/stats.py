@@ -8,8 +8,9 @@ Definitions (REFERENCE.md section 3, code-faithful to Bondarenko et al. 2023):
   outlier_count_6: activations with |x| >= 6, per sample, summed over tracked tensors.
   outlier_features: hidden dimensions with |x| >= 6 in >= 25% of layers and >= 6% of
     sequence positions (Dettmers et al.), on the linear-layer inputs (attn/ffn input).
-  massive_activations: |a| > 100 and |a| >= 1000 x median|a| of its hidden state (Sun et
-    al.) on the block outputs; the ratio-only variant drops the absolute threshold.
+  massive_activations: |a| > 100 and |a| >= 1000 x the median |a| over the sequence's
+    hidden states at that layer (Sun et al.) on the block outputs; the ratio-only variant
+    drops the absolute threshold; `max_activation_position` is the token of the largest |a|.
   sink_rate@0.3: per (layer, head), the mean attention token 0 receives from the queries
     after it; the share of (layer, head) pairs above 0.3, averaged over sequences (Gu et
     al.); first_token_share: per layer, the mean over heads and those queries.
@@ -91,13 +92,19 @@ class ActivationProbe:
         return hook
 
     def _massive(self, x: torch.Tensor) -> None:
-        magnitude = x.abs()
-        median = magnitude.median(dim=-1, keepdim=True).values  # per hidden state (token)
+        magnitude = x.abs()  # (B, T, d)
+        # Sun et al.: "about 1,000 times larger than the median magnitude of its hidden
+        # states": the median over the layer's hidden states of the sequence (all T x d),
+        # not over one token's vector (whose median is itself inflated at a sink token).
+        median = magnitude.flatten(1).median(dim=1).values[:, None, None]
         ratio_hit = magnitude >= 1000 * median.clamp_min(1e-12)
         hit = ratio_hit & (magnitude > 100)
         self.massive["count"] += int(hit.sum())
         self.massive["ratio_only_count"] += int(ratio_hit.sum())
-        self.massive["max"] = max(self.massive["max"], magnitude.max().item())
+        peak = magnitude.max().item()
+        if peak > self.massive["max"]:
+            self.massive["max"] = peak
+            self.massive["max_position"] = int(magnitude.amax(dim=(0, 2)).argmax())
         for position in hit.any(dim=-1).nonzero()[:, 1].tolist():
             self.massive["positions"][position] += 1
 
@@ -142,6 +149,7 @@ class ActivationProbe:
             "massive_activations_ratio_only": self.massive["ratio_only_count"] / n,
             "massive_activation_max": self.massive["max"],
             "massive_activation_positions": [p for p, _ in positions],
+            "max_activation_position": self.massive.get("max_position"),
             "residual_norm_ratio_per_layer": (self.residual_ratio_sum / n).tolist(),
             "value_norm_ratio_per_layer": [(self.value_ratio_sum[layer] / n).mean().item()
                                            for layer in sorted(self.value_ratio_sum)],

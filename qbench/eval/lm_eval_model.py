@@ -1,0 +1,54 @@
+"""`qbench` as an lm-evaluation-harness model: a zoo model (or checkpoint path) quantized
+in memory with a qbench scheme, evaluated by lm-eval's own HFLM machinery.
+
+    lm_eval --model qbench --model_args model=tiny-vga,scheme=w8a8-dyn --tasks qbench_cloze
+
+lm-eval 0.4.13 discovers models only through its registry (no plugin entry points), so
+`make setup` installs a one-line startup hook (`qbench.eval.lm_eval_plugin`) that
+registers the name `qbench` lazily and adds qbench's task folder to lm-eval's task index.
+From Python, `qbench.eval.lm_eval_model.register()` does the same.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lm_eval.models.huggingface import HFLM
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+
+class QBenchLM(HFLM):
+    """model: zoo name or checkpoint path; scheme: qbench scheme name (default fp32);
+    calibration_seed: for calibrated schemes; other arguments go to HFLM."""
+
+    def __init__(self, model: str, scheme: str = "fp32", calibration_seed: int | None = None,
+                 batch_size: int | str = 16, **kwargs):
+        import dataclasses
+
+        from qbench.bench import resolve_protocol
+        from qbench.data.calibration import calibration_source
+        from qbench.quant import get_scheme, quantize
+        from qbench.zoo import load_model
+
+        loaded = load_model(str(model))
+        resolved = get_scheme(scheme)
+        if calibration_seed is not None and "calibration_seed" in resolved.options:
+            resolved = dataclasses.replace(resolved, options={**resolved.options, "calibration_seed": int(calibration_seed)})
+        protocol = resolve_protocol(loaded, None)
+        calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,
+                                         bigram_backcopy=protocol.kind == "bigram_backcopy")
+        self.qbench_quantization = quantize(loaded.model, resolved, calibration)
+        self.qbench_model, self.qbench_scheme = loaded.name, resolved
+        for ignored in ("device", "pretrained", "dtype"):  # the model is already built, on CPU
+            kwargs.pop(ignored, None)
+        max_length = getattr(loaded.model.config, "max_position_embeddings", None)
+        super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,
+                         max_length=kwargs.pop("max_length", max_length), **kwargs)
+
+
+def register() -> None:
+    """Register `qbench` in lm-eval's model registry (idempotent)."""
+    from lm_eval.api.registry import model_registry
+
+    if "qbench" not in model_registry:
+        model_registry.register("qbench", target="qbench.eval.lm_eval_model:QBenchLM")

@@ -1,0 +1,94 @@
+"""The full-precision reference a quantized cell is compared against, computed once per
+model and reused by every scheme.
+
+- Next-token log-probabilities for perplexity protocols are cached on disk, one float32
+  `.npy` file per evaluation batch (with the batch's token ids beside it, checked on
+  every read), under `$QBENCH_CACHE/fp_logits/<key>/`, where the key hashes the
+  checkpoint, the protocol and the data.  A scheme's evaluation memory-maps one batch at
+  a time: the full logits are never in memory.  A missing, corrupt or mismatching batch
+  file is recomputed from the model, so a killed run leaves a usable partial cache.
+  Size: tokens x vocabulary x 4 bytes (SmolLM2, 20,000 characters: about 0.9 GB).
+- Task outputs (per-item predictions through lm-eval) are cached as JSON under
+  `$QBENCH_CACHE/fp_tasks/`, keyed by checkpoint, task configuration and item limit.
+
+`QBENCH_FP_CACHE=0` turns both caches off (the reference model then runs in lockstep).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qbench.paths import cache_dir
+
+
+def _enabled() -> bool:
+    return os.environ.get("QBENCH_FP_CACHE", "1") not in ("0", "false", "no")
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+
+
+class FPReference:
+    """Wraps the full-precision model of one checkpoint."""
+
+    def __init__(self, model: torch.nn.Module, checkpoint_hash: str):
+        self.model, self.checkpoint_hash = model, checkpoint_hash
+        self.computed_batches = 0  # how many batches this object had to run the model for
+
+    # -- perplexity ---------------------------------------------------------------------
+    def log_probs(self, key: str | None, index: int, x: torch.Tensor) -> torch.Tensor:
+        """log softmax of the model's next-token logits for batch `index` (B, T-1, V)."""
+        if key is None or not _enabled():
+            return self._compute(x)
+        folder = Path(cache_dir()) / "fp_logits" / _digest(self.checkpoint_hash, key)
+        values, ids = folder / f"{index:05d}.npy", folder / f"{index:05d}.ids.npy"
+        if values.exists() and ids.exists():
+            try:
+                if np.array_equal(np.load(ids), x.numpy()):
+                    cached = np.load(values, mmap_mode="r")
+                    if cached.shape == (x.shape[0], x.shape[1] - 1, cached.shape[-1]):
+                        return torch.from_numpy(np.ascontiguousarray(cached))
+            except (ValueError, OSError, EOFError):
+                pass  # corrupt or truncated: recompute below
+        log_p = self._compute(x)
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save(values, log_p.numpy())
+        _atomic_save(ids, x.numpy())
+        return log_p
+
+    @torch.no_grad()
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        self.computed_batches += 1
+        self.model.eval()
+        return F.log_softmax(self.model(input_ids=x).logits[:, :-1].float(), dim=-1)
+
+    # -- tasks --------------------------------------------------------------------------
+    def task_outputs(self, spec: dict, compute) -> dict:
+        """`compute(model)` -> lm-eval outputs for the FP model, cached by `spec`."""
+        if not _enabled():
+            return compute(self.model)
+        path = Path(cache_dir()) / "fp_tasks" / f"{_digest(self.checkpoint_hash, spec)}.json"
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                path.unlink()
+        outputs = compute(self.model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(outputs))
+        tmp.replace(path)
+        return outputs
