@@ -113,11 +113,12 @@ def evaluate_task(model, tokenizer, task: str, protocol: PerplexityProtocol, pro
         def run(m):
             return run_lm_eval(m, tokenizer, spec["tasks"], limit=spec["limit"])
 
+        key = {k: v for k, v in spec.items() if k != "tasks"} | {"task": task}
+        if reference is not None and model is reference.model:  # the fp32 cell fills the cache
+            return {"protocol": spec["protocol"], "items_hash": spec["items_hash"],
+                    **task_metrics(reference.task_outputs(key, run), None)}
         quantized = run(model)
-        fp = None
-        if reference is not None:
-            key = {k: v for k, v in spec.items() if k != "tasks"} | {"task": task}
-            fp = reference.task_outputs(key, run)
+        fp = reference.task_outputs(key, run) if reference is not None else None
         return {"protocol": spec["protocol"], "items_hash": spec["items_hash"], **task_metrics(quantized, fp)}
     windows, _, data_hash = protocol_windows(protocol, tokenizer)
     windows = [w for w in windows if len(w) == protocol.window][:PROBE_SEQUENCES]
@@ -184,7 +185,9 @@ def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, prog
                                          bigram_backcopy=protocol.kind == "bigram_backcopy")
         record["quantization"] = quantize(model, scheme, calibration)
         # KL / top-1 / flip rate against fp32 (its outputs cached on disk, shared by all schemes)
-        reference = None if model is loaded.model else FPReference(loaded.model, loaded.checkpoint_hash)
+        reference = FPReference(loaded.model, loaded.checkpoint_hash)
+        if model is loaded.model and not is_lm_eval_task(cell.task):
+            reference = None  # nothing to compare the fp32 row against
         record["metrics"] = evaluate_task(model, loaded.tokenizer, cell.task, protocol, progress, reference,
                                           task_limit=task_limit)
         record["status"] = "ok"
