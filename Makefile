@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow bench report zoo perf clean-venv
+.PHONY: setup test test-slow bench report zoo perf study clean-venv
 
 setup: $(STAMP)
 
@@ -58,6 +58,15 @@ zoo: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The study: results/STUDY.md (QUICK=1: the pipeline on two bb models, minutes, into results/quick).
+QUICK ?=
+study: setup
+ifeq ($(QUICK),1)
+	$(QBENCH) study --quick --results $(RESULTS)/quick --out $(RESULTS)/quick
+else
+	$(QBENCH) study --results $(RESULTS) --out $(RESULTS)
+endif
 
 # Speed of the quantized paths as ratios against fp32 measured in the same run.
 perf: setup

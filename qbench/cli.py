@@ -100,6 +100,22 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from qbench.paths import models_dir
+    from qbench.results import ResultStore
+    from qbench.study import run_study, write_study
+
+    store = ResultStore(args.results)
+    if not args.no_run:
+        failed = [r for r in run_study(store, quick=args.quick, progress=not args.quiet) if r.get("status") != "ok"]
+        for r in failed:
+            print(f"FAILED {r['model']} {r['scheme']} {r['task']}: {r.get('error')}", file=sys.stderr)
+    path = write_study(store, Path(args.out), models_dir(), quick=args.quick,
+                       discussion=Path(args.discussion) if args.discussion else None)
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_zoo(args) -> int:
     from qbench.zoo_refresh import refresh_zoo
 
@@ -143,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results")
     p.add_argument("--format", choices=["md", "csv", "html"], default="md")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("study", help="run the study's missing cells and write STUDY.md")
+    p.add_argument("--quick", action="store_true", help="small variant: bb-softmax/bb-vga, 3 schemes, minutes")
+    p.add_argument("--results", default="results")
+    p.add_argument("--out", default="results", help="folder for STUDY.md and its plots")
+    p.add_argument("--discussion", default="study/DISCUSSION.md", help="hand-written discussion appended")
+    p.add_argument("--no-run", action="store_true", help="only write STUDY.md from what the store holds")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("compare", help="one scheme, several models side by side in the terminal")
     p.add_argument("--models", required=True, help="comma-separated model names")

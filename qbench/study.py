@@ -1,0 +1,254 @@
+"""The study (`make study`, `qbench study`): run the study's cells into the result store
+(skipping those already there) and write results/STUDY.md from the store and the
+checkpoints' mechanism logs only.  `--quick` is a small variant that exercises every
+part of the pipeline in a few minutes (CI smoke test).
+
+Parts:
+1. Bigram-Backcopy mechanism: the Attn_s / Val_s / Delta-logit_s curves logged while the
+   `bb` checkpoints trained (models/bb-*/mechanism_log.csv), per arm with seed bands.
+2. The tiny zoo: every arm x scheme, calibration draws 0-2, ppl + probes (+ tasks),
+   mean +/- std over training seeds and calibration draws.
+3. SmolLM2-135M: its extreme tokens and its degradation per scheme.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from qbench.report import REFERENCE_SCHEME, _markdown, comparison_table
+from qbench.results import ResultStore
+from qbench.zoo import read_zoo
+
+TINY_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w8a8-attn", "w4-rtn-g64", "w4a8", "w6a6", "llm-int8",
+                "llm-int8-t0", "nf4", "quanto-w8a8"]
+SMOLLM2_SCHEMES = ["fp32", "llm-int8", "llm-int8-t0", "w8a8-pt", "w8a8-dyn", "nf4"]
+BB_ARMS = ["softmax", "vga", "iga", "vga_out"]
+
+PUBLISHED = """| source | model | arm | FP ppl | W8A8 ppl | max inf-norm | avg kurtosis |
+|---|---|---|---:|---:|---:|---:|
+| Bondarenko T2 | OPT-125m | vanilla | 15.84 | 21.18 | 340 | 1778 |
+| Bondarenko T2 | OPT-125m | gated (pi_init 0.25) | 15.55 | 16.02 | 8.7 | 18.9 |
+| Bondarenko T2 | OPT-125m | clipped softmax | 16.29 | 37.20 | 63.2 | 19728 |
+| VGA T2 | OPT-125m | vanilla | 15.95 | 43.78 | 658 (int8) | 6548 (int8) |
+| VGA T2 | OPT-125m | IGA | 15.65 | 16.77 | 102 (int8) | 95 (int8) |
+| VGA T2 | OPT-125m | VGA | 15.49 | 16.42 | 100 (int8) | 18.3 (int8) |"""
+
+
+@dataclass
+class StudyPlan:
+    tiny_models: list[str]
+    tiny_schemes: list[str]
+    calibration_seeds: list[int]
+    tiny_tasks: list[str]
+    task_schemes: list[str]  # downstream task cells: these schemes, calibration draw 0
+    task_limit: int | None
+    smollm2: bool
+    smollm2_schemes: list[str] = field(default_factory=lambda: list(SMOLLM2_SCHEMES))
+    limit: int = 20000
+
+
+def plan(quick: bool) -> StudyPlan:
+    zoo = read_zoo()
+    if quick:
+        return StudyPlan(tiny_models=[m for m in ("bb-softmax", "bb-vga") if m in zoo],
+                         tiny_schemes=["fp32", "w8a8-dyn", "w8a8-pt"], calibration_seeds=[0, 1],
+                         tiny_tasks=["ppl"], task_schemes=[], task_limit=None, smollm2=False, limit=4000)
+    tiny = [name for name, entry in zoo.items() if entry.get("preset") == "tiny"]
+    return StudyPlan(tiny_models=tiny, tiny_schemes=TINY_SCHEMES, calibration_seeds=[0, 1, 2],
+                     tiny_tasks=["ppl", "probes"],
+                     task_schemes=["fp32", "w8a8-pt", "w8a8-dyn", "w4-rtn-g64", "llm-int8-t0", "nf4"],
+                     task_limit=500, smollm2=True)
+
+
+def run_study(store: ResultStore, quick: bool = False, progress: bool = True) -> list[dict]:
+    from qbench.bench import run_bench
+
+    p = plan(quick)
+    records = run_bench(p.tiny_models, p.tiny_schemes, p.tiny_tasks, store, limit=p.limit, progress=progress,
+                        calibration_seeds=p.calibration_seeds, task_limit=p.task_limit)
+    if p.task_schemes:
+        records += run_bench(p.tiny_models, p.task_schemes, ["qbench_agreement"], store, limit=p.limit,
+                             progress=progress, calibration_seeds=[0], task_limit=p.task_limit)
+    if p.smollm2:  # probes on fp32 only: the outliers every scheme faces
+        records += run_bench(["smollm2-135m"], p.smollm2_schemes, ["ppl"], store, limit=p.limit,
+                             progress=progress, calibration_seeds=[0])
+        records += run_bench(["smollm2-135m"], ["fp32"], ["probes"], store, limit=p.limit, progress=progress)
+    return records
+
+
+# -- part 1: mechanism curves -----------------------------------------------------------
+def mechanism_logs(models_dir: Path) -> dict[str, list[tuple[str, pd.DataFrame]]]:
+    """arm -> [(checkpoint, log frame)] for every bb checkpoint with a mechanism log."""
+    zoo = read_zoo()
+    logs: dict[str, list] = {}
+    for name, entry in zoo.items():
+        folder = models_dir / str(entry.get("path", name))
+        path = folder / "mechanism_log.csv"
+        if entry.get("preset") == "bb" and path.exists():
+            logs.setdefault(entry["arm"], []).append((name, pd.read_csv(path)))
+    return logs
+
+
+def _mean_std(values) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3g}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.3g} ± {std:.2g}"
+
+
+def mechanism_table(logs) -> pd.DataFrame:
+    rows = []
+    for arm in sorted(logs, key=lambda a: BB_ARMS.index(a) if a in BB_ARMS else 99):
+        finals = [frame.iloc[-1] for _, frame in logs[arm]]
+        row = {"arm": arm, "seeds": len(finals), "step": int(finals[0]["step"])}
+        for column in ("attn_s", "val_s", "val_s_ratio", "val_s_eff_ratio", "delta_logit_s", "gate_bos", "gate_others"):
+            row[column] = _mean_std([f.get(column) for f in finals])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mechanism_plot(logs, out: Path) -> Path | None:
+    if not logs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("attn_s", "Attn_s: attention on BOS (non-trigger queries)"),
+              ("val_s_ratio", "Val_s: ||V_BOS|| / mean ||V_j||"),
+              ("val_s_eff_ratio", "gated value ||g V_BOS|| / mean (vga)"),
+              ("delta_logit_s", "Delta-logit_s: BOS score - mean score")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (column, title) in zip(axes, panels):
+        for arm, runs in logs.items():
+            frames = [f for _, f in runs if column in f and f[column].notna().any()]
+            if not frames:
+                continue
+            joined = pd.concat([f.set_index("step")[column] for f in frames], axis=1)
+            line = ax.plot(joined.index, joined.mean(axis=1), label=f"{arm} (n={len(frames)})")[0]
+            if len(frames) > 1:
+                ax.fill_between(joined.index, joined.min(axis=1), joined.max(axis=1), alpha=0.2,
+                                color=line.get_color())
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training step")
+        if column in ("val_s_ratio", "val_s_eff_ratio"):
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# -- part 2/3: quantization tables ------------------------------------------------------
+STUDY_COLUMNS = ["ppl", "delta_ppl", "rel_delta_%", "kl", "top1_agreement", "max_inf_norm", "kurtosis",
+                 "sink_rate@0.3", "agreement_acc", "agreement_flip_rate"]
+
+
+def arm_table(table: pd.DataFrame, models: list[str]) -> pd.DataFrame:
+    """Rows (arm, scheme): mean ± std over the arm's checkpoints (training seeds) of the
+    per-checkpoint values, which are themselves means over calibration draws; `n_seeds`,
+    `n_draws`, and the calibration-draw std of ppl."""
+    zoo = read_zoo()
+    frame = table[table.model.isin(models) & (table.status == "ok")].copy()
+    if frame.empty:
+        return frame
+    frame["arm"] = [zoo.get(m, {}).get("arm", m) for m in frame.model]
+    fp = frame[frame.scheme == REFERENCE_SCHEME].set_index("model")["ppl"]
+    rows = []
+    for (arm, scheme), group in frame.groupby(["arm", "scheme"], sort=False):
+        row = {"arm": arm, "scheme": scheme, "n_seeds": group.model.nunique(), "n_draws": int(group["n"].max()),
+               "fp_ppl": _mean_std([fp.get(m) for m in group.model])}
+        for column in STUDY_COLUMNS:
+            if column in group:
+                row[column] = _mean_std(list(group[column]))
+        draws = [v for v in group["ppl_std"] if isinstance(v, float) and not math.isnan(v)]
+        row["ppl_std_draws"] = f"{max(draws):.2g}" if draws else "-"
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    order = {s: i for i, s in enumerate(TINY_SCHEMES)}
+    return out.sort_values(["scheme", "arm"], key=lambda c: c.map(order) if c.name == "scheme" else c)
+
+
+def smollm2_probe_summary(store: ResultStore) -> tuple[pd.DataFrame, list[float] | None]:
+    rows, share = [], None
+    for r in store.records():
+        if r["model"] != "smollm2-135m" or r["task"] != "probes" or r.get("status") != "ok":
+            continue
+        m = r["metrics"]
+        rows.append({"scheme": r["scheme"], "sink_rate@0.3": m.get("sink_rate@0.3"),
+                     "massive_activation_max": m.get("massive_activation_max"),
+                     "max_activation_position": m.get("max_activation_position"),
+                     "massive_activations": m.get("massive_activations"),
+                     "outlier_features": m.get("outlier_features"), "max_inf_norm": m.get("max_inf_norm"),
+                     "kurtosis_mean": m.get("kurtosis_mean")})
+        if r["scheme"] == REFERENCE_SCHEME:
+            share = m.get("first_token_share_per_layer")
+    return pd.DataFrame(rows), share
+
+
+def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = False,
+                discussion: Path | None = None) -> Path:
+    out = Path(out)
+    plots = out / "plots"
+    p = plan(quick)
+    logs = mechanism_logs(models_dir)
+    lines = ["# qbench study: does VGA keep transformers quantizable, at CPU scale?", "",
+             "Generated by `make study` (`qbench study`) from the result store and the checkpoints' "
+             "mechanism logs only; every number below is a record in `results/records/` or a row of a "
+             "`models/bb-*/mechanism_log.csv`." + (" **QUICK variant** (pipeline smoke test)." if quick else ""),
+             "", "## 1. Mechanism: Bigram-Backcopy (Guo et al. 2024)", ""]
+    table = mechanism_table(logs)
+    if table.empty:
+        lines.append("No bb checkpoint with a mechanism log in the zoo.")
+    else:
+        lines += [f"Final values (step {table.step.iloc[0]}) on 64 fixed sequences, mean ± std over training "
+                  "seeds (`seeds`). Recipe: `bb` preset (1 layer, 1 head, width 256, batch 128, 1,000 steps; "
+                  "the original used batch 512 and 10,000 steps).", "", _markdown(table), ""]
+        plot = mechanism_plot(logs, plots / "mechanism_curves.png")
+        lines += [f"![mechanism curves]({plot.relative_to(out)})", ""]
+    records = store.records()
+    full = comparison_table(records)
+    lines += ["## 2. The tiny zoo under every scheme", ""]
+    tiny = arm_table(full, p.tiny_models) if not full.empty else pd.DataFrame()
+    if tiny.empty:
+        lines.append("No records yet.")
+    else:
+        lines += [f"Perplexity protocol `{full[full.model.isin(p.tiny_models)].protocol.iloc[0]}`; calibrated "
+                  f"schemes averaged over calibration draws {p.calibration_seeds}; `ppl_std_draws` is the largest "
+                  "std over draws of one checkpoint. Published rows (OPT-125m, for direction only):", "",
+                  PUBLISHED, "", _markdown(tiny), ""]
+    if p.smollm2:
+        lines += ["## 3. SmolLM2-135M (pretrained, from its GGUF)", ""]
+        smol = full[full.model == "smollm2-135m"] if not full.empty else pd.DataFrame()
+        if smol.empty:
+            lines.append("No records yet.")
+        else:
+            columns = [c for c in ["scheme", "n", "ppl", "delta_ppl", "rel_delta_%", "kl", "top1_agreement",
+                                   "max_inf_norm", "kurtosis", "sink_rate@0.3"] if c in smol]
+            lines += [f"Protocol `{smol.protocol.iloc[0]}`.", "", _markdown(smol[columns]), ""]
+        probes, share = smollm2_probe_summary(store)
+        if not probes.empty:
+            lines += ["Extreme tokens (probes, 64 windows of T = 64):", "", _markdown(probes), ""]
+        if share:
+            lines += ["fp32 first-token attention share per layer: "
+                      + ", ".join(f"{i}: {v:.2f}" for i, v in enumerate(share)), ""]
+    if discussion is not None and Path(discussion).exists():
+        lines += [Path(discussion).read_text().strip(), ""]
+    lines += ["## Regenerate", "", "```", "make study            # runs the missing cells, then writes this file",
+              "make study QUICK=1    # the pipeline on bb-softmax/bb-vga only (minutes)",
+              "python scripts/train_queue.py --queue bb --worker 0/2   # (and 1/2) the bb checkpoints",
+              "```", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("STUDY_QUICK.md" if quick else "STUDY.md")
+    path.write_text("\n".join(lines))
+    return path
