@@ -208,21 +208,27 @@ def expand_models(models: list[str]) -> list[str]:
     return list(read_zoo()) if models == ["all"] else models
 
 
-def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: ResultStore,
-              limit: int | None = None, force: bool = False, progress: bool = True,
-              corpus: str | None = None, calibration_seeds: list[int] | None = None,
-              task_limit: int | None = None) -> list[dict]:
-    """Run every missing cell of models x schemes (x calibration seeds) x tasks; returns
-    all their records.  Downstream (lm-eval) tasks are skipped for Bigram-Backcopy models,
-    whose vocabulary is 48 characters of a synthetic task.  `task_limit` caps the items
-    of each lm-eval task (BLiMP: fixed at BLIMP_ITEMS_PER_SUBTASK per subtask)."""
+@dataclass
+class PlannedCell:
+    """A cell with everything needed to run it: picklable, so executors can ship it."""
+    cell: Cell
+    protocol: PerplexityProtocol
+    model_ref: ModelRef
+    task_limit: int | None = None
+
+
+def plan_cells(models: list[str], schemes: list[str], tasks: list[str], limit: int | None = None,
+               corpus: str | None = None, calibration_seeds: list[int] | None = None,
+               task_limit: int | None = None) -> list[PlannedCell]:
+    """Every cell of models x schemes (x calibration seeds) x tasks, keyed; nothing runs.
+    Downstream (lm-eval) tasks are left out for Bigram-Backcopy models, whose vocabulary
+    is 48 characters of a synthetic task."""
     models = expand_models(models)
     for name in schemes:
         get_scheme(name)  # fail before any work on a typo
     check_tasks(tasks)
-    records = []
     variants = [v for name in schemes for v in scheme_variants(name, calibration_seeds)]
-    bar = tqdm(total=len(models) * len(variants) * len(tasks), desc="cells", disable=not progress)
+    planned = []
     for model_name in models:
         ref = resolve_model(model_name)  # weights load only if a cell is missing
         protocol = resolve_protocol(ref, limit, corpus)
@@ -230,18 +236,37 @@ def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: Re
         model_tasks = tasks
         if protocol.kind == "bigram_backcopy":
             model_tasks = [t for t in tasks if not is_lm_eval_task(t)]
-            bar.total -= len(variants) * (len(tasks) - len(model_tasks))
         for scheme in variants:
             for task in model_tasks:
                 cell_protocol = task_protocol(protocol, task)
                 cell = Cell(model_name, scheme.name, task,
                             cell_config(ref, scheme, task, cell_protocol, data_hash, task_limit), scheme)
-                bar.set_postfix_str(f"{model_name} {scheme.name} {task}")
-                record = None if force else store.get(cell.key)
-                if record is None:
-                    record = run_cell(ref.load(), cell, cell_protocol, progress, task_limit)
-                    store.put(record)
-                records.append(record)
-                bar.update(1)
+                planned.append(PlannedCell(cell, cell_protocol, ref, task_limit))
+    return planned
+
+
+def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False, force: bool = False) -> dict:
+    """Run one planned cell unless the store already holds a valid record of it."""
+    record = None if force else store.get(planned.cell.key)
+    if record is None:
+        record = run_cell(planned.model_ref.load(), planned.cell, planned.protocol, progress, planned.task_limit)
+        store.put(record)
+    return record
+
+
+def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: ResultStore,
+              limit: int | None = None, force: bool = False, progress: bool = True,
+              corpus: str | None = None, calibration_seeds: list[int] | None = None,
+              task_limit: int | None = None) -> list[dict]:
+    """Run every missing cell of models x schemes (x calibration seeds) x tasks in this
+    process; returns all their records.  `task_limit` caps the items of each lm-eval task
+    (BLiMP: fixed at BLIMP_ITEMS_PER_SUBTASK per subtask)."""
+    planned = plan_cells(models, schemes, tasks, limit, corpus, calibration_seeds, task_limit)
+    records = []
+    bar = tqdm(total=len(planned), desc="cells", disable=not progress)
+    for item in planned:
+        bar.set_postfix_str(f"{item.cell.model} {item.cell.scheme} {item.cell.task}")
+        records.append(run_planned(item, store, progress, force))
+        bar.update(1)
     bar.close()
     return records

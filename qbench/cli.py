@@ -116,6 +116,16 @@ def _cmd_study(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from qbench.sweep import load_suite, run_sweep
+
+    suite = load_suite(args.suite)
+    summary = run_sweep(suite, args.results, executor=args.executor, address=args.address, workers=args.workers,
+                        progress=not args.quiet)
+    print(f"sweep {suite.name}: {summary}")
+    return 1 if summary["failed"] else 0
+
+
 def _cmd_zoo(args) -> int:
     from qbench.zoo_refresh import refresh_zoo
 
@@ -159,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results")
     p.add_argument("--format", choices=["md", "csv", "html"], default="md")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("sweep", help="run a suite file's missing cells on the local or a Ray executor")
+    p.add_argument("suite", help="suites/*.yaml: models, schemes, tasks, calibration_seeds, limit, resources")
+    p.add_argument("--executor", default="local", help="local | ray")
+    p.add_argument("--address", default=None, help="ray: cluster address (default: start a local one)")
+    p.add_argument("--workers", type=int, default=1, help="local: processes")
+    p.add_argument("--results", default="results")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("study", help="run the study's missing cells and write STUDY.md")
     p.add_argument("--quick", action="store_true", help="small variant: bb-softmax/bb-vga, 3 schemes, minutes")

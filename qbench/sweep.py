@@ -1,0 +1,210 @@
+"""Sweeps: a suite file (suites/*.yaml) expands to cells; the cells the store lacks run on
+an executor, `local` (this process, or a small process pool) or `ray` (one Ray task per
+cell on an existing cluster, or a local one started for the sweep).
+
+Workers write their records into the shared result store themselves (atomic write of
+records/<key>.json), so a record exists exactly once per cell whatever happens to a
+worker: a worker killed mid-cell wrote nothing and Ray retries the task elsewhere; a
+retry of a cell whose record landed finds it and does no work.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from qbench.registry import closest
+
+EXECUTORS = ("local", "ray")
+SUITE_KEYS = {"name", "models", "schemes", "tasks", "calibration_seeds", "limit", "task_limit", "corpus",
+              "resources"}
+
+
+class SuiteError(ValueError):
+    """The suite file is missing, unreadable or names something that does not exist."""
+
+
+@dataclass
+class Suite:
+    name: str
+    models: list[str]
+    schemes: list[str]
+    tasks: list[str] = field(default_factory=lambda: ["ppl"])
+    calibration_seeds: list[int] | None = None
+    limit: int | None = None
+    task_limit: int | None = None
+    corpus: str | None = None
+    resources: dict = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"suite file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SuiteError(f"suite file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise SuiteError(f"suite file {path} must be a mapping with keys {sorted(SUITE_KEYS)}")
+    unknown = sorted(set(data) - SUITE_KEYS)
+    if unknown:
+        raise SuiteError(f"suite file {path}: unknown key {unknown[0]!r}{closest(unknown[0], SUITE_KEYS)}")
+    for key in ("models", "schemes"):
+        if not data.get(key):
+            raise SuiteError(f"suite file {path}: `{key}` must list at least one entry")
+    as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+    resources = {"num_cpus": 1, "num_gpus": 0, **(data.get("resources") or {})}
+    bad = sorted(set(resources) - {"num_cpus", "num_gpus", "memory"})
+    if bad:
+        raise SuiteError(f"suite file {path}: unknown resource {bad[0]!r} (use num_cpus, num_gpus, memory)")
+    suite = Suite(name=str(data.get("name", path.stem)), models=[str(m) for m in as_list(data["models"])],
+                  schemes=[str(s) for s in as_list(data["schemes"])],
+                  tasks=[str(t) for t in as_list(data.get("tasks", ["ppl"]))],
+                  calibration_seeds=[int(s) for s in as_list(data["calibration_seeds"])]
+                  if data.get("calibration_seeds") is not None else None,
+                  limit=data.get("limit"), task_limit=data.get("task_limit"), corpus=data.get("corpus"),
+                  resources=resources)
+    return suite
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """What a worker needs to re-plan one cell by itself (plain data, cheap to ship)."""
+    key: str
+    model: str
+    scheme: str
+    calibration_seed: int | None
+    task: str
+    limit: int | None
+    task_limit: int | None
+    corpus: str | None
+    threads: int
+
+
+def expand(suite: Suite) -> list[CellSpec]:
+    """Every cell of the suite, keyed (models are resolved and hashed, not loaded)."""
+    from qbench.bench import plan_cells
+
+    try:
+        planned = plan_cells(suite.models, suite.schemes, suite.tasks, suite.limit, suite.corpus,
+                             suite.calibration_seeds, suite.task_limit)
+    except KeyError as err:
+        raise SuiteError(f"suite {suite.name!r}: {err.args[0] if err.args else err}") from err
+    threads = max(1, int(suite.resources.get("num_cpus", 1)))
+    return [CellSpec(p.cell.key, p.cell.model, p.cell.scheme, p.cell.resolved_scheme.options.get("calibration_seed"),
+                     p.cell.task, suite.limit, suite.task_limit, suite.corpus, threads) for p in planned]
+
+
+def run_spec(spec: CellSpec | dict, results_dir: str) -> dict:
+    """Worker side: run one cell into the store (or find it there); returns a summary."""
+    import torch
+
+    spec = CellSpec(**spec) if isinstance(spec, dict) else spec
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)
+    try:
+        return _run_spec(spec, results_dir)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_spec(spec: CellSpec, results_dir: str) -> dict:
+    from qbench.bench import plan_cells, run_planned
+    from qbench.results import ResultStore
+
+    pid_dir = os.environ.get("QBENCH_SWEEP_PID_DIR")  # test hook: lets a test find (and kill) the worker
+    if pid_dir:
+        Path(pid_dir, f"{spec.key}-{os.getpid()}").write_text(str(os.getpid()))
+        time.sleep(float(os.environ.get("QBENCH_SWEEP_TEST_DELAY", "0")))
+    store = ResultStore(results_dir)
+    existing = store.get(spec.key)
+    if existing is not None:
+        return {"key": spec.key, "status": existing.get("status"), "computed": False, "pid": os.getpid()}
+    seeds = [spec.calibration_seed] if spec.calibration_seed is not None else None
+    [planned] = [p for p in plan_cells([spec.model], [spec.scheme], [spec.task], spec.limit, spec.corpus, seeds,
+                                       spec.task_limit) if p.cell.key == spec.key] or [None]
+    if planned is None:
+        raise RuntimeError(f"cell {spec.key} ({spec.model} {spec.scheme} {spec.task}) no longer matches its "
+                           "model or data; re-run the sweep to re-plan it")
+    record = run_planned(planned, store)
+    return {"key": spec.key, "status": record.get("status"), "computed": True, "pid": os.getpid()}
+
+
+def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    if workers <= 1:
+        return [run_spec(s, results_dir) for s in tqdm(specs, desc="cells", disable=not progress)]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    out = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(run_spec, asdict(s), results_dir) for s in specs]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="cells", disable=not progress):
+            out.append(future.result())
+    return out
+
+
+def run_ray(specs: list[CellSpec], results_dir: str, address: str | None = None, resources: dict | None = None,
+            max_retries: int = 3, progress: bool = True) -> list[dict]:
+    """One Ray task per cell.  `address`: an existing cluster ("auto", "ray://host:10001" or
+    "host:6379"); None starts a local one for this sweep.  The result store must be a
+    path every node can write (a shared file system on a multi-node cluster)."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError("the ray executor needs the `ray` package: pip install 'ray==2.60.0'") from err
+    from tqdm.auto import tqdm
+
+    resources = {"num_cpus": 1, "num_gpus": 0, **(resources or {})}
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                           if k.startswith(("QBENCH_", "HF_")) or k == "TOKENIZERS_PARALLELISM"}})
+    try:
+        task = ray.remote(max_retries=max_retries, retry_exceptions=False, **resources)(run_spec)
+        results_dir = str(Path(results_dir).resolve())
+        pending = {task.remote(asdict(s), results_dir): s for s in specs}
+        out, failures = [], []
+        bar = tqdm(total=len(pending), desc="cells (ray)", disable=not progress)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            spec = pending.pop(done[0])
+            try:
+                out.append(ray.get(done[0]))
+            except Exception as err:  # the cell failed on every attempt
+                failures.append(f"{spec.model} {spec.scheme} {spec.task}: {type(err).__name__}: {err}")
+            bar.update(1)
+        bar.close()
+    finally:
+        if started_here:
+            ray.shutdown()
+    if failures:
+        raise RuntimeError(f"{len(failures)} cell(s) failed after {max_retries} retries:\n" + "\n".join(failures))
+    return out
+
+
+def run_sweep(suite: Suite, results_dir: str, executor: str = "local", address: str | None = None,
+              workers: int = 1, progress: bool = True) -> dict:
+    """Run the cells of `suite` that the store lacks; returns counts."""
+    from qbench.results import ResultStore
+
+    if executor not in EXECUTORS:
+        raise SuiteError(f"unknown executor {executor!r}{closest(executor, EXECUTORS)}")
+    specs = expand(suite)
+    store = ResultStore(results_dir)
+    missing = [s for s in specs if store.get(s.key) is None]
+    start = time.time()
+    if executor == "local":
+        done = run_local(missing, results_dir, workers, progress)
+    else:
+        done = run_ray(missing, results_dir, address, suite.resources, progress=progress)
+    return {"cells": len(specs), "already_recorded": len(specs) - len(missing),
+            "computed": sum(1 for d in done if d["computed"]),
+            "failed": sum(1 for d in done if d["status"] != "ok"), "seconds": round(time.time() - start, 1)}
