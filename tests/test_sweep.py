@@ -1,0 +1,133 @@
+"""Sweeps: suite files, the local executor, and a real Ray cluster on 127.0.0.1 (a head
+and a second worker node) with a worker killed in the middle of a cell."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qbench.results import ResultStore
+from qbench.sweep import SuiteError, expand, load_suite, run_sweep
+
+
+def write_suite(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def micro_suite(tmp_path, checkpoint) -> Path:
+    return write_suite(tmp_path / "micro.yaml", f"""
+name: micro
+models: [{checkpoint}]
+schemes: [fp32, w8a8-dyn, w6a6]
+tasks: [ppl]
+calibration_seeds: [0]
+limit: 3000
+resources: {{num_cpus: 1}}
+""")
+
+
+def test_suite_typos_and_unknown_names_are_specific_errors(tmp_path, micro_checkpoint):
+    with pytest.raises(SuiteError, match="unknown key 'schemse'; did you mean 'schemes'"):
+        load_suite(write_suite(tmp_path / "a.yaml", "models: [x]\nschemse: [fp32]\nschemes: [fp32]\n"))
+    with pytest.raises(SuiteError, match="does not exist"):
+        load_suite(tmp_path / "absent.yaml")
+    with pytest.raises(SuiteError, match="not valid YAML"):
+        load_suite(write_suite(tmp_path / "b.yaml", "models: [x\n"))
+    with pytest.raises(SuiteError, match="`schemes` must list"):
+        load_suite(write_suite(tmp_path / "c.yaml", "models: [x]\n"))
+    suite = load_suite(write_suite(tmp_path / "d.yaml", f"models: [{micro_checkpoint}]\nschemes: [w8a8-dynn]\n"))
+    with pytest.raises(SuiteError, match="suite .d.: unknown scheme .w8a8-dynn.; did you mean .w8a8-dyn."):
+        expand(suite)
+    suite = load_suite(micro_suite(tmp_path, micro_checkpoint))
+    with pytest.raises(SuiteError, match="unknown executor 'rey'; did you mean 'ray'"):
+        run_sweep(suite, str(tmp_path / "r"), executor="rey")
+
+
+def test_local_sweep_runs_only_missing_cells(tmp_path, micro_checkpoint):
+    suite = load_suite(micro_suite(tmp_path, micro_checkpoint))
+    results = tmp_path / "results"
+    first = run_sweep(suite, str(results), progress=False)
+    assert first == {**first, "cells": 3, "computed": 3, "failed": 0, "already_recorded": 0}
+    victim = sorted((results / "records").glob("*.json"))[0]
+    victim.unlink()
+    second = run_sweep(suite, str(results), progress=False)
+    assert second["already_recorded"] == 2 and second["computed"] == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A head node and one extra worker node on this machine, one CPU each."""
+    pytest.importorskip("ray")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus", "1", "--disable-usage-stats"]
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--include-dashboard", "false", *common], check=True, env=env, capture_output=True, timeout=180)
+    try:
+        subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+                        *common], check=True, env=env, capture_output=True, timeout=180)
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_sweep_survives_a_killed_worker_and_matches_the_local_executor(tmp_path, micro_checkpoint, ray_cluster,
+                                                                           monkeypatch):
+    import ray
+
+    suite = load_suite(micro_suite(tmp_path, micro_checkpoint))
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    monkeypatch.setenv("QBENCH_SWEEP_PID_DIR", str(pid_dir))
+    monkeypatch.setenv("QBENCH_SWEEP_TEST_DELAY", "3")
+    results = tmp_path / "ray-results"
+    killed = []
+
+    def killer():  # SIGKILL the first worker that starts a cell, while it is in the cell
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            files = sorted(pid_dir.iterdir())
+            if files:
+                pid = int(files[0].read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(files[0].name)
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        summary = run_sweep(suite, str(results), executor="ray", address=ray_cluster, progress=False)
+    finally:
+        thread.join()
+        if ray.is_initialized():
+            ray.shutdown()
+    assert killed, "no worker started a cell"
+    killed_key = killed[0].rsplit("-", 1)[0]
+    attempts = [p.name for p in pid_dir.iterdir() if p.name.startswith(killed_key)]
+    assert len(attempts) >= 2  # the killed cell ran again on another worker
+    assert summary["cells"] == 3 and summary["failed"] == 0
+    records = {p.stem for p in (results / "records").glob("*.json")}
+    assert records == {s.key for s in expand(suite)}  # every cell exactly once (one file per key)
+    monkeypatch.delenv("QBENCH_SWEEP_PID_DIR")
+    local = tmp_path / "local-results"
+    run_sweep(suite, str(local), progress=False)
+    ray_store, local_store = ResultStore(results), ResultStore(local)
+    for key in records:
+        a, b = ray_store.get(key), local_store.get(key)
+        assert a["metrics"] == b["metrics"]  # same seeds, one thread each: bit for bit
