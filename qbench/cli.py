@@ -209,13 +209,39 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError, OSError) as err:
+    except (KeyError, ValueError, FileNotFoundError, OSError, ImportError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"qbench {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return exit_code(err)
     except KeyboardInterrupt:
         print("interrupted; completed work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+# Exit codes (documented in the README): 0 ok; 1 some cells failed (recorded as failed);
+# 2 bad name or argument (unknown model/scheme/task/executor, bad suite file);
+# 3 bad checkpoint; 4 data missing or unreadable (corpus, task data);
+# 5 the results folder cannot be written; 6 a missing optional package.
+EXIT_USAGE, EXIT_CHECKPOINT, EXIT_DATA, EXIT_STORE, EXIT_PACKAGE = 2, 3, 4, 5, 6
+
+
+def exit_code(err: BaseException) -> int:
+    from qbench.data.corpus import CorpusError
+    from qbench.eval.lm_eval_tasks import TaskDataError
+    from qbench.results import StoreError
+    from qbench.zoo import CheckpointError, UnknownModelError
+
+    if isinstance(err, UnknownModelError):
+        return EXIT_USAGE
+    if isinstance(err, StoreError):
+        return EXIT_STORE
+    if isinstance(err, CheckpointError):
+        return EXIT_CHECKPOINT
+    if isinstance(err, (CorpusError, TaskDataError)):
+        return EXIT_DATA
+    if isinstance(err, ImportError):
+        return EXIT_PACKAGE
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ class ResultStore:
 
     def put(self, record: dict) -> Path:
         key = record["key"]
+        tmp = None
         try:
             self.records_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.records_dir, prefix=f".{key}.", suffix=".tmp")
@@ -105,6 +106,8 @@ class ResultStore:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path(key))
         except OSError as err:
+            if tmp is not None:  # a half-written temp file never lingers (disk full, killed write)
+                Path(tmp).unlink(missing_ok=True)
             raise StoreError(f"cannot write a record to {self.records_dir}: {err.strerror or err}") from err
         return self.path(key)
 

@@ -26,6 +26,10 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or inconsistent; the message names the file."""
 
 
+class UnknownModelError(CheckpointError):
+    """A model name that is neither in the zoo nor a path (a usage error, exit code 2)."""
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -186,7 +190,7 @@ def resolve_model(name_or_path: str) -> ModelRef:
         return _gguf_ref(path.stem, path, {})
     if path.exists():
         return _folder_ref(path.name, path, {})
-    raise CheckpointError(f"unknown model {name_or_path!r}: not a zoo name nor an existing path"
+    raise UnknownModelError(f"unknown model {name_or_path!r}: not a zoo name nor an existing path"
                           f"{closest(name_or_path, zoo)}")
 
 
