@@ -67,8 +67,10 @@ def run_study(store: ResultStore, quick: bool = False, progress: bool = True) ->
     from qbench.bench import run_bench
 
     p = plan(quick)
+    # Staged so that an interrupted run leaves the most useful records first: every arm x
+    # scheme at calibration draw 0, then the downstream task, SmolLM2, then the other draws.
     records = run_bench(p.tiny_models, p.tiny_schemes, p.tiny_tasks, store, limit=p.limit, progress=progress,
-                        calibration_seeds=p.calibration_seeds, task_limit=p.task_limit)
+                        calibration_seeds=p.calibration_seeds[:1], task_limit=p.task_limit)
     if p.task_schemes:
         records += run_bench(p.tiny_models, p.task_schemes, ["qbench_agreement"], store, limit=p.limit,
                              progress=progress, calibration_seeds=[0], task_limit=p.task_limit)
@@ -76,6 +78,9 @@ def run_study(store: ResultStore, quick: bool = False, progress: bool = True) ->
         records += run_bench(["smollm2-135m"], p.smollm2_schemes, ["ppl"], store, limit=p.limit,
                              progress=progress, calibration_seeds=[0])
         records += run_bench(["smollm2-135m"], ["fp32"], ["probes"], store, limit=p.limit, progress=progress)
+    if len(p.calibration_seeds) > 1:
+        records += run_bench(p.tiny_models, p.tiny_schemes, p.tiny_tasks, store, limit=p.limit, progress=progress,
+                             calibration_seeds=p.calibration_seeds[1:], task_limit=p.task_limit)
     return records
 
 
