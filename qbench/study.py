@@ -65,6 +65,7 @@ def plan(quick: bool) -> StudyPlan:
 
 def run_study(store: ResultStore, quick: bool = False, progress: bool = True) -> list[dict]:
     from qbench.bench import run_bench
+    from qbench.quant import get_scheme
 
     p = plan(quick)
     # Staged so that an interrupted run leaves the most useful records first: every arm x
@@ -78,8 +79,9 @@ def run_study(store: ResultStore, quick: bool = False, progress: bool = True) ->
         records += run_bench(["smollm2-135m"], p.smollm2_schemes, ["ppl"], store, limit=p.limit,
                              progress=progress, calibration_seeds=[0])
         records += run_bench(["smollm2-135m"], ["fp32"], ["probes"], store, limit=p.limit, progress=progress)
-    if len(p.calibration_seeds) > 1:
-        records += run_bench(p.tiny_models, p.tiny_schemes, p.tiny_tasks, store, limit=p.limit, progress=progress,
+    calibrated = [s for s in p.tiny_schemes if "calibration_seed" in get_scheme(s).options]
+    if len(p.calibration_seeds) > 1 and calibrated:
+        records += run_bench(p.tiny_models, calibrated, p.tiny_tasks, store, limit=p.limit, progress=progress,
                              calibration_seeds=p.calibration_seeds[1:], task_limit=p.task_limit)
     return records
 
