@@ -71,3 +71,4 @@ endif
 # Speed of the quantized paths as ratios against fp32 measured in the same run.
 perf: setup
 	$(PY) bench/perf_quant.py
+	$(PY) bench/perf.py

@@ -73,26 +73,29 @@ class ActivationProbe:
             if layer == 0 and site == SITES[0]:
                 self.samples += x.shape[0]
                 self.positions += x.shape[0] * x.shape[1]
+            magnitude = x.abs()  # computed once, shared by every statistic below
+            per_sample = magnitude.reshape(x.shape[0], -1)
+            self.max_sum[key] += per_sample.amax(dim=1).sum().item()
             flat = x.reshape(x.shape[0], -1)
-            self.max_sum[key] += flat.abs().amax(dim=1).sum().item()
-            mu = flat.mean(dim=1, keepdim=True)
-            var = flat.var(dim=1, unbiased=False)
-            self.kurt_sum[key] += ((flat - mu).pow(4).mean(dim=1) / (var.pow(2) + 1e-6)).sum().item()
-            big = x.abs() >= OUTLIER_THRESHOLD
+            centered = flat - flat.mean(dim=1, keepdim=True)
+            square = centered * centered
+            var = square.mean(dim=1)
+            self.kurt_sum[key] += ((square * square).mean(dim=1) / (var * var + 1e-6)).sum().item()
+            big = magnitude >= OUTLIER_THRESHOLD
             self.count6 += int(big.sum())
             if site in ("attn_input", "ffn_input"):
                 hits = big.sum(dim=(0, 1)).cpu()
                 self.feature_hits[key] = self.feature_hits.get(key, torch.zeros_like(hits)) + hits
             if site == "block_output":
-                self._massive(x)
+                self._massive(x, magnitude)
                 norms = x.norm(dim=-1)  # (B, T)
                 if x.shape[1] > 1:
                     ratio = norms[:, 0] / norms[:, 1:].mean(dim=1).clamp_min(1e-12)
                     self.residual_ratio_sum[layer] += ratio.sum().item()
         return hook
 
-    def _massive(self, x: torch.Tensor) -> None:
-        magnitude = x.abs()  # (B, T, d)
+    def _massive(self, x: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
+        magnitude = x.abs() if magnitude is None else magnitude  # (B, T, d)
         # Sun et al.: "about 1,000 times larger than the median magnitude of its hidden
         # states": the median over the layer's hidden states of the sequence (all T x d),
         # not over one token's vector (whose median is itself inflated at a sink token).
