@@ -59,10 +59,12 @@ PROBE_COLUMNS = {"max_inf_norm": "max_inf_norm", "kurtosis_mean": "kurtosis", "s
 
 
 def probe_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per (model, scheme): probe metrics, averaged over calibration draws."""
     rows = [{"model": r["model"], "scheme": r["scheme"],
              **{name: (r.get("metrics") or {}).get(key) for key, name in PROBE_COLUMNS.items()}}
             for r in records if r["task"] == "probes" and r.get("status") == "ok"]
-    return pd.DataFrame(rows, columns=["model", "scheme", *PROBE_COLUMNS.values()])
+    frame = pd.DataFrame(rows, columns=["model", "scheme", *PROBE_COLUMNS.values()])
+    return frame.groupby(["model", "scheme"], as_index=False, sort=False).mean() if rows else frame
 
 
 def _aggregate_draws(frame: pd.DataFrame) -> pd.DataFrame:

@@ -99,15 +99,15 @@ def mechanism_logs(models_dir: Path) -> dict[str, list[tuple[str, pd.DataFrame]]
     return logs
 
 
-def _mean_std(values) -> str:
+def _mean_std(values, digits: int = 3) -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return "-"
     mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean:.3g}"
+        return f"{mean:.{digits}g}"
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.3g} ± {std:.2g}"
+    return f"{mean:.{digits}g} ± {std:.2g}"
 
 
 def mechanism_table(logs) -> pd.DataFrame:
@@ -161,28 +161,32 @@ STUDY_COLUMNS = ["ppl", "delta_ppl", "rel_delta_%", "kl", "top1_agreement", "max
                  "sink_rate@0.3", "agreement_acc", "agreement_flip_rate"]
 
 
-def arm_table(table: pd.DataFrame, models: list[str]) -> pd.DataFrame:
+def arm_table(table: pd.DataFrame, models: list[str], schemes: list[str]) -> pd.DataFrame:
     """Rows (arm, scheme): mean ± std over the arm's checkpoints (training seeds) of the
     per-checkpoint values, which are themselves means over calibration draws; `n_seeds`,
     `n_draws`, and the calibration-draw std of ppl."""
     zoo = read_zoo()
-    frame = table[table.model.isin(models) & (table.status == "ok")].copy()
+    frame = table[table.model.isin(models) & (table.status == "ok") & table.scheme.isin(schemes)].copy()
     if frame.empty:
         return frame
+    # one row per checkpoint and scheme (the table already averages calibration draws)
+    frame = frame.groupby(["model", "scheme"], as_index=False, sort=False).agg(
+        {c: "mean" if pd.api.types.is_numeric_dtype(frame[c]) else "first"
+         for c in frame.columns if c not in ("model", "scheme")})
     frame["arm"] = [zoo.get(m, {}).get("arm", m) for m in frame.model]
     fp = frame[frame.scheme == REFERENCE_SCHEME].set_index("model")["ppl"]
     rows = []
     for (arm, scheme), group in frame.groupby(["arm", "scheme"], sort=False):
         row = {"arm": arm, "scheme": scheme, "n_seeds": group.model.nunique(), "n_draws": int(group["n"].max()),
-               "fp_ppl": _mean_std([fp.get(m) for m in group.model])}
+               "fp_ppl": _mean_std([fp.get(m) for m in group.model], 4)}
         for column in STUDY_COLUMNS:
             if column in group:
-                row[column] = _mean_std(list(group[column]))
+                row[column] = _mean_std(list(group[column]), 4 if column == "ppl" else 3)
         draws = [v for v in group["ppl_std"] if isinstance(v, float) and not math.isnan(v)]
         row["ppl_std_draws"] = f"{max(draws):.2g}" if draws else "-"
         rows.append(row)
     out = pd.DataFrame(rows)
-    order = {s: i for i, s in enumerate(TINY_SCHEMES)}
+    order = {s: i for i, s in enumerate(schemes)}
     return out.sort_values(["scheme", "arm"], key=lambda c: c.map(order) if c.name == "scheme" else c)
 
 
@@ -226,7 +230,7 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
     records = store.records()
     full = comparison_table(records)
     lines += ["## 2. The tiny zoo under every scheme", ""]
-    tiny = arm_table(full, p.tiny_models) if not full.empty else pd.DataFrame()
+    tiny = arm_table(full, p.tiny_models, p.tiny_schemes) if not full.empty else pd.DataFrame()
     if tiny.empty:
         lines.append("No records yet.")
     else:
