@@ -193,9 +193,10 @@ run of the store); `rel_delta_%` = 100 delta / fp32; `kl` = mean KL(P_fp32 || P_
 distributions over the same tokens; `top1_agreement` = share of positions whose argmax agrees with fp32;
 `word_ppl` / `byte_ppl` = the same NLL per whitespace word / UTF-8 byte; `max_inf_norm`, `kurtosis` (mean over
 tracked tensors), `sink_rate@0.3` (% of layer-head pairs whose mean attention on token 0 exceeds 0.3, at T=64)
-and `first_token_share` come from the `probes` task; `blimp_acc`, `blimp_flip_rate` (items whose choice differs
-from fp32's) and `blimp_recovery` (accuracy / fp32 accuracy) from `qbench_blimp` through lm-eval (definitions in REFERENCE.md section 3 and
-qbench/probes/stats.py)."""
+and `first_token_share` come from the `probes` task; for each downstream task `<task>` (blimp, cloze, nextsent,
+agreement, or any lm-eval task), `<task>_acc`, `<task>_flip_rate` (items whose prediction differs from fp32's on the
+same items) and `<task>_recovery` (accuracy / fp32 accuracy) come from that task through lm-eval (definitions in
+REFERENCE.md section 3 and qbench/probes/stats.py)."""
 
 
 def _markdown(frame: pd.DataFrame) -> str:
