@@ -134,13 +134,15 @@ def mechanism_plot(logs, out: Path) -> Path | None:
               ("val_s_eff_ratio", "gated value ||g V_BOS|| / mean (vga)"),
               ("delta_logit_s", "Delta-logit_s: BOS score - mean score")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    colors = {arm: f"C{i}" for i, arm in enumerate(sorted(logs, key=lambda a: (a not in BB_ARMS, BB_ARMS.index(a)
+                                                                                if a in BB_ARMS else 0, a)))}
     for ax, (column, title) in zip(axes, panels):
         for arm, runs in logs.items():
             frames = [f for _, f in runs if column in f and f[column].notna().any()]
             if not frames:
                 continue
             joined = pd.concat([f.set_index("step")[column] for f in frames], axis=1)
-            line = ax.plot(joined.index, joined.mean(axis=1), label=f"{arm} (n={len(frames)})")[0]
+            line = ax.plot(joined.index, joined.mean(axis=1), label=f"{arm} (n={len(frames)})", color=colors[arm])[0]
             if len(frames) > 1:
                 ax.fill_between(joined.index, joined.min(axis=1), joined.max(axis=1), alpha=0.2,
                                 color=line.get_color())
