@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=200, help="records written for the store overhead")
     parser.add_argument("--sizes", default="16,64,256", help="sample counts for the peak-memory curve")
     parser.add_argument("--out", default="results/PERF.md")
+    parser.add_argument("--note", default="", help="a line about the conditions (e.g. other jobs running)")
     args = parser.parse_args()
     import tempfile
 
@@ -144,6 +145,7 @@ def main() -> None:
         print(f"probes on {n:5d} samples: peak RSS +{mb:.1f} MB")
     growth = memory[-1][1] - memory[0][1]
     lines = ["# Suite performance (ratios measured in the same run)", "", header, "",
+             *([args.note, ""] if args.note else []),
              "| measurement | reference | measured | ratio | target |", "|---|---:|---:|---:|---|",
              f"| eval throughput with all probes vs bare forward ({args.windows} windows of 64 tokens) | "
              f"{bare:.3f} s | {probed:.3f} s | {ratio:.2f} | >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'} |",
@@ -151,7 +153,7 @@ def main() -> None:
              f"{put_get * 1e3:.2f} ms | {put_get / cell:.2%} of the cell | small |",
              f"| report table over {args.cells} records, per cell | {cell:.2f} s | {report * 1e3:.2f} ms | "
              f"{report / cell:.2%} of the cell | small |", "",
-             "Peak memory above the loaded model while probing (fresh process per size):", "",
+             "Peak RSS while probing N samples, above the peak of a warm-up pass on 8 samples at the same batch shape (fresh process per size; 0 = no growth at all):", "",
              "| samples | peak RSS increase (MB) |", "|---:|---:|"]
     lines += [f"| {n} | {mb:.1f} |" for n, mb in memory]
     lines += ["", f"Growth from {sizes[0]} to {sizes[-1]} samples: {growth:+.1f} MB "
