@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from qbench.eval import heldout_tasks
 from qbench.eval.lm_eval_tasks import TaskDataError, run_lm_eval
+from test_lm_eval import own_loglikelihood  # BOS + text, scored by the model itself
 
 
 @pytest.mark.parametrize("task", heldout_tasks.TASK_NAMES)
@@ -68,13 +68,6 @@ def test_agreement_filters_drop_existential_and_subjunctive_contexts():
     assert [i["sentence_bad"] for i in items] == ["The workers has built this great country for many, many long years now."]
 
 
-def own_loglikelihood(model, tokenizer, text):
-    ids = torch.tensor([tokenizer(text)["input_ids"]])  # BOS first, as trained
-    with torch.no_grad():
-        log_probs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
-    return log_probs.gather(1, ids[0, 1:, None]).sum().item()
-
-
 def test_heldout_tasks_through_lm_eval_equal_our_loglikelihoods(micro_checkpoint_long):
     from qbench.zoo import load_model
 
@@ -82,8 +75,8 @@ def test_heldout_tasks_through_lm_eval_equal_our_loglikelihoods(micro_checkpoint
     out = run_lm_eval(loaded.model, loaded.tokenizer, ["qbench_agreement", "qbench_cloze"], limit=6)
     pairs = heldout_tasks.load_items("qbench_agreement")[:6]
     for pair, (ll_good, ll_bad) in zip(pairs, out["loglikelihoods"]["qbench_agreement"]):
-        assert ll_good == pytest.approx(own_loglikelihood(loaded.model, loaded.tokenizer, pair["sentence_good"]), abs=1e-3)
-        assert ll_bad == pytest.approx(own_loglikelihood(loaded.model, loaded.tokenizer, pair["sentence_bad"]), abs=1e-3)
+        assert ll_good == pytest.approx(own_loglikelihood(loaded, pair["sentence_good"]), abs=1e-3)
+        assert ll_bad == pytest.approx(own_loglikelihood(loaded, pair["sentence_bad"]), abs=1e-3)
     assert out["correct"]["qbench_agreement"] == [g > b for g, b in out["loglikelihoods"]["qbench_agreement"]]
     assert len(out["predictions"]["qbench_cloze"]) == 6
 
