@@ -10,7 +10,8 @@ def _cmd_train(args) -> int:
     from qbench.train import train
 
     info = train(args.attention, args.preset, args.seed, Path(args.out), corpus=args.corpus,
-                 steps=args.steps, threads=args.threads, progress=not args.quiet, gate_init=args.gate_init)
+                 steps=args.steps, threads=args.threads, progress=not args.quiet, gate_init=args.gate_init,
+                 device=args.device, amp=None if args.amp == "none" else args.amp, save_dtype=args.save_dtype)
     print(f"saved {args.out}: validation loss {info['final_val_loss']:.4f}, ppl {info['final_val_ppl']:.2f}")
     return 0
 
@@ -147,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="override the preset's step count")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--gate-init", type=float, default=None, help="initial gate value in (0, 1)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (same seed -> same init and batches)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bfloat16 autocast for training")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the saved safetensors weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

@@ -59,10 +59,11 @@ PRESETS = {
                vocab_size=4096, batch_size=16, steps=1000, lr=1e-3, warmup=100, weight_decay=0.1,
                betas=(0.9, 0.95), grad_clip=1.0, eval_every=250, save_every=100,
                description="5.3M parameters, context 256, 4.1M tokens; ~25 minutes on 2 CPU cores"),
-        Preset("small", "lm", n_layer=6, n_head=8, d_model=512, d_ff=2048, context=512,
-               vocab_size=8192, batch_size=64, steps=20000, lr=6e-4, warmup=500, weight_decay=0.1,
-               betas=(0.9, 0.95), grad_clip=1.0, eval_every=1000, save_every=500,
-               description="GPU-scale recipe (~23M parameters, 650M tokens); not trained on CPU"),
+        Preset("small", "lm", n_layer=4, n_head=4, d_model=256, d_ff=1024, context=256,
+               vocab_size=4096, batch_size=256, steps=3000, lr=1e-3, warmup=200, weight_decay=0.1,
+               betas=(0.9, 0.95), grad_clip=1.0, eval_every=500, save_every=500,
+               description="tiny's architecture and tokenizer with 16x its batch and 3x its steps "
+                           "(48x the tokens, 197M); a GPU recipe (bf16 autocast, weights stored bf16)"),
     ]
 }
 
@@ -129,7 +130,9 @@ def validation_loss(model, data, n_batches: int = 8, seed: int = 1234) -> float:
     """Mean loss on a fixed set of validation windows (the same for every arm and step)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    losses = [model(x, labels=x).loss.item() for x in (data.batch("validation", generator) for _ in range(n_batches))]
+    device = next(model.parameters()).device
+    losses = [model(x.to(device), labels=x.to(device)).loss.item()
+              for x in (data.batch("validation", generator) for _ in range(n_batches))]
     model.train()
     return float(np.mean(losses))
 
@@ -170,8 +173,21 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpus: str = "sotu",
           steps: int | None = None, threads: int | None = None, progress: bool = True,
-          gate_init: float | None = None) -> dict:
-    """Train one arm with one preset; returns the summary written into the model card."""
+          gate_init: float | None = None, device: str = "cpu", amp: str | None = None,
+          save_dtype: str = "float32") -> dict:
+    """Train one arm with one preset; returns the summary written into the model card.
+
+    `device` ("cpu", "cuda") only moves the work: the model is initialised on the CPU and
+    the data order comes from a CPU generator, so a seed means the same initial weights
+    and batches everywhere.  `amp="bf16"` runs forward and backward under bfloat16
+    autocast (float32 master weights); `save_dtype` is the dtype the safetensors file stores.
+    """
+    if amp not in (None, "bf16"):
+        raise ValueError(f"unknown amp mode {amp!r}: use None or 'bf16'")
+    if save_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown save dtype {save_dtype!r}: use 'float32' or 'bfloat16'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
     if attention not in ATTENTION_ARMS:
         raise ValueError(f"unknown attention arm {attention!r}{closest(attention, ATTENTION_ARMS)}")
     preset = preset_name if isinstance(preset_name, Preset) else get_preset(preset_name)
@@ -190,12 +206,12 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
         attention=attention, gate_init=gate_init, bos_token_id=data.tokenizer.bos_token_id,
         eos_token_id=data.tokenizer.eos_token_id, pad_token_id=data.tokenizer.pad_token_id,
     )
-    model = QBenchForCausalLM(config)
+    model = QBenchForCausalLM(config).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=preset.lr, betas=preset.betas,
+        lr=preset.lr, betas=preset.betas, **({"fused": True} if device.startswith("cuda") else {}),
     )
     generator = torch.Generator().manual_seed(seed)
     step, elapsed = 0, 0.0
@@ -229,8 +245,9 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
         lr = learning_rate(step, preset)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x = data.batch("train", generator)
-        loss = model(x, labels=x).loss
+        x = data.batch("train", generator).to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss = model(x, labels=x).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
@@ -259,13 +276,19 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
     rows = list(csv.DictReader(open(log_path)))
     final_train = float(np.mean([float(r["train_loss"]) for r in rows[-50:]]))
     final_val = validation_loss(model, data, n_batches=32)
+    if device.startswith("cuda"):
+        where = torch.cuda.get_device_name(torch.device(device))
+    else:
+        where = f"cpu, {torch.get_num_threads()} threads"
     config.qbench_training = {
         "attention": attention, "preset": preset.name, "seed": seed, "steps": preset.steps,
         "tokens": preset.steps * tokens_per_step, "recipe": asdict(preset), "data": data.data_info,
         "final_train_loss": round(final_train, 5), "final_val_loss": round(final_val, 5),
         "final_val_ppl": round(math.exp(final_val), 4), "wall_seconds": round(time.time() - start, 1),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "device": where, "amp": amp or "none",
+        "stored_dtype": save_dtype,
     }
+    model = model.to("cpu", getattr(torch, save_dtype))
     model.config = config
     model.save_pretrained(out)
     data.tokenizer.save_pretrained(out)
@@ -292,7 +315,8 @@ qbench checkpoint trained by `qbench train --attention {info['attention']} --pre
 | final train loss (mean of last 50 steps) | {info['final_train_loss']:.4f} |
 | final validation loss (32 fixed windows) | {info['final_val_loss']:.4f} |
 | final validation perplexity | {info['final_val_ppl']:.2f} |
-| wall time | {info['wall_seconds']:.0f} s on {info['torch_threads']} threads |
+| wall time | {info['wall_seconds']:.0f} s on {info.get('device', str(info['torch_threads']) + ' CPU threads')} |
+| precision | training autocast: {info.get('amp', 'none')}; weights stored as {info.get('stored_dtype', 'float32')} |
 
 Data hashes (sha256 of the split's documents):
 {hashes}
