@@ -26,6 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from perf_quant import cpu_name  # noqa: E402
 
 MODEL = "tiny-vga"
+# The probe-throughput row also runs on a checkpoint whose activations pass |x| >= 6, so the
+# outlier counts (skipped exactly where the peak stays below 6) are paid for too.
+OUTLIER_MODEL = "small-softmax-3k"
 
 
 def _windows(loaded, n: int, window: int = 64) -> list[torch.Tensor]:
@@ -38,11 +41,11 @@ def _windows(loaded, n: int, window: int = 64) -> list[torch.Tensor]:
     return (full * (n // len(full) + 1))[:n]
 
 
-def probe_overhead(repeats: int, n: int) -> tuple[float, float]:
+def probe_overhead(repeats: int, n: int, name: str = MODEL) -> tuple[float, float]:
     from qbench.probes import run_probes
     from qbench.zoo import load_model
 
-    loaded = load_model(MODEL)
+    loaded = load_model(name)
     model = loaded.model.eval()
     windows = _windows(loaded, n)
 
@@ -133,9 +136,16 @@ def main() -> None:
     header = (f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
               f"model {MODEL}")
     print(header)
-    bare, probed = probe_overhead(args.repeats, args.windows)
-    ratio = bare / probed
-    print(f"probes on: {probed:.3f} s vs bare {bare:.3f} s for {args.windows} windows -> throughput ratio {ratio:.2f}")
+    throughput = []
+    threads = torch.get_num_threads()
+    for count in sorted({1, threads}):  # the statistics' elementwise passes scale worse than GEMMs
+        torch.set_num_threads(count)
+        for name in (MODEL, OUTLIER_MODEL):
+            bare, probed = probe_overhead(args.repeats, args.windows, name)
+            throughput.append((f"{name}, {count} thread{'s' if count > 1 else ''}", bare, probed, bare / probed))
+            print(f"{throughput[-1][0]}: probes on {probed:.3f} s vs bare {bare:.3f} s for {args.windows} windows "
+                  f"-> throughput ratio {bare / probed:.2f}")
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         cell, put_get, report = store_overhead(Path(tmp), args.cells)
     print(f"cell {cell:.2f} s; store {put_get * 1e3:.2f} ms/cell; report {report * 1e3:.2f} ms/cell")
@@ -147,8 +157,9 @@ def main() -> None:
     lines = ["# Suite performance (ratios measured in the same run)", "", header, "",
              *([args.note, ""] if args.note else []),
              "| measurement | reference | measured | ratio | target |", "|---|---:|---:|---:|---|",
-             f"| eval throughput with all probes vs bare forward ({args.windows} windows of 64 tokens) | "
-             f"{bare:.3f} s | {probed:.3f} s | {ratio:.2f} | >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'} |",
+             *[f"| eval throughput with all probes vs bare forward, {name} ({args.windows} windows of 64 tokens) | "
+               f"{bare:.3f} s | {probed:.3f} s | {ratio:.2f} | >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'} |"
+               for name, bare, probed, ratio in throughput],
              f"| result store write + validated read, per cell | one w8a8-dyn ppl cell {cell:.2f} s | "
              f"{put_get * 1e3:.2f} ms | {put_get / cell:.2%} of the cell | small |",
              f"| report table over {args.cells} records, per cell | {cell:.2f} s | {report * 1e3:.2f} ms | "

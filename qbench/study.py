@@ -12,6 +12,7 @@ Parts:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ from qbench.zoo import read_zoo
 
 TINY_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w8a8-attn", "w4-rtn-g64", "w4a8", "w6a6", "llm-int8",
                 "llm-int8-t0", "nf4", "quanto-w8a8"]
+# The small preset (tiny's architecture, 16x its tokens, trained on a GPU): the schemes that
+# separate the arms on the tiny zoo, at calibration draw 0.
+SMALL_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w8a8-attn", "w4-rtn-g64", "w4a8", "w6a6", "llm-int8-t0", "nf4"]
 SMOLLM2_SCHEMES = ["fp32", "llm-int8", "llm-int8-t0", "w8a8-pt", "w8a8-dyn", "nf4"]
 BB_ARMS = ["softmax", "vga", "iga", "vga_out"]
 
@@ -48,6 +52,8 @@ class StudyPlan:
     smollm2: bool
     smollm2_schemes: list[str] = field(default_factory=lambda: list(SMOLLM2_SCHEMES))
     limit: int = 20000
+    small_models: list[str] = field(default_factory=list)
+    small_schemes: list[str] = field(default_factory=lambda: list(SMALL_SCHEMES))
 
 
 def plan(quick: bool) -> StudyPlan:
@@ -57,10 +63,11 @@ def plan(quick: bool) -> StudyPlan:
                          tiny_schemes=["fp32", "w8a8-dyn", "w8a8-pt"], calibration_seeds=[0, 1],
                          tiny_tasks=["ppl"], task_schemes=[], task_limit=None, smollm2=False, limit=4000)
     tiny = [name for name, entry in zoo.items() if entry.get("preset") == "tiny"]
+    small = [name for name, entry in zoo.items() if entry.get("preset") == "small"]
     return StudyPlan(tiny_models=tiny, tiny_schemes=TINY_SCHEMES, calibration_seeds=[0, 1, 2],
                      tiny_tasks=["ppl", "probes"],
                      task_schemes=["fp32", "w8a8-pt", "w8a8-dyn", "w4-rtn-g64", "llm-int8-t0", "nf4"],
-                     task_limit=500, smollm2=True)
+                     task_limit=500, smollm2=True, small_models=small)
 
 
 def run_study(store: ResultStore, quick: bool = False, progress: bool = True) -> list[dict]:
@@ -68,21 +75,29 @@ def run_study(store: ResultStore, quick: bool = False, progress: bool = True) ->
     from qbench.quant import get_scheme
 
     p = plan(quick)
-    # Staged so that an interrupted run leaves the most useful records first: every arm x
-    # scheme at calibration draw 0, then the downstream task, SmolLM2, then the other draws.
-    records = run_bench(p.tiny_models, p.tiny_schemes, p.tiny_tasks, store, limit=p.limit, progress=progress,
-                        calibration_seeds=p.calibration_seeds[:1], task_limit=p.task_limit)
+    # Staged so that an interrupted run leaves the most useful records first: perplexity of
+    # every arm x scheme at calibration draw 0 with the fp32 probes, the small preset, the
+    # probes under each scheme, the downstream task, SmolLM2, then the other draws.
+    run = functools.partial(run_bench, store=store, limit=p.limit, progress=progress, task_limit=p.task_limit)
+    records = run(p.tiny_models, p.tiny_schemes, ["ppl"], calibration_seeds=p.calibration_seeds[:1])
+    if "probes" in p.tiny_tasks:
+        records += run(p.tiny_models, ["fp32"], ["probes"])
+    if p.small_models:
+        records += run(p.small_models, p.small_schemes, ["ppl"], calibration_seeds=[0])
+        records += run(p.small_models, ["fp32"], ["probes"])
+    if [t for t in p.tiny_tasks if t != "ppl"]:
+        records += run(p.tiny_models, p.tiny_schemes, [t for t in p.tiny_tasks if t != "ppl"],
+                       calibration_seeds=p.calibration_seeds[:1])
     if p.task_schemes:
-        records += run_bench(p.tiny_models, p.task_schemes, ["qbench_agreement"], store, limit=p.limit,
-                             progress=progress, calibration_seeds=[0], task_limit=p.task_limit)
+        records += run(p.tiny_models, p.task_schemes, ["qbench_agreement"], calibration_seeds=[0])
     if p.smollm2:  # probes on fp32 only: the outliers every scheme faces
-        records += run_bench(["smollm2-135m"], p.smollm2_schemes, ["ppl"], store, limit=p.limit,
-                             progress=progress, calibration_seeds=[0])
-        records += run_bench(["smollm2-135m"], ["fp32"], ["probes"], store, limit=p.limit, progress=progress)
+        records += run(["smollm2-135m"], p.smollm2_schemes, ["ppl"], calibration_seeds=[0])
+        records += run(["smollm2-135m"], ["fp32"], ["probes"])
+    if p.small_models:
+        records += run(p.small_models, p.small_schemes, ["probes"], calibration_seeds=[0])
     calibrated = [s for s in p.tiny_schemes if "calibration_seed" in get_scheme(s).options]
     if len(p.calibration_seeds) > 1 and calibrated:
-        records += run_bench(p.tiny_models, calibrated, p.tiny_tasks, store, limit=p.limit, progress=progress,
-                             calibration_seeds=p.calibration_seeds[1:], task_limit=p.task_limit)
+        records += run(p.tiny_models, calibrated, p.tiny_tasks, calibration_seeds=p.calibration_seeds[1:])
     return records
 
 
@@ -163,6 +178,13 @@ STUDY_COLUMNS = ["ppl", "delta_ppl", "rel_delta_%", "kl", "top1_agreement", "max
                  "sink_rate@0.3", "agreement_acc", "agreement_flip_rate"]
 
 
+def arm_label(name: str, entry: dict) -> str:
+    """The arm, plus the step count where a checkpoint trained longer than its preset's
+    usual run (small-*-3k), so that such runs get their own rows."""
+    arm = entry.get("arm", name)
+    return f"{arm} ({entry['steps']} steps)" if name.endswith("-3k") and "steps" in entry else arm
+
+
 def arm_table(table: pd.DataFrame, models: list[str], schemes: list[str]) -> pd.DataFrame:
     """Rows (arm, scheme): mean ± std over the arm's checkpoints (training seeds) of the
     per-checkpoint values, which are themselves means over calibration draws; `n_seeds`,
@@ -175,7 +197,7 @@ def arm_table(table: pd.DataFrame, models: list[str], schemes: list[str]) -> pd.
     frame = frame.groupby(["model", "scheme"], as_index=False, sort=False).agg(
         {c: "mean" if pd.api.types.is_numeric_dtype(frame[c]) else "first"
          for c in frame.columns if c not in ("model", "scheme")})
-    frame["arm"] = [zoo.get(m, {}).get("arm", m) for m in frame.model]
+    frame["arm"] = [arm_label(m, zoo.get(m, {})) for m in frame.model]
     fp = frame[frame.scheme == REFERENCE_SCHEME].set_index("model")["ppl"]
     rows = []
     for (arm, scheme), group in frame.groupby(["arm", "scheme"], sort=False):
@@ -240,6 +262,18 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
                   f"schemes averaged over calibration draws {p.calibration_seeds}; `ppl_std_draws` is the largest "
                   "std over draws of one checkpoint. Published rows (OPT-125m, for direction only):", "",
                   PUBLISHED, "", _markdown(tiny), ""]
+    if p.small_models:
+        lines += ["## 2b. The small preset: the same architecture, 16x the training tokens (GPU)", ""]
+        small = arm_table(full, p.small_models, p.small_schemes) if not full.empty else pd.DataFrame()
+        if small.empty:
+            lines.append("No records yet.")
+        else:
+            lines += ["Trained on an H200 (`scripts/gpu_zoo.py`, log in `study/gpu_zoo.log`): tiny's architecture "
+                      "and tokenizer, batch 256 x 256 tokens, 1,000 steps (65.5M tokens, about 24 passes over "
+                      "the 2.7M-token training split), bf16 autocast, weights stored bf16. The `(3000 steps)` "
+                      "rows ran three times longer and overfit (validation ppl about 250 against 55): they "
+                      "show what longer training does to extreme tokens, not a better model. "
+                      "Calibration draw 0 only.", "", _markdown(small), ""]
     if p.smollm2:
         lines += ["## 3. SmolLM2-135M (pretrained, from its GGUF)", ""]
         smol = full[full.model == "smollm2-135m"] if not full.empty else pd.DataFrame()

@@ -65,6 +65,35 @@ def test_massive_activation_needs_both_thresholds():
     assert dict(probe.massive["positions"]) == {0: 1}
 
 
+def test_massive_activation_median_shortcut_matches_the_full_median():
+    """_massive skips the median where no element can reach 1000x it; the counts must equal
+    the definition computed with the median of every sample, boundary cases included."""
+    def reference(x):
+        magnitude = x.abs()
+        median = magnitude.flatten(1).median(dim=1).values[:, None, None]
+        ratio = magnitude >= 1000 * median.clamp_min(1e-12)
+        return int((ratio & (magnitude > 100)).sum()), int(ratio.sum())
+
+    generator = torch.Generator().manual_seed(0)
+    cases = [torch.randn(3, 16, D, generator=generator)]  # no outliers at all
+    spiky = torch.randn(3, 16, D, generator=generator) * 0.01
+    spiky[1, 0, 2], spiky[2, 5, 9] = 800.0, 40.0  # one massive sample, one ratio-only, one plain
+    cases.append(spiky)
+    edge = torch.full((2, 4, 4), 1.0)
+    edge[:, 0, 0] = 1000.0  # peak exactly 1000 x the median: counts as a hit (>=)
+    edge[1, 0, 0] = 999.0  # just below
+    cases.append(edge)
+    half = torch.full((1, 2, 4), 0.2)
+    half[0, 0, :] = 500.0  # torch takes the lower middle (0.2): 500 >= 200 is a hit; a mid-point median would miss it
+    cases.append(half)
+    cases.append(torch.zeros(2, 4, 4))
+    for x in cases:
+        probe = ActivationProbe(model())
+        probe._massive(x)
+        assert (probe.massive["count"], probe.massive["ratio_only_count"]) == reference(x)
+        assert probe.massive["max"] == x.abs().max().item()
+
+
 def test_massive_activation_median_is_over_the_sequence_not_the_token():
     """A sink token whose whole vector is inflated (median 30) still carries a massive
     activation (5000 >= 1000 x the sequence median 0.01), as in SmolLM2's token 0."""
@@ -115,3 +144,48 @@ def test_probe_memory_is_flat_in_the_number_of_samples():
                 m(w[None])
         sizes.append(sum(t.numel() for t in probe.feature_hits.values()) + len(probe.max_sum))
     assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("kernel", ["cpu-flash", "marker"])
+def test_first_column_sdpa_equals_explicit_softmax(kernel, monkeypatch):
+    """The probes keep the fused attention and read P[..., 0] from it: both ways (the CPU
+    flash kernel's log-sum-exp, the extra value channel) must equal softmax(QK^T/sqrt(d))."""
+    from qbench.modeling import attention
+
+    if kernel == "marker":
+        monkeypatch.setattr(attention, "_CPU_FLASH", "no_such_kernel")
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=generator) * 2 for _ in range(3))
+    out, first = attention.first_column_sdpa(q, k, v)
+    probs = torch.softmax(attention.causal_scores(q, k), dim=-1)
+    torch.testing.assert_close(out, probs @ v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first, probs[..., 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arm", ["softmax", "vga"])
+def test_probe_sink_share_is_the_same_on_the_fused_and_the_explicit_path(arm):
+    """With no quantizer the attention probe rides on the fused kernel; with (identity)
+    quantizer sites it sees the materialised probabilities: same first-token shares."""
+    from qbench.modeling.model import QBenchAttention
+
+    class Identity(torch.nn.Module):
+        def scores(self, x):
+            return x
+
+        def probs(self, x):
+            return x
+
+        def context(self, x):
+            return x
+
+    m = model(arm)
+    windows = list(torch.randint(3, 320, (6, T), generator=torch.Generator().manual_seed(1)))
+    fused = run_probes(m, windows, batch_size=3)
+    for module in m.modules():
+        if isinstance(module, QBenchAttention):
+            module.sites = Identity()
+    explicit = run_probes(m, windows, batch_size=3)
+    for a, b in zip(fused["first_token_share_per_head"], explicit["first_token_share_per_head"]):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert fused["sink_rate@0.3"] == explicit["sink_rate@0.3"]
+    assert fused["max_inf_norm"] == pytest.approx(explicit["max_inf_norm"], rel=1e-5)

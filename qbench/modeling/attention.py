@@ -10,6 +10,7 @@ With no sites the arms run through PyTorch's fused SDPA where the math allows it
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -26,10 +27,34 @@ class AttentionSites(Protocol):
 
 def causal_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Q K^T / sqrt(d_h) with the causal mask applied as -inf.  (B, H, T, T)"""
-    t_q, t_k = q.shape[-2], k.shape[-2]
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
-    return scores.masked_fill(~mask, float("-inf"))
+    return scores.masked_fill(_future(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+
+
+@functools.lru_cache(maxsize=32)
+def _future(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:
+    """True where query i may not see key j (j > i + t_k - t_q); cached per shape."""
+    return ~torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+def first_column_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal SDPA output (B, H, T, D) and P[..., 0] (B, H, T), the probability each query
+    gives token 0, without materialising P.  On the CPU the flash kernel also returns each
+    row's log-sum-exp, so P_i0 = exp(q_i . k_0 / sqrt(d) - lse_i) costs one dot product per
+    query.  Elsewhere an extra value channel that is 1 at token 0 and 0 elsewhere comes out
+    of the same kernel as sum_j P_ij [j = 0] = P_i0 (slower: the head width changes)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if q.device.type == "cpu" and q.shape[-2] == k.shape[-2] and hasattr(torch.ops.aten, _CPU_FLASH):
+        out, lse = getattr(torch.ops.aten, _CPU_FLASH)(q, k, v, 0.0, True)[:2]
+        first = torch.exp((q @ k[..., :1, :].transpose(-1, -2))[..., 0].float() * scale - lse.float())
+        return out, first.to(q.dtype)
+    marker = torch.zeros(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
+    marker[..., 0, :] = 1.0
+    out = F.scaled_dot_product_attention(q, k, torch.cat([v, marker], dim=-1), is_causal=True)
+    return out[..., :-1], out[..., -1]
+
+
+_CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
 
 
 def clipped_softmax(scores: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -42,6 +67,12 @@ def _weighted_sum(q, k, v, sites: AttentionSites | None, clip_alpha: float | Non
     """P V for softmax or clipped-softmax probabilities.  (B, H, T, D)"""
     if sites is None and clip_alpha is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if clip_alpha is None and getattr(sites, "first_column_only", False):
+        # An observer that needs only P[..., 0] (token 0's share, for the sink probes): the
+        # output stays on the fused kernel, and P_i0 comes from it too (first_column_sdpa).
+        out, first = first_column_sdpa(q, k, v)
+        sites.first_column(first)
+        return out
     scores = causal_scores(q, k)
     if sites is not None:
         scores = sites.scores(scores)

@@ -10,11 +10,17 @@ from qbench.probes.stats import ActivationProbe, AttentionProbe, GateProbe
 
 class ObservingSites(torch.nn.Module):
     """Attention sites that report the probabilities and delegate to the sites already
-    there (a quantizer's), so probes on a quantized model see quantized probabilities."""
+    there (a quantizer's), so probes on a quantized model see quantized probabilities.
+    With no inner sites only token 0's column is needed: `first_column_only` lets the
+    attention keep its fused path and hand over P[..., 0] alone."""
 
-    def __init__(self, inner, callback):
+    def __init__(self, inner, callback, first_callback=None):
         super().__init__()
-        self.inner, self.callback = inner, callback
+        self.inner, self.callback, self.first_callback = inner, callback, first_callback
+        self.first_column_only = inner is None and first_callback is not None
+
+    def first_column(self, first):
+        self.first_callback(first)
 
     def scores(self, x):
         return self.inner.scores(x) if self.inner is not None else x
@@ -43,7 +49,8 @@ def attach_probes(model: torch.nn.Module):
                 module.kernel.observer = lambda mod, head, p: attention.observe_block(mod.layer_idx, head, mod.n_head, p)
             else:
                 restore.append((module, "sites", module.sites))
-                module.sites = ObservingSites(module.sites, lambda p, i=module.layer_idx: attention.observe(i, p))
+                module.sites = ObservingSites(module.sites, lambda p, i=module.layer_idx: attention.observe(i, p),
+                                              lambda f, i=module.layer_idx: attention.observe_first(i, f))
             restore.append((module, "gate_observer", module.gate_observer))
             module.gate_observer = gates.observe
     else:

@@ -50,6 +50,7 @@ class ActivationProbe:
         self.massive = {"count": 0, "ratio_only_count": 0, "max": 0.0, "positions": defaultdict(int)}
         self.residual_ratio_sum = torch.zeros(self.n_layers)
         self.value_ratio_sum: dict[int, torch.Tensor] = {}
+        self.pending: dict[int, list[tuple[str, torch.Tensor]]] = {}  # a layer's sites until its output
         self.handles = []
 
     def __enter__(self):
@@ -61,6 +62,7 @@ class ActivationProbe:
         return self
 
     def __exit__(self, *exc):
+        self.pending.clear()
         for handle in self.handles:
             handle.remove()
         self.handles = []
@@ -73,43 +75,79 @@ class ActivationProbe:
             if layer == 0 and site == SITES[0]:
                 self.samples += x.shape[0]
                 self.positions += x.shape[0] * x.shape[1]
-            magnitude = x.abs()  # computed once, shared by every statistic below
-            per_sample = magnitude.reshape(x.shape[0], -1)
-            self.max_sum[key] += per_sample.amax(dim=1).sum().item()
-            flat = x.reshape(x.shape[0], -1)
-            centered = flat - flat.mean(dim=1, keepdim=True)
-            square = centered * centered
-            var = square.mean(dim=1)
-            self.kurt_sum[key] += ((square * square).mean(dim=1) / (var * var + 1e-6)).sum().item()
-            big = magnitude >= OUTLIER_THRESHOLD
-            self.count6 += int(big.sum())
-            if site in ("attn_input", "ffn_input"):
-                hits = big.sum(dim=(0, 1)).cpu()
-                self.feature_hits[key] = self.feature_hits.get(key, torch.zeros_like(hits)) + hits
+            # The layer's own output fires after every site inside it: the sites wait for
+            # it, then all of the layer's statistics run as one batch of stacked operations
+            # (a few dozen small ops per layer instead of per site).
+            self.pending.setdefault(layer, []).append((site, x))
             if site == "block_output":
-                self._massive(x, magnitude)
-                norms = x.norm(dim=-1)  # (B, T)
+                self._layer_statistics(layer, self.pending.pop(layer))
+        return hook
+
+    def _layer_statistics(self, layer: int, items: list[tuple[str, torch.Tensor]]) -> None:
+        by_shape: dict[tuple, list[tuple[str, torch.Tensor]]] = defaultdict(list)
+        for site, x in items:
+            by_shape[tuple(x.shape)].append((site, x))
+        for group in by_shape.values():
+            stacked = torch.stack([x.reshape(x.shape[0], -1) for _, x in group])  # (S, B, T*d)
+            peak = torch.maximum(stacked.amax(dim=2), -stacked.amin(dim=2))  # (S, B) per-sample max|x|
+            square = (stacked - stacked.mean(dim=2, keepdim=True)).square_()  # in place: one temporary
+            var = square.mean(dim=2)
+            kurtosis = (square.square_().mean(dim=2) / (var * var + 1e-6)).sum(dim=1)  # (S,)
+            del square
+            peaks = peak.sum(dim=1)
+            # |x| >= 6 is impossible below a site's peak: skip its comparison pass (exact).
+            over = (peak.amax(dim=1) >= OUTLIER_THRESHOLD).tolist()
+            for i, (site, x) in enumerate(group):
+                key = (layer, site)
+                self.max_sum[key] += peaks[i]  # tensors: floats only in summary()
+                self.kurt_sum[key] += kurtosis[i]
+                if over[i]:
+                    self._outliers(key, x.abs())
+        for site, x in items:
+            if site == "block_output":
+                self._massive(x)
                 if x.shape[1] > 1:
+                    norms = x.norm(dim=-1)  # (B, T)
                     ratio = norms[:, 0] / norms[:, 1:].mean(dim=1).clamp_min(1e-12)
                     self.residual_ratio_sum[layer] += ratio.sum().item()
-        return hook
+
+    def _outliers(self, key: tuple[int, str], magnitude: torch.Tensor) -> None:
+        big = magnitude >= OUTLIER_THRESHOLD
+        if key[1] in ("attn_input", "ffn_input"):
+            hits = big.sum(dim=(0, 1)).cpu()
+            self.count6 += int(hits.sum())
+            self.feature_hits[key] = self.feature_hits.get(key, torch.zeros_like(hits)) + hits
+        else:
+            self.count6 += int(big.sum())
 
     def _massive(self, x: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
         magnitude = x.abs() if magnitude is None else magnitude  # (B, T, d)
         # Sun et al.: "about 1,000 times larger than the median magnitude of its hidden
         # states": the median over the layer's hidden states of the sequence (all T x d),
         # not over one token's vector (whose median is itself inflated at a sink token).
-        median = magnitude.flatten(1).median(dim=1).values[:, None, None]
+        # The median costs a sort; skip it where no element can reach 1000x it.  torch's
+        # median is the ((n-1)//2)-th smallest, so median > peak/1000 exactly when fewer than
+        # (n-1)//2 + 1 elements are <= peak/1000; then nothing is >= 1000 x median.
+        self._massive_peak(magnitude)
+        flat = magnitude.flatten(1)  # (B, T*d)
+        peak = flat.amax(dim=1)
+        possible = (flat <= peak[:, None] / 1000).sum(dim=1) >= (flat.shape[1] - 1) // 2 + 1
+        if not bool(possible.any()):
+            return
+        flat, magnitude = flat[possible], magnitude[possible]
+        median = flat.median(dim=1).values[:, None, None]
         ratio_hit = magnitude >= 1000 * median.clamp_min(1e-12)
         hit = ratio_hit & (magnitude > 100)
         self.massive["count"] += int(hit.sum())
         self.massive["ratio_only_count"] += int(ratio_hit.sum())
+        for position in hit.any(dim=-1).nonzero()[:, 1].tolist():
+            self.massive["positions"][position] += 1
+
+    def _massive_peak(self, magnitude: torch.Tensor) -> None:
         peak = magnitude.max().item()
         if peak > self.massive["max"]:
             self.massive["max"] = peak
             self.massive["max_position"] = int(magnitude.amax(dim=(0, 2)).argmax())
-        for position in hit.any(dim=-1).nonzero()[:, 1].tolist():
-            self.massive["positions"][position] += 1
 
     def _value_hook(self, layer, heads):
         def hook(module, inputs, output):
@@ -126,8 +164,8 @@ class ActivationProbe:
         if self.samples == 0:
             raise RuntimeError("the activation probe saw no samples")
         n = self.samples
-        per_site_max = {k: v / n for k, v in self.max_sum.items()}
-        per_site_kurt = {k: v / n for k, v in self.kurt_sum.items()}
+        per_site_max = {k: float(v) / n for k, v in self.max_sum.items()}
+        per_site_kurt = {k: float(v) / n for k, v in self.kurt_sum.items()}
         per_layer = lambda values: [max(v for (l, _), v in values.items() if l == layer)  # noqa: E731
                                     for layer in range(self.n_layers)]
         layers_per_dim = defaultdict(set)
@@ -174,9 +212,13 @@ class AttentionProbe:
 
     def observe(self, layer: int, probs: torch.Tensor) -> None:
         """probs (B, H, T, T)."""
-        if probs.shape[-2] < 2:
+        self.observe_first(layer, probs[..., 0])
+
+    def observe_first(self, layer: int, column: torch.Tensor) -> None:
+        """column (B, H, T): P[..., 0], the attention every query pays token 0."""
+        if column.shape[-1] < 2:
             return
-        first = probs.detach().float()[..., 1:, 0].mean(dim=-1)  # (B, H): token 0's share from later queries
+        first = column.detach().float()[..., 1:].mean(dim=-1)  # (B, H): token 0's share from later queries
         self._ensure(layer, first.shape[1])
         self.first_sum[layer] += first.sum(0)
         self.above[layer] += (first > SINK_EPSILON).float().sum(0)
