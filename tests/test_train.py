@@ -62,3 +62,38 @@ def test_unknown_preset_and_arm_suggest_names(tmp_path):
         get_preset("tiyn")
     with pytest.raises(ValueError, match="did you mean 'vga'"):
         train("vgaa", "tiny", 0, tmp_path)
+
+
+def test_bf16_autocast_and_bf16_storage_load_back_as_float32(tmp_path, small_corpus, micro_preset, micro_checkpoint):
+    """The GPU recipe's options on the CPU: bf16 autocast trains (loss falls), the weights
+    are stored bf16, the card says so, and the zoo loader returns float32 weights that are
+    the stored ones exactly.  The same seed starts from the same weights as float32 runs."""
+    from qbench.zoo import load_model
+
+    out = tmp_path / "bf16"
+    info = train("vga", micro_preset, seed=0, out=out, corpus=str(small_corpus), progress=False,
+                 amp="bf16", save_dtype="bfloat16", device="cpu")
+    assert info["amp"] == "bf16" and info["stored_dtype"] == "bfloat16" and info["device"].startswith("cpu")
+    stored = load_file(out / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) - 0.5
+    assert "weights stored as bfloat16" in (out / "README.md").read_text()
+    model = load_model(str(out)).model
+    for name, tensor in model.state_dict().items():
+        if name in stored:
+            assert tensor.dtype == torch.float32
+            assert torch.equal(tensor, stored[name].float()), name
+    # Same seed, same first step: the float32 run's first logged loss (fp32 vs bf16 autocast).
+    first_fp32 = float(next(csv.DictReader(open(micro_checkpoint / "train_log.csv")))["train_loss"])
+    assert float(rows[0]["train_loss"]) == pytest.approx(first_fp32, abs=0.05)
+
+
+def test_bad_precision_options_and_missing_cuda_are_clear(tmp_path, small_corpus, micro_preset):
+    with pytest.raises(ValueError, match="amp"):
+        train("vga", micro_preset, seed=0, out=tmp_path / "a", corpus=str(small_corpus), amp="fp8")
+    with pytest.raises(ValueError, match="save dtype"):
+        train("vga", micro_preset, seed=0, out=tmp_path / "b", corpus=str(small_corpus), save_dtype="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            train("vga", micro_preset, seed=0, out=tmp_path / "c", corpus=str(small_corpus), device="cuda")

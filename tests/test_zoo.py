@@ -7,6 +7,30 @@ from qbench.zoo import load_model, read_zoo
 
 ZOO = read_zoo()
 TRAINED = ["tiny-softmax", "tiny-vga", "tiny-iga", "bb-softmax", "bb-vga"]
+# GPU-trained, bf16-stored: one tiny (the unchanged tiny recipe) and one small checkpoint.
+GPU_TRAINED = ["tiny-clipped-s1", "small-vga"]
+TINY_ARMS = ["softmax", "vga", "vga_out", "iga", "qwen_g1", "clipped"]
+
+
+def test_every_checkpoint_folder_is_listed_with_its_seed():
+    from qbench.paths import models_dir
+
+    folders = sorted(p.name for p in models_dir().iterdir() if (p / "config.json").exists())
+    assert folders and all(name in ZOO for name in folders)
+    for name in folders:
+        entry = ZOO[name]
+        assert {"arm", "preset", "seed", "steps", "checkpoint_hash"} <= set(entry), name
+        assert name == f"{entry['preset']}-{entry['arm'].replace('_', '-')}" + (
+            f"-s{entry['seed']}" if entry["seed"] else "") + ("-3k" if name.endswith("-3k") else "")
+        assert load_model(name).checkpoint_hash == entry["checkpoint_hash"]
+
+
+def test_every_tiny_arm_has_two_training_seeds():
+    seeds = {}
+    for entry in ZOO.values():
+        if entry.get("preset") == "tiny":
+            seeds.setdefault(entry["arm"], set()).add(entry["seed"])
+    assert all(len(seeds.get(arm, ())) >= 2 for arm in TINY_ARMS), seeds
 
 
 def test_zoo_lists_the_required_models():
@@ -29,7 +53,7 @@ def test_tiny_arms_share_data_seed_steps_and_recipe():
     assert _same_recipe(TRAINED[:3])
 
 
-@pytest.mark.parametrize("name", [n for n in TRAINED if n in ZOO])
+@pytest.mark.parametrize("name", [n for n in TRAINED + GPU_TRAINED if n in ZOO])
 def test_zoo_checkpoint_reproduces_its_test_perplexity(name):
     entry = ZOO[name]
     loaded = load_model(name)

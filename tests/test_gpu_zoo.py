@@ -1,0 +1,66 @@
+"""scripts/gpu_zoo.py's hand-back: finished checkpoints leave the GPU machine in priority
+order, in batches within the transfer limits, and unpack into models/ without overwriting."""
+import argparse
+import importlib.util
+import tarfile
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_zoo.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_zoo", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_checkpoint(root: Path, name: str, payload: int) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * payload)
+    (folder / "train_state.pt").write_bytes(b"never packed")
+    return folder
+
+
+def test_batches_respect_the_limits_and_the_priority_order(tmp_path, monkeypatch):
+    gpu_zoo = load_script()
+    work = tmp_path / "work"
+    work.mkdir()
+    names = [f"tiny-arm{i}" for i in range(9)]
+    for i, name in enumerate(reversed(names)):  # packed out of order; the prefix decides
+        gpu_zoo.pack(work, fake_checkpoint(tmp_path / "ckpt", name, 9_000), priority=len(names) - 1 - i)
+    size = {p.stat().st_size for p in (work / "ret").glob("*.tar")}
+    assert len(size) == 1
+    monkeypatch.setattr(gpu_zoo, "BATCH_BYTES", 4 * size.pop() + 1)  # room for four tars a batch
+    batches = []
+    while list((work / "ret").glob("*.tar")):
+        out = tmp_path / f"out{len(batches)}"
+        gpu_zoo.cmd_fetch(argparse.Namespace(work=str(work), out=str(out)))
+        tars = sorted(p for p in out.glob("*.tar"))
+        assert 0 < len(tars) <= gpu_zoo.BATCH_FILES
+        assert sum(p.stat().st_size for p in tars) <= gpu_zoo.BATCH_BYTES
+        assert (out / "gpu_zoo.log").exists()
+        batches.append([p.name for p in tars])
+    flat = [name for batch in batches for name in batch]
+    assert flat == [f"{i:02d}-{name}.tar" for i, name in enumerate(names)]
+    assert [len(b) for b in batches] == [4, 4, 1]
+
+    models = tmp_path / "models"
+    fake_checkpoint(models, "tiny-arm0", 1)  # already in the zoo: kept as it is
+    for out in sorted(tmp_path.glob("out*")):
+        gpu_zoo.cmd_unpack(argparse.Namespace(folder=str(out), models=str(models)))
+    assert (models / "tiny-arm0" / "model.safetensors").stat().st_size == 1
+    for name in names[1:]:
+        assert (models / name / "model.safetensors").stat().st_size == 9_000
+        assert not (models / name / "train_state.pt").exists()
+
+
+def test_a_tar_holds_one_folder_without_the_training_state(tmp_path):
+    gpu_zoo = load_script()
+    work = tmp_path / "work"
+    work.mkdir()
+    tar = gpu_zoo.pack(work, fake_checkpoint(tmp_path, "small-vga", 10), priority=1)
+    with tarfile.open(tar) as t:
+        assert sorted(t.getnames()) == ["small-vga", "small-vga/config.json", "small-vga/model.safetensors"]
