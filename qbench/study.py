@@ -214,6 +214,50 @@ def arm_table(table: pd.DataFrame, models: list[str], schemes: list[str]) -> pd.
     return out.sort_values(["scheme", "arm"], key=lambda c: c.map(order) if c.name == "scheme" else c)
 
 
+def degradation_plot(table: pd.DataFrame, models: list[str], schemes: list[str], out: Path,
+                     title: str) -> Path | None:
+    """Bars of relative perplexity change per scheme and arm: mean over the arm's training
+    seeds (each a mean over calibration draws), whiskers the min and max over seeds."""
+    frame = table[table.model.isin(models) & (table.status == "ok") & table.scheme.isin(schemes)
+                  & (table.scheme != REFERENCE_SCHEME)]
+    if frame.empty or "rel_delta_%" not in frame:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    zoo = read_zoo()
+    per_model = frame.groupby(["model", "scheme"], as_index=False)["rel_delta_%"].mean()
+    per_model["arm"] = [arm_label(m, zoo.get(m, {})) for m in per_model.model]
+    stats = per_model.groupby(["arm", "scheme"])["rel_delta_%"].agg(["mean", "min", "max"])
+    arms = sorted(per_model.arm.unique())
+    order = [s for s in schemes if s in set(per_model.scheme)]
+    width = 0.8 / len(arms)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(order)), 3.6))
+    for i, arm in enumerate(arms):
+        xs, ys, lo, hi = [], [], [], []
+        for j, scheme in enumerate(order):
+            if (arm, scheme) in stats.index:
+                row = stats.loc[(arm, scheme)]
+                xs.append(j + (i - (len(arms) - 1) / 2) * width)
+                ys.append(row["mean"])
+                lo.append(row["mean"] - row["min"])
+                hi.append(row["max"] - row["mean"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], label=arm, capsize=2)
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels(order, rotation=30, ha="right", fontsize=8)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylabel("perplexity change vs fp32 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def smollm2_probe_summary(store: ResultStore) -> tuple[pd.DataFrame, list[float] | None]:
     rows, share = [], None
     for r in store.records():
@@ -262,6 +306,10 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
                   f"schemes averaged over calibration draws {p.calibration_seeds}; `ppl_std_draws` is the largest "
                   "std over draws of one checkpoint. Published rows (OPT-125m, for direction only):", "",
                   PUBLISHED, "", _markdown(tiny), ""]
+        plot = degradation_plot(full, p.tiny_models, p.tiny_schemes, plots / "tiny_degradation.png",
+                                "tiny zoo: perplexity change per scheme (bars: mean over seeds; whiskers: min-max)")
+        if plot is not None:
+            lines += [f"![tiny degradation]({plot.relative_to(out)})", ""]
     if p.small_models:
         lines += ["## 2b. The small preset: the same architecture, 16x the training tokens (GPU)", ""]
         small = arm_table(full, p.small_models, p.small_schemes) if not full.empty else pd.DataFrame()
@@ -274,6 +322,10 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
                       "rows ran three times longer and overfit (validation ppl about 250 against 55): they "
                       "show what longer training does to extreme tokens, not a better model. "
                       "Calibration draw 0 only.", "", _markdown(small), ""]
+            plot = degradation_plot(full, p.small_models, p.small_schemes, plots / "small_degradation.png",
+                                    "small preset: perplexity change per scheme")
+            if plot is not None:
+                lines += [f"![small degradation]({plot.relative_to(out)})", ""]
     if p.smollm2:
         lines += ["## 3. SmolLM2-135M (pretrained, from its GGUF)", ""]
         smol = full[full.model == "smollm2-135m"] if not full.empty else pd.DataFrame()
