@@ -124,7 +124,7 @@ def peak_memory(sizes: list[int]) -> list[tuple[int, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--cells", type=int, default=200, help="records written for the store overhead")
     parser.add_argument("--sizes", default="16,64,256", help="sample counts for the peak-memory curve")

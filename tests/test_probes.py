@@ -189,3 +189,30 @@ def test_probe_sink_share_is_the_same_on_the_fused_and_the_explicit_path(arm):
         assert a == pytest.approx(b, abs=1e-5)
     assert fused["sink_rate@0.3"] == explicit["sink_rate@0.3"]
     assert fused["max_inf_norm"] == pytest.approx(explicit["max_inf_norm"], rel=1e-5)
+
+
+def test_batched_layer_statistics_equal_the_per_site_definitions():
+    """One layer's sites reduced as a stacked batch give each site's own max|x|, kurtosis,
+    |x| >= 6 count and per-dimension hits, sites with and without outliers mixed."""
+    generator = torch.Generator().manual_seed(3)
+    probe = ActivationProbe(model())
+    items = []
+    for n, site in enumerate(("attn_input", "attn_output", "ffn_input", "ffn_output", "block_output")):
+        x = torch.randn(2, 5, D, generator=generator) * (1 + n)  # sites 3+ pass 6 somewhere
+        if site == "attn_input":
+            x[1, 2, 7] = 9.0  # an outlier in a site whose other values stay small
+        items.append((site, x))
+    probe.samples = 2
+    probe._layer_statistics(0, items)
+    count = 0
+    for site, x in items:
+        flat = x.reshape(2, -1)
+        assert float(probe.max_sum[(0, site)]) == pytest.approx(flat.abs().amax(dim=1).sum().item(), rel=1e-6)
+        centered = flat - flat.mean(dim=1, keepdim=True)
+        kurt = (centered ** 4).mean(dim=1) / (centered.pow(2).mean(dim=1) ** 2 + 1e-6)
+        assert float(probe.kurt_sum[(0, site)]) == pytest.approx(kurt.sum().item(), rel=1e-4)
+        big = x.abs() >= 6
+        count += int(big.sum())
+        if site in ("attn_input", "ffn_input") and big.any():
+            assert torch.equal(probe.feature_hits[(0, site)], big.sum(dim=(0, 1)))
+    assert probe.count6 == count > 0

@@ -95,14 +95,23 @@ class ActivationProbe:
             kurtosis = (square.square_().mean(dim=2) / (var * var + 1e-6)).sum(dim=1)  # (S,)
             del square
             peaks = peak.sum(dim=1)
-            # |x| >= 6 is impossible below a site's peak: skip its comparison pass (exact).
-            over = (peak.amax(dim=1) >= OUTLIER_THRESHOLD).tolist()
-            for i, (site, x) in enumerate(group):
-                key = (layer, site)
-                self.max_sum[key] += peaks[i]  # tensors: floats only in summary()
-                self.kurt_sum[key] += kurtosis[i]
-                if over[i]:
-                    self._outliers(key, x.abs())
+            for i, (site, _) in enumerate(group):
+                self.max_sum[(layer, site)] += peaks[i]  # tensors: floats only in summary()
+                self.kurt_sum[(layer, site)] += kurtosis[i]
+            # |x| >= 6 is impossible below a site's peak: only sites that reach it pay for the
+            # comparison pass, all of them in one batch (exact).
+            over = (peak.amax(dim=1) >= OUTLIER_THRESHOLD).nonzero()[:, 0].tolist()
+            if over:
+                big = stacked[over].abs_() >= OUTLIER_THRESHOLD  # (S', B, T*d); indexing copied
+                counts = big.sum(dim=(1, 2)).tolist()
+                shape = group[0][1].shape
+                for row, i in enumerate(over):
+                    site = group[i][0]
+                    self.count6 += int(counts[row])
+                    if site in ("attn_input", "ffn_input"):
+                        hits = big[row].reshape(shape).sum(dim=(0, 1)).cpu()
+                        key = (layer, site)
+                        self.feature_hits[key] = self.feature_hits.get(key, torch.zeros_like(hits)) + hits
         for site, x in items:
             if site == "block_output":
                 self._massive(x)
@@ -110,15 +119,6 @@ class ActivationProbe:
                     norms = x.norm(dim=-1)  # (B, T)
                     ratio = norms[:, 0] / norms[:, 1:].mean(dim=1).clamp_min(1e-12)
                     self.residual_ratio_sum[layer] += ratio.sum().item()
-
-    def _outliers(self, key: tuple[int, str], magnitude: torch.Tensor) -> None:
-        big = magnitude >= OUTLIER_THRESHOLD
-        if key[1] in ("attn_input", "ffn_input"):
-            hits = big.sum(dim=(0, 1)).cpu()
-            self.count6 += int(hits.sum())
-            self.feature_hits[key] = self.feature_hits.get(key, torch.zeros_like(hits)) + hits
-        else:
-            self.count6 += int(big.sum())
 
     def _massive(self, x: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
         magnitude = x.abs() if magnitude is None else magnitude  # (B, T, d)
