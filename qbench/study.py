@@ -346,6 +346,10 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
     lines += ["## Regenerate", "", "```", "make study            # runs the missing cells, then writes this file",
               "make study QUICK=1    # the pipeline on bb-softmax/bb-vga only (minutes)",
               "python scripts/train_queue.py --queue bb --worker 0/2   # (and 1/2) the bb checkpoints",
+              "python scripts/train_queue.py --queue tiny              # tiny checkpoints, CPU (hours)",
+              "python scripts/gpu_zoo.py train --work /tmp/gpu_zoo --out OUT --budget 420   # on a CUDA machine:",
+              "python scripts/gpu_zoo.py unpack OUT                    #   small-* and tiny seeds, then here",
+              "qbench zoo                                              # re-measure models/zoo.yaml",
               "```", ""]
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("STUDY_QUICK.md" if quick else "STUDY.md")
