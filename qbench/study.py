@@ -258,6 +258,37 @@ def degradation_plot(table: pd.DataFrame, models: list[str], schemes: list[str],
     return out
 
 
+def extreme_token_table(store: ResultStore, models: list[str]) -> pd.DataFrame:
+    """Per arm, from the fp32 probe records: sink rate, first-token share, outliers, and the
+    value drain (||V_0|| / mean ||V_j||, smallest over layers) with the gates at token 0."""
+    zoo = read_zoo()
+    rows = []
+    for r in store.records():
+        if (r["model"] not in models or r["task"] != "probes" or r["scheme"] != REFERENCE_SCHEME
+                or r.get("status") != "ok"):
+            continue
+        m = r["metrics"]
+        values = m.get("value_norm_ratio_per_layer") or []
+        gates, others = m.get("gate_at_sink_token"), m.get("gate_at_other_tokens")
+        rows.append({"arm": arm_label(r["model"], zoo.get(r["model"], {})), "model": r["model"],
+                     "sink_rate@0.3": m.get("sink_rate@0.3"), "first_token_share": m.get("first_token_share_mean"),
+                     "max_inf_norm": m.get("max_inf_norm"), "kurtosis_max": m.get("kurtosis_max"),
+                     "value_ratio_min": min(values) if values else None,
+                     "gate_token0": sum(gates) / len(gates) if gates else None,
+                     "gate_others": sum(others) / len(others) if others else None})
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows).drop_duplicates("model", keep="last")
+    out = []
+    for arm, group in frame.groupby("arm", sort=True):
+        row = {"arm": arm, "n_seeds": len(group)}
+        for column in frame.columns[2:]:
+            values = [v for v in group[column] if v is not None and not pd.isna(v)]
+            row[column] = _mean_std(values, 3) if values else "-"
+        out.append(row)
+    return pd.DataFrame(out)
+
+
 def smollm2_probe_summary(store: ResultStore) -> tuple[pd.DataFrame, list[float] | None]:
     rows, share = [], None
     for r in store.records():
@@ -306,6 +337,11 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
                   f"schemes averaged over calibration draws {p.calibration_seeds}; `ppl_std_draws` is the largest "
                   "std over draws of one checkpoint. Published rows (OPT-125m, for direction only):", "",
                   PUBLISHED, "", _markdown(tiny), ""]
+        extreme = extreme_token_table(store, p.tiny_models)
+        if not extreme.empty:
+            lines += ["Extreme tokens at fp32 (probe records; mean ± std over training seeds; `value_ratio_min` "
+                      "is the smallest over layers of ||V_0|| / mean ||V_j||; gates are the mean gate value "
+                      "at token 0 and at the other tokens, for gated arms):", "", _markdown(extreme), ""]
         plot = degradation_plot(full, p.tiny_models, p.tiny_schemes, plots / "tiny_degradation.png",
                                 "tiny zoo: perplexity change per scheme (bars: mean over seeds; whiskers: min-max)")
         if plot is not None:
@@ -322,6 +358,9 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
                       "rows ran three times longer and overfit (validation ppl about 250 against 55): they "
                       "show what longer training does to extreme tokens, not a better model. "
                       "Calibration draw 0 only.", "", _markdown(small), ""]
+            extreme = extreme_token_table(store, p.small_models)
+            if not extreme.empty:
+                lines += ["Extreme tokens at fp32 (as for the tiny zoo):", "", _markdown(extreme), ""]
             plot = degradation_plot(full, p.small_models, p.small_schemes, plots / "small_degradation.png",
                                     "small preset: perplexity change per scheme")
             if plot is not None:
