@@ -60,10 +60,10 @@ PRESETS = {
                betas=(0.9, 0.95), grad_clip=1.0, eval_every=250, save_every=100,
                description="5.3M parameters, context 256, 4.1M tokens; ~25 minutes on 2 CPU cores"),
         Preset("small", "lm", n_layer=4, n_head=4, d_model=256, d_ff=1024, context=256,
-               vocab_size=4096, batch_size=256, steps=3000, lr=1e-3, warmup=200, weight_decay=0.1,
+               vocab_size=4096, batch_size=256, steps=1000, lr=1e-3, warmup=100, weight_decay=0.1,
                betas=(0.9, 0.95), grad_clip=1.0, eval_every=500, save_every=500,
-               description="tiny's architecture and tokenizer with 16x its batch and 3x its steps "
-                           "(48x the tokens, 197M); a GPU recipe (bf16 autocast, weights stored bf16)"),
+               description="tiny's architecture and tokenizer with 16x its batch (16x the tokens, 65.5M); "
+                           "a GPU recipe: bf16 autocast, weights stored bf16 (small-*-3k: --steps 3000)"),
     ]
 }
 
