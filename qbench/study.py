@@ -306,6 +306,19 @@ def smollm2_probe_summary(store: ResultStore) -> tuple[pd.DataFrame, list[float]
     return pd.DataFrame(rows), share
 
 
+def _extremes_and_plot(store: ResultStore, full: pd.DataFrame, models: list[str], schemes: list[str], out: Path,
+                       name: str, intro: str, title: str) -> list[str]:
+    """The extreme-token table and the degradation plot of one group of checkpoints."""
+    lines = []
+    extreme = extreme_token_table(store, models)
+    if not extreme.empty:
+        lines += [intro, "", _markdown(extreme), ""]
+    plot = degradation_plot(full, models, schemes, out / "plots" / f"{name}_degradation.png", title)
+    if plot is not None:
+        lines += [f"![{name} degradation]({plot.relative_to(out)})", ""]
+    return lines
+
+
 def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = False,
                 discussion: Path | None = None) -> Path:
     out = Path(out)
@@ -337,15 +350,12 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
                   f"schemes averaged over calibration draws {p.calibration_seeds}; `ppl_std_draws` is the largest "
                   "std over draws of one checkpoint. Published rows (OPT-125m, for direction only):", "",
                   PUBLISHED, "", _markdown(tiny), ""]
-        extreme = extreme_token_table(store, p.tiny_models)
-        if not extreme.empty:
-            lines += ["Extreme tokens at fp32 (probe records; mean ± std over training seeds; `value_ratio_min` "
-                      "is the smallest over layers of ||V_0|| / mean ||V_j||; gates are the mean gate value "
-                      "at token 0 and at the other tokens, for gated arms):", "", _markdown(extreme), ""]
-        plot = degradation_plot(full, p.tiny_models, p.tiny_schemes, plots / "tiny_degradation.png",
-                                "tiny zoo: perplexity change per scheme (bars: mean over seeds; whiskers: min-max)")
-        if plot is not None:
-            lines += [f"![tiny degradation]({plot.relative_to(out)})", ""]
+        lines += _extremes_and_plot(store, full, p.tiny_models, p.tiny_schemes, out, "tiny",
+                                    "Extreme tokens at fp32 (probe records; mean ± std over training seeds; "
+                                    "`value_ratio_min` is the smallest over layers of ||V_0|| / mean ||V_j||; "
+                                    "gates are the mean gate value at token 0 and at the other tokens, for gated "
+                                    "arms):", "tiny zoo: perplexity change per scheme (bars: mean over seeds; "
+                                    "whiskers: min-max)")
     if p.small_models:
         lines += ["## 2b. The small preset: the same architecture, 16x the training tokens (GPU)", ""]
         small = arm_table(full, p.small_models, p.small_schemes) if not full.empty else pd.DataFrame()
@@ -358,13 +368,9 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
                       "rows ran three times longer and overfit (validation ppl about 250 against 55): they "
                       "show what longer training does to extreme tokens, not a better model. "
                       "Calibration draw 0 only.", "", _markdown(small), ""]
-            extreme = extreme_token_table(store, p.small_models)
-            if not extreme.empty:
-                lines += ["Extreme tokens at fp32 (as for the tiny zoo):", "", _markdown(extreme), ""]
-            plot = degradation_plot(full, p.small_models, p.small_schemes, plots / "small_degradation.png",
-                                    "small preset: perplexity change per scheme")
-            if plot is not None:
-                lines += [f"![small degradation]({plot.relative_to(out)})", ""]
+            lines += _extremes_and_plot(store, full, p.small_models, p.small_schemes, out, "small",
+                                        "Extreme tokens at fp32 (as for the tiny zoo):",
+                                        "small preset: perplexity change per scheme")
     if p.smollm2:
         lines += ["## 3. SmolLM2-135M (pretrained, from its GGUF)", ""]
         smol = full[full.model == "smollm2-135m"] if not full.empty else pd.DataFrame()
