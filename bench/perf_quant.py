@@ -88,9 +88,9 @@ def attention_rows(repeats: int):
                                                   max_position_embeddings=t), 0).eval()
             x = torch.randn(1, t, 256)
             with torch.no_grad():
-                module.sites, module.kernel = Eager(), None
+                module.qbench_hooks, module.qbench_kernel = Eager(), None
                 eager = median_seconds(lambda: module(x), repeats)
-                module.sites, module.kernel = None, LowBitAttention()
+                module.qbench_hooks, module.qbench_kernel = None, LowBitAttention()
                 kernel = median_seconds(lambda: module(x), repeats)
             yield f"attention T={t} {arm}", "lowbit kernel", eager, kernel
 

@@ -80,7 +80,8 @@ def _cmd_list(args) -> int:
         from qbench.modeling import ATTENTION_ARMS
 
         for arm in ATTENTION_ARMS.values():
-            print(f"{arm.name:8s} {arm.description}")
+            gate = f"gate: {arm.gate_source} -> {arm.gate_position}, init {arm.gate_init}" if arm.gate_source else "no gate"
+            print(f"{arm.name:10s} {arm.formula}\n{'':10s} normaliser {arm.normaliser}; {gate}; {arm.description}")
     elif args.what == "schemes":
         from qbench.quant import SCHEMES
 

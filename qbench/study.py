@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qbench.modeling.attention import ATTENTION_ARMS
 from qbench.report import REFERENCE_SCHEME, _markdown, comparison_table
 from qbench.results import ResultStore
 from qbench.zoo import read_zoo
@@ -29,7 +30,7 @@ TINY_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w8a8-attn", "w4-rtn-g64", "w4a8"
 # separate the arms on the tiny zoo, at calibration draw 0.
 SMALL_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w8a8-attn", "w4-rtn-g64", "w4a8", "w6a6", "llm-int8-t0", "nf4"]
 SMOLLM2_SCHEMES = ["fp32", "llm-int8", "llm-int8-t0", "w8a8-pt", "w8a8-dyn", "nf4"]
-BB_ARMS = ["softmax", "vga", "iga", "vga_out"]
+BB_ARMS = list(ATTENTION_ARMS)  # display order: the registry's
 
 PUBLISHED = """| source | model | arm | FP ppl | W8A8 ppl | max inf-norm | avg kurtosis |
 |---|---|---|---:|---:|---:|---:|

@@ -32,11 +32,14 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_queue import checkpoint_name  # noqa: E402
+from train_queue import checkpoint_name, done, queue  # noqa: E402
 
-SMALL_ARMS = ["softmax", "vga", "vga_out", "iga", "qwen_g1", "clipped"]
-TINY_RUNS = [("vga_out", 0), ("qwen_g1", 0), ("clipped", 0), ("softmax", 1), ("vga", 1), ("iga", 1),
-             ("vga_out", 1), ("qwen_g1", 1), ("clipped", 1)]
+from qbench.modeling.attention import ATTENTION_ARMS  # noqa: E402
+
+# every registered arm; runs whose checkpoint is already in models/ are not trained again
+SMALL_ARMS = list(ATTENTION_ARMS)
+MODELS = Path(__file__).resolve().parent.parent / "models"
+TINY_RUNS = [(arm, seed) for _, arm, seed in queue("tiny") if not done(MODELS / checkpoint_name("tiny", arm, seed))]
 BATCH_FILES, BATCH_BYTES = 7, 63 * 2**20  # one file of the 8 is left for the log
 PROBE_STEPS, RESERVE_S = 25, 45
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qbench.modeling.attention import ATTENTION_ARMS
+
+# The Bigram-Backcopy study's arms (a choice of the study, checked against the registry);
+# the tiny zoo trains every registered arm.
 BB_ARMS = ["softmax", "vga", "iga", "vga_out"]
-TINY_ARMS = ["softmax", "vga", "iga", "vga_out", "qwen_g1", "clipped"]
+assert set(BB_ARMS) <= set(ATTENTION_ARMS), "BB_ARMS names an arm the registry lacks"
+TINY_ARMS = list(ATTENTION_ARMS)
 
 
 def checkpoint_name(preset: str, arm: str, seed: int) -> str:
@@ -41,14 +46,16 @@ def main() -> None:
     index, count = (int(x) for x in args.worker.split("/"))
     from qbench.train import MECHANISM_FILE, train
 
-    for n, (preset, arm, seed) in enumerate(queue(args.queue)):
-        if n % count != index:
-            continue
+    pending = []
+    for preset, arm, seed in queue(args.queue):
         out = Path(args.models) / checkpoint_name(preset, arm, seed)
         stale = preset == "bb" and args.retrain_seed0 and not (out / MECHANISM_FILE).exists()
         if done(out) and not stale:
             print(f"[skip] {out} is complete", flush=True)
             continue
+        pending.append((preset, arm, seed, out))
+    # the runs still to do are dealt round-robin, so n workers share the work evenly
+    for preset, arm, seed, out in pending[index::count]:
         print(f"[train] {preset} {arm} seed {seed} -> {out}", flush=True)
         train(arm, preset, seed, out, threads=1, progress=False)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qbench.modeling import ATTENTION_ARMS, QBenchConfig
+from qbench.modeling.attention import NORMALISERS, attend, softmax_weights
 from qbench.modeling.model import QBenchAttention
 from qbench.quant.lowbit_attention import LowBitAttention, int8_codes
 
@@ -37,8 +38,9 @@ def test_block_within_bound_of_float_attention(scale):
     torch.manual_seed(0)
     q, k, v = torch.randn(T, D) * scale, torch.randn(T, D) * scale, torch.randn(T, D)
     kernel = LowBitAttention(probs="int8")
-    v_codes, v_scale = int8_codes(v, dim=0)
-    got = kernel.block(q, k, v_codes, v_scale, 1 / math.sqrt(D), None, None)
+    v_codes, v_scale = int8_codes(v[None, None], dim=-2)
+    got = kernel.weighted_sum(q[None, None], k[None, None], v_codes, v_scale, softmax_weights, None,
+                              1 / math.sqrt(D), None)[0, 0]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     reference = torch.softmax((q @ k.t() / math.sqrt(D)).masked_fill(~causal, float("-inf")), -1) @ v
     error = (got - reference).abs()
@@ -56,33 +58,121 @@ def test_int8_probability_path_is_exact_integer_arithmetic():
     assert torch.equal(acc.long(), p_codes.long() @ v_codes.long())
 
 
-@pytest.mark.parametrize("arm", sorted(ATTENTION_ARMS))
-@pytest.mark.parametrize("probs", ["int8", "fp8"])
-def test_every_arm_within_bound_of_its_float_reference(arm, probs):
-    torch.manual_seed(0)
+def score_delta(q, k):
+    """delta_i: the largest score error of query i over its visible keys (module docstring)."""
+    q_codes, s_q = int8_codes(q, dim=-1)
+    _, s_k = int8_codes(k, dim=-1)
+    q_hat = q_codes.float() * s_q
+    c = 1 / math.sqrt(q.shape[-1])
+    delta = c * (s_q / 2 * k.abs().sum(-1).reshape(1, -1) + s_k.reshape(1, -1) / 2 * q_hat.abs().sum(-1, keepdim=True))
+    causal = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril()
+    return delta.masked_fill(~causal, 0).amax(dim=1, keepdim=True)  # (T, 1)
+
+
+def weights_error(normaliser, scores, delta, module, head):
+    """Bound on ||P_hat_i - P_i||_1 when every visible score of row i moves by <= delta_i.
+    softmax / sink logit: each weight moves by a factor in [e^-2delta, e^2delta] (the sink
+    logit is not quantized);  clipped: Lipschitz (1 + alpha/T) per weight on top of that;
+    sigmoid: sigma' <= 1/4, so n_i delta_i / 4;  softpick: with a_j = e^x_j - 1, |da_j| <=
+    A_j = e^x_j (e^delta - 1); numerator and denominator D move by <= sum A, so
+    ||dP||_1 <= 2 sum_j A_j / (D - sum_j A_j)."""
+    visible = torch.isfinite(scores)
+    n = visible.sum(-1, keepdim=True)
+    if normaliser in ("softmax", "sink_logit"):
+        return torch.exp(2 * delta) - 1
+    if normaliser == "clipped":
+        return (1 + module.clip_alpha / scores.shape[-1]) * (torch.exp(2 * delta) - 1)
+    if normaliser == "sigmoid":
+        return n * delta / 4
+    if normaliser == "softpick":
+        e = torch.where(visible, torch.exp(scores.double()), torch.zeros((), dtype=torch.float64))
+        a = (e * (torch.exp(delta.double()) - 1)).sum(-1, keepdim=True)
+        d = torch.where(visible, (e - 1).abs(), torch.zeros((), dtype=torch.float64)).sum(-1, keepdim=True)
+        return (2 * a / (d - a).clamp_min(1e-30)).float()
+    raise AssertionError(f"no error bound derived for normaliser {normaliser!r}: add one here")
+
+
+def test_every_normaliser_has_a_derived_bound():
+    scores = torch.zeros(1, 1, 2, 2)
+    module = QBenchAttention(QBenchConfig(d_model=16, n_head=1, attention="sink_logit", vocab_size=300), 0)
+    for name in NORMALISERS:
+        assert weights_error(name, scores, torch.zeros(2, 1), module, 0).shape[-1] == 1
+
+
+def float_and_kernel(arm, probs, seed=0, t=T):
+    torch.manual_seed(seed)
     module = QBenchAttention(QBenchConfig(d_model=4 * D, n_head=4, attention=arm, vocab_size=300), 0).eval()
-    x = torch.randn(2, T, 4 * D)
+    if hasattr(module, "sink_logit"):
+        with torch.no_grad():
+            module.sink_logit.copy_(torch.tensor([-2.0, 0.0, 1.0, 3.0]))
+    x = torch.randn(2, t, 4 * D)
     with torch.no_grad():
         v_full = module.v_proj(x)
         q, k, v = module._split(module.q_proj(x)), module._split(module.k_proj(x)), module._split(v_full)
-        reference = module.arm.function(q, k, v, module.gate(x, v_full), clip_alpha=module.clip_alpha)
-        got = LowBitAttention(probs=probs).attend(module, x, q, k, v, v_full)
-    # Per head: the block bound, plus the 8-bit gate (1/510) and, for VGA, the gate's
-    # sensitivity to quantized V (sigmoid' <= 1/4 times ||w_g||_1 s_v / 2) and the
-    # re-quantization of g V (s_v / 2).  fp8 e4m3 P has a relative step of 2^-3: 1/16 of p
-    # instead of 1/510 absolute, i.e. ||dP||_1 <= 1/16.
+        reference = attend(module.arm, q, k, v, module.gate(x, v_full), module=module)
+        got = LowBitAttention(probs=probs, query_chunk=17).attend(
+            q, k, v, arm=module.arm, module=module, gate_fn=lambda values: module.gate(x, values),
+            scaling=1 / math.sqrt(D))
+    return module, x, q, k, v, reference, got
+
+
+@pytest.mark.parametrize("arm", sorted(ATTENTION_ARMS))
+@pytest.mark.parametrize("probs", ["int8", "fp8"])
+def test_every_arm_within_bound_of_its_float_reference(arm, probs):
+    """Every registered arm through the kernel against its float path (a new arm is checked
+    here automatically; a new normaliser needs its bound in `weights_error`).
+    Per head and query: (||dP||_1 + 8-bit P) max|V_hat| + ||P_hat||_1 s_v / 2, plus the
+    8-bit gate (1/510), for value-read gates its sensitivity to quantized V (sigmoid' <= 1/4
+    times ||w_g||_1 s_v / 2), and at the value position the re-quantization of g V (s_v / 2),
+    each times ||P_hat||_1.  fp8 e4m3 P has a relative step of 2^-3: 1/16 of p instead of
+    1/510 absolute."""
+    module, x, q, k, v, reference, got = float_and_kernel(arm, probs)
     for b in range(2):
         for h in range(4):
-            bound = block_bound(q[b, h], k[b, h], v[b, h])
-            v_max = v[b, h].abs().amax()
-            if probs == "fp8":
-                bound = bound + v_max / 16
-            if arm == "clipped":  # clip(2p-1)-style map: Lipschitz (1 + alpha/T) in p
-                bound = bound * (1 + module.clip_alpha / T) + v_max * module.clip_alpha / T
+            qb, kb, vb = q[b, h], k[b, h], v[b, h]
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            scores = (qb @ kb.t() / math.sqrt(D)).masked_fill(~causal, float("-inf"))[None, None]
+            head = _Head(module, h)
+            p_mass = module.arm.normalise(scores, head)[0, 0].sum(-1, keepdim=True)  # ||P_i||_1
+            delta = score_delta(qb, kb)
+            dp = weights_error(module.arm.normaliser, scores[0, 0], delta, module, h)
+            _, s_v = int8_codes(vb, dim=0)
+            v_max = vb.abs().amax() + s_v.amax()
+            mass = torch.clamp(p_mass + dp, min=1.0)  # bound on ||P_hat_i||_1
+            rounding = mass * v_max / 16 if probs == "fp8" else torch.arange(1, T + 1).reshape(-1, 1) / 510 * v_max
+            bound = dp * v_max + rounding + mass * s_v / 2 + 1e-5
             if module.arm.gate_source is not None:
                 w_norm = module.gate_proj.weight.abs().sum(dim=-1).max() if module.arm.gate_source == "value" else 0
-                bound = bound + v_max * (1 / 510 + 0.25 * w_norm * v_max / 127 / 2) + v_max / 127
-            assert ((got[b, h] - reference[b, h]).abs() <= bound).all(), (arm, probs, b, h)
+                gate_terms = v_max * (1 / 510 + 0.25 * w_norm * v_max / 127 / 2)
+                if module.arm.gate_position == "value":
+                    gate_terms = gate_terms + v_max / 127
+                bound = bound + mass * gate_terms
+            error = (got[b, h] - reference[b, h]).abs()
+            assert (error <= bound).all(), (arm, probs, b, h, float((error - bound).max()))
+
+
+class _Head:
+    def __init__(self, module, h):
+        self.clip_alpha, self.sigmoid_bias = module.clip_alpha, module.sigmoid_bias
+        if hasattr(module, "sink_logit"):
+            self.sink_logit = module.sink_logit[h:h + 1]
+
+
+@pytest.mark.parametrize("arm", sorted(ATTENTION_ARMS))
+@pytest.mark.parametrize("probs", ["int8", "fp8"])
+@pytest.mark.parametrize("granularity", ["token", "head"])
+def test_vectorised_kernel_equals_the_per_block_reference(arm, probs, granularity):
+    """Same numbers as the loop-per-(sequence, head) kernel it replaced (tests/lowbit_reference.py),
+    with queries in chunks that do not divide T."""
+    from lowbit_reference import ReferenceLowBitAttention
+
+    module, x, q, k, v, _, _ = float_and_kernel(arm, probs)
+    with torch.no_grad():
+        want = ReferenceLowBitAttention(probs, granularity).attend(module, x, q, k, v)
+        got = LowBitAttention(probs, granularity, query_chunk=17).attend(
+            q, k, v, arm=module.arm, module=module, gate_fn=lambda values: module.gate(x, values),
+            scaling=1 / math.sqrt(D))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_runs_stock_llama_attention_through_the_registry():
@@ -99,10 +189,15 @@ def test_kernel_runs_stock_llama_attention_through_the_registry():
     facts = quantize(model, "w8a8-attn")
     assert facts["lowbit_attention_modules"] == 2 and model.config._attn_implementation == "qbench"
     calls = []
-    kernel = model.model.layers[0].self_attn.qbench_kernel
-    kernel.observer = lambda module, head, p: calls.append(p.shape)
+
+    class Observer:
+        def first_column(self, p):
+            calls.append(p.shape)
+
+    for layer in model.model.layers:
+        layer.self_attn.qbench_hooks = Observer()
     out = model(x).logits
-    assert len(calls) == 2 * 2 * 4 and calls[0] == (20, 20)  # layers x batch x heads, one T x T block each
+    assert calls == [(2, 4, 20)] * 2  # per layer: P[..., 0] of every sequence and head
     assert torch.isfinite(out).all() and 0 < (out - reference).abs().max() < 0.5
 
 

@@ -125,7 +125,7 @@ def test_probes_see_quantized_attention_and_restore_the_model():
 
     m = model("vga")
     fp = run_probes(m, windows())
-    assert m.model.layers[0].attn.sites is None and m.model.layers[0].attn.gate_observer is None
+    assert m.model.layers[0].attn.qbench_hooks is None and m.model.layers[0].attn.qbench_kernel is None
     assert len(fp["gate_mean_per_head"]) == LAYERS and 0 < fp["gate_mean_per_head"][0][0] < 1
     quantize(m, "w8a8-attn")
     q = run_probes(m, windows())
@@ -183,7 +183,7 @@ def test_probe_sink_share_is_the_same_on_the_fused_and_the_explicit_path(arm):
     fused = run_probes(m, windows, batch_size=3)
     for module in m.modules():
         if isinstance(module, QBenchAttention):
-            module.sites = Identity()
+            module.qbench_hooks = Identity()
     explicit = run_probes(m, windows, batch_size=3)
     for a, b in zip(fused["first_token_share_per_head"], explicit["first_token_share_per_head"]):
         assert a == pytest.approx(b, abs=1e-5)

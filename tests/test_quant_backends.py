@@ -71,7 +71,7 @@ def test_w8a8_pt_quantizes_every_site_of_the_protocol():
 
 
 def test_hf_registry_attention_equals_eager_and_carries_quantizers():
-    from qbench.quant.attention_registry import install_attention
+    from qbench.modeling.hooks import install_attention
 
     model = tiny_llama()
     x = torch.randint(3, 320, (2, 20))

@@ -1,39 +1,50 @@
-"""Attention arms: one plain function per arm, plus the table that names them.
+"""Attention arms as data: a score normaliser, an optional gate, and the one function that
+composes them.
+
+An arm (`AttentionArm`) names
+  - a **normaliser** that turns masked scores S = Q K^T / sqrt(d) (future keys at -inf)
+    into attention weights P: softmax, clipped softmax, softpick, sigmoid, softmax with a
+    sink logit (`NORMALISERS`);
+  - an optional **gate** sigmoid(Z W + b): its input Z (`value`: the full value projection
+    V; `input_head`: the head's slice of the normed input; `input`: the whole normed
+    input) and its position (`value`: it scales V_j before the weighted sum, so a token
+    gates what it contributes as a key; `output`: it scales O_i, so a token gates what it
+    reads as a query);
+  - the gate's initial value and the formula shown by `qbench list attention`.
+
+`attend()` is the float path of every arm; the low-precision kernel
+(`qbench.quant.lowbit_attention`) composes the same normaliser and gate with integer
+matmuls. Adding an arm is one `AttentionArm` entry (plus its normaliser if new).
 
 Shapes: q, k, v are (B, H, T, D); gates are (B, H, T, 1) (one per head per token) or
-(B, H, T, D) (elementwise); every function returns the per-head context (B, H, T, D)
-before the output projection.
+(B, H, T, D) (elementwise); the result is the per-head context (B, H, T, D) before the
+output projection.
 
-`sites` lets a quantizer or a probe see (and replace) the intermediate tensors that the
-Bondarenko protocol quantizes: the scores Q K^T, the probabilities P and the context P V.
-With no sites the arms run through PyTorch's fused SDPA where the math allows it.
+`hooks` (qbench.modeling.hooks.AttentionHooks) lets a quantizer or a probe see (and
+replace) the scores, the weights P and the context P V. With no hooks the softmax arms run
+through PyTorch's fused SDPA.
 """
 from __future__ import annotations
 
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 
-class AttentionSites(Protocol):
-    def scores(self, x: torch.Tensor) -> torch.Tensor: ...
-    def probs(self, x: torch.Tensor) -> torch.Tensor: ...
-    def context(self, x: torch.Tensor) -> torch.Tensor: ...
-
-
 def causal_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Q K^T / sqrt(d_h) with the causal mask applied as -inf.  (B, H, T, T)"""
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    return scores.masked_fill(_future(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    return scores.masked_fill(future_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
 
 
 @functools.lru_cache(maxsize=32)
-def _future(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:
-    """True where query i may not see key j (j > i + t_k - t_q); cached per shape."""
+def future_mask(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:
+    """True where query i may not see key j (j > i + t_k - t_q: the queries are the last
+    t_q positions); cached per shape."""
     return ~torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
 
 
@@ -57,91 +68,165 @@ def first_column_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
 _CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
 
 
+# -- normalisers: masked scores (-inf where a key is hidden) -> weights ---------------
+# Each takes the scores (B, H, T_q, T_k) and the attention module (for its parameters:
+# `clip_alpha`, `sink_logit`, `sigmoid_bias`); masked entries get weight exactly 0.
+
+def softmax_weights(scores: torch.Tensor, module=None) -> torch.Tensor:
+    """softmax(S) over the visible keys."""
+    return torch.softmax(scores, dim=-1)
+
+
 def clipped_softmax(scores: torch.Tensor, alpha: float) -> torch.Tensor:
     """Bondarenko et al. 2023: clip((zeta - gamma) softmax(x) + gamma, 0, 1), zeta=1, gamma=-alpha/T."""
     gamma = -alpha / scores.shape[-1]
     return torch.clamp((1.0 - gamma) * torch.softmax(scores, dim=-1) + gamma, 0.0, 1.0)
 
 
-def _weighted_sum(q, k, v, sites: AttentionSites | None, clip_alpha: float | None):
-    """P V for softmax or clipped-softmax probabilities.  (B, H, T, D)"""
-    if sites is None and clip_alpha is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if clip_alpha is None and getattr(sites, "first_column_only", False):
-        # An observer that needs only P[..., 0] (token 0's share, for the sink probes): the
-        # output stays on the fused kernel, and P_i0 comes from it too (first_column_sdpa).
-        out, first = first_column_sdpa(q, k, v)
-        sites.first_column(first)
-        return out
-    scores = causal_scores(q, k)
-    if sites is not None:
-        scores = sites.scores(scores)
-    if clip_alpha is None:
-        probs = torch.softmax(scores, dim=-1)
-    else:
-        probs = clipped_softmax(scores, clip_alpha)
-    if sites is not None:
-        probs = sites.probs(probs)
-    context = probs @ v
-    return sites.context(context) if sites is not None else context
+def clipped_weights(scores: torch.Tensor, module) -> torch.Tensor:
+    return clipped_softmax(scores, module.clip_alpha)
 
 
-def softmax_attention(q, k, v, gate=None, *, sites=None, clip_alpha=None):
-    """Vanilla: O = softmax(Q K^T / sqrt(d)) V."""
-    return _weighted_sum(q, k, v, sites, None)
+SOFTPICK_EPS = 1e-8
 
 
-def vga_attention(q, k, v, gate, *, sites=None, clip_alpha=None):
-    """VGA key side (Eq. 6): O = softmax(Q K^T / sqrt(d)) (g * V); each token j scales its own value."""
-    return _weighted_sum(q, k, gate * v, sites, None)
+def softpick(scores: torch.Tensor, eps: float = SOFTPICK_EPS) -> torch.Tensor:
+    """Zuhri et al. 2025: ReLU(e^x - 1) / (sum_j |e^x_j - 1| + eps), masked keys excluded.
+
+    Computed as in their released `naive_softpick_attn.py`: numerator and sum are both
+    multiplied by e^-m (m the row max), i.e. ReLU(e^(x-m) - e^-m) / (sum |e^(x-m) - e^-m|
+    + eps); eps is added after the shift, as there (it only matters when every visible
+    score is exactly 0)."""
+    m = scores.amax(dim=-1, keepdim=True)
+    shift = torch.exp(-m)
+    centred = torch.exp(scores - m) - shift
+    magnitude = torch.where(torch.isfinite(scores), centred.abs(), torch.zeros_like(centred))
+    return F.relu(centred) / (magnitude.sum(dim=-1, keepdim=True) + eps)
 
 
-def vga_out_attention(q, k, v, gate, *, sites=None, clip_alpha=None):
-    """VGA output side (appendix B code): row i of the output scaled by the query token's g_i."""
-    return gate * _weighted_sum(q, k, v, sites, None)
+def softpick_weights(scores: torch.Tensor, module=None) -> torch.Tensor:
+    return softpick(scores)
 
 
-def iga_attention(q, k, v, gate, *, sites=None, clip_alpha=None):
-    """Bondarenko gated attention: the head's output scaled by pi = sigmoid(G_h(x_h))."""
-    return gate * _weighted_sum(q, k, v, sites, None)
+def sigmoid_weights(scores: torch.Tensor, module) -> torch.Tensor:
+    """Ramapuram et al. 2024: sigmoid(S + b) with b = -log(n), no normalisation across keys.
+    n is the model's context length (`max_position_embeddings`), fixed so that a token's
+    weights do not depend on how long the evaluated window is; hidden keys (-inf) get 0."""
+    return torch.sigmoid(scores + module.sigmoid_bias)
 
 
-def qwen_g1_attention(q, k, v, gate, *, sites=None, clip_alpha=None):
-    """Qiu et al. 2025 G1: Y' = Y * sigmoid(X W_theta) on the SDPA output."""
-    return gate * _weighted_sum(q, k, v, sites, None)
+def sink_logit_weights(scores: torch.Tensor, module) -> torch.Tensor:
+    """Softmax with one learnable logit s_h per head in the denominator only:
+    P_ij = exp(S_ij) / (exp(s_h) + sum_j exp(S_ij)); the row sums to less than 1, so a head
+    can put mass nowhere.  Computed as the softmax over [S, s_h] without its last column."""
+    sink = module.sink_logit.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
 
 
-def clipped_attention(q, k, v, gate=None, *, sites=None, clip_alpha=4.0):
-    """Clipped softmax attention: exact zeros (and ones) become reachable."""
-    return _weighted_sum(q, k, v, sites, clip_alpha)
+NORMALISERS: dict[str, Callable] = {
+    "softmax": softmax_weights,
+    "clipped": clipped_weights,
+    "softpick": softpick_weights,
+    "sigmoid": sigmoid_weights,
+    "sink_logit": sink_logit_weights,
+}
 
 
 @dataclass(frozen=True)
 class AttentionArm:
     name: str
-    function: Callable
+    # key of NORMALISERS
+    normaliser: str
     # Where the gate's input comes from: None (no gate), "value" (the full value
-    # projection V, VGA), "input_head" (the head's slice of the normed input, IGA) or
-    # "input" (the whole normed input, Qwen G1).
+    # projection V), "input_head" (the head's slice of the normed input, IGA) or "input"
+    # (the whole normed input).
     gate_source: str | None
     # "value": the gate scales V_j before the weighted sum; "output": it scales O_i.
     gate_position: str | None
+    formula: str
     description: str
+    # sigmoid of the gate bias at init (None: ungated)
+    gate_init: float | None = None
+
+    @property
+    def normalise(self) -> Callable:
+        return NORMALISERS[self.normaliser]
+
+    def function(self, q, k, v, gate=None, *, module=None, hooks=None):
+        """The float attention of this arm (see `attend`)."""
+        return attend(self, q, k, v, gate, module=module, hooks=hooks)
 
 
-ATTENTION_ARMS: dict[str, AttentionArm] = {
-    arm.name: arm
-    for arm in [
-        AttentionArm("softmax", softmax_attention, None, None, "vanilla softmax attention"),
-        AttentionArm("vga", vga_attention, "value", "value",
-                     "Value-State Gated Attention, key side (Eq. 6): softmax(QK^T) @ (sigmoid(V W_g) * V)"),
-        AttentionArm("vga_out", vga_out_attention, "value", "output",
-                     "VGA, output side (appendix B): sigmoid(V W_g)_i * softmax(QK^T) V"),
-        AttentionArm("iga", iga_attention, "input_head", "output",
-                     "Bondarenko gated attention: per-head Linear(d_head->1) gate on the normed input"),
-        AttentionArm("qwen_g1", qwen_g1_attention, "input", "output",
-                     "Qiu et al. G1: sigmoid(X W) gate on the SDPA output, X the normed input"),
-        AttentionArm("clipped", clipped_attention, None, None,
-                     "Bondarenko clipped softmax, zeta=1, gamma=-alpha/T"),
-    ]
-}
+GATE_SOURCES = (None, "value", "input_head", "input")
+GATE_POSITIONS = (None, "value", "output")
+
+
+def weighted_sum(normalise: Callable, q, k, v, module=None, hooks=None, fused_softmax: bool = False):
+    """P V with P = normalise(masked scores).  (B, H, T, D)
+
+    `fused_softmax`: the normaliser is plain softmax, so with no hooks the fused SDPA runs,
+    and an observer that needs only P[..., 0] (`hooks.first_column_only`, the sink probes)
+    gets it from the fused kernel too."""
+    if fused_softmax and hooks is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if fused_softmax and getattr(hooks, "first_column_only", False):
+        out, first = first_column_sdpa(q, k, v)
+        hooks.first_column(first)
+        return out
+    scores = causal_scores(q, k)
+    if hooks is not None:
+        scores = hooks.scores(scores)
+    probs = normalise(scores, module)
+    if hooks is not None:
+        probs = hooks.probs(probs)
+        if hasattr(hooks, "first_column"):
+            hooks.first_column(probs[..., 0])
+    context = probs @ v
+    return hooks.context(context) if hooks is not None else context
+
+
+def attend(arm: AttentionArm, q, k, v, gate=None, *, module=None, hooks=None):
+    """Every arm's float attention: gate V (key side) or O (query side) around P V."""
+    if arm.gate_position == "value":
+        v = gate * v
+    context = weighted_sum(arm.normalise, q, k, v, module, hooks, fused_softmax=arm.normaliser == "softmax")
+    if arm.gate_position == "output":
+        context = gate * context
+    return context
+
+
+def _arms(*arms: AttentionArm) -> dict[str, AttentionArm]:
+    for arm in arms:
+        if arm.normaliser not in NORMALISERS:
+            raise ValueError(f"arm {arm.name}: unknown normaliser {arm.normaliser!r}")
+        if arm.gate_source not in GATE_SOURCES or arm.gate_position not in GATE_POSITIONS \
+                or (arm.gate_source is None) != (arm.gate_position is None) \
+                or (arm.gate_source is None) != (arm.gate_init is None):
+            raise ValueError(f"arm {arm.name}: gate source, position and init must all be set or all None")
+    return {arm.name: arm for arm in arms}
+
+
+ATTENTION_ARMS: dict[str, AttentionArm] = _arms(
+    AttentionArm("softmax", "softmax", None, None, "O = softmax(QK^T/sqrt(d)) V",
+                 "vanilla softmax attention"),
+    AttentionArm("vga", "softmax", "value", "value", "O = softmax(QK^T/sqrt(d)) (sigmoid(V W_g) * V)",
+                 "Value-State Gated Attention, key side (Eq. 6): each token gates its own value", 0.5),
+    AttentionArm("vga_out", "softmax", "value", "output", "O_i = sigmoid(V_i W_g) * (softmax(QK^T/sqrt(d)) V)_i",
+                 "VGA, output side (appendix B): the query token's value-gate scales its output", 0.5),
+    # Bondarenko et al. found pi_init = 0.25 best for IGA on OPT-125m.
+    AttentionArm("iga", "softmax", "input_head", "output", "O_i,h = sigmoid(x_i,h w_h + b_h) * (softmax(QK^T) V)_i,h",
+                 "Bondarenko gated attention: per-head Linear(d_head->1) gate on the head's slice of the normed input",
+                 0.25),
+    AttentionArm("qwen_g1", "softmax", "input", "output", "O_i = sigmoid(X_i W) * (softmax(QK^T/sqrt(d)) V)_i",
+                 "Qiu et al. G1: gate from the whole normed input on the SDPA output", 0.5),
+    AttentionArm("vga_x", "softmax", "input", "value", "O = softmax(QK^T/sqrt(d)) (sigmoid(X W) * V)",
+                 "key-side gate from the normed input (Qiu et al. G2): vga with the gate's input swapped", 0.5),
+    AttentionArm("clipped", "clipped", None, None, "O = clip((1 - gamma) softmax(QK^T/sqrt(d)) + gamma, 0, 1) V",
+                 "Bondarenko clipped softmax, zeta=1, gamma=-alpha/T"),
+    AttentionArm("softpick", "softpick", None, None, "O = ReLU(e^S - 1) / (sum_j |e^S_j - 1| + eps) V",
+                 "softpick (Zuhri et al. 2025): rectified, not summing to one; eps 1e-8 after the max shift"),
+    AttentionArm("sigmoid", "sigmoid", None, None, "O = sigmoid(QK^T/sqrt(d) - log n) V",
+                 "sigmoid attention (Ramapuram et al. 2024), b = -log(n), n the context length"),
+    AttentionArm("sink_logit", "sink_logit", None, None, "O = exp(S) / (exp(s_h) + sum_j exp(S_j)) V",
+                 "softmax with a learnable per-head sink logit in the denominator (off-by-one / learned sink)"),
+)

@@ -5,11 +5,6 @@ import math
 
 from transformers import PretrainedConfig
 
-# Default initial gate value (sigmoid of the gate bias at init) per gated arm.
-# Bondarenko et al. found pi_init = 0.25 best for IGA on OPT-125m; the VGA paper gives no
-# value, so VGA and the Qwen G1 gate start half open (bias 0).
-DEFAULT_GATE_INIT = {"vga": 0.5, "vga_out": 0.5, "iga": 0.25, "qwen_g1": 0.5}
-
 
 class QBenchConfig(PretrainedConfig):
     """GPT-2/OPT-like pre-LN decoder; only `attention` (the arm) varies between zoo models."""
@@ -45,8 +40,8 @@ class QBenchConfig(PretrainedConfig):
             raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
         if gate_granularity not in ("head", "element"):
             raise ValueError(f"gate_granularity must be 'head' or 'element', got {gate_granularity!r}")
-        if gate_init is None:
-            gate_init = DEFAULT_GATE_INIT.get(attention, 0.5)
+        if gate_init is None:  # the arm's default (ungated arms keep 0.5, unused)
+            gate_init = ATTENTION_ARMS[attention].gate_init or 0.5
         if not 0.0 < gate_init < 1.0:
             raise ValueError(f"gate_init is a sigmoid value and must lie in (0, 1), got {gate_init}")
         self.n_layer = n_layer

@@ -6,13 +6,16 @@ D head width.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from qbench.modeling.attention import ATTENTION_ARMS
+from qbench.modeling.attention import ATTENTION_ARMS, attend
+from qbench.modeling.hooks import install_attention, notify_gate
 from qbench.modeling.config import QBenchConfig
 
 
@@ -35,12 +38,21 @@ class HeadwiseGate(nn.Module):
 
 
 class QBenchAttention(nn.Module):
+    """One attention layer; what it computes is `config.attention`'s arm (normaliser and
+    gate, qbench.modeling.attention).  Quantizers, kernels and probes attach through
+    `qbench_hooks` / `qbench_kernel` (qbench.modeling.hooks)."""
+
     def __init__(self, config: QBenchConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.arm = ATTENTION_ARMS[config.attention]
-        self.clip_alpha = config.clip_alpha if config.attention == "clipped" else None
+        self.clip_alpha = config.clip_alpha  # read by the clipped-softmax normaliser only
+        # sigmoid attention's bias b = -log(n), n the context length (a constant, not a weight)
+        self.sigmoid_bias = -math.log(config.max_position_embeddings)
+        if self.arm.normaliser == "sink_logit":
+            # one learnable logit per head in the softmax denominator; 0 = "off-by-one" at init
+            self.sink_logit = nn.Parameter(torch.zeros(config.n_head))
         d = config.d_model
         self.q_proj = nn.Linear(d, d)
         self.k_proj = nn.Linear(d, d)
@@ -51,20 +63,16 @@ class QBenchAttention(nn.Module):
             self.gate_proj = GateLinear(d, self.n_head * per_head)
         elif self.arm.gate_source == "input_head":
             self.gate_proj = HeadwiseGate(self.n_head, self.head_dim, per_head)
-        # Quantizers and probes attach an AttentionSites object here; None = fused SDPA path.
-        self.sites = None
-        # Probes may set this to a callable receiving (layer_idx, gate (B, H, T, 1|D)).
-        self.gate_observer = None
-        # A low-precision attention kernel (qbench.quant.lowbit_attention) replaces the
-        # float arm function when attached; it computes its own gate from quantized V.
-        self.kernel = None
+        self.qbench_hooks = None  # AttentionHooks: quantizers / probes; None = fused path
+        self.qbench_kernel = None  # AttentionKernel: replaces the float attention when set
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, d) -> (B, H, T, D)
         return x.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
 
     def gate(self, x: torch.Tensor, v_full: torch.Tensor) -> torch.Tensor | None:
-        """The arm's sigmoid gate, (B, H, T, 1 | D), or None for ungated arms."""
+        """The arm's sigmoid gate, (B, H, T, 1 | D), or None for ungated arms; its input is
+        the value projection (`v_full`, (B, T, d)), the head's slice of x, or x."""
         source = self.arm.gate_source
         if source is None:
             return None
@@ -75,21 +83,20 @@ class QBenchAttention(nn.Module):
             logits = self.gate_proj(v_full if source == "value" else x)  # (B, T, H * per_head)
             logits = logits.view(b, t, self.n_head, -1).transpose(1, 2)
         gate = torch.sigmoid(logits)
-        if self.gate_observer is not None:
-            self.gate_observer(self.layer_idx, gate)
+        notify_gate(self.qbench_hooks, self.layer_idx, gate)
         return gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape  # x: the normed attention input (B, T, d)
         v_full = self.v_proj(x)
         q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(v_full)
-        if self.kernel is not None:
-            context = self.kernel.attend(self, x, q, k, v, v_full)
-            return self.o_proj(context.transpose(1, 2).reshape(b, t, d))
-        context = self.arm.function(
-            q, k, v, self.gate(x, v_full), sites=self.sites, clip_alpha=self.clip_alpha
-        )  # (B, H, T, D)
-        return self.o_proj(context.transpose(1, 2).reshape(b, t, d))
+        if self.qbench_kernel is not None:
+            context = self.qbench_kernel.attend(
+                q, k, v, arm=self.arm, module=self, gate_fn=lambda values: self.gate(x, values),
+                scaling=1.0 / math.sqrt(self.head_dim), hidden=None, hooks=self.qbench_hooks)
+        else:
+            context = attend(self.arm, q, k, v, self.gate(x, v_full), module=self, hooks=self.qbench_hooks)
+        return self.o_proj(context.transpose(1, 2).reshape(b, t, d))  # context (B, H, T, D)
 
 
 class QBenchMLP(nn.Module):
@@ -141,6 +148,8 @@ class QBenchPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()
+        elif isinstance(module, QBenchAttention) and hasattr(module, "sink_logit"):
+            module.sink_logit.zero_()
 
 
 class QBenchModel(QBenchPreTrainedModel):
@@ -206,3 +215,13 @@ class QBenchForCausalLM(QBenchPreTrainedModel):
                 ignore_index=-100,
             )
         return CausalLMOutput(loss=loss, logits=logits)
+
+
+def attention_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer index, attention module) for every attention of a qbench or stock HF model,
+    each ready to take `qbench_hooks` / `qbench_kernel` (stock models are switched to the
+    "qbench" implementation, see qbench.modeling.hooks)."""
+    ours = [m for m in model.modules() if isinstance(m, QBenchAttention)]
+    if ours:
+        return [(m.layer_idx, m) for m in ours]
+    return list(enumerate(install_attention(model)))

@@ -8,27 +8,30 @@ import torch
 from qbench.probes.stats import ActivationProbe, AttentionProbe, GateProbe
 
 
-class ObservingSites(torch.nn.Module):
-    """Attention sites that report the probabilities and delegate to the sites already
+class ObservingHooks(torch.nn.Module):
+    """Attention hooks that report P[..., 0] and the gates, delegating to the hooks already
     there (a quantizer's), so probes on a quantized model see quantized probabilities.
-    With no inner sites only token 0's column is needed: `first_column_only` lets the
-    attention keep its fused path and hand over P[..., 0] alone."""
+    With no inner hooks only token 0's column is needed: `first_column_only` lets the
+    attention keep its fused path (or the kernel its blocks) and hand over P[..., 0] alone."""
 
-    def __init__(self, inner, callback, first_callback=None):
+    def __init__(self, inner, on_first_column, on_gate):
         super().__init__()
-        self.inner, self.callback, self.first_callback = inner, callback, first_callback
-        self.first_column_only = inner is None and first_callback is not None
+        self.inner, self.on_first_column, self.on_gate = inner, on_first_column, on_gate
+        self.first_column_only = inner is None
 
     def first_column(self, first):
-        self.first_callback(first)
+        self.on_first_column(first)
+
+    def gate(self, layer, g):
+        self.on_gate(layer, g)
+        if self.inner is not None and hasattr(self.inner, "gate"):
+            self.inner.gate(layer, g)
 
     def scores(self, x):
         return self.inner.scores(x) if self.inner is not None else x
 
     def probs(self, x):
-        x = self.inner.probs(x) if self.inner is not None else x
-        self.callback(x)
-        return x
+        return self.inner.probs(x) if self.inner is not None else x
 
     def context(self, x):
         return self.inner.context(x) if self.inner is not None else x
@@ -37,49 +40,24 @@ class ObservingSites(torch.nn.Module):
 @contextmanager
 def attach_probes(model: torch.nn.Module):
     """Yields (activation, attention, gate) probes; restores the model afterwards."""
-    from qbench.modeling.model import QBenchAttention
+    from qbench.modeling.model import attention_layers
 
     activation, attention, gates = ActivationProbe(model), AttentionProbe(), GateProbe()
+    previous = getattr(model.config, "_attn_implementation", None)
+    layers = attention_layers(model)  # switches stock HF models to the qbench implementation
     restore = []
-    ours = [m for m in model.modules() if isinstance(m, QBenchAttention)]
-    if ours:
-        for module in ours:
-            if module.kernel is not None:
-                restore.append((module.kernel, "observer", module.kernel.observer))
-                module.kernel.observer = lambda mod, head, p: attention.observe_block(mod.layer_idx, head, mod.n_head, p)
-            else:
-                restore.append((module, "sites", module.sites))
-                module.sites = ObservingSites(module.sites, lambda p, i=module.layer_idx: attention.observe(i, p),
-                                              lambda f, i=module.layer_idx: attention.observe_first(i, f))
-            restore.append((module, "gate_observer", module.gate_observer))
-            module.gate_observer = gates.observe
-    else:
-        from qbench.quant.attention_registry import IMPLEMENTATION, install_attention
-
-        previous = model.config._attn_implementation
-        modules = install_attention(model)
-        if previous != IMPLEMENTATION:
-            restore.append((None, "attn_implementation", previous))
-        heads = model.config.num_attention_heads
-        for index, module in enumerate(modules):
-            kernel = getattr(module, "qbench_kernel", None)
-            if kernel is not None:
-                restore.append((kernel, "observer", kernel.observer))
-                kernel.observer = lambda mod, head, p: attention.observe_block(
-                    getattr(mod, "layer_idx", 0), head, heads, p)
-            else:
-                restore.append((module, "qbench_sites", getattr(module, "qbench_sites", None)))
-                module.qbench_sites = ObservingSites(getattr(module, "qbench_sites", None),
-                                                     lambda p, i=index: attention.observe(i, p))
+    for index, module in layers:
+        inner = getattr(module, "qbench_hooks", None)
+        restore.append((module, inner))
+        module.qbench_hooks = ObservingHooks(inner, lambda f, i=index: attention.observe_first(i, f), gates.observe)
     try:
         with activation:
             yield activation, attention, gates
     finally:
-        for owner, name, value in reversed(restore):
-            if owner is None:
-                model.set_attn_implementation(value)
-            else:
-                setattr(owner, name, value)
+        for module, inner in restore:
+            module.qbench_hooks = inner
+        if getattr(model.config, "_attn_implementation", None) != previous and previous is not None:
+            model.set_attn_implementation(previous)
 
 
 @torch.no_grad()

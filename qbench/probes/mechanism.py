@@ -20,10 +20,17 @@ from __future__ import annotations
 import torch
 
 
-class _CaptureSites(torch.nn.Module):
-    def __init__(self, store: dict, layer: int):
+class _CaptureHooks(torch.nn.Module):
+    """Attention hooks (qbench.modeling.hooks) that keep one layer's scores, P and gates."""
+
+    first_column_only = False
+
+    def __init__(self, store: dict, layer: int, gates: dict):
         super().__init__()
-        self.store, self.layer = store, layer
+        self.store, self.layer, self.gates = store, layer, gates
+
+    def gate(self, layer, g):
+        self.gates[layer] = g.detach()
 
     def scores(self, x):
         self.store.setdefault(self.layer, {})["scores"] = x.detach()
@@ -50,9 +57,8 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
     gates: dict = {}
     saved, hooks = [], []
     for module in attention:
-        saved.append((module, module.sites, module.gate_observer, module.kernel))
-        module.sites, module.kernel = _CaptureSites(store, module.layer_idx), None
-        module.gate_observer = lambda i, g: gates.__setitem__(i, g.detach())
+        saved.append((module, module.qbench_hooks, module.qbench_kernel))
+        module.qbench_hooks, module.qbench_kernel = _CaptureHooks(store, module.layer_idx, gates), None
         hooks.append(module.v_proj.register_forward_hook(
             lambda mod, inp, out, i=module.layer_idx: values.__setitem__(i, out.detach())))
     was_training = model.training
@@ -60,8 +66,8 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
     try:
         model(tokens)
     finally:
-        for module, sites, observer, kernel in saved:
-            module.sites, module.gate_observer, module.kernel = sites, observer, kernel
+        for module, hooks, kernel in saved:
+            module.qbench_hooks, module.qbench_kernel = hooks, kernel
         for h in hooks:
             h.remove()
         model.train(was_training)

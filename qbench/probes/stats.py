@@ -198,8 +198,8 @@ class ActivationProbe:
 
 
 class AttentionProbe:
-    """Sink statistics from the attention probabilities, fed one (B, H, T, T) tensor or one
-    (T, T) block of one head at a time by the attention sites or the kernel's observer."""
+    """Sink statistics from P[..., 0] (B, H, T), handed over by every attention path through
+    the hooks' `first_column` (fused SDPA, explicit P, the low-precision kernel)."""
 
     def __init__(self):
         self.first_sum: dict[int, torch.Tensor] = {}  # layer -> (H,) sum over sequences
@@ -223,17 +223,6 @@ class AttentionProbe:
         self.first_sum[layer] += first.sum(0)
         self.above[layer] += (first > SINK_EPSILON).float().sum(0)
         self.sequences[layer] += first.shape[0]
-
-    def observe_block(self, layer: int, head: int, heads: int, probs: torch.Tensor) -> None:
-        """probs (T, T) of one head of one sequence (the low-precision kernel's blocks)."""
-        if probs.shape[-2] < 2:
-            return
-        first = probs.detach().float()[1:, 0].mean().item()
-        self._ensure(layer, heads)
-        self.first_sum[layer][head] += first
-        self.above[layer][head] += float(first > SINK_EPSILON)
-        if head == 0:
-            self.sequences[layer] += 1
 
     def summary(self) -> dict:
         if not self.first_sum:

@@ -1,25 +1,24 @@
 """The low-precision gated-attention kernel: every arm's attention computed in 8 bits.
 
-Per (batch, head) block, so no more than one T x T block exists at a time:
+Vectorised over (batch x heads), with queries in chunks of at most `query_chunk` rows, so
+at most one (B, H, chunk, T_k) block of scores exists at a time:
   Q, K int8 (per-token scales, or one scale per head);  V int8 (per-channel scales within
-  the head, or one per head: a per-token scale could not leave the P V sum);
+  each head, or one per head: a per-token scale could not leave the P V sum);
   S = Q K^T as an int8 x int8 -> int32 matmul, rescaled by s_q s_k / sqrt(d);
-  P = softmax(S) (or the clipped softmax) in float, then quantized to 8 bits: unsigned
-  codes with scale 1/255, or float8 e4m3;
+  P = the arm's normaliser (softmax, clipped softmax, softpick, sigmoid, sink logit: the
+  same function as the float path) in float, then quantized to 8 bits: unsigned codes
+  with scale 1/255 (every normaliser's weights lie in [0, 1]), or float8 e4m3;
   O = P V as an 8-bit matmul (uint8 codes are shifted by -128 into int8 and the shift is
   added back exactly: P V = (P' + 128) V = P' V + 128 colsum(V));
-  gates: VGA's gate is computed from the *quantized* V and quantized to 8 bits (scale
-  1/255); key side it scales V (re-quantized to int8) before P V, output side it scales
-  O; IGA / G1 gates come from the input and are applied to O the same way.
-A float reference (the arm functions in qbench.modeling.attention) sits beside it.
+  gates: the module's own gate function, fed the *dequantized* V where the gate reads
+  values, quantized to 8 bits (scale 1/255); at the value position it scales V
+  (re-quantized to int8) before P V, at the output position it scales O.
+The kernel names no arm: it reads the arm's normaliser and gate position.
+A float reference (qbench.modeling.attention.attend) sits beside it.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-
-from qbench.modeling.attention import clipped_softmax
 
 INT8_MAX = 127
 
@@ -45,15 +44,21 @@ INT8_UNITS = _has_int8_units()
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) x int8 (K, N) -> int32, exact.  torch._int_mm where the CPU has int8
-    dot-product units (AVX-512 VNNI / AMX); on AVX2-only CPUs _int_mm takes a slow
-    reference path, so the same integers are computed by the fp32 GEMM, which is exact
-    while K <= 1024 (each partial sum below 2^24), in K-chunks otherwise."""
-    if INT8_UNITS:
-        return torch._int_mm(a.contiguous(), b)
+    """int8 (..., M, K) x int8 (..., K, N) -> int32, exact.  torch._int_mm (2-D, one call per
+    leading index) where the CPU has int8 dot-product units (AVX-512 VNNI / AMX); on
+    AVX2-only CPUs _int_mm takes a slow reference path, so the same integers are computed
+    by the batched fp32 GEMM, which is exact while K <= 1024 (each partial sum below
+    2^24), in K-chunks otherwise."""
+    if INT8_UNITS and a.device.type == "cpu":
+        if a.dim() == 2:
+            return torch._int_mm(a.contiguous(), b.contiguous())
+        lead = a.shape[:-2]
+        a2, b2 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+        out = torch.stack([torch._int_mm(x.contiguous(), y.contiguous()) for x, y in zip(a2, b2)])
+        return out.reshape(*lead, *out.shape[-2:])
     out = None
-    for start in range(0, a.shape[1], EXACT_FP32_K):
-        part = (a[:, start:start + EXACT_FP32_K].float() @ b[start:start + EXACT_FP32_K].float()).to(torch.int32)
+    for start in range(0, a.shape[-1], EXACT_FP32_K):
+        part = (a[..., start:start + EXACT_FP32_K].float() @ b[..., start:start + EXACT_FP32_K, :].float()).to(torch.int32)
         out = part if out is None else out + part
     return out
 
@@ -71,112 +76,88 @@ def quantize_gate(g: torch.Tensor) -> torch.Tensor:
 
 
 class LowBitAttention:
-    """Attached to attention modules (ours as `.kernel`, stock HF ones as `.qbench_kernel`)."""
+    """An `AttentionKernel` (qbench.modeling.hooks): attached to attention modules as
+    `qbench_kernel`, ours and stock HF ones alike."""
 
-    def __init__(self, probs: str = "int8", qkv_granularity: str = "token"):
+    def __init__(self, probs: str = "int8", qkv_granularity: str = "token", query_chunk: int = 256):
         if qkv_granularity not in ("token", "head"):
             raise ValueError(f"qkv_granularity must be 'token' or 'head', got {qkv_granularity!r}")
+        if query_chunk < 1:
+            raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
         quantize_probs(torch.zeros(1), probs)  # validates the format
-        self.probs, self.qkv_granularity = probs, qkv_granularity
-        # Probes may set a callable receiving (module, head index, P block (T, T)) per block.
-        self.observer = None
+        self.probs, self.qkv_granularity, self.query_chunk = probs, qkv_granularity, query_chunk
 
-    # -- the block computation, shared by every arm ----------------------------------
     def _quantize_qk(self, x: torch.Tensor):
-        return int8_codes(x, dim=-1 if self.qkv_granularity == "token" else None)
+        """(B, H, T, D): per token, or one scale per (sequence, head)."""
+        return int8_codes(x, dim=-1 if self.qkv_granularity == "token" else (-2, -1))
 
     def _quantize_v(self, v: torch.Tensor):
-        return int8_codes(v, dim=0 if self.qkv_granularity == "token" else None)  # per channel
+        """(B, H, T, D): per channel within each (sequence, head), or one per (sequence, head)."""
+        return int8_codes(v, dim=-2 if self.qkv_granularity == "token" else (-2, -1))
 
-    def block(self, q: torch.Tensor, k: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
-              scaling: float, additive_mask: torch.Tensor | None, clip_alpha: float | None,
-              module=None, head: int = 0) -> torch.Tensor:
-        """One head of one sequence: q, k (T, D) float; V as int8 codes + scales -> (T, D)."""
-        t_q, t_k = q.shape[0], k.shape[0]
+    def weighted_sum(self, q: torch.Tensor, k: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
+                     normalise, module, scaling: float, hidden: torch.Tensor | None,
+                     hooks=None) -> torch.Tensor:
+        """P V in 8 bits for every (sequence, head) at once: q, k (B, H, T, D) float; V as
+        int8 codes (B, H, T_k, D) with scales (B, H, 1 | T_k..., D).  `hidden` (broadcastable
+        to (B, H, T_q, T_k)) marks hidden keys; None = causal.  Queries are processed in
+        chunks of `query_chunk`; P[..., 0] goes to `hooks.first_column` when hooks are set."""
+        t_q, t_k = q.shape[-2], k.shape[-2]
         q_codes, q_scale = self._quantize_qk(q)
         k_codes, k_scale = self._quantize_qk(k)
-        scores = int_matmul(q_codes, k_codes.t()).float() * (q_scale * k_scale.reshape(1, -1)) * scaling
-        if additive_mask is not None:
-            scores = scores.masked_fill(additive_mask, float("-inf"))
-        else:
-            causal = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
-            scores = scores.masked_fill(~causal, float("-inf"))
-        p = clipped_softmax(scores, clip_alpha) if clip_alpha is not None else torch.softmax(scores, dim=-1)
-        if self.observer is not None:
-            self.observer(module, head, p)
-        p_q = quantize_probs(p, self.probs)
-        if self.probs == "int8":
-            shifted = (p_q - 128).to(torch.int8)  # uint8 codes as int8, exact shift
-            column_sums = v_codes.to(torch.int32).sum(dim=0, keepdim=True)  # (1, D)
-            acc = int_matmul(shifted, v_codes) + 128 * column_sums
-            return acc.float() / 255.0 * v_scale.reshape(1, -1)
-        return p_q @ (v_codes.float() * v_scale.reshape(1, -1))  # fp8 P: products exact in fp32
+        k_t, k_scale_row = k_codes.transpose(-1, -2), k_scale.transpose(-1, -2)  # (B, H, D, T_k), (B, H, 1, T_k | 1)
+        column_sums = v_codes.to(torch.int32).sum(dim=-2, keepdim=True)  # (B, H, 1, D)
+        if hidden is None:
+            from qbench.modeling.attention import future_mask
 
-    # -- our model family: every arm -----------------------------------------------
-    def attend(self, module, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               v_full: torch.Tensor) -> torch.Tensor:
-        """(B, H, T, D) context for QBenchAttention `module` (its arm, gate and clip)."""
+            hidden = future_mask(t_q, t_k, q.device)
+        out = torch.empty(*q.shape[:-1], v_codes.shape[-1], dtype=torch.float32, device=q.device)
+        first = [] if hooks is not None else None
+        for start in range(0, t_q, self.query_chunk):
+            stop = min(start + self.query_chunk, t_q)
+            qs = q_scale[..., start:stop, :] if q_scale.shape[-2] == t_q else q_scale  # per token or per head
+            scores = int_matmul(q_codes[..., start:stop, :], k_t).float() * (qs * k_scale_row) * scaling
+            scores = scores.masked_fill(hidden[..., start:stop, :], float("-inf"))
+            p = normalise(scores, module)
+            if first is not None:
+                first.append(p[..., 0])
+            p_q = quantize_probs(p, self.probs)
+            if self.probs == "int8":
+                shifted = (p_q - 128).to(torch.int8)  # uint8 codes as int8, exact shift
+                acc = int_matmul(shifted, v_codes) + 128 * column_sums
+                out[..., start:stop, :] = acc.float() / 255.0 * v_scale
+            else:  # fp8 P: products exact in fp32
+                out[..., start:stop, :] = p_q @ (v_codes.float() * v_scale)
+        if first is not None and hasattr(hooks, "first_column"):
+            hooks.first_column(torch.cat(first, dim=-1))
+        return out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, arm, module, gate_fn,
+               scaling: float, hidden: torch.Tensor | None = None, hooks=None) -> torch.Tensor:
+        """(B, H, T, D) context of `arm` (its normaliser and gate position); `gate_fn(values)`
+        computes the module's gate from the full value projection (B, T, H * D) it is given."""
         b, h, t, d = q.shape
-        arm = module.arm
-        v_deq, v_codes, v_scales = torch.empty_like(v), [], []
-        for bi in range(b):
-            for hi in range(h):
-                codes, scale = self._quantize_v(v[bi, hi])
-                v_codes.append(codes)
-                v_scales.append(scale)
-                v_deq[bi, hi] = codes.float() * scale
+        dtype = q.dtype
+        q, k, v = q.float(), k.float(), v.float()
+        v_codes, v_scale = self._quantize_v(v)
         gate = None
         if arm.gate_source is not None:
-            if arm.gate_source == "value":  # VGA: the gate sees the quantized values
-                merged = v_deq.transpose(1, 2).reshape(b, t, h * d)
-                logits = module.gate_proj(merged).view(b, t, h, -1).transpose(1, 2)
-                gate = torch.sigmoid(logits)
-            else:
-                gate = module.gate(x, v_full)
-            gate = quantize_gate(gate)  # (B, H, T, 1 | D), 8-bit unsigned
-        out = torch.empty_like(q)
-        for bi in range(b):
-            for hi in range(h):
-                idx = bi * h + hi
-                codes, scale = v_codes[idx], v_scales[idx]
-                if gate is not None and arm.gate_position == "value":
-                    codes, scale = self._quantize_v(gate[bi, hi] * v_deq[bi, hi])  # g_j V_j, re-quantized
-                o = self.block(q[bi, hi], k[bi, hi], codes, scale, 1.0 / math.sqrt(d), None,
-                               module.clip_alpha, module, hi)
-                if gate is not None and arm.gate_position == "output":
-                    o = gate[bi, hi] * o
-                out[bi, hi] = o
-        return out
-
-    # -- stock HF attention (softmax arm) through the registry ----------------------
-    def __call__(self, query, key, value, attention_mask=None, scaling=None):
-        b, h, t, d = query.shape
-        scaling = scaling if scaling is not None else d ** -0.5
-        out = torch.empty_like(query)
-        for bi in range(b):
-            mask = None
-            if attention_mask is not None:
-                m = attention_mask[bi, 0] if attention_mask.dim() == 4 else attention_mask[bi]
-                mask = ~m if m.dtype == torch.bool else m <= torch.finfo(m.dtype).min / 2
-            for hi in range(h):
-                codes, scale = self._quantize_v(value[bi, hi].float())
-                out[bi, hi] = self.block(query[bi, hi].float(), key[bi, hi].float(), codes, scale, scaling,
-                                         mask, None, None, hi).to(query.dtype)
-        return out
+            v_deq = v_codes.float() * v_scale  # a gate that reads values sees the quantized ones
+            gate = quantize_gate(gate_fn(v_deq.transpose(1, 2).reshape(b, t, h * d)))  # (B, H, T, 1 | D)
+            if arm.gate_position == "value":
+                v_codes, v_scale = self._quantize_v(gate * v_deq)  # g_j V_j, re-quantized
+        out = self.weighted_sum(q, k, v_codes, v_scale, arm.normalise, module, scaling, hidden, hooks)
+        if gate is not None and arm.gate_position == "output":
+            out = gate * out
+        return out.to(dtype)
 
 
 def install_kernel(model: torch.nn.Module, kernel: LowBitAttention) -> int:
-    """Attach the kernel to every attention module: ours directly, stock HF through the registry."""
-    from qbench.modeling.model import QBenchAttention
+    """Attach the kernel to every attention module (ours directly, stock HF ones through the
+    attention registry)."""
+    from qbench.modeling.model import attention_layers
 
-    ours = [m for m in model.modules() if isinstance(m, QBenchAttention)]
-    for module in ours:
-        module.kernel = kernel
-    if ours:
-        return len(ours)
-    from qbench.quant.attention_registry import install_attention
-
-    modules = install_attention(model)
-    for module in modules:
+    layers = attention_layers(model)
+    for _, module in layers:
         module.qbench_kernel = kernel
-    return len(modules)
+    return len(layers)

@@ -145,7 +145,10 @@ class OutputQuantized(nn.Module):
 
 
 class AttentionQuantSites(nn.Module):
-    """Quantizers at Q K^T, the softmax output P and the context P V (see modeling.attention)."""
+    """Attention hooks (qbench.modeling.hooks) with quantizers at Q K^T, the weights P and
+    the context P V."""
+
+    first_column_only = False
 
     def __init__(self, make_quantizer):
         super().__init__()
@@ -180,7 +183,7 @@ def prepare_weight_only(model: nn.Module, scheme) -> dict:
 
 def prepare_static(model: nn.Module, scheme) -> dict:
     """Swap modules and attach observers for the w8a8-pt family; returns the sites covered."""
-    from qbench.modeling.model import QBenchAttention
+    from qbench.modeling.model import attention_layers
 
     options = scheme.options
 
@@ -209,13 +212,9 @@ def prepare_static(model: nn.Module, scheme) -> dict:
         elif isinstance(module, nn.Identity) and leaf in ("embed_sum", "attn_residual", "mlp_residual"):
             _set_submodule(model, name, OutputQuantized(module, make_quantizer()))
             sites["residual sums"] += 1
-        elif isinstance(module, QBenchAttention):
-            module.sites = AttentionQuantSites(make_quantizer)
-            sites["attention scores/probs/context"] += 1
-    if sites["attention scores/probs/context"] == 0:
-        from qbench.quant.attention_registry import install_quantized_attention
-
-        sites["attention scores/probs/context"] = install_quantized_attention(model, make_quantizer)
+    for _, module in attention_layers(model):  # ours, or stock HF ones through the registry
+        module.qbench_hooks = AttentionQuantSites(make_quantizer)
+        sites["attention scores/probs/context"] += 1
     return {"quantized_linears": sites["linear inputs/outputs"], "sites": sites}
 
 

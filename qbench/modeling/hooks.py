@@ -1,0 +1,120 @@
+"""The one attention hook protocol: quantizers, the low-precision kernel and the probes all
+attach to attention modules the same way, on qbench models and on stock Hugging Face models.
+
+Every attention module may carry two attributes:
+  `qbench_hooks`  an `AttentionHooks` object that sees (and may replace) the scores, the
+                  weights P and the context P V, and observes P[..., 0] and the gates;
+  `qbench_kernel` an `AttentionKernel` that computes the attention itself (the
+                  low-precision kernel); it reports P[..., 0] and gates to the hooks.
+On qbench models `QBenchAttention` reads them directly; on stock HF models (Llama, GPT-2,
+...) transformers' attention-function registry routes attention through
+`hf_attention` (an implementation named "qbench"), never by patching their forward.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+IMPLEMENTATION = "qbench"
+
+
+class AttentionHooks(Protocol):
+    """Each method returns its tensor (a quantizer returns it quantized, an observer as is).
+    `first_column` and `gate` are optional observers: every path that computes P calls
+    `first_column(P[..., 0])` (after `probs`), every gated arm calls `gate`.
+    `first_column_only`: the hooks need nothing but P[..., 0] (and gates) and replace
+    nothing, so a fused path may hand over that column alone instead of materialising P."""
+
+    first_column_only: bool
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor: ...  # (B, H, T_q, T_k), -inf where hidden
+    def probs(self, x: torch.Tensor) -> torch.Tensor: ...  # (B, H, T_q, T_k)
+    def context(self, x: torch.Tensor) -> torch.Tensor: ...  # (B, H, T_q, D)
+    def first_column(self, x: torch.Tensor) -> None: ...  # (B, H, T_q): P[..., 0] as computed
+    def gate(self, layer: int, g: torch.Tensor) -> None: ...  # (B, H, T, 1 | D)
+
+
+class AttentionKernel(Protocol):
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, arm, module, gate_fn,
+               scaling: float, hidden: torch.Tensor | None, hooks) -> torch.Tensor: ...
+
+
+def notify_gate(hooks, layer: int, gate: torch.Tensor) -> None:
+    if hooks is not None and hasattr(hooks, "gate"):
+        hooks.gate(layer, gate)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    # (B, H_kv, T, D) -> (B, H_kv * groups, T, D): grouped-query attention shares K and V.
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def hidden_keys(attention_mask: torch.Tensor | None, t_q: int, t_k: int, device) -> torch.Tensor:
+    """(B or 1, 1, T_q, T_k) True where a key is hidden, from an HF mask (boolean, or
+    additive with the dtype's minimum) or, with none, the causal mask."""
+    if attention_mask is None:
+        from qbench.modeling.attention import future_mask
+
+        return future_mask(t_q, t_k, device)[None, None]
+    if attention_mask.dtype == torch.bool:
+        hidden = ~attention_mask
+    else:
+        hidden = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+    return hidden if hidden.dim() == 4 else hidden[:, None]
+
+
+def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                 **kwargs):
+    """The softmax arm for stock HF attention modules, explicit, with the module's hooks and
+    kernel (see the module docstring).  Returns (B, T, H, D) as transformers expects."""
+    from qbench.modeling.attention import ATTENTION_ARMS
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # (B, H, T, D)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    hidden = hidden_keys(attention_mask, query.shape[-2], key.shape[-2], query.device)
+    hooks = getattr(module, "qbench_hooks", None)
+    kernel = getattr(module, "qbench_kernel", None)
+    if kernel is not None:
+        context = kernel.attend(query, key, value, arm=ATTENTION_ARMS["softmax"], module=module, gate_fn=None,
+                                scaling=scaling, hidden=hidden, hooks=hooks)
+        return context.transpose(1, 2).contiguous(), None
+    scores = ((query @ key.transpose(-1, -2)) * scaling).masked_fill(hidden, float("-inf"))  # (B, H, T, T)
+    if hooks is not None:
+        scores = hooks.scores(scores)
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    if hooks is not None:
+        probs = hooks.probs(probs)
+        if hasattr(hooks, "first_column"):
+            hooks.first_column(probs[..., 0])
+    context = probs @ value
+    if hooks is not None:
+        context = hooks.context(context)
+    return context.transpose(1, 2).contiguous(), None  # (B, T, H, D)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(IMPLEMENTATION, hf_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, eager_mask)
+
+
+def hf_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of a stock HF model: those that hold q/k/v projections."""
+    return [m for m in model.modules()
+            if type(m).__name__.endswith("Attention") and any(hasattr(m, n) for n in ("q_proj", "c_attn", "qkv_proj"))]
+
+
+def install_attention(model: nn.Module) -> list[nn.Module]:
+    """Route a stock HF model's attention through `hf_attention`; returns its modules."""
+    modules = hf_attention_modules(model)
+    if not modules:
+        raise NotImplementedError(f"{type(model).__name__}: no attention modules found for the qbench attention")
+    _register()
+    model.set_attn_implementation(IMPLEMENTATION)
+    return modules

@@ -1,0 +1,63 @@
+"""Import structure: modeling imports neither quant nor probes, probes do not import quant,
+and no two qbench modules import each other, directly or in a circle (function-level
+imports included: a circle hidden inside a function is still a circle)."""
+import ast
+
+from qbench.paths import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "qbench"
+
+
+def module_name(path):
+    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports():
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        graph[name] = {m for m in found if m == "qbench" or m.startswith("qbench.")}
+    return graph
+
+
+def test_layering():
+    graph = imports()
+    for name, targets in graph.items():
+        if name.startswith("qbench.modeling"):
+            assert not {t for t in targets if t.startswith(("qbench.quant", "qbench.probes"))}, name
+        if name.startswith("qbench.probes"):
+            assert not {t for t in targets if t.startswith("qbench.quant")}, name
+
+
+def test_no_import_circles():
+    graph = imports()
+
+    def owner(target):  # `from qbench.quant import x` targets the package module
+        while target not in graph and "." in target:
+            target = target.rsplit(".", 1)[0]
+        return target
+
+    edges = {n: {owner(t) for t in ts if owner(t) != n and owner(t) != "qbench"} for n, ts in graph.items()}
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in edges.get(node, ()):
+            if state.get(nxt) == "open":
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
