@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow bench report zoo perf study clean-venv
+.PHONY: setup test test-slow bench report report-check zoo perf study clean-venv
 
 setup: $(STAMP)
 
@@ -49,6 +49,14 @@ bench: setup
 
 report: setup
 	$(QBENCH) report --results $(RESULTS)
+
+# The HTML report in a real browser: Debian's chromium (apt-get, as root) and playwright
+# (driving that chromium; it never downloads a browser of its own), then the browser test.
+PLAYWRIGHT_VERSION ?= 1.65.2
+report-check: setup
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	$(PY) -m pip install -q playwright==$(PLAYWRIGHT_VERSION)
+	$(PY) -m pytest -q -m browser tests/test_report_browser.py
 
 # Train what the zoo lacks on the CPU (bb and tiny queues: hours on 2 cores; resumable,
 # finished checkpoints are skipped) and re-measure models/zoo.yaml.  The GPU-trained part

@@ -48,23 +48,35 @@ def _cmd_report(args) -> int:
     from qbench.report import write_report
     from qbench.results import ResultStore
 
-    summary, report = write_report(ResultStore(args.results), fmt=args.format)
+    summary, report = write_report(ResultStore(args.results), fmt=args.format, models=args.models,
+                                   schemes=_split(args.schemes) or None)
     print(f"wrote {summary}" + (f" and {report}" if report != summary else ""))
     return 0
 
 
 def _cmd_compare(args) -> int:
-    from qbench.report import comparison_table, cross_model_table, format_table
+    """The headline matrix for the models asked (globs); with --scheme, one scheme's full
+    rows side by side."""
+    from qbench.report import (EmptyReportError, comparison_table, cross_model_table, format_table, headline_matrix,
+                               label_checkpoints, matrix_table, matrix_values, select_records)
     from qbench.results import ResultStore
 
-    models = _split(args.models)
-    table = comparison_table(ResultStore(args.results).records())
-    rows = cross_model_table(table, args.scheme, models) if not table.empty else table
-    if rows.empty or rows.ppl.isna().all():
-        print(f"no records for scheme {args.scheme!r} and models {models} in {args.results}; run qbench bench first",
-              file=sys.stderr)
-        return 1
-    print(format_table(rows))
+    store = ResultStore(args.results)
+    schemes = _split(args.schemes) + ([args.scheme] if args.scheme else [])
+    records = select_records(label_checkpoints(store.records()), args.models, schemes or None)
+    if args.scheme:
+        table = comparison_table(records)
+        rows = cross_model_table(table, args.scheme) if not table.empty else table
+        if rows.empty or rows.ppl.isna().all():
+            raise EmptyReportError(f"no records for scheme {args.scheme!r} and models {args.models!r} in "
+                                   f"{args.results}; run qbench bench first")
+        print(format_table(rows))
+        return 0
+    matrix = matrix_table(headline_matrix(matrix_values(records)))
+    if matrix.empty:
+        raise EmptyReportError(f"no quantized perplexity cell with an fp32 reference for models {args.models!r} in "
+                               f"{args.results}; run qbench bench first")
+    print(matrix.to_string(index=False))
     return 0
 
 
@@ -174,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write summary.csv and REPORT.md from the result store")
     p.add_argument("--results", default="results")
     p.add_argument("--format", choices=["md", "csv", "html"], default="md")
+    p.add_argument("--models", default=None, help="comma-separated globs on model names, e.g. 'tiny-*,smollm2*'")
+    p.add_argument("--schemes", default="", help="comma-separated scheme names (fp32 is always kept)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("sweep", help="run a suite file's missing cells on the local or a Ray executor")
@@ -194,9 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_study)
 
-    p = sub.add_parser("compare", help="one scheme, several models side by side in the terminal")
-    p.add_argument("--models", required=True, help="comma-separated model names")
-    p.add_argument("--scheme", required=True)
+    p = sub.add_parser("compare", help="the headline matrix (or one scheme's rows) for some models, in the terminal")
+    p.add_argument("--models", default=None, help="comma-separated globs on model names (default: all)")
+    p.add_argument("--schemes", default="", help="comma-separated scheme names for the matrix")
+    p.add_argument("--scheme", default=None, help="one scheme: its full rows side by side instead of the matrix")
     p.add_argument("--results", default="results")
     p.set_defaults(func=_cmd_compare)
 
@@ -226,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Exit codes (documented in the README): 0 ok; 1 some cells failed (recorded as failed);
 # 2 bad name or argument (unknown model/scheme/task/executor, bad suite file);
-# 3 bad checkpoint; 4 data missing or unreadable (corpus, task data);
+# 3 bad checkpoint; 4 data missing or unreadable (corpus, task data, no records to report);
 # 5 the results folder cannot be written; 6 a missing optional package.
 EXIT_USAGE, EXIT_CHECKPOINT, EXIT_DATA, EXIT_STORE, EXIT_PACKAGE = 2, 3, 4, 5, 6
 
@@ -234,6 +249,7 @@ EXIT_USAGE, EXIT_CHECKPOINT, EXIT_DATA, EXIT_STORE, EXIT_PACKAGE = 2, 3, 4, 5, 6
 def exit_code(err: BaseException) -> int:
     from qbench.data.corpus import CorpusError
     from qbench.eval.lm_eval_tasks import TaskDataError
+    from qbench.report import EmptyReportError
     from qbench.results import StoreError
     from qbench.zoo import CheckpointError, UnknownModelError
 
@@ -243,7 +259,7 @@ def exit_code(err: BaseException) -> int:
         return EXIT_STORE
     if isinstance(err, CheckpointError):
         return EXIT_CHECKPOINT
-    if isinstance(err, (CorpusError, TaskDataError)):
+    if isinstance(err, (CorpusError, TaskDataError, EmptyReportError)):
         return EXIT_DATA
     if isinstance(err, ImportError):
         return EXIT_PACKAGE

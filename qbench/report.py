@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -9,6 +10,10 @@ import pandas as pd
 from qbench.results import ResultStore
 
 REFERENCE_SCHEME = "fp32"
+
+
+class EmptyReportError(ValueError):
+    """Nothing to compare: the store holds no records, or none besides fp32."""
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
@@ -126,7 +131,7 @@ def cross_model_table(table: pd.DataFrame, scheme: str, models: list[str] | None
     return rows.drop(columns=["scheme"]).reset_index(drop=True)
 
 
-def write_plots(store: ResultStore, table: pd.DataFrame, out_dir: Path) -> list[Path]:
+def write_plots(store: ResultStore, table: pd.DataFrame, out_dir: Path, records: list[dict] | None = None) -> list[Path]:
     """PNG plots: delta-ppl per scheme per model; per-layer probe curves, FP vs quantized."""
     import matplotlib
 
@@ -149,7 +154,7 @@ def write_plots(store: ResultStore, table: pd.DataFrame, out_dir: Path) -> list[
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    probes = [r for r in store.records() if r["task"] == "probes" and r.get("status") == "ok"
+    probes = [r for r in (store.records() if records is None else records) if r["task"] == "probes" and r.get("status") == "ok"
               and "kurtosis_per_layer" in (r.get("metrics") or {})]
     for model in sorted({r["model"] for r in probes}):
         mine = [r for r in probes if r["model"] == model]
@@ -204,39 +209,345 @@ def _markdown(frame: pd.DataFrame) -> str:
     return frame.astype(object).where(frame.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="-")
 
 
-def write_report(store: ResultStore, out_dir: Path | None = None, fmt: str = "md") -> tuple[Path, Path]:
-    """summary.csv always; REPORT.md (tables + plots) or REPORT.html."""
+def label_checkpoints(records: list[dict], zoo: dict | None = None) -> list[dict]:
+    """Records whose checkpoint differs from the one the zoo lists under their model name
+    (a corrupted or retrained checkpoint) get the model name `name@<short hash>`, so reports
+    never average different checkpoints; outside the zoo, a name seen with several
+    checkpoints is split the same way."""
+    from qbench.zoo import read_zoo
+
+    zoo = read_zoo() if zoo is None else zoo
+    hashes: dict[str, set] = {}
+    for r in records:
+        hashes.setdefault(r["model"], set()).add(_checkpoint(r))
+    out = []
+    for r in records:
+        name, digest = r["model"], _checkpoint(r)
+        listed = (zoo.get(name) or {}).get("checkpoint_hash")
+        changed = digest != listed if listed else len(hashes[name]) > 1
+        out.append({**r, "model": f"{name}@{str(digest)[:8]}"} if digest and changed else r)
+    return out
+
+
+def _checkpoint(record: dict):
+    model = (record.get("config") or {}).get("model")
+    return model.get("checkpoint_hash") if isinstance(model, dict) else None
+
+
+def write_report(store: ResultStore, out_dir: Path | None = None, fmt: str = "md", models: str | None = None,
+                 schemes: list[str] | None = None) -> tuple[Path, Path]:
+    """summary.csv always; REPORT.md or REPORT.html (self-contained) with the headline matrix
+    first.  `models` (globs) and `schemes` narrow it.  Raises EmptyReportError when there
+    is nothing to compare (no records, or only fp32 ones)."""
+    from qbench.results import atomic_write_text
+    from qbench.zoo import read_zoo
+
     out_dir = Path(out_dir or store.root)
-    table = comparison_table(store.records())
+    zoo = read_zoo()
+    records = select_records(label_checkpoints(store.records(), zoo), models, schemes)
+    where = f" matching --models {models!r}" if models else ""
+    if not records:
+        raise EmptyReportError(f"no records{where} in {store.root}: run `qbench bench` first")
+    if all(r["scheme"] == REFERENCE_SCHEME for r in records):
+        raise EmptyReportError(f"only fp32 records{where} in {store.root}: nothing to compare; "
+                               "run a quantized scheme (qbench list schemes)")
+    table = comparison_table(records)
+    cells = headline_matrix(matrix_values(records, zoo))
     summary = out_dir / "summary.csv"
-    table.to_csv(summary, index=False)
+    atomic_write_text(summary, table.to_csv(index=False))
     if fmt == "csv":
         return summary, summary
-    plots = write_plots(store, table, out_dir) if not table.empty else []
+    heatmap = write_heatmap(cells, out_dir / "plots" / "headline_matrix.png")
+    plots = write_plots(store, table, out_dir, records) if not table.empty else []
+    sections = report_sections(records, table, cells)
     if fmt == "html":
+        from qbench.report_html import render_html
+
         report = out_dir / "REPORT.html"
-        parts = ["<h1>qbench report</h1>", f"<p>{COLUMN_NOTES}</p>"]
-        for model, group in table.groupby("model", sort=False):
-            parts += [f"<h2>{model}</h2>", group.drop(columns="model").to_html(index=False, float_format="%.4g")]
-        parts += [f'<img src="plots/{p.name}">' for p in plots]
-        report.write_text("\n".join(parts))
+        atomic_write_text(report, render_html(sections, heatmap, plots))
         return summary, report
-    lines = ["# qbench report", "", "Perplexity under each scheme next to the fp32 row of the same protocol.", "",
-             COLUMN_NOTES, ""]
-    for model, group in table.groupby("model", sort=False):
-        lines += [f"## {model}", "", _markdown(group.drop(columns="model")), ""]
-    schemes = [s for s in table.scheme.unique() if (table.scheme == s).sum() > 1]
-    if schemes:
-        lines += ["## Models side by side, per scheme", ""]
-        for scheme in sorted(schemes, key=lambda s: (s != REFERENCE_SCHEME, s)):
-            compact = cross_model_table(table, scheme)[["model", "ppl", "delta_ppl", "rel_delta_%", "kl",
-                                                         "top1_agreement"]]
-            lines += [f"### {scheme}", "", _markdown(compact), ""]
+    lines = ["# qbench report", "", f"## {sections[0].title}", "", sections[0].markdown(), ""]
+    if heatmap is not None:
+        lines += [f"![headline matrix heatmap](plots/{heatmap.name})", ""]
+    for section in sections[1:]:
+        lines += [f"## {section.title}", "", section.markdown(), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     corrupt = store.corrupt()
     if corrupt:
         lines += [f"Skipped {len(corrupt)} corrupt record(s): " + ", ".join(p.name for p in corrupt), ""]
     report = out_dir / "REPORT.md"
-    report.write_text("\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     return summary, report
+
+
+@dataclass
+class Section:
+    title: str
+    table: pd.DataFrame | None = None
+    text: str = ""
+    fold: bool = False  # folded (<details>) in the HTML report
+
+    def markdown(self) -> str:
+        parts = [self.text] if self.text else []
+        if self.table is not None:
+            parts.insert(0, _markdown(self.table))
+        return "\n\n".join(parts)
+
+
+def report_sections(records: list[dict], table: pd.DataFrame, cells: pd.DataFrame) -> list[Section]:
+    """The report in reading order: the matrix first, then the details (folded in HTML)."""
+    matrix = matrix_table(cells)
+    sections = [Section("Perplexity change vs fp32 (%): models x schemes", matrix if not matrix.empty else None,
+                        MATRIX_LEGEND if not matrix.empty else "No quantized perplexity cell has an fp32 reference.")]
+    if not cells.empty:
+        sections.append(Section("The five worst cells", worst_cells(cells)))
+    extreme = extreme_token_summary(records)
+    if not extreme.empty:
+        sections.append(Section("Extreme tokens in full precision (fp32 probes)", extreme))
+    sections.append(Section("Per model", None, "Perplexity under each scheme next to the fp32 row of the same "
+                            "protocol.\n\n" + COLUMN_NOTES))
+    for model, group in table.groupby("model", sort=False):
+        sections.append(Section(f"Per model: {model}", group.drop(columns="model"), fold=True))
+    schemes = [s for s in table.scheme.unique() if (table.scheme == s).sum() > 1]
+    for scheme in sorted(schemes, key=lambda s: (s != REFERENCE_SCHEME, s)):
+        compact = cross_model_table(table, scheme)[["model", "ppl", "delta_ppl", "rel_delta_%", "kl", "top1_agreement"]]
+        sections.append(Section(f"Per scheme: {scheme}", compact, fold=True))
+    return sections
+
+
+# -- the headline matrix --------------------------------------------------------------
+
+FAMILY_ORDER = ["tiny", "small", "bb", "pretrained"]
+
+
+def scheme_group(name: str) -> int:
+    """Column order: 16-bit reference, 8-bit, then 6/4-bit, then the attention kernel."""
+    from qbench.quant import get_scheme
+
+    try:
+        scheme = get_scheme(name)
+    except (KeyError, ValueError):
+        return 4
+    if scheme.options.get("attention_kernel"):
+        return 3
+    if scheme.backend == "reference":
+        return 0
+    bits = [b for b in (scheme.weight_bits, scheme.activation_bits) if b]
+    return 1 if bits and min(bits) >= 8 else 2
+
+
+def scheme_order(names) -> list[str]:
+    from qbench.quant import SCHEMES
+
+    registry = list(SCHEMES)
+    return sorted(set(names), key=lambda n: (scheme_group(n), registry.index(n) if n in registry else 999, n))
+
+
+def _row_identity(model: str, zoo: dict) -> tuple[str, str, str]:
+    """(family, arm, variant) of a model: its zoo preset and arm; the step count joins the
+    arm where a checkpoint trained longer than its preset (`-3k`); models outside the zoo
+    are their own row."""
+    base = model.split("@", 1)[0]
+    entry = zoo.get(base)
+    if not entry:
+        return "other", model, ""
+    arm = entry.get("arm", base) if entry.get("preset") != "pretrained" else base
+    variant = f"{entry['steps']} steps" if base.endswith("-3k") and "steps" in entry else ""
+    if "@" in model:  # a changed checkpoint: never folded with the zoo's
+        variant = (variant + " " if variant else "") + model.split("@", 1)[1]
+    return entry.get("preset", "other"), arm, variant
+
+
+def _main_protocols(frame: pd.DataFrame) -> dict[str, str]:
+    """Per model, the perplexity protocol with the most quantized records (the matrix uses one)."""
+    quantized = frame[frame.scheme != REFERENCE_SCHEME]
+    counts = quantized.groupby(["model", "protocol"]).size().reset_index(name="n")
+    counts = counts.sort_values(["model", "n", "protocol"], ascending=[True, False, True])
+    return dict(zip(counts.drop_duplicates("model").model, counts.drop_duplicates("model").protocol))
+
+
+def matrix_values(records: list[dict], zoo: dict | None = None) -> pd.DataFrame:
+    """One row per (model, scheme, record): the record's relative delta-ppl % against the
+    fp32 record of the same model and protocol, with its row identity (family, arm,
+    variant) and, where downstream tasks ran, the cell's mean flip rate over tasks and draws."""
+    from qbench.zoo import read_zoo
+
+    zoo = read_zoo() if zoo is None else zoo
+    frame = records_frame([r for r in records if r["task"] == "ppl"])
+    columns = ["family", "arm", "variant", "model", "scheme", "protocol", "rel_delta_%", "flip_rate"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    frame = frame[(frame.status == "ok") & frame.ppl.notna()]
+    reference = frame[frame.scheme == REFERENCE_SCHEME].groupby(["model", "protocol"]).ppl.mean()
+    main = _main_protocols(frame)
+    frame = frame[[main.get(m) == p for m, p in zip(frame.model, frame.protocol)]]
+    frame = frame[frame.scheme != REFERENCE_SCHEME].copy()
+    frame["fp_ppl"] = [reference.get((m, p)) for m, p in zip(frame.model, frame.protocol)]
+    frame = frame[frame.fp_ppl.notna()]
+    frame["rel_delta_%"] = 100.0 * (frame.ppl - frame.fp_ppl) / frame.fp_ppl
+    flips = {}
+    for r in records:
+        if r["task"] not in ("ppl", "probes") and r.get("status") == "ok" and r["scheme"] != REFERENCE_SCHEME:
+            value = (r.get("metrics") or {}).get("flip_rate")
+            if value is not None:
+                flips.setdefault((r["model"], r["scheme"]), []).append(value)
+    frame["flip_rate"] = [sum(flips[k]) / len(flips[k]) if k in flips else None
+                          for k in zip(frame.model, frame.scheme)]
+    identity = [_row_identity(m, zoo) for m in frame.model]
+    frame["family"], frame["arm"], frame["variant"] = zip(*identity) if identity else ((), (), ())
+    return frame[columns].reset_index(drop=True)
+
+
+def _row_sort_key(family: str, arm: str, variant: str):
+    from qbench.modeling.attention import ATTENTION_ARMS
+
+    arms = list(ATTENTION_ARMS)
+    return (FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER), family,
+            arms.index(arm) if arm in arms else len(arms), arm, variant)
+
+
+def headline_matrix(values: pd.DataFrame) -> pd.DataFrame:
+    """Rows (family, arm, variant) x scheme: mean, sample std, min, max and n of the relative
+    delta-ppl % over every record folded into the cell (training seeds x calibration
+    draws), the number of seeds, and the mean flip rate where a task ran."""
+    if values.empty:
+        return pd.DataFrame(columns=["family", "arm", "variant", "scheme", "mean", "std", "min", "max", "n",
+                                     "seeds", "flip_rate"])
+    keys = ["family", "arm", "variant", "scheme"]
+    grouped = values.groupby(keys, sort=False)
+    cells = grouped["rel_delta_%"].agg(["mean", "std", "min", "max", "size"]).rename(columns={"size": "n"})
+    cells["seeds"] = grouped["model"].nunique()
+    cells["flip_rate"] = grouped["flip_rate"].mean()
+    cells = cells.reset_index()
+    cells["std"] = cells["std"].where(cells.n > 1)
+    order = sorted(cells[["family", "arm", "variant"]].drop_duplicates().itertuples(index=False),
+                   key=lambda r: _row_sort_key(*r))
+    rank = {tuple(r): i for i, r in enumerate(order)}
+    schemes = scheme_order(cells.scheme)
+    cells["_row"] = [rank[(f, a, v)] for f, a, v in zip(cells.family, cells.arm, cells.variant)]
+    cells["_col"] = [schemes.index(s) for s in cells.scheme]
+    return cells.sort_values(["_row", "_col"]).drop(columns=["_row", "_col"]).reset_index(drop=True)
+
+
+def overlaps_zero(cell) -> bool:
+    """The folded records' range [min, max] includes 0 (n = 1: a point, never marked)."""
+    return cell["n"] > 1 and cell["min"] <= 0.0 <= cell["max"]
+
+
+def _pct(value: float, signed: bool = True) -> str:
+    digits = 0 if abs(value) >= 10 else 1 if abs(value) >= 1 else 2
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def format_cell(cell) -> str:
+    """`+0.23±0.06 (6)`: mean ± std (n records); `~` where the range includes 0; ` f1.5%`:
+    the mean flip rate where downstream tasks ran."""
+    text = _pct(cell["mean"])
+    if cell["n"] > 1:
+        text += "±" + _pct(cell["std"], signed=False)
+    text += f" ({int(cell['n'])})"
+    if overlaps_zero(cell):
+        text = "~" + text
+    if pd.notna(cell.get("flip_rate")):
+        text += f" f{100 * cell['flip_rate']:.1f}%"
+    return text
+
+
+def row_label(family: str, arm: str, variant: str) -> str:
+    return f"{family} · {arm}" + (f" ({variant})" if variant else "")
+
+
+def matrix_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """The matrix as text: one row per (family, arm, variant), one column per scheme."""
+    if cells.empty:
+        return pd.DataFrame()
+    schemes = scheme_order(cells.scheme)
+    rows = []
+    for (family, arm, variant), group in cells.groupby(["family", "arm", "variant"], sort=False):
+        row = {"model (family · arm)": row_label(family, arm, variant), "seeds": int(group.seeds.max())}
+        by_scheme = {c["scheme"]: c for c in group.to_dict("records")}
+        row.update({s: format_cell(by_scheme[s]) if s in by_scheme else "-" for s in schemes})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+MATRIX_LEGEND = ("Cells: relative perplexity change vs fp32 in %, `mean±std (n)` over the n records folded into the "
+                 "cell (training seeds x calibration draws; sample std; n = 1 has no spread); `~` marks cells whose "
+                 "range of records includes 0 (no loss distinguishable from the spread); `f1.5%` is the mean flip rate "
+                 "over the downstream tasks that ran for that cell. Columns: 16-bit, 8-bit, 6/4-bit, then the 8-bit "
+                 "attention kernel. Each model's most-measured perplexity protocol is used.")
+
+
+def write_heatmap(cells: pd.DataFrame, path: Path) -> Path | None:
+    """The matrix as a heatmap, colour symmetric in log space (SymLogNorm), annotated."""
+    if cells.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import SymLogNorm
+
+    schemes = scheme_order(cells.scheme)
+    rows = list(dict.fromkeys(zip(cells.family, cells.arm, cells.variant)))
+    grid = np.full((len(rows), len(schemes)), np.nan)
+    marks = np.zeros_like(grid, dtype=bool)
+    for c in cells.to_dict("records"):
+        i, j = rows.index((c["family"], c["arm"], c["variant"])), schemes.index(c["scheme"])
+        grid[i, j], marks[i, j] = c["mean"], overlaps_zero(c)
+    bound = max(float(np.nanmax(np.abs(grid))), 1.0)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(schemes), 1.2 + 0.38 * len(rows)))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", aspect="auto",
+                      norm=SymLogNorm(linthresh=0.1, linscale=0.5, vmin=-bound, vmax=bound, base=10))
+    ax.set_facecolor("#dddddd")
+    ax.set_xticks(range(len(schemes)), schemes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [row_label(*r) for r in rows], fontsize=8)
+    for i in range(len(rows)):
+        for j in range(len(schemes)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, ("~" if marks[i, j] else "") + _pct(grid[i, j]), ha="center", va="center",
+                        fontsize=6.5, color="white" if abs(grid[i, j]) > bound ** 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="relative delta-ppl vs fp32 (%), symmetric log scale")
+    ax.set_title("qbench: perplexity change per model and scheme (~: range includes 0)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def worst_cells(cells: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    top = cells.sort_values("mean", ascending=False).head(k)
+    return pd.DataFrame({"model (family · arm)": [row_label(f, a, v) for f, a, v in zip(top.family, top.arm, top.variant)],
+                         "scheme": top.scheme, "rel_delta_%": [format_cell(c) for c in top.to_dict("records")]})
+
+
+EXTREME_COLUMNS = {"sink_rate@0.3": "sink_rate@0.3 %", "max_inf_norm": "max inf-norm", "kurtosis_mean": "kurtosis (mean)",
+                   "massive_activation_max": "massive activation"}
+
+
+def extreme_token_summary(records: list[dict]) -> pd.DataFrame:
+    """Per model, the fp32 probes: sink rate, max inf-norm, mean kurtosis, the largest
+    activation (calibration draws do not apply to fp32; several records are averaged)."""
+    rows = [{"model": r["model"], **{name: (r.get("metrics") or {}).get(key) for key, name in EXTREME_COLUMNS.items()}}
+            for r in records if r["task"] == "probes" and r["scheme"] == REFERENCE_SCHEME and r.get("status") == "ok"]
+    frame = pd.DataFrame(rows, columns=["model", *EXTREME_COLUMNS.values()])
+    return frame.groupby("model", as_index=False, sort=True).mean() if rows else frame
+
+
+def select_records(records: list[dict], models: str | None = None, schemes: list[str] | None = None) -> list[dict]:
+    """`models`: comma-separated globs on model names; `schemes`: names (fp32 is always kept,
+    every comparison needs it)."""
+    import fnmatch
+
+    patterns = [p.strip() for p in (models or "").split(",") if p.strip()]
+    keep = []
+    for r in records:
+        if patterns and not any(fnmatch.fnmatchcase(r["model"], p) for p in patterns):
+            continue
+        if schemes and r["scheme"] not in schemes and r["scheme"] != REFERENCE_SCHEME:
+            continue
+        keep.append(r)
+    return keep

@@ -67,6 +67,36 @@ class StoreError(OSError):
     """The results folder cannot be written."""
 
 
+def file_mode() -> int:
+    """The mode a plain `open()` would give a new file under the current umask (mkstemp
+    creates 0600; a store shared on a cluster needs the group's bits)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a uniquely named temp file in the same folder and a
+    rename: a kill or a full disk leaves the old file (or none), never a partial one.
+    Errors become StoreError (exit 5)."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {err.strerror or err}") from err
+    return path
+
+
 @dataclass
 class ResultStore:
     root: Path
@@ -104,6 +134,7 @@ class ResultStore:
                 json.dump(record, f, indent=1, sort_keys=True, default=str)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, file_mode())
             os.replace(tmp, self.path(key))
         except OSError as err:
             if tmp is not None:  # a half-written temp file never lingers (disk full, killed write)

@@ -1,0 +1,142 @@
+"""The headline matrix: values equal the per-model tables they summarise, seeds and draws
+fold with the right n, changed checkpoints stay apart, narrowing, escaping, clear messages."""
+import json
+import shutil
+
+import pytest
+
+import qbench.zoo
+from qbench.cli import main
+from qbench.report import comparison_table, headline_matrix, label_checkpoints, matrix_values, write_report
+from qbench.results import ResultStore, cell_key
+
+ZOO = {
+    "tiny-a": {"arm": "softmax", "preset": "tiny", "seed": 0, "steps": 10, "checkpoint_hash": "h-a0"},
+    "tiny-a-s1": {"arm": "softmax", "preset": "tiny", "seed": 1, "steps": 10, "checkpoint_hash": "h-a1"},
+    "tiny-b": {"arm": "vga", "preset": "tiny", "seed": 0, "steps": 10, "checkpoint_hash": "h-b0"},
+}
+
+
+def put(store, model, scheme, task, metrics, draw=None, checkpoint=None, protocol="p1"):
+    config = {"model": {"name": model, "checkpoint_hash": checkpoint or ZOO.get(model, {}).get("checkpoint_hash", "x")},
+              "scheme": scheme, "task": task, "protocol": protocol, "calibration_seed": draw}
+    store.put({"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": task,
+               "protocol": protocol, "status": "ok", "metrics": metrics})
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setattr(qbench.zoo, "read_zoo", lambda *a, **k: ZOO)
+    store = ResultStore(tmp_path / "store")
+    put(store, "tiny-a", "fp32", "ppl", {"ppl": 10.0})
+    put(store, "tiny-a-s1", "fp32", "ppl", {"ppl": 20.0})
+    put(store, "tiny-b", "fp32", "ppl", {"ppl": 40.0})
+    for draw, (a, a1) in enumerate([(10.1, 20.6), (10.3, 20.2), (10.2, 20.4)]):  # 2 seeds x 3 draws
+        put(store, "tiny-a", "w8a8-pt", "ppl", {"ppl": a}, draw)
+        put(store, "tiny-a-s1", "w8a8-pt", "ppl", {"ppl": a1}, draw)
+    put(store, "tiny-b", "w8a8-pt", "ppl", {"ppl": 39.9}, 0)
+    put(store, "tiny-b", "w8a8-pt", "ppl", {"ppl": 40.3}, 1)  # one below fp32, one above: range holds 0
+    put(store, "tiny-a", "w8a8-dyn", "ppl", {"ppl": 10.05})
+    put(store, "tiny-a", "w8a8-dyn", "qbench_agreement", {"accuracy": 0.8, "flip_rate": 0.02})
+    put(store, "tiny-a", "fp32", "probes", {"sink_rate@0.3": 5.0, "max_inf_norm": 6.0, "kurtosis_mean": 3.2,
+                                            "massive_activation_max": 12.0}, protocol="probes")
+    return store
+
+
+def cells_by(store):
+    cells = headline_matrix(matrix_values(store.records(), ZOO))
+    return {(c["arm"], c["scheme"]): c for c in cells.to_dict("records")}
+
+
+def test_matrix_values_equal_the_per_model_tables(store):
+    table = comparison_table(store.records()).set_index(["model", "scheme"])
+    cells = cells_by(store)
+    # the per-model table averages draws; the matrix then averages seeds (equal draws per seed)
+    per_seed = [table.loc[(m, "w8a8-pt"), "rel_delta_%"] for m in ("tiny-a", "tiny-a-s1")]
+    assert cells[("softmax", "w8a8-pt")]["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert cells[("vga", "w8a8-pt")]["mean"] == pytest.approx(table.loc[("tiny-b", "w8a8-pt"), "rel_delta_%"])
+    assert cells[("softmax", "w8a8-dyn")]["mean"] == pytest.approx(table.loc[("tiny-a", "w8a8-dyn"), "rel_delta_%"])
+
+
+def test_seeds_and_draws_fold_with_the_right_n_and_spread(store):
+    cells = cells_by(store)
+    softmax = cells[("softmax", "w8a8-pt")]
+    values = [1.0, 3.0, 2.0, 3.0, 1.0, 2.0]  # % of 10 and of 20, per draw and seed
+    assert softmax["n"] == 6 and softmax["seeds"] == 2
+    assert softmax["std"] == pytest.approx(float(__import__("statistics").stdev(values)))
+    assert (softmax["min"], softmax["max"]) == pytest.approx((1.0, 3.0))
+    vga = cells[("vga", "w8a8-pt")]
+    assert vga["n"] == 2 and vga["min"] < 0 < vga["max"]
+    assert cells[("softmax", "w8a8-dyn")]["flip_rate"] == pytest.approx(0.02)
+
+
+def test_report_puts_the_matrix_first_and_marks_overlap_with_zero(store):
+    _, report = write_report(store)
+    text = report.read_text()
+    first_screen = "\n".join(text.splitlines()[:12])
+    assert "models x schemes" in first_screen and "tiny · softmax" in first_screen and "tiny · vga" in first_screen
+    assert "+2.0±0.89 (6)" in first_screen  # mean 2%, sample std 0.894, n = 6
+    assert "~+0.25±0.71 (2)" in first_screen  # the vga cell's range holds 0
+    assert "f2.0%" in first_screen
+    assert (store.root / "plots" / "headline_matrix.png").stat().st_size > 1000
+    assert text.index("The five worst cells") < text.index("Extreme tokens") < text.index("Per model: tiny-a")
+
+
+def test_changed_checkpoint_is_a_separate_row(store):
+    put(store, "tiny-b", "fp32", "ppl", {"ppl": 3000.0}, checkpoint="deadbeefcafe")
+    put(store, "tiny-b", "w8a8-pt", "ppl", {"ppl": 3300.0}, 0, checkpoint="deadbeefcafe")
+    labelled = label_checkpoints(store.records(), ZOO)
+    assert {r["model"] for r in labelled} == {"tiny-a", "tiny-a-s1", "tiny-b", "tiny-b@deadbeef"}
+    table = comparison_table(labelled).set_index(["model", "scheme"])
+    assert table.loc[("tiny-b", "w8a8-pt"), "n"] == 2  # the good checkpoint's two draws only
+    assert table.loc[("tiny-b@deadbeef", "w8a8-pt"), "rel_delta_%"] == pytest.approx(10.0)
+
+
+def test_models_and_schemes_narrow_the_report(store, capsys):
+    _, report = write_report(store, models="tiny-b*", schemes=["w8a8-pt"])
+    text = report.read_text()
+    assert "tiny · vga" in text and "tiny · softmax" not in text and "w8a8-dyn" not in text
+    assert main(["compare", "--models", "tiny-a*", "--results", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny · softmax" in out and "+2.0±0.89 (6)" in out and "tiny · vga" not in out
+
+
+def test_empty_and_fp32_only_stores_give_one_line_and_no_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(qbench.zoo, "read_zoo", lambda *a, **k: ZOO)
+    empty = tmp_path / "empty"
+    assert main(["report", "--results", str(empty)]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no records" in err
+    fp_only = ResultStore(tmp_path / "fp")
+    put(fp_only, "tiny-a", "fp32", "ppl", {"ppl": 10.0})
+    assert main(["report", "--results", str(fp_only.root)]) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "only fp32" in err
+    assert not (fp_only.root / "REPORT.md").exists() and not (fp_only.root / "summary.csv").exists()
+
+
+def test_html_report_is_self_contained_and_escaped(store, tmp_path):
+    evil = "<img src=x onerror=alert(1)>"
+    put(store, evil, "fp32", "ppl", {"ppl": 10.0})
+    put(store, evil, "w8a8-pt", "ppl", {"ppl": 11.0}, 0)
+    _, report = write_report(store, fmt="html")
+    html = report.read_text()
+    assert evil not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert 'id="matrix"' in html and "data:image/png;base64," in html
+    assert "http://" not in html and "https://" not in html and 'src="plots/' not in html
+    assert "<details>" in html and "<script>" in html
+
+
+def test_report_writes_atomically_and_keeps_the_old_file_on_failure(store, monkeypatch):
+    import qbench.results as results
+
+    _, report = write_report(store)
+    before = report.read_text()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results.os, "replace", full_disk)
+    assert main(["report", "--results", str(store.root)]) == 5
+    assert report.read_text() == before and (store.root / "summary.csv").stat().st_size > 0
+    assert not list(store.root.glob(".*.tmp"))
