@@ -66,10 +66,11 @@ def check_tasks(tasks: list[str]) -> None:
 def lm_eval_spec(task: str, task_limit: int | None) -> dict:
     """What an lm-eval cell runs: task configs or names, the item limit, a protocol id and
     a hash of the items (part of the cell key)."""
-    if task == "qbench_blimp":
+    if task == "qbench_blimp":  # --task-limit: items per subtask (default BLIMP_ITEMS_PER_SUBTASK)
         configs = blimp_task_configs()
-        return {"tasks": configs, "limit": BLIMP_ITEMS_PER_SUBTASK,
-                "protocol": f"lm-eval-blimp-{len(configs)}x{BLIMP_ITEMS_PER_SUBTASK}", "items_hash": files_hash(configs)}
+        per = task_limit or BLIMP_ITEMS_PER_SUBTASK
+        return {"tasks": configs, "limit": per, "protocol": f"lm-eval-blimp-{len(configs)}x{per}",
+                "items_hash": files_hash(configs)}
     if task in heldout_tasks.TASK_NAMES:
         n = len(heldout_tasks.load_items(task))
         used = min(n, task_limit) if task_limit else n
@@ -80,9 +81,11 @@ def lm_eval_spec(task: str, task_limit: int | None) -> dict:
             "items_hash": None}
 
 
-def resolve_protocol(model: ModelRef | LoadedModel, limit: int | None, corpus: str | None = None) -> PerplexityProtocol:
+def resolve_protocol(model: ModelRef | LoadedModel, limit: int | None, corpus: str | None = None,
+                     first_token: str | None = None) -> PerplexityProtocol:
     """The model's own held-out data: its training corpus' test split (sotu by default),
-    or fixed synthetic sequences for Bigram-Backcopy models."""
+    or fixed synthetic sequences for Bigram-Backcopy models.  `first_token`: the token
+    string that starts every window (default: the tokenizer's BOS, else EOS)."""
     training = model.info.get("training") or {}
     data = training.get("data") or {}
     if isinstance(model, ModelRef):
@@ -93,7 +96,7 @@ def resolve_protocol(model: ModelRef | LoadedModel, limit: int | None, corpus: s
         return PerplexityProtocol(kind="bigram_backcopy", corpus=data["corpus"],
                                   window=training["recipe"]["context"])
     return PerplexityProtocol(corpus=corpus or data.get("corpus", "sotu"),
-                              window=min(DEFAULT_WINDOW, max_positions), max_chars=limit)
+                              window=min(DEFAULT_WINDOW, max_positions), max_chars=limit, first_token=first_token)
 
 
 def task_protocol(protocol: PerplexityProtocol, task: str) -> PerplexityProtocol:
@@ -219,7 +222,7 @@ class PlannedCell:
 
 def plan_cells(models: list[str], schemes: list[str], tasks: list[str], limit: int | None = None,
                corpus: str | None = None, calibration_seeds: list[int] | None = None,
-               task_limit: int | None = None) -> list[PlannedCell]:
+               task_limit: int | None = None, first_token: str | None = None) -> list[PlannedCell]:
     """Every cell of models x schemes (x calibration seeds) x tasks, keyed; nothing runs.
     Downstream (lm-eval) tasks are left out for Bigram-Backcopy models, whose vocabulary
     is 48 characters of a synthetic task."""
@@ -231,7 +234,7 @@ def plan_cells(models: list[str], schemes: list[str], tasks: list[str], limit: i
     planned = []
     for model_name in models:
         ref = resolve_model(model_name)  # weights load only if a cell is missing
-        protocol = resolve_protocol(ref, limit, corpus)
+        protocol = resolve_protocol(ref, limit, corpus, first_token)
         data_hash = protocol_data_hash(protocol)
         model_tasks = tasks
         if protocol.kind == "bigram_backcopy":
@@ -245,28 +248,64 @@ def plan_cells(models: list[str], schemes: list[str], tasks: list[str], limit: i
     return planned
 
 
-def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False, force: bool = False) -> dict:
-    """Run one planned cell unless the store already holds a valid record of it."""
-    record = None if force else store.get(planned.cell.key)
-    if record is None:
-        record = run_cell(planned.model_ref.load(), planned.cell, planned.protocol, progress, planned.task_limit)
-        store.put(record)
+def _log_computed(key: str) -> None:
+    """Test and stress hook: QBENCH_COMPUTE_LOG names a file that gets one line per cell this
+    process computed and recorded (bench/stress.py counts duplicates with it)."""
+    import os
+
+    path = os.environ.get("QBENCH_COMPUTE_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{key} {os.getpid()}\n")
+
+
+def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False, force: bool = False,
+                wait: bool = True) -> dict | None:
+    """Run one planned cell unless the store already holds a valid record of it.  The cell's
+    lock makes concurrent processes compute it once: with `wait` a second process blocks
+    until the first has written the record and then reads it; without, it returns None at
+    once (the caller comes back later)."""
+    key = planned.cell.key
+    record = None if force else store.get(key)
+    if record is not None:
+        return record
+    lock = store.lock(key)
+    if not lock.acquire(blocking=wait):
+        return None
+    try:
+        record = None if force else store.get(key)  # written while we waited
+        if record is None:
+            record = run_cell(planned.model_ref.load(), planned.cell, planned.protocol, progress, planned.task_limit)
+            store.put(record)
+            _log_computed(key)
+    finally:
+        lock.release()
     return record
 
 
 def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: ResultStore,
               limit: int | None = None, force: bool = False, progress: bool = True,
               corpus: str | None = None, calibration_seeds: list[int] | None = None,
-              task_limit: int | None = None) -> list[dict]:
+              task_limit: int | None = None, first_token: str | None = None) -> list[dict]:
     """Run every missing cell of models x schemes (x calibration seeds) x tasks in this
     process; returns all their records.  `task_limit` caps the items of each lm-eval task
     (BLiMP: fixed at BLIMP_ITEMS_PER_SUBTASK per subtask)."""
-    planned = plan_cells(models, schemes, tasks, limit, corpus, calibration_seeds, task_limit)
-    records = []
+    store.check_writable()
+    planned = plan_cells(models, schemes, tasks, limit, corpus, calibration_seeds, task_limit, first_token)
+    records: dict[int, dict] = {}
     bar = tqdm(total=len(planned), desc="cells", disable=not progress)
-    for item in planned:
+    busy = []  # cells another process is computing: come back to them at the end
+    for index, item in enumerate(planned):
         bar.set_postfix_str(f"{item.cell.model} {item.cell.scheme} {item.cell.task}")
-        records.append(run_planned(item, store, progress, force))
+        record = run_planned(item, store, progress, force, wait=False)
+        if record is None:
+            busy.append(index)
+            continue
+        records[index] = record
+        bar.update(1)
+    for index in busy:
+        bar.set_postfix_str(f"waiting for another process: {planned[index].cell.model} {planned[index].cell.scheme}")
+        records[index] = run_planned(planned[index], store, progress, force=False, wait=True)
         bar.update(1)
     bar.close()
-    return records
+    return [records[i] for i in range(len(planned))]

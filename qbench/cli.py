@@ -24,12 +24,28 @@ def _cmd_bench(args) -> int:
     from qbench.bench import run_bench
     from qbench.report import comparison_table, format_table
     from qbench.results import ResultStore
+    from qbench.validate import names, positive_int, seed_list
 
-    records = run_bench(_split(args.model), _split(args.schemes), _split(args.tasks), ResultStore(args.results),
-                        limit=args.limit, force=args.force, progress=not args.quiet, corpus=args.corpus,
-                        calibration_seeds=[int(x) for x in _split(args.calibration_seeds)] or None,
-                        task_limit=args.task_limit)
-    table = comparison_table(records)
+    models = names(_split(args.model), "--model")
+    schemes = names(_split(args.schemes), "--schemes")
+    tasks = names(_split(args.tasks), "--tasks")
+    limit = positive_int(args.limit, "--limit")
+    task_limit = positive_int(args.task_limit, "--task-limit")
+    seeds = seed_list(args.calibration_seeds, "--calibration-seeds")
+    if args.allow_modified:
+        import os
+
+        os.environ["QBENCH_ALLOW_MODIFIED"] = "1"
+    store = ResultStore(args.results)
+    records = run_bench(models, schemes, tasks, store, limit=limit, force=args.force, progress=not args.quiet,
+                        corpus=args.corpus, calibration_seeds=seeds, task_limit=task_limit,
+                        first_token=args.first_token)
+    # delta-ppl against the fp32 record of the same model and protocol, from this call or the store
+    have = {(r["model"], r["protocol"]) for r in records if r["scheme"] == "fp32" and r["task"] == "ppl"}
+    wanted = {(r["model"], r["protocol"]) for r in records if r["task"] == "ppl"} - have
+    stored_fp = [r for r in store.records() if r["scheme"] == "fp32" and r["task"] == "ppl"
+                 and (r["model"], r["protocol"]) in wanted] if wanted else []
+    table = comparison_table(records + stored_fp)
     if table.empty:  # no perplexity cells: show each record's headline numbers
         import pandas as pd
 
@@ -173,11 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schemes", default="fp32,w8a8-dyn", help="comma-separated (qbench list schemes)")
     p.add_argument("--tasks", default="ppl", help="comma-separated (qbench list tasks)")
     p.add_argument("--results", default="results", help="result store folder")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first LIMIT characters of the test text")
+    p.add_argument("--limit", default=None, help="evaluate on the first LIMIT characters of the test text (>= 1)")
     p.add_argument("--corpus", default=None, help="evaluation corpus (default: the model's training corpus)")
     p.add_argument("--force", action="store_true", help="recompute cells that already have a record")
-    p.add_argument("--task-limit", type=int, default=None,
-                   help="first N items of each lm-eval task (default: all; qbench_blimp: 20 per subtask)")
+    p.add_argument("--task-limit", default=None,
+                   help="first N items of each lm-eval task (default: all; qbench_blimp: N per subtask, default 20)")
+    p.add_argument("--first-token", default=None,
+                   help="token string that starts every perplexity window (default: the tokenizer's BOS; "
+                        "SmolLM2's is <|im_start|>)")
+    p.add_argument("--allow-modified", action="store_true",
+                   help="run zoo models whose checkpoint differs from the hash in models/zoo.yaml")
     p.add_argument("--calibration-seeds", default="",
                    help="e.g. 0,1,2: one cell per calibration draw for calibrated schemes (reported as mean +/- std)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (CI logs)")

@@ -273,9 +273,10 @@ def write_report(store: ResultStore, out_dir: Path | None = None, fmt: str = "md
         lines += [f"## {section.title}", "", section.markdown(), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
-    corrupt = store.corrupt()
-    if corrupt:
-        lines += [f"Skipped {len(corrupt)} corrupt record(s): " + ", ".join(p.name for p in corrupt), ""]
+    quarantined = store.quarantined()
+    if quarantined:
+        lines += [f"{len(quarantined)} invalid record(s) are in records/.quarantine/ (recomputed when their cells "
+                  "are asked for again): " + ", ".join(p.name for p in quarantined), ""]
     report = out_dir / "REPORT.md"
     atomic_write_text(report, "\n".join(lines))
     return summary, report

@@ -61,13 +61,19 @@ def load_suite(path: str | Path) -> Suite:
     bad = sorted(set(resources) - {"num_cpus", "num_gpus", "memory"})
     if bad:
         raise SuiteError(f"suite file {path}: unknown resource {bad[0]!r} (use num_cpus, num_gpus, memory)")
-    suite = Suite(name=str(data.get("name", path.stem)), models=[str(m) for m in as_list(data["models"])],
-                  schemes=[str(s) for s in as_list(data["schemes"])],
-                  tasks=[str(t) for t in as_list(data.get("tasks", ["ppl"]))],
-                  calibration_seeds=[int(s) for s in as_list(data["calibration_seeds"])]
-                  if data.get("calibration_seeds") is not None else None,
-                  limit=data.get("limit"), task_limit=data.get("task_limit"), corpus=data.get("corpus"),
-                  resources=resources)
+    from qbench.validate import UsageError, positive_int, seed_list
+
+    try:
+        suite = Suite(name=str(data.get("name", path.stem)), models=[str(m) for m in as_list(data["models"])],
+                      schemes=[str(s) for s in as_list(data["schemes"])],
+                      tasks=[str(t) for t in as_list(data.get("tasks", ["ppl"]))],
+                      calibration_seeds=seed_list(as_list(data["calibration_seeds"]), "calibration_seeds")
+                      if data.get("calibration_seeds") is not None else None,
+                      limit=positive_int(data.get("limit"), "limit"),
+                      task_limit=positive_int(data.get("task_limit"), "task_limit"), corpus=data.get("corpus"),
+                      resources=resources)
+    except UsageError as err:
+        raise SuiteError(f"suite file {path}: {err}") from err
     return suite
 
 
@@ -134,7 +140,51 @@ def _run_spec(spec: CellSpec, results_dir: str) -> dict:
     return {"key": spec.key, "status": record.get("status"), "computed": True, "pid": os.getpid()}
 
 
+def _worker_init(parent: int) -> None:
+    """In each local worker: Ctrl-C is the parent's to handle (it stops the queue and ends
+    the workers), and the worker dies with its parent: PR_SET_PDEATHSIG where Linux has it,
+    and a watchdog thread on the parent's pid everywhere."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watchdog():
+        while True:
+            if os.getppid() != parent:
+                os._exit(137)
+            time.sleep(0.5)
+
+    threading.Thread(target=watchdog, daemon=True, name="qbench-parent-watchdog").start()
+
+
+def _stop_workers(pool) -> None:
+    """Cancel every queued cell and end the running ones (their records are never half
+    written: the store writes atomically, and a cell's lock dies with its process)."""
+    import signal
+
+    pool.shutdown(wait=False, cancel_futures=True)
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+    deadline = time.time() + 5
+    for process in processes:
+        process.join(max(0.0, deadline - time.time()))
+        if process.is_alive():
+            process.kill()
+
+
 def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progress: bool = True) -> list[dict]:
+    """Run the cells here (workers <= 1) or in `workers` spawned processes.  Ctrl-C stops at
+    once: no new cell starts, running cells are abandoned (nothing partial is recorded),
+    and KeyboardInterrupt reaches the caller (exit 130); workers never outlive this process."""
     from tqdm.auto import tqdm
 
     if workers <= 1:
@@ -143,10 +193,16 @@ def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progres
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     out = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_worker_init, initargs=(os.getpid(),))
+    try:
         futures = [pool.submit(run_spec, asdict(s), results_dir) for s in specs]
         for future in tqdm(as_completed(futures), total=len(futures), desc="cells", disable=not progress):
             out.append(future.result())
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
     return out
 
 

@@ -165,10 +165,36 @@ def _truncate_log(path: Path, step: int) -> None:
         csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= step])
 
 
+def load_train_state(path: Path) -> dict:
+    """The resume state, read with torch's restricted unpickler (`weights_only=True`: tensors,
+    plain containers and numbers only), so a crafted file in --out cannot run code; anything
+    else is a CheckpointError that names the file."""
+    import pickle
+
+    from qbench.zoo import CheckpointError
+
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a plain training state (refused to unpickle it: {first[:200]}); "
+                              "delete it to start this run over") from err
+    needed = {"recipe", "model", "optimizer", "generator", "torch_rng", "step", "elapsed"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise CheckpointError(f"{path} is not a qbench training state (missing {sorted(needed - set(state or {}))}); "
+                              "delete it to start this run over")
+    return state
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    from qbench.atomic import temp_path
+
+    tmp = temp_path(path)
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpus: str = "sotu",
@@ -217,7 +243,7 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
     step, elapsed = 0, 0.0
     state_path = out / STATE_FILE
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = load_train_state(state_path)
         if state["recipe"] != {"attention": attention, "preset": asdict(preset), "seed": seed, "corpus": corpus}:
             raise ValueError(f"{state_path} belongs to a different run ({state['recipe']}); "
                              "choose another --out or delete the folder")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,9 +68,9 @@ def read_zoo(folder: Path | None = None) -> dict[str, dict]:
 def write_zoo(entries: dict[str, dict], folder: Path | None = None) -> None:
     path = (folder or models_dir()) / ZOO_FILE
     header = "# The qbench model zoo: `qbench list models`; regenerate numbers with `make zoo`.\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(header + yaml.safe_dump({"models": entries}, sort_keys=False))
-    tmp.replace(path)
+    from qbench.atomic import atomic_write_text
+
+    atomic_write_text(path, header + yaml.safe_dump({"models": entries}, sort_keys=False))
 
 
 def file_hash(paths: list[Path]) -> str:
@@ -175,19 +176,33 @@ def _check_safetensors(path: Path) -> None:
                               f"file has {size}")
 
 
-def resolve_model(name_or_path: str) -> ModelRef:
+def resolve_model(name_or_path: str, verify: bool = True) -> ModelRef:
     """A zoo name (`qbench list models`) or a path to a checkpoint folder / .gguf file,
-    checked and hashed but not loaded."""
+    checked and hashed but not loaded.  A zoo model's checkpoint must match the hash in
+    models/zoo.yaml (a corrupted or retrained checkpoint is a CheckpointError, exit 3)
+    unless `verify` is False or QBENCH_ALLOW_MODIFIED=1 (`qbench bench --allow-modified`)."""
     zoo = read_zoo()
     if name_or_path in zoo:
         entry = zoo[name_or_path]
         source = entry.get("source") or entry["path"]
         if source.startswith("package:"):
-            return _gguf_ref(name_or_path, _package_file(source), entry)
-        return _folder_ref(name_or_path, models_dir() / source, entry)
+            ref = _gguf_ref(name_or_path, _package_file(source), entry)
+        else:
+            ref = _folder_ref(name_or_path, models_dir() / source, entry)
+        expected = entry.get("checkpoint_hash")
+        allowed = os.environ.get("QBENCH_ALLOW_MODIFIED", "0") not in ("0", "", "false", "no")
+        if verify and not allowed and expected and ref.checkpoint_hash != expected:
+            raise CheckpointError(
+                f"zoo model {name_or_path}: checkpoint hash {ref.checkpoint_hash} differs from {expected} in "
+                f"models/zoo.yaml (corrupted or retrained weights); restore it, run `qbench zoo` to accept it, "
+                f"or pass --allow-modified")
+        return ref
     path = Path(name_or_path)
     if path.suffix == ".gguf" and path.is_file():
         return _gguf_ref(path.stem, path, {})
+    if path.is_file():
+        raise UnknownModelError(f"--model {name_or_path}: a file, not a checkpoint folder, a .gguf file "
+                                f"or a zoo name")
     if path.exists():
         return _folder_ref(path.name, path, {})
     raise UnknownModelError(f"unknown model {name_or_path!r}: not a zoo name nor an existing path"

@@ -28,7 +28,7 @@ def refresh_zoo(limit: int | None = None, force: bool = False) -> dict[str, dict
         entries[name] = dict(entry)
     write_zoo({**old, **entries})  # loadable by name while measuring
     for name, entry in entries.items():
-        ref = resolve_model(name)
+        ref = resolve_model(name, verify=False)  # re-measuring is how a changed checkpoint is accepted
         training = ref.info.get("training") or {}
         if training:
             entry.update(arm=training["attention"], preset=training["preset"], seed=training["seed"],

@@ -47,9 +47,9 @@ def cached_split_ids(corpus: Corpus, split: str, tokenizer: PreTrainedTokenizerB
         return np.load(path)
     ids = encode_text(tokenizer, split_text(corpus, split))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, ids)
-    tmp.replace(path)
+    from qbench.atomic import atomic_save_npy
+
+    atomic_save_npy(path, ids)
     return ids
 
 

@@ -164,9 +164,9 @@ def load_items(task: str, corpus: str = "sotu", split: str = "heldout") -> list[
     if len(items) < MIN_ITEMS:
         raise ValueError(f"{task}: only {len(items)} items from {corpus}/{split} (need >= {MIN_ITEMS})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(item) + "\n" for item in items))
-    tmp.replace(path)
+    from qbench.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(item) + "\n" for item in items), fsync=False)
     return items
 
 

@@ -40,24 +40,46 @@ class PerplexityProtocol:
     sequences: int = 64  # bigram_backcopy only
     seed: int = 1234  # bigram_backcopy only
     batch_size: int = 8
+    # the token string that starts every window; None = the tokenizer's BOS (else EOS).
+    # SmolLM2's BOS is `<|im_start|>`, a chat-template token.  Left out of the dict (and
+    # of cell keys) when None, so records made before the field existed keep their keys.
+    first_token: str | None = None
 
     @property
     def id(self) -> str:
         if self.kind == "bigram_backcopy":
             return f"bb-n{self.sequences}-T{self.window}-seed{self.seed}"
         limit = f"-first{self.max_chars}c" if self.max_chars else ""
-        return f"nonoverlap-w{self.window}-bos-{self.corpus}-{self.split}{limit}"
+        start = "bos" if self.first_token is None else "tok" + "".join(
+            c if c.isalnum() else "_" for c in self.first_token)
+        return f"nonoverlap-w{self.window}-{start}-{self.corpus}-{self.split}{limit}"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "id": self.id}
+        data = asdict(self)
+        if data["first_token"] is None:
+            del data["first_token"]
+        return {**data, "id": self.id}
 
 
-def _bos_id(tokenizer) -> int | None:
+def _bos_id(tokenizer, first_token: str | None = None) -> int | None:
+    """The id of the window's first token: `first_token` if given (it must be one token of
+    the vocabulary), else the tokenizer's BOS, else its EOS."""
+    if first_token is not None:
+        token_id = tokenizer.convert_tokens_to_ids(first_token)
+        if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None) and first_token != tokenizer.unk_token:
+            raise ValueError(f"first token {first_token!r} is not a token of this tokenizer")
+        return int(token_id)
     for attr in ("bos_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
         if value is not None:
             return int(value)
     return None
+
+
+def first_token_text(tokenizer, protocol: "PerplexityProtocol") -> str | None:
+    """The token string every window starts with (recorded with each perplexity cell)."""
+    token_id = _bos_id(tokenizer, protocol.first_token)
+    return None if token_id is None else tokenizer.convert_ids_to_tokens(token_id)
 
 
 def protocol_windows(protocol: PerplexityProtocol, tokenizer) -> tuple[list[torch.Tensor], dict, str]:
@@ -73,7 +95,7 @@ def protocol_windows(protocol: PerplexityProtocol, tokenizer) -> tuple[list[torc
     corpus = load_corpus(protocol.corpus)
     text = split_text(corpus, protocol.split, protocol.max_chars)
     ids = torch.from_numpy(encode_text(tokenizer, text).astype(np.int64))
-    bos = _bos_id(tokenizer)
+    bos = _bos_id(tokenizer, protocol.first_token)
     body = protocol.window - 1 if bos is not None else protocol.window
     windows = []
     for start in range(0, len(ids), body):
@@ -124,8 +146,12 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
                 log_p = F.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
             kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
             agree += (log_p.argmax(-1) == log_q.argmax(-1)).sum().item()
+    if tokens == 0:
+        raise ValueError(f"protocol {protocol.id}: the text gives no token to score (limit too small?)")
     result = {"protocol": protocol.id, "nll_sum": nll, "tokens": tokens, "windows": len(windows),
               "ppl": math.exp(nll / tokens), "data_hash": data_hash}
+    if protocol.kind != "bigram_backcopy":
+        result["first_token"] = first_token_text(tokenizer, protocol)
     if reference is not None:
         result["kl"] = kl_sum / tokens
         result["top1_agreement"] = agree / tokens

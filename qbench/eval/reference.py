@@ -36,9 +36,10 @@ def _digest(*parts) -> str:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    """Unique temp name per writer: two processes filling the same cache never collide."""
+    from qbench.atomic import atomic_save_npy
+
+    atomic_save_npy(path, array)
 
 
 class FPReference:
@@ -84,11 +85,10 @@ class FPReference:
         if path.exists():
             try:
                 return json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                path.unlink()
+            except (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError):
+                path.unlink(missing_ok=True)
         outputs = compute(self.model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(outputs))
-        tmp.replace(path)
+        from qbench.atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(outputs), fsync=False)
         return outputs

@@ -11,9 +11,13 @@ Definitions (REFERENCE.md section 3, code-faithful to Bondarenko et al. 2023):
   massive_activations: |a| > 100 and |a| >= 1000 x the median |a| over the sequence's
     hidden states at that layer (Sun et al.) on the block outputs; the ratio-only variant
     drops the absolute threshold; `max_activation_position` is the token of the largest |a|.
-  sink_rate@0.3: per (layer, head), the mean attention token 0 receives from the queries
-    after it; the share of (layer, head) pairs above 0.3, averaged over sequences (Gu et
-    al.); first_token_share: per layer, the mean over heads and those queries.
+  sink_rate@0.3: per window and (layer, head), the mean attention token 0 receives from
+    the queries after it (query 0 excluded), thresholded at 0.3 per window; the share of
+    (layer, head) pairs above it, averaged over windows.  sink_rate_gu@0.3: the same with
+    query 0 included, as in Gu et al.'s released code (importance of token 0 = mean of
+    P[i, 0] over all T queries); first_token_share: per layer, the mean over heads and the
+    queries after token 0.  For normalisers whose rows need not sum to one (softpick,
+    sigmoid, sink logit) the weight is P[i, 0] as computed.
   value_norm_ratio: ||V_0|| / mean_{j>0} ||V_j|| per layer and head;
   residual_norm_ratio: ||h_0|| / mean_{j>0} ||h_j|| per layer on block outputs.
 Every statistic is a running sum: nothing keeps full activations or T x T maps.
@@ -28,6 +32,9 @@ from qbench.probes.sites import SITES, tracked_modules, value_projections
 
 OUTLIER_THRESHOLD = 6.0
 SINK_EPSILON = 0.3
+SINK_CONVENTION = ("sink_rate@0.3: per window and (layer, head), the mean over queries 1..T-1 (query 0 excluded) of "
+                   "the weight on token 0, thresholded at 0.3; % of (layer, head) pairs, averaged over windows. "
+                   "sink_rate_gu@0.3: the same with query 0 included (Gu et al.'s released code). T = 64.")
 
 
 def _first(output):
@@ -204,11 +211,13 @@ class AttentionProbe:
     def __init__(self):
         self.first_sum: dict[int, torch.Tensor] = {}  # layer -> (H,) sum over sequences
         self.above: dict[int, torch.Tensor] = {}
+        self.above_gu: dict[int, torch.Tensor] = {}  # Gu et al.'s convention: query 0 included
         self.sequences: dict[int, int] = defaultdict(int)
 
     def _ensure(self, layer: int, heads: int) -> None:
         if layer not in self.first_sum:
             self.first_sum[layer], self.above[layer] = torch.zeros(heads), torch.zeros(heads)
+            self.above_gu[layer] = torch.zeros(heads)
 
     def observe(self, layer: int, probs: torch.Tensor) -> None:
         """probs (B, H, T, T)."""
@@ -218,10 +227,13 @@ class AttentionProbe:
         """column (B, H, T): P[..., 0], the attention every query pays token 0."""
         if column.shape[-1] < 2:
             return
-        first = column.detach().float()[..., 1:].mean(dim=-1)  # (B, H): token 0's share from later queries
+        column = column.detach().float()
+        first = column[..., 1:].mean(dim=-1)  # (B, H): token 0's share from later queries
+        first_gu = column.mean(dim=-1)  # (B, H): from every query, query 0 (which sees only token 0) included
         self._ensure(layer, first.shape[1])
         self.first_sum[layer] += first.sum(0)
         self.above[layer] += (first > SINK_EPSILON).float().sum(0)
+        self.above_gu[layer] += (first_gu > SINK_EPSILON).float().sum(0)
         self.sequences[layer] += first.shape[0]
 
     def summary(self) -> dict:
@@ -230,8 +242,11 @@ class AttentionProbe:
         layers = sorted(self.first_sum)
         share = [(self.first_sum[l] / self.sequences[l]).tolist() for l in layers]
         above = torch.cat([self.above[l] / self.sequences[l] for l in layers])
+        above_gu = torch.cat([self.above_gu[l] / self.sequences[l] for l in layers])
         return {
             "sink_rate@0.3": 100.0 * above.mean().item(),  # percent of (layer, head) pairs
+            "sink_rate_gu@0.3": 100.0 * above_gu.mean().item(),
+            "sink_rate_convention": SINK_CONVENTION,
             "first_token_share_per_layer": [sum(s) / len(s) for s in share],
             "first_token_share_per_head": share,
             "first_token_share_mean": sum(sum(s) for s in share) / sum(len(s) for s in share),
