@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", default="tiny-vga,tiny-softmax")
-    parser.add_argument("--schemes", default="fp32,w8a8-dyn,w4-rtn-g64,w8a8-pt,w6a6,nf4")
-    parser.add_argument("--limit", type=int, default=6000)
+    parser.add_argument("--models", default="tiny-vga,tiny-softmax,tiny-iga")
+    parser.add_argument("--schemes", default="fp32,w8a8-dyn,w4-rtn-g64,w8a8-pt,w6a6,nf4,w4a8,llm-int8")
+    parser.add_argument("--limit", type=int, default=20000)
     parser.add_argument("--kills", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1200)
@@ -58,10 +58,10 @@ def main() -> int:
             if proc.poll() is not None and proc.pid not in [p.pid for p in exits]:
                 exits.append(proc)
         running = [n for n, p in procs.items() if p.poll() is None]
-        if not running and kills_left <= 0:
+        if not running:
             break
-        if kills_left > 0 and running:
-            time.sleep(rng.uniform(2, 12))
+        if kills_left > 0:
+            time.sleep(rng.uniform(1, 6))
             name = rng.choice([n for n, p in procs.items() if p.poll() is None] or list(procs))
             proc = procs[name]
             if proc.poll() is None:

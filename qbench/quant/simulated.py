@@ -30,11 +30,13 @@ def fake_quantize_symmetric(x: torch.Tensor, bits: int, dim: int | None) -> torc
 class DynamicQuantLinear(nn.Module):
     """W8A8 dynamic: per-output-channel weights (quantized once), per-token activations.
 
-    Simulated: y = Q(x) Q(W)^T + b in float.  Real: the int8 codes are multiplied with
-    torch._int_mm into int32 and rescaled by s_x s_w; both give the same numbers up to
-    float rounding of the accumulation."""
+    Simulated: y = Q(x) Q(W)^T + b in float.  Real: the int8 codes are multiplied by the
+    machine's int8 GEMM (qbench.quant.int8_gemm: fbgemm / x86 engine, oneDNN _int_mm, or the
+    exact fp32 fallback, chosen by measurement) into int32 and rescaled by s_x s_w; both
+    give the same numbers up to float rounding of the accumulation."""
 
-    def __init__(self, linear: nn.Linear, weight_bits: int, activation_bits: int, int8_matmul: bool):
+    def __init__(self, linear: nn.Linear, weight_bits: int, activation_bits: int, int8_matmul: bool,
+                 kernel: str | None = None):
         super().__init__()
         if int8_matmul and (weight_bits != 8 or activation_bits != 8):
             raise ValueError("the real int8 path needs 8-bit weights and activations")
@@ -45,7 +47,11 @@ class DynamicQuantLinear(nn.Module):
         codes = quantize_symmetric(weight, scale, weight_bits)
         self.register_buffer("weight_scale", scale.squeeze(1))  # (out,)
         if int8_matmul:
+            from qbench.quant.int8_gemm import Int8Gemm, choose
+
             self.register_buffer("weight_codes", codes.to(torch.int8))  # (out, in)
+            self.kernel = kernel or choose()
+            self.gemm = Int8Gemm(self.kernel, self.weight_codes, self.weight_scale)
         else:
             self.register_buffer("weight", codes * scale)  # dequantized, (out, in)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -56,9 +62,7 @@ class DynamicQuantLinear(nn.Module):
         x_scale = symmetric_scale(x2, self.activation_bits, dim=1)  # (N, 1): one per token
         x_codes = quantize_symmetric(x2, x_scale, self.activation_bits)
         if self.int8_matmul:
-            # A column-major right operand (the transposed view) is the fast layout for oneDNN.
-            acc = torch._int_mm(x_codes.to(torch.int8), self.weight_codes.t())  # (N, out) int32
-            y = acc.float() * x_scale * self.weight_scale
+            y = self.gemm(x_codes) * x_scale  # (N, out): X_q W_q^T s_w, then the per-token scales
             if self.bias is not None:
                 y = y + self.bias
         else:
@@ -66,7 +70,7 @@ class DynamicQuantLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        path = "int8 matmul" if self.int8_matmul else "simulated"
+        path = f"int8 matmul ({self.kernel})" if self.int8_matmul else "simulated"
         return f"{self.in_features}->{self.out_features}, W{self.weight_bits}A{self.activation_bits} {path}"
 
 
@@ -88,7 +92,15 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def apply_dynamic(model: nn.Module, scheme) -> dict:
     linears = quantizable_linears(model, scheme.quantize_gates)
+    kernel = None
+    if scheme.int8_matmul:
+        from qbench.quant.int8_gemm import choose
+
+        kernel = choose()
     for name, linear in linears:
         _set_submodule(model, name, DynamicQuantLinear(
-            linear, scheme.weight_bits, scheme.activation_bits, scheme.int8_matmul))
-    return {"quantized_linears": len(linears)}
+            linear, scheme.weight_bits, scheme.activation_bits, scheme.int8_matmul, kernel))
+    facts = {"quantized_linears": len(linears)}
+    if kernel:
+        facts["int8_kernel"] = kernel
+    return facts
