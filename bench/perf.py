@@ -172,7 +172,9 @@ def main() -> None:
               "every probe statistic is a running sum).", "",
              "Quantized paths vs fp32: [PERF_QUANT.md](PERF_QUANT.md)."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    from sections import keep_sections  # bench/: the stress script's "Robustness" section stays
+
+    Path(args.out).write_text(keep_sections(Path(args.out), "\n".join(lines) + "\n", ["Robustness"]))
     print(f"wrote {args.out}")
 
 

@@ -29,6 +29,7 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1200)
+    parser.add_argument("--write", default=None, help="results/PERF.md: put the result in its Robustness section")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="qbench-stress-"))
@@ -94,11 +95,24 @@ def main() -> int:
     ours = {signal.SIGINT: (130, -signal.SIGINT), signal.SIGKILL: (-signal.SIGKILL,)}
     crashes = [p for p in exits if p.returncode != 0 and p.returncode not in ours.get(signalled.get(p.pid), ())]
     tracebacks = sum("Traceback" in (work / f"{n}.err").read_text() for n in commands)
-    print(f"stress: {len(commands)} concurrent commands (4 bench, 1 sweep --workers 2), store and cache shared, "
-          f"{sum(killed.values())} kills ({dict(killed)}), {time.time() - began:.0f} s, work dir {work}")
-    print(f"cells asked {asked} | cells recorded {len(files)} | records valid {valid} | "
-          f"duplicates computed {duplicates} | crashes {len(crashes)} (tracebacks in logs: {tracebacks}) | "
-          f"final clean pass exit {final.returncode}")
+    setup = (f"{len(commands)} concurrent commands (4 `qbench bench`, 1 `qbench sweep --workers 2`) on one store "
+             f"and one FP-reference cache, {len(models)} models x {len(schemes)} schemes, {args.limit} characters; "
+             f"{sum(killed.values())} kills at random moments ({dict(killed)}), each killed command started again; "
+             f"then one clean pass; {time.time() - began:.0f} s")
+    result = (f"| cells asked | cells recorded | records valid | duplicates computed | crashes | final pass |\n"
+              f"|---:|---:|---:|---:|---:|---|\n| {asked} | {len(files)} | {valid} | {duplicates} | {len(crashes)} "
+              f"(tracebacks in logs: {tracebacks}) | exit {final.returncode} |")
+    print(f"stress: {setup} (work dir {work})")
+    print(result)
+    if args.write:
+        from perf_quant import cpu_name
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from sections import replace_section
+
+        replace_section(Path(args.write), "Robustness",
+                        f"`python bench/stress.py --kills {args.kills} --seed {args.seed} --write {args.write}` "
+                        f"(CPU: {cpu_name()}, 2 cores, other jobs running): {setup}.\n\n{result}")
     return 0 if (len(files) == valid == asked and not crashes and final.returncode == 0) else 1
 
 

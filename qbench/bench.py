@@ -174,8 +174,15 @@ def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityPr
 
 
 def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, progress: bool,
-             task_limit: int | None = None) -> dict:
-    """Quantize a copy of the model and evaluate it; failures become failed records."""
+             task_limit: int | None = None, device=None) -> dict:
+    """Quantize a copy of the model and evaluate it on `device` (default cpu); failures
+    become failed records.  The device is provenance, not part of the key."""
+    import torch
+
+    from qbench.device import device_name, place
+
+    device = torch.device(device or "cpu")
+    place(loaded.model, device)
     scheme = cell.resolved_scheme or get_scheme(cell.scheme)
     start = time.time()
     record = {"key": cell.key, "config": cell.config, "model": cell.model, "scheme": cell.scheme,
@@ -202,6 +209,7 @@ def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, prog
         "wall_seconds": round(time.time() - start, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "libraries": library_versions(), "git_sha": git_sha(), "machine": machine(),
+        "device": device_name(device),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return record
@@ -260,7 +268,7 @@ def _log_computed(key: str) -> None:
 
 
 def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False, force: bool = False,
-                wait: bool = True) -> dict | None:
+                wait: bool = True, device=None) -> dict | None:
     """Run one planned cell unless the store already holds a valid record of it.  The cell's
     lock makes concurrent processes compute it once: with `wait` a second process blocks
     until the first has written the record and then reads it; without, it returns None at
@@ -275,7 +283,8 @@ def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False
     try:
         record = None if force else store.get(key)  # written while we waited
         if record is None:
-            record = run_cell(planned.model_ref.load(), planned.cell, planned.protocol, progress, planned.task_limit)
+            record = run_cell(planned.model_ref.load(), planned.cell, planned.protocol, progress, planned.task_limit,
+                              device)
             store.put(record)
             _log_computed(key)
     finally:
@@ -286,7 +295,7 @@ def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False
 def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: ResultStore,
               limit: int | None = None, force: bool = False, progress: bool = True,
               corpus: str | None = None, calibration_seeds: list[int] | None = None,
-              task_limit: int | None = None, first_token: str | None = None) -> list[dict]:
+              task_limit: int | None = None, first_token: str | None = None, device=None) -> list[dict]:
     """Run every missing cell of models x schemes (x calibration seeds) x tasks in this
     process; returns all their records.  `task_limit` caps the items of each lm-eval task
     (BLiMP: fixed at BLIMP_ITEMS_PER_SUBTASK per subtask)."""
@@ -297,7 +306,7 @@ def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: Re
     busy = []  # cells another process is computing: come back to them at the end
     for index, item in enumerate(planned):
         bar.set_postfix_str(f"{item.cell.model} {item.cell.scheme} {item.cell.task}")
-        record = run_planned(item, store, progress, force, wait=False)
+        record = run_planned(item, store, progress, force, wait=False, device=device)
         if record is None:
             busy.append(index)
             continue
@@ -305,7 +314,7 @@ def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: Re
         bar.update(1)
     for index in busy:
         bar.set_postfix_str(f"waiting for another process: {planned[index].cell.model} {planned[index].cell.scheme}")
-        records[index] = run_planned(planned[index], store, progress, force=False, wait=True)
+        records[index] = run_planned(planned[index], store, progress, force=False, wait=True, device=device)
         bar.update(1)
     bar.close()
     return [records[i] for i in range(len(planned))]

@@ -36,10 +36,13 @@ def _cmd_bench(args) -> int:
         import os
 
         os.environ["QBENCH_ALLOW_MODIFIED"] = "1"
+    from qbench.device import resolve_device
+
+    device = resolve_device(args.device)
     store = ResultStore(args.results)
     records = run_bench(models, schemes, tasks, store, limit=limit, force=args.force, progress=not args.quiet,
                         corpus=args.corpus, calibration_seeds=seeds, task_limit=task_limit,
-                        first_token=args.first_token)
+                        first_token=args.first_token, device=device)
     # delta-ppl against the fp32 record of the same model and protocol, from this call or the store
     have = {(r["model"], r["protocol"]) for r in records if r["scheme"] == "fp32" and r["task"] == "ppl"}
     wanted = {(r["model"], r["protocol"]) for r in records if r["task"] == "ppl"} - have
@@ -197,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-token", default=None,
                    help="token string that starts every perplexity window (default: the tokenizer's BOS; "
                         "SmolLM2's is <|im_start|>)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N: where models, quantizers, probes and the "
+                   "FP reference run (recorded as provenance, not part of the cell key)")
     p.add_argument("--allow-modified", action="store_true",
                    help="run zoo models whose checkpoint differs from the hash in models/zoo.yaml")
     p.add_argument("--calibration-seeds", default="",

@@ -30,7 +30,12 @@ class QBenchLM(HFLM):
         from qbench.quant import get_scheme, quantize
         from qbench.zoo import load_model
 
+        from qbench.device import place, resolve_device
+
         loaded = load_model(str(model))
+        # lm-eval's --device (or device= in model_args): the model, its quantizers and the
+        # batches go there; HFLM then reads the device from the model
+        place(loaded.model, resolve_device(kwargs.pop("device", None)))
         resolved = get_scheme(scheme)
         if calibration_seed is not None and "calibration_seed" in resolved.options:
             resolved = dataclasses.replace(resolved, options={**resolved.options, "calibration_seed": int(calibration_seed)})
@@ -39,7 +44,7 @@ class QBenchLM(HFLM):
                                          bigram_backcopy=protocol.kind == "bigram_backcopy")
         self.qbench_quantization = quantize(loaded.model, resolved, calibration)
         self.qbench_model, self.qbench_scheme = loaded.name, resolved
-        for ignored in ("device", "pretrained", "dtype"):  # the model is already built, on CPU
+        for ignored in ("pretrained", "dtype"):  # the model is already built
             kwargs.pop(ignored, None)
         max_length = getattr(loaded.model.config, "max_position_embeddings", None)
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,

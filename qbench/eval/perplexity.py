@@ -127,8 +127,12 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
         else:
             batches.append([w])
     cache_key = f"{protocol.id}|{data_hash}|bs{protocol.batch_size}"
+    from qbench.device import model_device
+
+    device = model_device(model)
     for index, batch in enumerate(tqdm(batches, desc=f"ppl {protocol.id}", disable=not progress, leave=False)):
-        x = torch.stack(batch)  # (B, T)
+        x_cpu = torch.stack(batch)  # (B, T)
+        x = x_cpu.to(device)
         if x.shape[1] < 2:
             continue
         logits = model(input_ids=x).logits.float()  # (B, T, V)
@@ -141,7 +145,7 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
         if reference is not None:
             log_q = F.log_softmax(logits[:, :-1], dim=-1)
             if isinstance(reference, FPReference):
-                log_p = reference.log_probs(cache_key, index, x)
+                log_p = reference.log_probs(cache_key, index, x_cpu).to(device)
             else:
                 log_p = F.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
             kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()

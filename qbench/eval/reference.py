@@ -72,9 +72,13 @@ class FPReference:
 
     @torch.no_grad()
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        """On the model's device; returned on the CPU (the cache's side)."""
+        from qbench.device import model_device
+
         self.computed_batches += 1
         self.model.eval()
-        return F.log_softmax(self.model(input_ids=x).logits[:, :-1].float(), dim=-1)
+        logits = self.model(input_ids=x.to(model_device(self.model))).logits[:, :-1].float()
+        return F.log_softmax(logits, dim=-1).cpu()
 
     # -- tasks --------------------------------------------------------------------------
     def task_outputs(self, spec: dict, compute) -> dict:

@@ -164,7 +164,7 @@ class ActivationProbe:
                 return
             norms = v.view(b, t, heads, -1).norm(dim=-1)  # (B, T, heads)
             ratio = norms[:, 0] / norms[:, 1:].mean(dim=1).clamp_min(1e-12)  # (B, heads)
-            self.value_ratio_sum[layer] = self.value_ratio_sum.get(layer, torch.zeros(heads)) + ratio.sum(0)
+            self.value_ratio_sum[layer] = self.value_ratio_sum.get(layer, torch.zeros(heads, device=v.device)) + ratio.sum(0)
         return hook
 
     def summary(self) -> dict:
@@ -214,10 +214,12 @@ class AttentionProbe:
         self.above_gu: dict[int, torch.Tensor] = {}  # Gu et al.'s convention: query 0 included
         self.sequences: dict[int, int] = defaultdict(int)
 
-    def _ensure(self, layer: int, heads: int) -> None:
+    def _ensure(self, layer: int, heads: int, device=None) -> None:
+        """Accumulators live on the model's device (the first column's)."""
         if layer not in self.first_sum:
-            self.first_sum[layer], self.above[layer] = torch.zeros(heads), torch.zeros(heads)
-            self.above_gu[layer] = torch.zeros(heads)
+            self.first_sum[layer] = torch.zeros(heads, device=device)
+            self.above[layer], self.above_gu[layer] = torch.zeros_like(self.first_sum[layer]), torch.zeros_like(
+                self.first_sum[layer])
 
     def observe(self, layer: int, probs: torch.Tensor) -> None:
         """probs (B, H, T, T)."""
@@ -230,7 +232,7 @@ class AttentionProbe:
         column = column.detach().float()
         first = column[..., 1:].mean(dim=-1)  # (B, H): token 0's share from later queries
         first_gu = column.mean(dim=-1)  # (B, H): from every query, query 0 (which sees only token 0) included
-        self._ensure(layer, first.shape[1])
+        self._ensure(layer, first.shape[1], first.device)
         self.first_sum[layer] += first.sum(0)
         self.above[layer] += (first > SINK_EPSILON).float().sum(0)
         self.above_gu[layer] += (first_gu > SINK_EPSILON).float().sum(0)
@@ -264,7 +266,7 @@ class GateProbe:
         for store, value in ((self.sum, per_head.sum(1)), (self.low, (per_head < 0.1).float().sum(1)),
                              (self.sink, g[:, :, 0].transpose(0, 1).reshape(heads, -1).mean(1) * g.shape[0]),
                              (self.others, g[:, :, 1:].transpose(0, 1).reshape(heads, -1).mean(1) * g.shape[0])):
-            store[layer] = store.get(layer, torch.zeros(heads)) + value
+            store[layer] = store.get(layer, torch.zeros(heads, device=g.device)) + value
         self.count[layer] = self.count.get(layer, (0, 0))
         self.count[layer] = (self.count[layer][0] + per_head.shape[1], self.count[layer][1] + g.shape[0])
 

@@ -21,7 +21,7 @@ def linearize_conv1d(model: torch.nn.Module) -> int:
 
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, Conv1D)]
     for name, conv in convs:
-        linear = torch.nn.Linear(conv.weight.shape[0], conv.nf)
+        linear = torch.nn.Linear(conv.weight.shape[0], conv.nf, device=conv.weight.device)
         with torch.no_grad():
             linear.weight.copy_(conv.weight.t())
             linear.bias.copy_(conv.bias)
@@ -34,6 +34,16 @@ def quantize(model: torch.nn.Module, scheme: Scheme | str, calibration: Calibrat
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     model.eval()
     linearize_conv1d(model)
+    from qbench.device import model_device
+
+    device = model_device(model)
+    facts = _quantize(model, scheme, calibration)
+    if scheme.backend in ("simulated", "static", "weight_only"):
+        model.to(device)  # quantizer state created on the CPU follows the model
+    return facts
+
+
+def _quantize(model: torch.nn.Module, scheme: Scheme, calibration: CalibrationSource | None) -> dict:
     if scheme.backend == "reference":
         model.to(getattr(torch, scheme.dtype))
         return {"quantized_linears": 0}
@@ -57,6 +67,9 @@ def quantize(model: torch.nn.Module, scheme: Scheme | str, calibration: Calibrat
         if calibration is None:
             raise ValueError(f"scheme {scheme.name!r} is calibrated: pass calibration batches")
         facts = prepare_static(model, scheme)
+        from qbench.device import model_device
+
+        model.to(model_device(model))  # the new quantizers join the model's device before calibrating
         options = scheme.options
         batches = calibration(options["calibration_batches"], options["calibration_seed"],
                               options["calibration_batch_size"])

@@ -94,9 +94,11 @@ def apply_dynamic(model: nn.Module, scheme) -> dict:
     linears = quantizable_linears(model, scheme.quantize_gates)
     kernel = None
     if scheme.int8_matmul:
+        from qbench.device import model_device
         from qbench.quant.int8_gemm import choose
 
-        kernel = choose()
+        # the engines are CPU kernels; elsewhere the same integers through the exact fp32 GEMM
+        kernel = choose() if model_device(model).type == "cpu" else "fp32-exact"
     for name, linear in linears:
         _set_submodule(model, name, DynamicQuantLinear(
             linear, scheme.weight_bits, scheme.activation_bits, scheme.int8_matmul, kernel))
