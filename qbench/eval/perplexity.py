@@ -82,8 +82,25 @@ def first_token_text(tokenizer, protocol: "PerplexityProtocol") -> str | None:
     return None if token_id is None else tokenizer.convert_ids_to_tokens(token_id)
 
 
+_WINDOWS: dict = {}
+
+
 def protocol_windows(protocol: PerplexityProtocol, tokenizer) -> tuple[list[torch.Tensor], dict, str]:
-    """The evaluation windows (each (T,), BOS first), text statistics and the data hash."""
+    """The evaluation windows (each (T,), BOS first), text statistics and the data hash;
+    computed once per (protocol, tokenizer) in a process, so the schemes of one model do
+    not tokenize the same text again."""
+    key = (protocol, id(tokenizer))
+    hit = _WINDOWS.get(key)
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    result = _protocol_windows(protocol, tokenizer)
+    if len(_WINDOWS) > 16:
+        _WINDOWS.clear()
+    _WINDOWS[key] = (tokenizer, result)
+    return result
+
+
+def _protocol_windows(protocol: PerplexityProtocol, tokenizer) -> tuple[list[torch.Tensor], dict, str]:
     if protocol.kind == "bigram_backcopy":
         from qbench.data.bigram_backcopy import BigramBackcopy
 
@@ -136,7 +153,9 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
         if x.shape[1] < 2:
             continue
         logits = model(input_ids=x).logits.float()  # (B, T, V)
-        if not torch.isfinite(logits).all():
+        # one reduction instead of a (B, T, V) boolean pass: a NaN or inf anywhere makes the
+        # sum non-finite (finite logits of a language model cannot overflow an fp32 sum)
+        if not torch.isfinite(logits.sum()):
             raise NonFiniteError(f"non-finite logits ({int((~torch.isfinite(logits)).sum())} values) "
                                  f"under protocol {protocol.id}")
         nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
