@@ -7,11 +7,14 @@ from pathlib import Path
 
 
 def _cmd_train(args) -> int:
-    from qbench.train import train
+    from qbench.train import parse_settings, train
 
-    info = train(args.attention, args.preset, args.seed, Path(args.out), corpus=args.corpus,
+    settings, arm_options = parse_settings(args.set)
+    corpus = arm_options.pop("corpus", args.corpus)
+    info = train(args.attention, args.preset, args.seed, Path(args.out), corpus=corpus,
                  steps=args.steps, threads=args.threads, progress=not args.quiet, gate_init=args.gate_init,
-                 device=args.device, amp=None if args.amp == "none" else args.amp, save_dtype=args.save_dtype)
+                 device=args.device, amp=None if args.amp == "none" else args.amp, save_dtype=args.save_dtype,
+                 settings=settings, arm_options=arm_options)
     print(f"saved {args.out}: validation loss {info['final_val_loss']:.4f}, ppl {info['final_val_ppl']:.2f}")
     return 0
 
@@ -122,7 +125,8 @@ def _cmd_list(args) -> int:
         from qbench.train import PRESETS
 
         for preset in PRESETS.values():
-            print(f"{preset.name:6s} {preset.description}")
+            values = {k: v for k, v in preset.to_dict().items() if k not in ("name", "description")}
+            print(f"{preset.name:12s} {preset.description}\n{'':12s} " + ", ".join(f"{k}={v}" for k, v in values.items()))
     else:
         from qbench.bench import TASKS
 
@@ -173,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one attention arm with a preset recipe")
     p.add_argument("--attention", required=True, help="attention arm (qbench list attention)")
-    p.add_argument("--preset", default="tiny", help="bb | tiny | small")
+    p.add_argument("--preset", default="tiny", help="a built-in recipe (qbench list presets) or a recipe .yaml file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="replace one recipe value (n_layer, n_head, d_model, d_ff, context, batch_size, steps, lr, "
+                        "schedule=cosine|constant, warmup, grad_clip=none|N, weight_decay, betas=0.9,0.99, ...), "
+                        "an arm option (gate_init, gate_granularity, clip_alpha) or corpus; repeatable")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint folder (resumes if it holds a train_state.pt)")
     p.add_argument("--corpus", default="sotu", help="sotu | path to text file/folder | hf:<local dataset>")

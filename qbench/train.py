@@ -42,10 +42,22 @@ class Preset:
     warmup: int
     weight_decay: float
     betas: tuple[float, float]
-    grad_clip: float
+    grad_clip: float | None  # max gradient norm; None or <= 0: no clipping
     eval_every: int
     save_every: int
     description: str
+    schedule: str = "cosine"  # "cosine" (to 10% of the peak after warm-up) or "constant" (after warm-up)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Fields added to Preset after checkpoints were trained: their value in those recipes (a
+# saved recipe without the field ran with this), so old train states still resume.
+LEGACY_DEFAULTS = {"schedule": "cosine"}
+SCHEDULES = ("cosine", "constant")
+# `--set` keys that are not recipe fields: options of the arm (QBenchConfig) and the corpus.
+ARM_OPTIONS = {"gate_init": float, "gate_granularity": str, "clip_alpha": float}
 
 
 PRESETS = {
@@ -64,6 +76,30 @@ PRESETS = {
                betas=(0.9, 0.95), grad_clip=1.0, eval_every=500, save_every=500,
                description="tiny's architecture and tokenizer with 16x its batch (16x the tokens, 65.5M); "
                            "a GPU recipe: bf16 autocast, weights stored bf16 (small-*-3k: --steps 3000)"),
+        # Guo et al. 2024's Bigram-Backcopy recipe (REFERENCE.md section 4): AdamW lr 3e-4
+        # constant, no warm-up, no clipping, betas (0.9, 0.99), weight decay 1e-4, batch 512,
+        # 10,000 steps, 1 head of width 256.  Their released scripts were not in the search
+        # index: the sequence length (64) is qbench's bb preset's, not verified against theirs.
+        Preset("bb-guo", "bigram_backcopy", n_layer=1, n_head=1, d_model=256, d_ff=1024, context=64,
+               vocab_size=0, batch_size=512, steps=10000, lr=3e-4, warmup=0, weight_decay=1e-4,
+               betas=(0.9, 0.99), grad_clip=None, eval_every=500, save_every=500, schedule="constant",
+               description="Guo et al.'s 1-layer Bigram-Backcopy recipe (batch 512, 10,000 steps, constant 3e-4); "
+                           "minutes on a GPU, ~13 CPU-hours"),
+        Preset("bb3-guo", "bigram_backcopy", n_layer=3, n_head=1, d_model=256, d_ff=1024, context=64,
+               vocab_size=0, batch_size=512, steps=10000, lr=3e-4, warmup=0, weight_decay=1e-4,
+               betas=(0.9, 0.99), grad_clip=None, eval_every=500, save_every=500, schedule="constant",
+               description="bb-guo with 3 layers (Guo et al.'s residual-peak runs); a GPU recipe"),
+        # The same recipe at a quarter of the batch and a quarter of the steps (1/16 of the
+        # tokens), sized for one CPU thread in the background: ~50 min (1 layer) and ~2.4 h
+        # (3 layers) at the ~7,000 tokens/s REFERENCE.md measured for the 1-layer model.
+        Preset("bb-guo-cpu", "bigram_backcopy", n_layer=1, n_head=1, d_model=256, d_ff=1024, context=64,
+               vocab_size=0, batch_size=128, steps=2500, lr=3e-4, warmup=0, weight_decay=1e-4,
+               betas=(0.9, 0.99), grad_clip=None, eval_every=250, save_every=250, schedule="constant",
+               description="bb-guo at batch 128 and 2,500 steps (1/16 of its tokens): under 1 h on one CPU thread"),
+        Preset("bb3-guo-cpu", "bigram_backcopy", n_layer=3, n_head=1, d_model=256, d_ff=1024, context=64,
+               vocab_size=0, batch_size=128, steps=2400, lr=3e-4, warmup=0, weight_decay=1e-4,
+               betas=(0.9, 0.99), grad_clip=None, eval_every=200, save_every=200, schedule="constant",
+               description="bb3-guo at batch 128 and 2,400 steps: under 2.5 h on one CPU thread"),
     ]
 }
 
@@ -76,15 +112,112 @@ MECHANISM_FIELDS = ["step", "attn_s", "delta_logit_s", "val_s", "val_s_ratio", "
 
 
 def get_preset(name: str) -> Preset:
+    """A built-in preset by name, or a YAML recipe file (`base:` an optional built-in to
+    start from, then any Preset field)."""
+    if name not in PRESETS and (name.endswith((".yaml", ".yml")) or Path(name).is_file()):
+        return load_recipe_file(Path(name))
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}{closest(name, PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}{closest(name, PRESETS)} (or give a recipe .yaml file)")
     return PRESETS[name]
 
 
+def _coerce(key: str, value, current):
+    """A --set / YAML value converted to the type of the field it replaces."""
+    if key == "betas":
+        parts = value if isinstance(value, (list, tuple)) else str(value).strip("()[] ").split(",")
+        if len(parts) != 2:
+            raise ValueError(f"betas must be two numbers, e.g. betas=0.9,0.99; got {value!r}")
+        return (float(parts[0]), float(parts[1]))
+    if key == "grad_clip":
+        if value is None or str(value).lower() in ("none", "off", "false", "0", "0.0"):
+            return None
+        return float(value)
+    if key == "schedule":
+        if value not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {value!r}")
+        return value
+    if isinstance(current, bool) or current is None:
+        return value
+    if isinstance(current, int):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return int(float(value)) if isinstance(value, str) and value.replace(".", "", 1).isdigit() else int(value)
+    if isinstance(current, float):
+        return float(value)
+    return str(value)
+
+
+def with_settings(preset: Preset, settings: dict) -> Preset:
+    """`preset` with fields replaced (values converted and checked); unknown keys are errors."""
+    fields = preset.to_dict()
+    changed = {}
+    for key, value in settings.items():
+        if key not in fields:
+            raise ValueError(f"unknown recipe key {key!r}{closest(key, list(fields) + list(ARM_OPTIONS))}")
+        try:
+            changed[key] = _coerce(key, value, fields[key])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"recipe key {key}: {err}") from None
+    result = replace(preset, **changed)
+    if result.steps < 1 or result.batch_size < 1 or result.context < 2 or result.lr <= 0 or result.warmup < 0:
+        raise ValueError(f"recipe {result.name}: steps, batch_size >= 1, context >= 2, lr > 0, warmup >= 0")
+    return result
+
+
+def load_recipe_file(path: Path) -> Preset:
+    import yaml
+
+    if not path.is_file():
+        raise ValueError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe file {path} must be a mapping of recipe keys")
+    base = get_preset(str(data.pop("base", "tiny")))
+    return with_settings(replace(base, name=str(data.pop("name", path.stem)),
+                                 description=str(data.pop("description", f"recipe file {path.name}"))), data)
+
+
+def parse_settings(pairs: list[str]) -> tuple[dict, dict]:
+    """`--set key=value` pairs -> (recipe fields, arm options and corpus)."""
+    recipe, arm = {}, {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: use key=value")
+        if key in ARM_OPTIONS:
+            try:
+                arm[key] = ARM_OPTIONS[key](value)
+            except ValueError:
+                raise ValueError(f"--set {key}: {value!r} is not a {ARM_OPTIONS[key].__name__}") from None
+        elif key == "corpus":
+            arm[key] = value
+        else:
+            recipe[key] = value
+    return recipe, arm
+
+
+def normalise_recipe(recipe: dict) -> dict:
+    """A saved recipe with the fields added since it was written filled in as they ran."""
+    recipe = dict(recipe)
+    preset = {**LEGACY_DEFAULTS, **recipe.get("preset", {})}
+    if isinstance(preset.get("betas"), list):
+        preset["betas"] = tuple(preset["betas"])
+    recipe["preset"] = preset
+    recipe.setdefault("arm_options", {})
+    return recipe
+
+
 def learning_rate(step: int, preset: Preset) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+    """Linear warm-up, then cosine decay to 10% of the peak ("cosine") or the peak held
+    ("constant")."""
     if step < preset.warmup:
         return preset.lr * (step + 1) / preset.warmup
+    if preset.schedule == "constant":
+        return preset.lr
     progress = (step - preset.warmup) / max(1, preset.steps - preset.warmup)
     return preset.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
@@ -200,13 +333,16 @@ def _atomic_torch_save(obj, path: Path) -> None:
 def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpus: str = "sotu",
           steps: int | None = None, threads: int | None = None, progress: bool = True,
           gate_init: float | None = None, device: str = "cpu", amp: str | None = None,
-          save_dtype: str = "float32") -> dict:
+          save_dtype: str = "float32", settings: dict | None = None, arm_options: dict | None = None) -> dict:
     """Train one arm with one preset; returns the summary written into the model card.
 
     `device` ("cpu", "cuda") only moves the work: the model is initialised on the CPU and
     the data order comes from a CPU generator, so a seed means the same initial weights
     and batches everywhere.  `amp="bf16"` runs forward and backward under bfloat16
     autocast (float32 master weights); `save_dtype` is the dtype the safetensors file stores.
+    `settings` replaces recipe fields (`--set`); `arm_options` are QBenchConfig options of
+    the arm (gate_init, gate_granularity, clip_alpha).  The resolved recipe is saved in the
+    train state, the model card and config.json; resuming with another recipe is an error.
     """
     if amp not in (None, "bf16"):
         raise ValueError(f"unknown amp mode {amp!r}: use None or 'bf16'")
@@ -217,9 +353,17 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
     if attention not in ATTENTION_ARMS:
         raise ValueError(f"unknown attention arm {attention!r}{closest(attention, ATTENTION_ARMS)}")
     preset = preset_name if isinstance(preset_name, Preset) else get_preset(preset_name)
+    if settings:
+        preset = with_settings(preset, settings)
     if steps is not None:
         preset = replace(preset, steps=steps, warmup=min(preset.warmup, max(1, steps // 10)),
                          save_every=min(preset.save_every, steps))
+    arm_options = dict(arm_options or {})
+    if gate_init is not None:
+        arm_options["gate_init"] = gate_init
+    recipe = {"attention": attention, "preset": preset.to_dict(), "seed": seed, "corpus": corpus}
+    if arm_options:
+        recipe["arm_options"] = arm_options
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -229,7 +373,7 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
     config = QBenchConfig(
         vocab_size=len(data.tokenizer), n_layer=preset.n_layer, n_head=preset.n_head,
         d_model=preset.d_model, d_ff=preset.d_ff, max_position_embeddings=preset.context,
-        attention=attention, gate_init=gate_init, bos_token_id=data.tokenizer.bos_token_id,
+        attention=attention, **arm_options, bos_token_id=data.tokenizer.bos_token_id,
         eos_token_id=data.tokenizer.eos_token_id, pad_token_id=data.tokenizer.pad_token_id,
     )
     model = QBenchForCausalLM(config).to(device)
@@ -244,9 +388,13 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
     state_path = out / STATE_FILE
     if state_path.exists():
         state = load_train_state(state_path)
-        if state["recipe"] != {"attention": attention, "preset": asdict(preset), "seed": seed, "corpus": corpus}:
-            raise ValueError(f"{state_path} belongs to a different run ({state['recipe']}); "
-                             "choose another --out or delete the folder")
+        if normalise_recipe(state["recipe"]) != normalise_recipe(recipe):
+            saved, wanted = normalise_recipe(state["recipe"]), normalise_recipe(recipe)
+            diff = sorted(k for k in set(saved["preset"]) | set(wanted["preset"])
+                          if saved["preset"].get(k) != wanted["preset"].get(k))
+            diff += [k for k in ("attention", "seed", "corpus", "arm_options") if saved.get(k) != wanted.get(k)]
+            raise ValueError(f"{state_path} was trained with another recipe (differs in {', '.join(diff)}); "
+                             "resume with the same recipe, or choose another --out")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -278,7 +426,8 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), preset.grad_clip)
+        if preset.grad_clip and preset.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), preset.grad_clip)
         optimizer.step()
         step += 1
         train_loss = loss.item()
@@ -292,7 +441,7 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
             mechanism.log(model, step)
         if step % preset.save_every == 0 or step == preset.steps:
             _atomic_torch_save({
-                "recipe": {"attention": attention, "preset": asdict(preset), "seed": seed, "corpus": corpus},
+                "recipe": recipe,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "step": step, "elapsed": time.time() - start,
@@ -309,6 +458,7 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
     config.qbench_training = {
         "attention": attention, "preset": preset.name, "seed": seed, "steps": preset.steps,
         "tokens": preset.steps * tokens_per_step, "recipe": asdict(preset), "data": data.data_info,
+        **({"arm_options": arm_options} if arm_options else {}),
         "final_train_loss": round(final_train, 5), "final_val_loss": round(final_val, 5),
         "final_val_ppl": round(math.exp(final_val), 4), "wall_seconds": round(time.time() - start, 1),
         "torch_threads": torch.get_num_threads(), "device": where, "amp": amp or "none",

@@ -66,8 +66,8 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
     try:
         model(tokens)
     finally:
-        for module, hooks, kernel in saved:
-            module.qbench_hooks, module.qbench_kernel = hooks, kernel
+        for module, saved_hooks, kernel in saved:
+            module.qbench_hooks, module.qbench_kernel = saved_hooks, kernel
         for h in hooks:
             h.remove()
         model.train(was_training)
