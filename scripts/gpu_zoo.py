@@ -154,7 +154,9 @@ def cmd_fetch(args) -> int:
         taken.append(tar.name)
     left = sorted(p.name for p in (work / "ret").glob("*.tar"))
     log(work, f"batch: {taken} ({size / 2**20:.1f} MiB); still on the machine: {left}")
-    (out / "gpu_zoo.log").write_text((work / "gpu_zoo.log").read_text())
+    for name in ("gpu_zoo.log", "campaign.log"):  # whichever script ran
+        if (work / name).exists():
+            (out / name).write_text((work / name).read_text())
     return 0
 
 

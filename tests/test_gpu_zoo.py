@@ -64,3 +64,31 @@ def test_a_tar_holds_one_folder_without_the_training_state(tmp_path):
     tar = gpu_zoo.pack(work, fake_checkpoint(tmp_path, "small-vga", 10), priority=1)
     with tarfile.open(tar) as t:
         assert sorted(t.getnames()) == ["small-vga", "small-vga/config.json", "small-vga/model.safetensors"]
+
+
+def test_gpu_campaign_dry_run_trains_packs_and_hands_back(tmp_path):
+    """`python scripts/gpu_campaign.py run --dry-run`: every arm's bb-guo and bb3-guo run,
+    2 steps each on the CPU, packed and handed back within the limits, unpackable."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_campaign.py"
+    work, out = tmp_path / "work", tmp_path / "out"
+    done = subprocess.run([sys.executable, str(script), "run", "--dry-run", "--work", str(work), "--out", str(out),
+                           "--budget", "900"], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("gpu_campaign", script)
+    campaign = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(campaign)
+    expected = len(campaign.queue((0,)))
+    log = (out / "campaign.log").read_text()
+    assert f"{expected} packed, 0 failed" in log
+    tars = sorted(out.glob("*.tar"))
+    assert 0 < len(tars) <= 8 and sum(t.stat().st_size for t in tars) <= 64 * 2**20
+    gpu_zoo = load_script()
+    models = tmp_path / "models"
+    gpu_zoo.cmd_unpack(argparse.Namespace(folder=str(out), models=str(models)))
+    unpacked = sorted(p.name for p in models.iterdir())
+    assert unpacked and all((models / n / "model.safetensors").exists() for n in unpacked)
+    assert not any((models / n / "train_state.pt").exists() for n in unpacked)
+    assert {n.split("-")[0] for n in unpacked} <= {"bb", "bb3"}
