@@ -98,3 +98,31 @@ def test_list_presets_shows_the_values(capsys):
     for name in ("bb-guo", "bb3-guo", "bb-guo-cpu", "bb3-guo-cpu"):
         assert name in out
     assert "schedule=constant" in out and "batch_size=512" in out
+
+
+def test_bb_protocol_reports_the_copy_circuit_and_per_layer_mechanism(tmp_path):
+    """A 2-layer bb model: its perplexity record splits copy and bigram positions, and
+    carries Attn_s / Val_s / Delta-logit_s and the residual peak for every layer, on the
+    quantized model too; the training log has per-layer columns."""
+    import csv
+
+    from qbench.bench import run_bench
+    from qbench.results import ResultStore
+
+    out = tmp_path / "bb2"
+    assert main(["train", "--preset", "bb-guo-cpu", "--attention", "vga", "--set", "steps=30", "--set", "batch_size=16",
+                 "--set", "n_layer=2", "--set", "lr=3e-3", "--out", str(out), "--quiet"]) == 0
+    header = next(csv.reader(open(out / "mechanism_log.csv")))
+    assert "attn_s_l0" in header and "attn_s_l1" in header and header[1] == "attn_s"
+    records = run_bench([str(out)], ["fp32", "w8a8-pt", "w8a8-attn"], ["ppl"], ResultStore(tmp_path / "r"),
+                        progress=False)
+    for record in records:
+        m = record["metrics"]
+        assert record["status"] == "ok", record.get("error")
+        assert m["copy_positions"] > 0 and m["bigram_positions"] > m["copy_positions"]
+        total = m["copy_loss"] * m["copy_positions"] + m["bigram_loss"] * m["bigram_positions"]
+        assert total == pytest.approx(m["nll_sum"], rel=1e-5)  # the split adds up to the whole
+        assert len(m["mechanism_per_layer"]) == 2 and len(m["residual_peak_per_layer"]) == 2
+        assert 0 <= m["mechanism"]["attn_s"] <= 1
+    kernel = records[2]["metrics"]["mechanism_per_layer"][0]
+    assert kernel["delta_logit_s"] != kernel["delta_logit_s"]  # NaN: the kernel exposes no scores

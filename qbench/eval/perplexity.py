@@ -108,7 +108,7 @@ def _protocol_windows(protocol: PerplexityProtocol, tokenizer) -> tuple[list[tor
         task = BigramBackcopy("".join(corpus.train))
         seqs = task.sample(protocol.sequences, protocol.window, torch.Generator().manual_seed(protocol.seed))
         data_hash = __import__("hashlib").sha256(seqs.numpy().tobytes()).hexdigest()
-        return list(seqs), {"words": None, "bytes": None}, data_hash
+        return list(seqs), {"words": None, "bytes": None, "task": task}, data_hash
     corpus = load_corpus(protocol.corpus)
     text = split_text(corpus, protocol.split, protocol.max_chars)
     ids = torch.from_numpy(encode_text(tokenizer, text).astype(np.int64))
@@ -136,6 +136,8 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
     windows, text_stats, data_hash = protocol_windows(protocol, tokenizer)
     model.eval()
     nll, tokens, kl_sum, agree = 0.0, 0, 0.0, 0
+    task = text_stats.get("task")  # Bigram-Backcopy: split the loss by what each position asks
+    circuit = {"copy": [0.0, 0, 0], "bigram": [0.0, 0, 0]}  # nll, positions, correct
     # Windows of equal length go together; the last, shorter one runs alone.
     batches: list[list[torch.Tensor]] = []
     for w in windows:
@@ -158,8 +160,16 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
         if not torch.isfinite(logits.sum()):
             raise NonFiniteError(f"non-finite logits ({int((~torch.isfinite(logits)).sum())} values) "
                                  f"under protocol {protocol.id}")
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                               reduction="sum").item()
+        per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                    reduction="none").view(x.shape[0], -1)
+        nll += per_token.sum().item()
+        if task is not None:
+            copy = task.is_trigger(x_cpu[:, :-1]).to(device)  # after a trigger: copy the token before it
+            correct = logits[:, :-1].argmax(-1) == x[:, 1:]
+            for name, mask in (("copy", copy), ("bigram", ~copy)):
+                circuit[name][0] += per_token[mask].sum().item()
+                circuit[name][1] += int(mask.sum())
+                circuit[name][2] += int(correct[mask].sum())
         tokens += x[:, 1:].numel()
         if reference is not None:
             log_q = F.log_softmax(logits[:, :-1], dim=-1)
@@ -175,6 +185,21 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
               "ppl": math.exp(nll / tokens), "data_hash": data_hash}
     if protocol.kind != "bigram_backcopy":
         result["first_token"] = first_token_text(tokenizer, protocol)
+    if task is not None:
+        # the copy circuit (positions right after a trigger) and the bigram positions; the
+        # mechanism (Attn_s, Val_s, Delta-logit_s) and the residual peak per layer, measured
+        # on the model as given (quantized: as it computes)
+        from qbench.probes.mechanism import bb_mechanism, residual_peaks
+
+        for name, (loss, count, right) in circuit.items():
+            result[f"{name}_loss"] = loss / count if count else None
+            result[f"{name}_acc"] = right / count if count else None
+            result[f"{name}_positions"] = count
+        sample = torch.stack(windows[:64])
+        mechanism = bb_mechanism(model, sample, task.is_trigger)
+        result["mechanism"] = {k: v for k, v in mechanism.items() if k != "per_layer"}
+        result["mechanism_per_layer"] = mechanism["per_layer"]
+        result["residual_peak_per_layer"] = residual_peaks(model, sample)
     if reference is not None:
         result["kl"] = kl_sum / tokens
         result["top1_agreement"] = agree / tokens

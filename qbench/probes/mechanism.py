@@ -21,27 +21,37 @@ import torch
 
 
 class _CaptureHooks(torch.nn.Module):
-    """Attention hooks (qbench.modeling.hooks) that keep one layer's scores, P and gates."""
+    """Attention hooks (qbench.modeling.hooks) that keep one layer's scores, P (or, under a
+    low-precision kernel, P[..., 0]) and gates, after the hooks already there (a
+    quantizer's), so a quantized model's mechanism is measured as it computes."""
 
     first_column_only = False
 
-    def __init__(self, store: dict, layer: int, gates: dict):
+    def __init__(self, store: dict, layer: int, gates: dict, inner=None):
         super().__init__()
-        self.store, self.layer, self.gates = store, layer, gates
+        self.store, self.layer, self.gates, self.inner = store, layer, gates, inner
+        self.store.setdefault(layer, {})
 
     def gate(self, layer, g):
         self.gates[layer] = g.detach()
+        if self.inner is not None and hasattr(self.inner, "gate"):
+            self.inner.gate(layer, g)
 
     def scores(self, x):
-        self.store.setdefault(self.layer, {})["scores"] = x.detach()
+        x = self.inner.scores(x) if self.inner is not None else x
+        self.store[self.layer]["scores"] = x.detach()
         return x
 
     def probs(self, x):
+        x = self.inner.probs(x) if self.inner is not None else x
         self.store[self.layer]["probs"] = x.detach()
         return x
 
+    def first_column(self, x):
+        self.store[self.layer]["first"] = x.detach()
+
     def context(self, x):
-        return x
+        return self.inner.context(x) if self.inner is not None else x
 
 
 @torch.no_grad()
@@ -58,7 +68,7 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
     saved, hooks = [], []
     for module in attention:
         saved.append((module, module.qbench_hooks, module.qbench_kernel))
-        module.qbench_hooks, module.qbench_kernel = _CaptureHooks(store, module.layer_idx, gates), None
+        module.qbench_hooks = _CaptureHooks(store, module.layer_idx, gates, module.qbench_hooks)
         hooks.append(module.v_proj.register_forward_hook(
             lambda mod, inp, out, i=module.layer_idx: values.__setitem__(i, out.detach())))
     was_training = model.training
@@ -76,21 +86,28 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
     # queries at positions >= 1 whose token is not a trigger (the next token is a bigram draw)
     query_mask = ~is_trigger(tokens)
     query_mask[:, 0] = False
-    qm = query_mask[:, None, :].float()  # (B, 1, T)
+    from qbench.device import model_device
+
+    qm = query_mask[:, None, :].float().to(model_device(model))  # (B, 1, T)
     n_q = qm.sum()
     per_layer = []
     for module in attention:
         i, h, hd = module.layer_idx, module.n_head, module.head_dim
-        probs, scores = store[i]["probs"].float(), store[i]["scores"].float()  # (B, H, T, T)
-        attn_s = (probs[..., 0] * qm).sum() / (n_q * h)
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        others = causal.clone()
-        others[:, 0] = False
-        n_others = others.sum(-1).clamp_min(1)  # (T,)
-        other_mean = torch.where(others, scores, 0.0).sum(-1) / n_others  # (B, H, T)
-        gap = scores[..., 0] - other_mean
-        gap_mask = qm * (n_others > 0).float()
-        delta_logit = (gap * gap_mask).sum() / (gap_mask.sum() * h)
+        captured = store[i]
+        # P[..., 0]: from P, or from the low-precision kernel's first column
+        first = captured["probs"][..., 0] if "probs" in captured else captured["first"]
+        attn_s = (first.float() * qm).sum() / (n_q * h)
+        delta_logit = float("nan")  # the kernel exposes no scores
+        if "scores" in captured:
+            scores = captured["scores"].float()  # (B, H, T, T)
+            causal = torch.ones(t, t, dtype=torch.bool, device=scores.device).tril()
+            others = causal.clone()
+            others[:, 0] = False
+            n_others = others.sum(-1).clamp_min(1)  # (T,)
+            other_mean = torch.where(others, scores, 0.0).sum(-1) / n_others  # (B, H, T)
+            gap = scores[..., 0] - other_mean
+            gap_mask = qm * (n_others > 0).float()
+            delta_logit = (gap * gap_mask).sum() / (gap_mask.sum() * h)
         v = values[i].view(b, t, h, hd).float()
         norms = v.norm(dim=-1)  # (B, T, H)
         val_s = norms[:, 0].mean()
@@ -112,3 +129,26 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
                for k in keys if any(k in r for r in per_layer)}
     summary["per_layer"] = per_layer
     return summary
+
+
+@torch.no_grad()
+def residual_peaks(model, tokens: torch.Tensor) -> list[float]:
+    """Per layer, the residual-stream peak at BOS: max |h_0| over the median |h| of the
+    sequence's hidden states after the layer (all T x d), averaged over sequences."""
+    from qbench.probes.sites import decoder_layers
+
+    _, layers = decoder_layers(model)
+    peaks: dict[int, float] = {}
+    handles = []
+    for index, layer in enumerate(layers):
+        def hook(module, inputs, output, i=index):
+            h = (output[0] if isinstance(output, (tuple, list)) else output).detach().float().abs()  # (B, T, d)
+            median = h.flatten(1).median(dim=1).values.clamp_min(1e-12)
+            peaks[i] = float((h[:, 0].amax(dim=-1) / median).mean())
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        model(input_ids=tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [peaks[i] for i in sorted(peaks)]
