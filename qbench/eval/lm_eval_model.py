@@ -34,8 +34,17 @@ class QBenchLM(HFLM):
 
         loaded = load_model(str(model))
         # lm-eval's --device (or device= in model_args): the model, its quantizers and the
-        # batches go there; HFLM then reads the device from the model
-        place(loaded.model, resolve_device(kwargs.pop("device", None)))
+        # batches go there; HFLM then reads the device from the model.  lm-eval asks for
+        # cuda by default; like its own HFLM, qbench then uses the CPU where CUDA is absent.
+        import torch
+
+        device = kwargs.pop("device", None)
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            import warnings
+
+            warnings.warn(f"lm-eval asked for device {device!r}; no CUDA device here, running on the CPU")
+            device = "cpu"
+        place(loaded.model, resolve_device(device))
         resolved = get_scheme(scheme)
         if calibration_seed is not None and "calibration_seed" in resolved.options:
             resolved = dataclasses.replace(resolved, options={**resolved.options, "calibration_seed": int(calibration_seed)})

@@ -160,10 +160,11 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
         if not torch.isfinite(logits.sum()):
             raise NonFiniteError(f"non-finite logits ({int((~torch.isfinite(logits)).sum())} values) "
                                  f"under protocol {protocol.id}")
-        per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                    reduction="none").view(x.shape[0], -1)
-        nll += per_token.sum().item()
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                               reduction="sum").item()
         if task is not None:
+            per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                        reduction="none").view(x.shape[0], -1)
             copy = task.is_trigger(x_cpu[:, :-1]).to(device)  # after a trigger: copy the token before it
             correct = logits[:, :-1].argmax(-1) == x[:, 1:]
             for name, mask in (("copy", copy), ("bigram", ~copy)):
