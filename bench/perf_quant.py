@@ -147,7 +147,10 @@ def main() -> None:
         ratio = reference / seconds
         lines.append(f"| {label} | {name} | {reference * 1e3:.2f} | {seconds * 1e3:.2f} | {ratio:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    from sections import keep_sections  # bench/direct.py's section stays
+
+    Path(args.out).write_text(keep_sections(Path(args.out), "\n".join(lines) + "\n",
+                                            ["A quantized cell vs the library used directly"]))
     print(f"wrote {args.out}")
 
 

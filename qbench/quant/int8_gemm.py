@@ -155,9 +155,12 @@ def _time(kernel: str, shapes, tokens: int, repeats: int) -> float:
     return total
 
 
-def measure(tokens: int = 512, repeats: int = 5) -> dict:
+SMOLLM2_SHAPES = [(576, 576), (576, 1536), (1536, 576)]
+
+
+def measure(tokens: int = 512, repeats: int = 5, shapes=None) -> dict:
     """Check and time every candidate here; returns {kernel: {"exact", "error", "seconds"}}."""
-    shapes = [(576, 576), (576, 1536), (1536, 576)]
+    shapes = shapes or SMOLLM2_SHAPES
     out = {}
     for kernel in CANDIDATES:
         if not available(kernel):
@@ -174,15 +177,18 @@ def measure(tokens: int = 512, repeats: int = 5) -> dict:
     return out
 
 
-def choose(refresh: bool = False) -> str:
-    """The int8 kernel for this machine: QBENCH_INT8_GEMM if set, else the cached choice for
-    this CPU (measured now if there is none)."""
+def choose(refresh: bool = False, shape: tuple[int, int] | None = None) -> str:
+    """The int8 kernel for this machine (and, given `shape` = (in, out), for that layer
+    shape: the fastest kernel differs between shapes): QBENCH_INT8_GEMM if set, else the
+    cached choice for this CPU and shape (measured now if there is none)."""
     global _choice
     forced = os.environ.get("QBENCH_INT8_GEMM")
     if forced:
         if forced not in CANDIDATES:
             raise ValueError(f"QBENCH_INT8_GEMM={forced!r}: choose one of {CANDIDATES}")
         return forced
+    if shape is not None:
+        return _choose_for_shape(tuple(shape), refresh)
     if _choice is not None and not refresh:
         return _choice
     from qbench.atomic import FileLock, atomic_write_text
@@ -208,3 +214,30 @@ def choose(refresh: bool = False) -> str:
             atomic_write_text(path, json.dumps(cached, indent=1))
     _choice = entry["kernel"]
     return _choice
+
+
+_by_shape: dict[tuple[int, int], str] = {}
+
+
+def _choose_for_shape(shape: tuple[int, int], refresh: bool) -> str:
+    if shape in _by_shape and not refresh:
+        return _by_shape[shape]
+    from qbench.atomic import FileLock, atomic_write_text
+    from qbench.paths import cache_dir
+
+    choose()  # the machine-level entry (validates every candidate once)
+    signature = cpu_signature()
+    key = _signature_key(signature)
+    path = cache_dir() / "int8_gemm.json"
+    with FileLock(cache_dir() / "int8_gemm.lock"):
+        cached = json.loads(path.read_text()) if path.exists() else {}
+        entry = cached.setdefault(key, {"signature": signature})
+        shapes = entry.setdefault("by_shape", {})
+        label = f"{shape[0]}x{shape[1]}"
+        if label not in shapes or refresh:
+            exact = [k for k, v in entry.get("candidates", {}).items() if v.get("exact")] or ["fp32-exact"]
+            timed = {k: _time(k, [shape], 512, 5) for k in exact}
+            shapes[label] = {"kernel": min(timed, key=timed.get), "seconds": timed}
+            atomic_write_text(path, json.dumps(cached, indent=1))
+    _by_shape[shape] = shapes[label]["kernel"]
+    return _by_shape[shape]

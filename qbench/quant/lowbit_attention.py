@@ -24,10 +24,12 @@ INT8_MAX = 127
 
 
 def int8_codes(x: torch.Tensor, dim: int | tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes and scales (max|x| / 127 over `dim`, keepdim; whole tensor if None)."""
+    """Symmetric int8 codes and scales (max|x| / 127 over `dim`, keepdim; whole tensor if None).
+    |x| / scale <= 127 by construction, so the codes need no clamp (fewer passes: this runs
+    three times per attention call)."""
     amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-    scale = amax.clamp_min(1e-8) / INT8_MAX
-    return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX).to(torch.int8), scale
+    scale = amax.clamp_min(1e-8).div_(INT8_MAX)
+    return x.div(scale).round_().to(torch.int8), scale
 
 
 # Partial sums of int8 x int8 products stay exact in fp32 while |sum| < 2^24:
@@ -53,8 +55,11 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.dim() == 2:
             return torch._int_mm(a.contiguous(), b.contiguous())
         lead = a.shape[:-2]
-        a2, b2 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-        out = torch.stack([torch._int_mm(x.contiguous(), y.contiguous()) for x, y in zip(a2, b2)])
+        # one contiguous copy of each operand at most, results written in place
+        a2, b2 = a.contiguous().reshape(-1, *a.shape[-2:]), b.contiguous().reshape(-1, *b.shape[-2:])
+        out = torch.empty(a2.shape[0], a2.shape[1], b2.shape[2], dtype=torch.int32, device=a.device)
+        for i in range(a2.shape[0]):
+            torch._int_mm(a2[i], b2[i], out=out[i])
         return out.reshape(*lead, *out.shape[-2:])
     out = None
     for start in range(0, a.shape[-1], EXACT_FP32_K):
@@ -105,7 +110,7 @@ class LowBitAttention:
         t_q, t_k = q.shape[-2], k.shape[-2]
         q_codes, q_scale = self._quantize_qk(q)
         k_codes, k_scale = self._quantize_qk(k)
-        k_t, k_scale_row = k_codes.transpose(-1, -2), k_scale.transpose(-1, -2)  # (B, H, D, T_k), (B, H, 1, T_k | 1)
+        k_t, k_scale_row = k_codes.transpose(-1, -2).contiguous(), k_scale.transpose(-1, -2)  # (B, H, D, T_k), (B, H, 1, T_k | 1)
         column_sums = v_codes.to(torch.int32).sum(dim=-2, keepdim=True)  # (B, H, 1, D)
         if hidden is None:
             from qbench.modeling.attention import future_mask

@@ -50,7 +50,7 @@ class DynamicQuantLinear(nn.Module):
             from qbench.quant.int8_gemm import Int8Gemm, choose
 
             self.register_buffer("weight_codes", codes.to(torch.int8))  # (out, in)
-            self.kernel = kernel or choose()
+            self.kernel = kernel or choose(shape=(self.in_features, self.out_features))
             self.gemm = Int8Gemm(self.kernel, self.weight_codes, self.weight_scale)
         else:
             self.register_buffer("weight", codes * scale)  # dequantized, (out, in)
@@ -92,17 +92,22 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def apply_dynamic(model: nn.Module, scheme) -> dict:
     linears = quantizable_linears(model, scheme.quantize_gates)
-    kernel = None
+    kernels = {}
     if scheme.int8_matmul:
         from qbench.device import model_device
         from qbench.quant.int8_gemm import choose
 
-        # the engines are CPU kernels; elsewhere the same integers through the exact fp32 GEMM
-        kernel = choose() if model_device(model).type == "cpu" else "fp32-exact"
+        for _, linear in linears:  # per layer shape: the fastest exact kernel measured here
+            shape = (linear.in_features, linear.out_features)
+            # the engines are CPU kernels; elsewhere the same integers through the exact fp32 GEMM
+            kernels[shape] = choose(shape=shape) if model_device(model).type == "cpu" else "fp32-exact"
     for name, linear in linears:
         _set_submodule(model, name, DynamicQuantLinear(
-            linear, scheme.weight_bits, scheme.activation_bits, scheme.int8_matmul, kernel))
+            linear, scheme.weight_bits, scheme.activation_bits, scheme.int8_matmul,
+            kernels.get((linear.in_features, linear.out_features))))
     facts = {"quantized_linears": len(linears)}
-    if kernel:
-        facts["int8_kernel"] = kernel
+    if kernels:
+        used = sorted(set(kernels.values()))
+        facts["int8_kernel"] = used[0] if len(used) == 1 else "+".join(used)
+        facts["int8_kernel_by_shape"] = {f"{i}x{o}": k for (i, o), k in sorted(kernels.items())}
     return facts
