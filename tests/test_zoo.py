@@ -7,8 +7,8 @@ from qbench.zoo import load_model, read_zoo
 
 ZOO = read_zoo()
 TRAINED = ["tiny-softmax", "tiny-vga", "tiny-iga", "bb-softmax", "bb-vga"]
-# GPU-trained, bf16-stored: one tiny (the unchanged tiny recipe) and one small checkpoint.
-GPU_TRAINED = ["tiny-clipped-s1", "small-vga"]
+# The arms whose two tiny seeds are in the zoo; the four newer arms (vga_x, softpick,
+# sigmoid, sink_logit) train through scripts/train_queue.py and join as they finish.
 TINY_ARMS = ["softmax", "vga", "vga_out", "iga", "qwen_g1", "clipped"]
 
 
@@ -23,6 +23,13 @@ def test_every_checkpoint_folder_is_listed_with_its_seed():
         assert name == f"{entry['preset']}-{entry['arm'].replace('_', '-')}" + (
             f"-s{entry['seed']}" if entry["seed"] else "") + ("-3k" if name.endswith("-3k") else "")
         assert load_model(name).checkpoint_hash == entry["checkpoint_hash"]
+
+
+def test_every_zoo_arm_is_a_registered_arm():
+    from qbench.modeling.attention import ATTENTION_ARMS
+
+    arms = {e["arm"] for e in ZOO.values() if e.get("preset") in ("tiny", "small", "bb")}
+    assert arms <= set(ATTENTION_ARMS), arms - set(ATTENTION_ARMS)
 
 
 def test_every_tiny_arm_has_two_training_seeds():
@@ -53,8 +60,9 @@ def test_tiny_arms_share_data_seed_steps_and_recipe():
     assert _same_recipe(TRAINED[:3])
 
 
-@pytest.mark.parametrize("name", [n for n in TRAINED + GPU_TRAINED if n in ZOO])
+@pytest.mark.parametrize("name", [n for n in ZOO if n != "smollm2-135m"])  # SmolLM2: the slow test below
 def test_zoo_checkpoint_reproduces_its_test_perplexity(name):
+    """Every checkpoint, through today's arm registry, hooks and kernel-free float path."""
     entry = ZOO[name]
     loaded = load_model(name)
     assert loaded.checkpoint_hash == entry["checkpoint_hash"]
