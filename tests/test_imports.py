@@ -61,3 +61,12 @@ def test_no_import_circles():
     for node in sorted(edges):
         if node not in state:
             visit(node)
+
+
+def test_the_low_precision_kernel_names_no_arm():
+    """It reads an arm's normaliser and gate position; a new arm needs no change there."""
+    from qbench.modeling.attention import ATTENTION_ARMS, NORMALISERS
+
+    text = (PACKAGE / "quant" / "lowbit_attention.py").read_text().lower()
+    for name in set(ATTENTION_ARMS) | set(NORMALISERS):
+        assert name.replace("_", " ") not in text and name not in text, name

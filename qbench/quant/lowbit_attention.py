@@ -5,9 +5,9 @@ at most one (B, H, chunk, T_k) block of scores exists at a time:
   Q, K int8 (per-token scales, or one scale per head);  V int8 (per-channel scales within
   each head, or one per head: a per-token scale could not leave the P V sum);
   S = Q K^T as an int8 x int8 -> int32 matmul, rescaled by s_q s_k / sqrt(d);
-  P = the arm's normaliser (softmax, clipped softmax, softpick, sigmoid, sink logit: the
-  same function as the float path) in float, then quantized to 8 bits: unsigned codes
-  with scale 1/255 (every normaliser's weights lie in [0, 1]), or float8 e4m3;
+  P = the arm's normaliser (`arm.normalise`, the same function as the float path) in
+  float, then quantized to 8 bits: unsigned codes with scale 1/255 (every registered
+  normaliser's weights lie in [0, 1]), or float8 e4m3;
   O = P V as an 8-bit matmul (uint8 codes are shifted by -128 into int8 and the shift is
   added back exactly: P V = (P' + 128) V = P' V + 128 colsum(V));
   gates: the module's own gate function, fed the *dequantized* V where the gate reads
