@@ -3,13 +3,12 @@ import pytest
 
 from qbench.bench import resolve_protocol
 from qbench.eval import evaluate_perplexity
+from qbench.modeling.attention import ATTENTION_ARMS
 from qbench.zoo import load_model, read_zoo
 
 ZOO = read_zoo()
 TRAINED = ["tiny-softmax", "tiny-vga", "tiny-iga", "bb-softmax", "bb-vga"]
-# The arms whose two tiny seeds are in the zoo; the four newer arms (vga_x, softpick,
-# sigmoid, sink_logit) train through scripts/train_queue.py and join as they finish.
-TINY_ARMS = ["softmax", "vga", "vga_out", "iga", "qwen_g1", "clipped"]
+TINY_ARMS = list(ATTENTION_ARMS)  # every registered arm has two tiny seeds in the zoo
 
 
 def test_every_checkpoint_folder_is_listed_with_its_seed():
