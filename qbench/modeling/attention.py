@@ -152,10 +152,6 @@ class AttentionArm:
     def normalise(self) -> Callable:
         return NORMALISERS[self.normaliser]
 
-    def function(self, q, k, v, gate=None, *, module=None, hooks=None):
-        """The float attention of this arm (see `attend`)."""
-        return attend(self, q, k, v, gate, module=module, hooks=hooks)
-
 
 GATE_SOURCES = (None, "value", "input_head", "input")
 GATE_POSITIONS = (None, "value", "output")
