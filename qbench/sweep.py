@@ -190,18 +190,36 @@ def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progres
     if workers <= 1:
         return [run_spec(s, results_dir) for s in tqdm(specs, desc="cells", disable=not progress)]
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    import signal
 
     out = []
+    interrupted = []
+
+    def on_sigint(signum, frame):  # whatever the pool raises after Ctrl-C, the caller sees the interrupt
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                initializer=_worker_init, initargs=(os.getpid(),))
     try:
-        futures = [pool.submit(run_spec, asdict(s), results_dir) for s in specs]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="cells", disable=not progress):
-            out.append(future.result())
+        pending = {pool.submit(run_spec, asdict(s), results_dir) for s in specs}
+        bar = tqdm(total=len(pending), desc="cells", disable=not progress)
+        while pending:  # short waits: the main thread gets to run the Ctrl-C handler promptly
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in finished:
+                out.append(future.result())
+                bar.update(1)
+        bar.close()
     except BaseException:
         _stop_workers(pool)
+        if interrupted:
+            raise KeyboardInterrupt from None
         raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
     pool.shutdown(wait=True)
     return out
 

@@ -171,7 +171,7 @@ def test_ctrl_c_stops_a_local_sweep_at_once(micro_checkpoint, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
     start = time.time()
     proc.communicate(timeout=60)
-    assert proc.returncode == 130 and time.time() - start < 15
+    assert proc.returncode == 130 and time.time() - start < 30  # running cells are ended within seconds, not run to the end of the queue
     time.sleep(1)
     assert not any(_alive(w) for w in workers)
     assert len(ResultStore(tmp_path / "store").records()) < 8  # the queue did not run on
