@@ -169,8 +169,9 @@ def _stop_workers(pool) -> None:
     written: the store writes atomically, and a cell's lock dies with its process)."""
     import signal
 
-    pool.shutdown(wait=False, cancel_futures=True)
+    # the process list first: shutdown() drops the executor's reference to it
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
             os.kill(process.pid, signal.SIGTERM)

@@ -16,6 +16,11 @@ from qbench.modeling.attention import ATTENTION_ARMS
 BB_ARMS = ["softmax", "vga", "iga", "vga_out"]
 assert set(BB_ARMS) <= set(ATTENTION_ARMS), "BB_ARMS names an arm the registry lacks"
 TINY_ARMS = list(ATTENTION_ARMS)
+# Issue 16's CPU fallback at Guo et al.'s recipe: the 1-layer set first (seed 0 of every
+# arm before any seed 1), then the 3-layer runs in the order the study needs them.
+GUO_ARMS = ["softmax", "vga", "vga_x", "vga_out", "iga"]
+GUO3_ARMS = ["softmax", "vga_out", "vga", "vga_x"]
+assert set(GUO_ARMS + GUO3_ARMS) <= set(ATTENTION_ARMS), "GUO_ARMS names an arm the registry lacks"
 
 
 def checkpoint_name(preset: str, arm: str, seed: int) -> str:
@@ -26,6 +31,9 @@ def queue(which: str) -> list[tuple[str, str, int]]:
     runs = []
     if which in ("bb", "all"):
         runs += [("bb", arm, seed) for seed in (0, 1, 2) for arm in BB_ARMS]
+    if which in ("guo", "all"):
+        runs += [("bb-guo-cpu", arm, seed) for seed in (0, 1) for arm in GUO_ARMS]
+        runs += [("bb3-guo-cpu", arm, 0) for arm in GUO3_ARMS]
     if which in ("tiny", "all"):
         runs += [("tiny", arm, seed) for seed in (0, 1) for arm in TINY_ARMS]
     return runs
@@ -37,7 +45,7 @@ def done(folder: Path) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--queue", default="bb", choices=["bb", "tiny", "all"])
+    parser.add_argument("--queue", default="bb", choices=["bb", "guo", "tiny", "all"])
     parser.add_argument("--worker", default="0/1", help="i/n: this process takes every n-th run from the i-th")
     parser.add_argument("--models", default="models")
     parser.add_argument("--retrain-seed0", action="store_true",

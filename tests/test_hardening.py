@@ -174,7 +174,8 @@ def test_ctrl_c_stops_a_local_sweep_at_once(micro_checkpoint, tmp_path):
     assert proc.returncode == 130 and time.time() - start < 30  # running cells are ended within seconds, not run to the end of the queue
     time.sleep(1)
     assert not any(_alive(w) for w in workers)
-    assert len(ResultStore(tmp_path / "store").records()) < 8  # the queue did not run on
+    # the queue did not run on: at most the two cells that were running (in their 3 s test delay) recorded
+    assert len(ResultStore(tmp_path / "store").records()) <= 2
 
 
 def test_workers_die_with_a_killed_parent(micro_checkpoint, tmp_path):
