@@ -43,7 +43,41 @@ def quantize(model: torch.nn.Module, scheme: Scheme | str, calibration: Calibrat
     return facts
 
 
+def calibration_batches(scheme: Scheme, calibration: CalibrationSource | None) -> list[torch.Tensor]:
+    """The scheme's calibration draw (its seed, batch count and batch size)."""
+    if calibration is None:
+        raise ValueError(f"scheme {scheme.name!r} is calibrated: pass calibration batches")
+    o = scheme.options
+    return list(calibration(o["calibration_batches"], o["calibration_seed"], o["calibration_batch_size"]))
+
+
+def apply_transform(model: torch.nn.Module, scheme: Scheme, calibration: CalibrationSource | None) -> dict:
+    """Equivalence-preserving float transforms applied before the quantizers (SmoothQuant,
+    residual rotation); {} when the scheme has none."""
+    transform = scheme.options.get("transform")
+    if not transform:
+        return {}
+    method = transform["method"]
+    if method == "smoothquant":
+        from qbench.quant.smoothquant import smooth
+
+        batches = calibration_batches(scheme, calibration)
+        facts = smooth(model, batches, transform.get("alpha", 0.5))
+        return {**facts, "transform_calibration_tokens": sum(b.numel() for b in batches)}
+    if method == "hadamard":
+        from qbench.quant.rotation import rotate
+
+        # the draw seed seeds the Hadamard signs: --calibration-seeds gives independent rotations
+        return rotate(model, seed=scheme.options.get("calibration_seed", 0))
+    raise NotImplementedError(f"scheme {scheme.name!r}: unknown transform {method!r}")
+
+
 def _quantize(model: torch.nn.Module, scheme: Scheme, calibration: CalibrationSource | None) -> dict:
+    facts = apply_transform(model, scheme, calibration)
+    return {**facts, **_quantize_base(model, scheme, calibration)}
+
+
+def _quantize_base(model: torch.nn.Module, scheme: Scheme, calibration: CalibrationSource | None) -> dict:
     if scheme.backend == "reference":
         model.to(getattr(torch, scheme.dtype))
         return {"quantized_linears": 0}
@@ -60,7 +94,7 @@ def _quantize(model: torch.nn.Module, scheme: Scheme, calibration: CalibrationSo
     if scheme.backend == "weight_only":
         from qbench.quant.static import prepare_weight_only
 
-        return prepare_weight_only(model, scheme)
+        return prepare_weight_only(model, scheme, calibration)
     if scheme.backend == "static":
         from qbench.quant.static import calibrate_and_freeze, prepare_static
 

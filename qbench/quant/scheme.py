@@ -149,3 +149,42 @@ register(Scheme("quanto-fp8", "quanto", "optimum-quanto qfloat8 (e4m3) weights a
                 weight_bits=8, weight_granularity="per_channel", activation_bits=8,
                 activation_granularity="per_tensor", activation_static=True,
                 options={"weights": "qfloat8", "activations": "qfloat8", **_CAL}))
+
+# Outlier-aware post-training methods (issue 15).  A "transform" is an equivalence-preserving
+# float rewrite applied before the quantizers named by the rest of the scheme; calibrated
+# ones draw from the training split with the scheme's calibration seed (--calibration-seeds).
+_SQ = {"transform": {"method": "smoothquant", "alpha": 0.5}}
+register(Scheme("w8a8-sq", "simulated", "SmoothQuant (alpha 0.5, folded into the norms), then w8a8-dyn",
+                weight_bits=8, weight_granularity="per_channel", activation_bits=8,
+                activation_granularity="per_token", options={**_SQ, **_CAL}))
+for _a in (0.25, 0.75, 0.85):
+    register(Scheme(f"w8a8-sq-a{int(_a * 100)}", "simulated", f"w8a8-sq with SmoothQuant alpha {_a}",
+                    weight_bits=8, weight_granularity="per_channel", activation_bits=8,
+                    activation_granularity="per_token",
+                    options={"transform": {"method": "smoothquant", "alpha": _a}, **_CAL}))
+register(Scheme("w8a8-pt-sq", "static", "SmoothQuant (alpha 0.5), then the w8a8-pt protocol",
+                weight_bits=8, weight_granularity="per_tensor", activation_bits=8,
+                activation_granularity="per_tensor", activation_static=True, options={**_PT, **_SQ}))
+_HAD = {"transform": {"method": "hadamard"}}
+register(Scheme("w8a8-had", "simulated",
+                "residual stream rotated by a randomized Hadamard matrix (norms folded, QuaRot offline part; "
+                "the draw seed seeds the signs), then w8a8-dyn",
+                weight_bits=8, weight_granularity="per_channel", activation_bits=8,
+                activation_granularity="per_token", options={**_HAD, "calibration_seed": 0}))
+register(Scheme("w8a8-pt-had", "static", "Hadamard-rotated residual stream, then the w8a8-pt protocol",
+                weight_bits=8, weight_granularity="per_tensor", activation_bits=8,
+                activation_granularity="per_tensor", activation_static=True, options={**_PT, **_HAD}))
+register(Scheme("w4a8-had", "static", "Hadamard-rotated residual stream, then w4a8",
+                weight_bits=4, weight_granularity="per_channel", activation_bits=8,
+                activation_granularity="per_tensor", activation_static=True,
+                options={**_PT, "weight_range": "mse", **_HAD}))
+register(Scheme("w4-gptq-g128", "weight_only", "GPTQ 4-bit weights, asymmetric, groups of 128 (damping 0.01)",
+                weight_bits=4, weight_granularity="group",
+                options={"method": "gptq", "group_size": 128, "symmetric": False, "block_size": 128,
+                         "percdamp": 0.01, **_CAL}))
+register(Scheme("w4-awq-g128", "weight_only",
+                "AWQ 4-bit weights (torchao's scale search, 20-point grid), asymmetric, groups of 128",
+                weight_bits=4, weight_granularity="group",
+                options={"method": "awq", "group_size": 128, "symmetric": False, "grid": 20, **_CAL}))
+register(Scheme("w4-hqq-g64", "weight_only", "HQQ 4-bit weights (the hqq library, no calibration), groups of 64",
+                weight_bits=4, weight_granularity="group", options={"method": "hqq", "group_size": 64}))
