@@ -31,6 +31,14 @@ TINY_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w8a8-attn", "w4-rtn-g64", "w4a8"
 SMALL_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w8a8-attn", "w4-rtn-g64", "w4a8", "w6a6", "llm-int8-t0", "nf4"]
 SMOLLM2_SCHEMES = ["fp32", "llm-int8", "llm-int8-t0", "w8a8-pt", "w8a8-dyn", "nf4"]
 BB_ARMS = list(ATTENTION_ARMS)  # display order: the registry's
+# Outlier-aware PTQ (issue 15): each method beside the plain scheme it modifies, as the
+# columns of the table users want.
+PTQ_COLUMNS = [("W8A8-pt", "w8a8-pt"), ("+ SmoothQuant", "w8a8-pt-sq"), ("+ rotation", "w8a8-pt-had"),
+               ("W8A8-dyn", "w8a8-dyn"), ("dyn + SQ", "w8a8-sq"), ("dyn + rotation", "w8a8-had"),
+               ("W4A8", "w4a8"), ("W4A8 + rotation", "w4a8-had"),
+               ("W4 RTN g128", "w4-rtn-g128"), ("GPTQ g128", "w4-gptq-g128"), ("AWQ g128", "w4-awq-g128"),
+               ("W4 RTN g64", "w4-rtn-g64"), ("HQQ g64", "w4-hqq-g64")]
+PTQ_SCHEMES = [scheme for _, scheme in PTQ_COLUMNS]
 
 PUBLISHED = """| source | model | arm | FP ppl | W8A8 ppl | max inf-norm | avg kurtosis |
 |---|---|---|---:|---:|---:|---:|
@@ -55,6 +63,7 @@ class StudyPlan:
     limit: int = 20000
     small_models: list[str] = field(default_factory=list)
     small_schemes: list[str] = field(default_factory=lambda: list(SMALL_SCHEMES))
+    ptq_schemes: list[str] = field(default_factory=list)
 
 
 def plan(quick: bool) -> StudyPlan:
@@ -68,7 +77,7 @@ def plan(quick: bool) -> StudyPlan:
     return StudyPlan(tiny_models=tiny, tiny_schemes=TINY_SCHEMES, calibration_seeds=[0, 1, 2],
                      tiny_tasks=["ppl", "probes"],
                      task_schemes=["fp32", "w8a8-pt", "w8a8-dyn", "w4-rtn-g64", "llm-int8-t0", "nf4"],
-                     task_limit=500, smollm2=True, small_models=small)
+                     task_limit=500, smollm2=True, small_models=small, ptq_schemes=list(PTQ_SCHEMES))
 
 
 def run_study(store: ResultStore, quick: bool = False, progress: bool = True) -> list[dict]:
@@ -96,6 +105,10 @@ def run_study(store: ResultStore, quick: bool = False, progress: bool = True) ->
         records += run(["smollm2-135m"], ["fp32"], ["probes"])
     if p.small_models:
         records += run(p.small_models, p.small_schemes, ["probes"], calibration_seeds=[0])
+    if p.ptq_schemes:  # SmolLM2 first (it has the outliers), every draw; then the CPU zoo at draw 0
+        if p.smollm2:
+            records += run(["smollm2-135m"], ["fp32"] + p.ptq_schemes, ["ppl"], calibration_seeds=p.calibration_seeds)
+        records += run(p.tiny_models + p.small_models, p.ptq_schemes, ["ppl"], calibration_seeds=[0])
     calibrated = [s for s in p.tiny_schemes if "calibration_seed" in get_scheme(s).options]
     if len(p.calibration_seeds) > 1 and calibrated:
         records += run(p.tiny_models, calibrated, p.tiny_tasks, calibration_seeds=p.calibration_seeds[1:])
@@ -213,6 +226,34 @@ def arm_table(table: pd.DataFrame, models: list[str], schemes: list[str]) -> pd.
     out = pd.DataFrame(rows)
     order = {s: i for i, s in enumerate(schemes)}
     return out.sort_values(["scheme", "arm"], key=lambda c: c.map(order) if c.name == "scheme" else c)
+
+
+def ptq_table(table: pd.DataFrame, rows: list[tuple[str, list[str]]]) -> pd.DataFrame:
+    """The table of the PTQ section: one row per (label, checkpoints), one column per
+    method; cells are the relative perplexity change in %, mean ± std over the checkpoints
+    (training seeds) of each checkpoint's mean over calibration draws, or, for a single
+    checkpoint, ± the std over its calibration draws; `(n)` counts seeds x draws."""
+    frame = table[(table.status == "ok")]
+    out = []
+    for label, models in rows:
+        row = {"model / arm": label}
+        for column, scheme in PTQ_COLUMNS:
+            cells = frame[frame.model.isin(models) & (frame.scheme == scheme)]
+            if cells.empty:
+                row[column] = "-"
+                continue
+            values = list(cells["rel_delta_%"])
+            draws = int(cells["n"].max())
+            if len(values) == 1:
+                std = cells["ppl_std"].iloc[0]
+                fp = cells["fp_ppl"].iloc[0]
+                spread = (f" ± {100 * std / fp:.2g}" if isinstance(std, float) and not math.isnan(std) and draws > 1
+                          else "")
+                row[column] = f"{values[0]:+.3g}{spread} ({draws})"
+            else:
+                row[column] = f"{_mean_std(values, 3)} ({len(values)}x{draws})"
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def degradation_plot(table: pd.DataFrame, models: list[str], schemes: list[str], out: Path,
@@ -387,6 +428,23 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
         if share:
             lines += ["fp32 first-token attention share per layer: "
                       + ", ".join(f"{i}: {v:.2f}" for i, v in enumerate(share)), ""]
+    if p.ptq_schemes and not full.empty:
+        lines += ["## 4. Outlier-aware PTQ", ""]
+        zoo = read_zoo()
+        rows = [("smollm2-135m", ["smollm2-135m"])]
+        arms: dict[str, list[str]] = {}
+        for name in p.tiny_models:
+            arms.setdefault(f"tiny {arm_label(name, zoo.get(name, {}))}", []).append(name)
+        for name in p.small_models:
+            arms.setdefault(f"small {arm_label(name, zoo.get(name, {}))}", []).append(name)
+        rows += list(arms.items())
+        ptq = ptq_table(full, rows)
+        lines += ["Relative perplexity change against fp32 (%), same protocol as the sections above. SmolLM2: "
+                  "mean ± std over calibration draws (n). Zoo rows: mean ± std over training seeds of each "
+                  "checkpoint (calibration draw 0), `(seeds x draws)`. SmoothQuant (alpha 0.5) and the Hadamard "
+                  "rotation are folded into the float model before the named quantizers; GPTQ / AWQ / HQQ are "
+                  "4-bit weight-only, compared with round-to-nearest at the same group size. "
+                  "`w8a8-had` draws are different random Hadamard signs.", "", _markdown(ptq), ""]
     if discussion is not None and Path(discussion).exists():
         lines += [Path(discussion).read_text().strip(), ""]
     lines += ["## Regenerate", "", "```", "make study            # runs the missing cells, then writes this file",

@@ -329,3 +329,14 @@ def test_new_schemes_are_listed_and_run_from_bench(micro128, tmp_path):
     assert by_scheme["w8a8-had"]["quantization"]["rotation_seed"] == 0
     assert by_scheme["w4-gptq-g128"]["quantization"]["calibration_tokens"] > 0
     assert by_scheme["w4-hqq-g64"]["quantization"]["weight_method"] == "hqq"
+
+
+def test_new_schemes_run_through_the_lm_eval_model_and_are_listed(micro128, capsys):
+    from qbench.cli import main
+    from qbench.eval.lm_eval_model import QBenchLM
+
+    lm = QBenchLM(model=str(micro128), scheme="w8a8-pt-had", calibration_seed=2)
+    assert lm.qbench_quantization["transform"] == "hadamard" and lm.qbench_quantization["rotation_seed"] == 2
+    assert main(["list", "schemes"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in NEW_SCHEMES)
