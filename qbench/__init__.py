@@ -8,4 +8,12 @@ import os  # noqa: E402
 for _variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_variable, "1")
 
+import logging  # noqa: E402
+
+# transformers imports hqq (its quantized KV cache) when installed, and hqq imports torchao,
+# which logs a warning for each CUDA-only extension it cannot load and torch a deprecation
+# for each Enum it registers: noise on every command's stderr, not a problem of the user's.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
 from qbench import modeling  # noqa: E402,F401  registers model_type "qbench" with transformers

@@ -64,6 +64,7 @@ class StudyPlan:
     small_models: list[str] = field(default_factory=list)
     small_schemes: list[str] = field(default_factory=lambda: list(SMALL_SCHEMES))
     ptq_schemes: list[str] = field(default_factory=list)
+    bb_models: list[str] = field(default_factory=list)
 
 
 def plan(quick: bool) -> StudyPlan:
@@ -77,7 +78,8 @@ def plan(quick: bool) -> StudyPlan:
     return StudyPlan(tiny_models=tiny, tiny_schemes=TINY_SCHEMES, calibration_seeds=[0, 1, 2],
                      tiny_tasks=["ppl", "probes"],
                      task_schemes=["fp32", "w8a8-pt", "w8a8-dyn", "w4-rtn-g64", "llm-int8-t0", "nf4"],
-                     task_limit=500, smollm2=True, small_models=small, ptq_schemes=list(PTQ_SCHEMES))
+                     task_limit=500, smollm2=True, small_models=small, ptq_schemes=list(PTQ_SCHEMES),
+                     bb_models=[name for name, entry in zoo.items() if entry.get("preset") in BB_GUO_PRESETS])
 
 
 def run_study(store: ResultStore, quick: bool = False, progress: bool = True) -> list[dict]:
@@ -105,6 +107,8 @@ def run_study(store: ResultStore, quick: bool = False, progress: bool = True) ->
         records += run(["smollm2-135m"], ["fp32"], ["probes"])
     if p.small_models:
         records += run(p.small_models, p.small_schemes, ["probes"], calibration_seeds=[0])
+    if p.bb_models:  # the BB testbed at Guo et al.'s recipe: the copy circuit under every 8-bit scheme
+        records += run(p.bb_models, BB_SCHEMES, ["ppl"], calibration_seeds=p.calibration_seeds)
     if p.ptq_schemes:  # SmolLM2 first (it has the outliers), every draw; then the CPU zoo at draw 0
         if p.smollm2:
             records += run(["smollm2-135m"], ["fp32"] + p.ptq_schemes, ["ppl"], calibration_seeds=p.calibration_seeds)
@@ -116,14 +120,14 @@ def run_study(store: ResultStore, quick: bool = False, progress: bool = True) ->
 
 
 # -- part 1: mechanism curves -----------------------------------------------------------
-def mechanism_logs(models_dir: Path) -> dict[str, list[tuple[str, pd.DataFrame]]]:
-    """arm -> [(checkpoint, log frame)] for every bb checkpoint with a mechanism log."""
+def mechanism_logs(models_dir: Path, preset: str = "bb") -> dict[str, list[tuple[str, pd.DataFrame]]]:
+    """arm -> [(checkpoint, log frame)] for every checkpoint of `preset` with a mechanism log."""
     zoo = read_zoo()
     logs: dict[str, list] = {}
     for name, entry in zoo.items():
         folder = models_dir / str(entry.get("path", name))
         path = folder / "mechanism_log.csv"
-        if entry.get("preset") == "bb" and path.exists():
+        if entry.get("preset") == preset and path.exists():
             logs.setdefault(entry["arm"], []).append((name, pd.read_csv(path)))
     return logs
 
@@ -187,6 +191,76 @@ def mechanism_plot(logs, out: Path) -> Path | None:
     return out
 
 
+# Guo et al. (2024), Fig. 2/3: the 1-layer softmax model at their recipe (10,000 steps x 512)
+# ends with nearly all non-trigger attention on BOS and a BOS value norm near zero (read off
+# their curves: approximate values, for direction).
+GUO_PUBLISHED = {"arm": "softmax (Guo et al., published)", "seeds": "-", "step": 10000, "attn_s": "~1",
+                 "val_s": "-", "val_s_ratio": "~0", "val_s_eff_ratio": "-", "delta_logit_s": "large (> 0)",
+                 "gate_bos": "-", "gate_others": "-"}
+BB_GUO_PRESETS = ["bb-guo-cpu", "bb3-guo-cpu", "bb-guo", "bb3-guo"]
+BB_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w8a8-attn", "w6a6", "w4a8", "llm-int8-t0"]
+
+
+def bb_records_frame(records: list[dict], models: list[str]) -> pd.DataFrame:
+    """One row per BB ppl record of `models`: the copy-circuit and bigram metrics, the
+    sink indicators and the largest residual peak over layers."""
+    rows = []
+    for r in records:
+        if r.get("task") != "ppl" or r.get("model") not in models or r.get("status") != "ok":
+            continue
+        m = r["metrics"]
+        if m.get("copy_acc") is None:
+            continue
+        mech = m.get("mechanism") or {}
+        peaks = m.get("residual_peak_per_layer") or []
+        rows.append({"model": r["model"], "scheme": r["scheme"], "draw": r.get("calibration_seed"),
+                     "ppl": m["ppl"], "copy_acc": m["copy_acc"], "copy_loss": m["copy_loss"],
+                     "bigram_acc": m["bigram_acc"], "bigram_loss": m["bigram_loss"],
+                     "copy_positions": m.get("copy_positions"), "attn_s": mech.get("attn_s"),
+                     "residual_peak": max(peaks) if peaks else None})
+    return pd.DataFrame(rows)
+
+
+def bb_quant_tables(records: list[dict], models: list[str], schemes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per arm x scheme: copy/bigram deltas against each checkpoint's fp32, mean ± std over
+    training seeds of the per-checkpoint mean over calibration draws;
+    per checkpoint: fp32 residual peak and sink (attn_s) beside its worst copy-accuracy drop)."""
+    frame = bb_records_frame(records, models)
+    if frame.empty or "fp32" not in set(frame.scheme):
+        return pd.DataFrame(), pd.DataFrame()
+    zoo = read_zoo()
+    per = frame.groupby(["model", "scheme"], as_index=False).agg(
+        {c: "mean" for c in ("ppl", "copy_acc", "copy_loss", "bigram_acc", "bigram_loss", "attn_s",
+                             "residual_peak")} | {"draw": "count"})
+    fp = per[per.scheme == "fp32"].set_index("model")
+    per = per[per.model.isin(fp.index)]
+    for column in ("copy_acc", "copy_loss", "bigram_loss", "ppl"):
+        per[f"d_{column}"] = [v - fp.loc[m, column] for m, v in zip(per.model, per[column])]
+    per["arm"] = [zoo.get(m, {}).get("arm", m) for m in per.model]
+    rows = []
+    order = {s: i for i, s in enumerate(schemes)}
+    for (arm, scheme), group in per[per.scheme.isin(schemes)].groupby(["arm", "scheme"]):
+        rows.append({"arm": arm, "scheme": scheme, "n_seeds": group.model.nunique(), "n_draws": int(group.draw.max()),
+                     "copy_acc": _mean_std(list(group.copy_acc), 4),
+                     "Δcopy_acc": _mean_std(list(group.d_copy_acc), 2),
+                     "Δcopy_loss": _mean_std(list(group.d_copy_loss), 2),
+                     "Δbigram_loss": _mean_std(list(group.d_bigram_loss), 2),
+                     "sink attn_s": _mean_std(list(group.attn_s), 3),
+                     "residual peak": _mean_std(list(group.residual_peak), 3)})
+    by_arm = pd.DataFrame(rows)
+    if not by_arm.empty:
+        by_arm = by_arm.sort_values(["scheme", "arm"], key=lambda c: c.map(order) if c.name == "scheme" else c)
+    quant = per[per.scheme != "fp32"]
+    worst = quant.groupby("model").agg(worst_d_copy_acc=("d_copy_acc", "min"),
+                                       worst_scheme=("d_copy_acc", lambda v: quant.loc[v.idxmin(), "scheme"]))
+    checkpoints = pd.DataFrame({"checkpoint": fp.index, "arm": [zoo.get(m, {}).get("arm", m) for m in fp.index],
+                                "fp32 copy_acc": fp.copy_acc.round(4).values,
+                                "fp32 sink attn_s": fp.attn_s.round(3).values,
+                                "fp32 residual peak": fp.residual_peak.round(2).values})
+    checkpoints = checkpoints.merge(worst, left_on="checkpoint", right_index=True, how="left")
+    return by_arm, checkpoints.sort_values(["arm", "checkpoint"])
+
+
 # -- part 2/3: quantization tables ------------------------------------------------------
 STUDY_COLUMNS = ["ppl", "delta_ppl", "rel_delta_%", "kl", "top1_agreement", "max_inf_norm", "kurtosis",
                  "sink_rate@0.3", "agreement_acc", "agreement_flip_rate"]
@@ -246,7 +320,7 @@ def ptq_table(table: pd.DataFrame, rows: list[tuple[str, list[str]]]) -> pd.Data
             draws = int(cells["n"].max())
             if len(values) == 1:
                 std = cells["ppl_std"].iloc[0]
-                fp = cells["fp_ppl"].iloc[0]
+                fp = cells["ppl"].iloc[0] - cells["delta_ppl"].iloc[0]
                 spread = (f" ± {100 * std / fp:.2g}" if isinstance(std, float) and not math.isnan(std) and draws > 1
                           else "")
                 row[column] = f"{values[0]:+.3g}{spread} ({draws})"
@@ -382,6 +456,31 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
         plot = mechanism_plot(logs, plots / "mechanism_curves.png")
         lines += [f"![mechanism curves]({plot.relative_to(out)})", ""]
     records = store.records()
+    for preset in BB_GUO_PRESETS:
+        guo_logs = mechanism_logs(models_dir, preset)
+        if not guo_logs:
+            continue
+        guo = pd.concat([mechanism_table(guo_logs), pd.DataFrame([GUO_PUBLISHED])], ignore_index=True)
+        entry = next(e for e in read_zoo().values() if e.get("preset") == preset)
+        lines += [f"### 1b. At Guo et al.'s recipe: `{preset}`", "",
+                  f"Preset `{preset}` ({entry.get('steps', '?')} steps; `qbench list presets` gives the whole "
+                  "recipe: AdamW betas (0.9, 0.99), weight decay 1e-4, constant 3e-4, no warm-up, no clipping). "
+                  "Final values, mean ± std over training seeds; the last row is Guo et al.'s 1-layer run "
+                  "(10,000 x 512), read off their figures.", "", _markdown(guo), ""]
+        plot = mechanism_plot(guo_logs, plots / f"mechanism_curves_{preset}.png")
+        if plot is not None:
+            lines += [f"![mechanism curves {preset}]({plot.relative_to(out)})", ""]
+        models = [name for name, e in read_zoo().items() if e.get("preset") == preset]
+        by_arm, checkpoints = bb_quant_tables(records, models, BB_SCHEMES)
+        if not by_arm.empty:
+            lines += [f"Under quantization (BB protocol: 64 sequences of 64 tokens; the copy circuit is the "
+                      "positions right after a trigger, the rest are bigram positions). Δ = quantized minus the "
+                      "same checkpoint's fp32; accuracies are fractions, losses nats per token; mean ± std over "
+                      "training seeds of each checkpoint's mean over calibration draws (`n_draws`). Sink "
+                      "attn_s and residual peak (max |h| at BOS over the median |h|, the largest over layers) "
+                      "are measured on the model as it computes under the scheme.", "", _markdown(by_arm), "",
+                      "Per checkpoint: its fp32 extreme-token indicators beside its largest copy-accuracy drop "
+                      "over the schemes above:", "", _markdown(checkpoints), ""]
     full = comparison_table(records)
     lines += ["## 2. The tiny zoo under every scheme", ""]
     tiny = arm_table(full, p.tiny_models, p.tiny_schemes) if not full.empty else pd.DataFrame()
@@ -441,7 +540,7 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
         ptq = ptq_table(full, rows)
         lines += ["Relative perplexity change against fp32 (%), same protocol as the sections above. SmolLM2: "
                   "mean ± std over calibration draws (n). Zoo rows: mean ± std over training seeds of each "
-                  "checkpoint (calibration draw 0), `(seeds x draws)`. SmoothQuant (alpha 0.5) and the Hadamard "
+                  "checkpoint's mean over its calibration draws (the new methods: draw 0), `(seeds x draws)`. SmoothQuant (alpha 0.5) and the Hadamard "
                   "rotation are folded into the float model before the named quantizers; GPTQ / AWQ / HQQ are "
                   "4-bit weight-only, compared with round-to-nearest at the same group size. "
                   "`w8a8-had` draws are different random Hadamard signs.", "", _markdown(ptq), ""]

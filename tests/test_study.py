@@ -36,3 +36,42 @@ def test_mechanism_table_reads_the_bb_training_logs():
         assert isinstance(runs[0][1], pd.DataFrame) and final["step"] == 1000
         if len(runs) == 1:
             assert table.loc[arm, "attn_s"] == f"{final['attn_s']:.3g}"
+
+
+def _ppl_record(model, scheme, ppl, draw=None, **metrics):
+    return {"model": model, "scheme": scheme, "task": "ppl", "status": "ok", "protocol": "p",
+            "calibration_seed": draw, "metrics": {"ppl": ppl, **metrics}, "key": f"{model}-{scheme}-{draw}",
+            "config": {}, "provenance": {}}
+
+
+def test_ptq_table_cells_are_relative_changes_with_the_draw_spread():
+    from qbench.report import comparison_table
+    from qbench.study import ptq_table
+
+    records = [_ppl_record("m", "fp32", 20.0), _ppl_record("m", "w8a8-pt", 40.0, 0),
+               _ppl_record("m", "w8a8-pt-sq", 21.0, 0), _ppl_record("m", "w8a8-pt-sq", 23.0, 1),
+               _ppl_record("a0", "fp32", 10.0), _ppl_record("a0", "w4-gptq-g128", 11.0, 0),
+               _ppl_record("a1", "fp32", 10.0), _ppl_record("a1", "w4-gptq-g128", 13.0, 0)]
+    table = ptq_table(comparison_table(records), [("m", ["m"]), ("arm a", ["a0", "a1"])]).set_index("model / arm")
+    assert table.loc["m", "W8A8-pt"] == "+100 (1)"
+    # draws 21 and 23: mean 22 (+10%), std sqrt(2) = 7.1% of fp32 20
+    assert table.loc["m", "+ SmoothQuant"] == "+10 ± 7.1 (2)"
+    assert table.loc["m", "GPTQ g128"] == "-"
+    assert table.loc["arm a", "GPTQ g128"] == "20 ± 14 (2x1)"  # +10% and +30% over two seeds
+
+
+def test_bb_quant_tables_take_deltas_against_each_checkpoints_fp32():
+    from qbench.study import bb_quant_tables
+
+    def bb(model, scheme, acc, draw=None, peak=5.0):
+        return _ppl_record(model, scheme, 3.0, draw, copy_acc=acc, copy_loss=1 - acc, bigram_acc=0.5,
+                           bigram_loss=1.0, mechanism={"attn_s": 0.8}, residual_peak_per_layer=[peak, 2.0])
+
+    records = [bb("s0", "fp32", 0.90, peak=12.0), bb("s0", "w8a8-pt", 0.80, 0), bb("s0", "w8a8-pt", 0.70, 1),
+               bb("s1", "fp32", 0.95), bb("s1", "w8a8-pt", 0.95, 0)]
+    by_arm, checkpoints = bb_quant_tables(records, ["s0", "s1"], ["fp32", "w8a8-pt"])
+    row = by_arm[(by_arm.arm == "s0") & (by_arm.scheme == "w8a8-pt")].iloc[0]
+    assert row["Δcopy_acc"] == "-0.15" and row["n_draws"] == 2  # mean of 0.80 and 0.70, minus 0.90
+    ck = checkpoints.set_index("checkpoint")
+    assert ck.loc["s0", "fp32 residual peak"] == 12.0 and ck.loc["s0", "worst_scheme"] == "w8a8-pt"
+    assert abs(ck.loc["s1", "worst_d_copy_acc"]) < 1e-12
