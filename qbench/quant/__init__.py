@@ -92,9 +92,10 @@ def _quantize_base(model: torch.nn.Module, scheme: Scheme, calibration: Calibrat
             facts["lowbit_attention_modules"] = install_kernel(model, LowBitAttention(**kernel_options))
         return facts
     if scheme.backend == "weight_only":
-        from qbench.quant.static import prepare_weight_only
+        from qbench.quant.weight_only import prepare_weight_only
 
-        return prepare_weight_only(model, scheme, calibration)
+        batches = calibration_batches(scheme, calibration) if "calibration_batches" in scheme.options else None
+        return prepare_weight_only(model, scheme, batches)
     if scheme.backend == "static":
         from qbench.quant.static import calibrate_and_freeze, prepare_static
 

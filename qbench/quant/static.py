@@ -170,46 +170,6 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
 
 
-def prepare_weight_only(model: nn.Module, scheme, calibration=None) -> dict:
-    """Weight-only schemes: round-to-nearest, or GPTQ / AWQ (calibrated) / HQQ weights."""
-    options = scheme.options
-    method = options.get("method", "rtn")
-    linears = quantizable_linears(model, scheme.quantize_gates)
-    facts = {"quantized_linears": len(linears), "sites": ["linear weights"]}
-    if method != "rtn":
-        facts["weight_method"] = method
-    if method == "gptq":
-        from qbench.quant import calibration_batches
-        from qbench.quant.gptq import collect_hessians, gptq_quantize
-
-        hessians, facts["calibration_tokens"] = collect_hessians(model, linears,
-                                                                 calibration_batches(scheme, calibration))
-        weights = {name: gptq_quantize(linear.weight, hessians.pop(name), scheme.weight_bits,
-                                       options["group_size"], options.get("block_size", 128),
-                                       options.get("percdamp", 0.01)) for name, linear in linears}
-    elif method == "awq":
-        from qbench.quant import calibration_batches
-        from qbench.quant.awq import awq_weights
-
-        weights, facts["calibration_tokens"] = awq_weights(model, linears, calibration_batches(scheme, calibration),
-                                                           scheme.weight_bits, options["group_size"],
-                                                           options.get("grid", 20))
-    elif method == "hqq":
-        from qbench.quant.hqq import hqq_weight
-
-        weights = {name: hqq_weight(linear.weight, scheme.weight_bits, options["group_size"])
-                   for name, linear in linears}
-    elif method == "rtn":
-        weights = {name: quantize_weight(linear.weight, scheme.weight_bits, scheme.weight_granularity,
-                                         options.get("group_size"), options.get("symmetric", False),
-                                         options.get("weight_range", "minmax")) for name, linear in linears}
-    else:
-        raise NotImplementedError(f"scheme {scheme.name!r}: unknown weight method {method!r}")
-    for name, linear in linears:
-        _set_submodule(model, name, WeightOnlyLinear(linear, weights[name]))
-    return facts
-
-
 def prepare_static(model: nn.Module, scheme) -> dict:
     """Swap modules and attach observers for the w8a8-pt family; returns the sites covered."""
     from qbench.modeling.model import attention_layers
