@@ -229,9 +229,10 @@ def bb_quant_tables(records: list[dict], models: list[str], schemes: list[str]) 
     if frame.empty or "fp32" not in set(frame.scheme):
         return pd.DataFrame(), pd.DataFrame()
     zoo = read_zoo()
+    frame = frame.assign(draw=1)  # one row per record: the sum counts the calibration draws
     per = frame.groupby(["model", "scheme"], as_index=False).agg(
         {c: "mean" for c in ("ppl", "copy_acc", "copy_loss", "bigram_acc", "bigram_loss", "attn_s",
-                             "residual_peak")} | {"draw": "count"})
+                             "residual_peak")} | {"draw": "sum"})
     fp = per[per.scheme == "fp32"].set_index("model")
     per = per[per.model.isin(fp.index)]
     for column in ("copy_acc", "copy_loss", "bigram_loss", "ppl"):
