@@ -16,6 +16,9 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from qbench.quant.observe import observe
+from qbench.quant.static import quantize_weight
+
 
 def _torchao():
     try:
@@ -45,8 +48,6 @@ def rtn_config(bits: int, group_size: int):
             group_size: int = 128
 
         def handler(module, config):
-            from qbench.quant.static import quantize_weight
-
             return DummyModule(quantize_weight(module.weight, config.bits, "group", config.group_size,
                                                symmetric=False).to(module.weight.dtype))
 
@@ -63,23 +64,7 @@ def awq_weights(model: nn.Module, linears: list[tuple[str, nn.Linear]], batches,
     config = rtn_config(bits, group_size)
     observers = {name: AWQObserver(m.weight.detach().float(), None, config, scale_search_space_size=grid)
                  for name, m in linears}
-
-    def observer(name):
-        def hook(module, inputs, output):
-            observers[name](inputs[0].detach().float().reshape(-1, inputs[0].shape[-1]), None)
-        return hook
-
-    handles = [m.register_forward_hook(observer(name)) for name, m in linears]
-    tokens = 0
-    try:
-        for batch in batches:
-            model(input_ids=batch.to(next(model.parameters()).device))
-            tokens += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    from qbench.quant.static import quantize_weight
-
+    tokens = observe(model, linears, lambda name, x: observers[name](x.float(), None), batches)
     out = {}
     for name, m in linears:
         scales = observers[name].calculate_qparams().float()

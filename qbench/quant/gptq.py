@@ -74,28 +74,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     return q.to(weight.dtype)
 
 
-@torch.no_grad()
 def collect_hessians(model: nn.Module, linears: list[tuple[str, nn.Linear]], batches) -> tuple[dict, int]:
     """H = 2/n sum x x^T of each linear's inputs over the calibration tokens."""
+    from qbench.quant.observe import observe
+
     hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears}
     counts = {name: 0 for name, _ in linears}
 
-    def observer(name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double().cpu()
-            n_old, n_new = counts[name], x.shape[0]
-            hessians[name] *= n_old / (n_old + n_new)
-            hessians[name] += (2.0 / (n_old + n_new)) * (x.t() @ x)
-            counts[name] = n_old + n_new
-        return hook
+    def accumulate(name, x):
+        x = x.double().cpu()
+        n_old, n_new = counts[name], x.shape[0]
+        hessians[name] *= n_old / (n_old + n_new)
+        hessians[name] += (2.0 / (n_old + n_new)) * (x.t() @ x)
+        counts[name] = n_old + n_new
 
-    handles = [m.register_forward_hook(observer(name)) for name, m in linears]
-    tokens = 0
-    try:
-        for batch in batches:
-            model(input_ids=batch.to(next(model.parameters()).device))
-            tokens += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return hessians, tokens
+    return hessians, observe(model, linears, accumulate, batches)

@@ -22,29 +22,17 @@ import torch.nn as nn
 from qbench.quant.structure import is_gate, residual_structure
 
 
-@torch.no_grad()
 def activation_maxima(model: nn.Module, norms: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
     """Per-channel max |output| of each named norm over the calibration batches."""
+    from qbench.quant.observe import observe
+
     maxima: dict[str, torch.Tensor] = {}
-    handles = []
 
-    def observer(name):
-        def hook(module, inputs, output):
-            m = output.detach().abs().reshape(-1, output.shape[-1]).amax(dim=0).float()
-            maxima[name] = m if name not in maxima else torch.maximum(maxima[name], m)
-        return hook
+    def keep_max(name, x):
+        m = x.abs().amax(dim=0).float()
+        maxima[name] = m if name not in maxima else torch.maximum(maxima[name], m)
 
-    for name, norm in norms.items():
-        handles.append(norm.register_forward_hook(observer(name)))
-    try:
-        n = 0
-        for batch in batches:
-            model(input_ids=batch.to(next(model.parameters()).device))
-            n += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if n == 0:
+    if observe(model, norms.items(), keep_max, batches, what="output") == 0:
         raise ValueError("SmoothQuant needs calibration batches")
     return maxima
 
