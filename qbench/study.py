@@ -36,8 +36,8 @@ BB_ARMS = list(ATTENTION_ARMS)  # display order: the registry's
 PTQ_COLUMNS = [("W8A8-pt", "w8a8-pt"), ("+ SmoothQuant", "w8a8-pt-sq"), ("+ rotation", "w8a8-pt-had"),
                ("W8A8-dyn", "w8a8-dyn"), ("dyn + SQ", "w8a8-sq"), ("dyn + rotation", "w8a8-had"),
                ("W4A8", "w4a8"), ("W4A8 + rotation", "w4a8-had"),
-               ("W4 RTN g128", "w4-rtn-g128"), ("GPTQ g128", "w4-gptq-g128"), ("AWQ g128", "w4-awq-g128"),
-               ("W4 RTN g64", "w4-rtn-g64"), ("HQQ g64", "w4-hqq-g64")]
+               ("W4 RTN g64", "w4-rtn-g64"), ("GPTQ g64", "w4-gptq-g64"), ("AWQ g64", "w4-awq-g64"),
+               ("HQQ g64", "w4-hqq-g64")]
 PTQ_SCHEMES = [scheme for _, scheme in PTQ_COLUMNS]
 
 PUBLISHED = """| source | model | arm | FP ppl | W8A8 ppl | max inf-norm | avg kurtosis |

@@ -340,3 +340,16 @@ def test_new_schemes_run_through_the_lm_eval_model_and_are_listed(micro128, caps
     assert main(["list", "schemes"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in NEW_SCHEMES)
+
+
+def test_a_group_size_that_does_not_divide_a_layer_fails_before_calibrating():
+    from qbench.quant import get_scheme
+    from qbench.quant.weight_only import prepare_weight_only
+
+    model = _random_model("softmax")  # width 64: groups of 128 cannot fit
+
+    def no_calibration():
+        raise AssertionError("calibration ran before the shape check")
+
+    with pytest.raises(ValueError, match="groups of 128 do not divide the input width"):
+        prepare_weight_only(model, get_scheme("w4-gptq-g128"), batches=None)

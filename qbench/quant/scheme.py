@@ -178,13 +178,16 @@ register(Scheme("w4a8-had", "static", "Hadamard-rotated residual stream, then w4
                 weight_bits=4, weight_granularity="per_channel", activation_bits=8,
                 activation_granularity="per_tensor", activation_static=True,
                 options={**_PT, "weight_range": "mse", **_HAD}))
-register(Scheme("w4-gptq-g128", "weight_only", "GPTQ 4-bit weights, asymmetric, groups of 128 (damping 0.01)",
-                weight_bits=4, weight_granularity="group",
-                options={"method": "gptq", "group_size": 128, "symmetric": False, "block_size": 128,
-                         "percdamp": 0.01, **_CAL}))
-register(Scheme("w4-awq-g128", "weight_only",
-                "AWQ 4-bit weights (torchao's scale search, 20-point grid), asymmetric, groups of 128",
-                weight_bits=4, weight_granularity="group",
-                options={"method": "awq", "group_size": 128, "symmetric": False, "grid": 20, **_CAL}))
+# groups of 64 as well: SmolLM2's width (576) is not a multiple of 128
+for _g in (128, 64):
+    register(Scheme(f"w4-gptq-g{_g}", "weight_only",
+                    f"GPTQ 4-bit weights, asymmetric, groups of {_g} (damping 0.01)",
+                    weight_bits=4, weight_granularity="group",
+                    options={"method": "gptq", "group_size": _g, "symmetric": False, "block_size": 128,
+                             "percdamp": 0.01, **_CAL}))
+    register(Scheme(f"w4-awq-g{_g}", "weight_only",
+                    f"AWQ 4-bit weights (torchao's scale search, 20-point grid), asymmetric, groups of {_g}",
+                    weight_bits=4, weight_granularity="group",
+                    options={"method": "awq", "group_size": _g, "symmetric": False, "grid": 20, **_CAL}))
 register(Scheme("w4-hqq-g64", "weight_only", "HQQ 4-bit weights (the hqq library, no calibration), groups of 64",
                 weight_bits=4, weight_granularity="group", options={"method": "hqq", "group_size": 64}))

@@ -18,6 +18,11 @@ def prepare_weight_only(model: nn.Module, scheme, batches: list | None = None) -
     options = scheme.options
     method = options.get("method", "rtn")
     linears = quantizable_linears(model, scheme.quantize_gates)
+    group = options.get("group_size") if scheme.weight_granularity == "group" else None
+    misfits = [f"{name} ({linear.in_features})" for name, linear in linears if group and linear.in_features % group]
+    if misfits:  # before any calibration work
+        raise ValueError(f"scheme {scheme.name!r}: groups of {group} do not divide the input width of "
+                         f"{len(misfits)} linear(s), e.g. {misfits[0]}; use a group size that divides it")
     facts = {"quantized_linears": len(linears), "sites": ["linear weights"]}
     if method != "rtn":
         facts["weight_method"] = method
