@@ -50,14 +50,14 @@ def test_ptq_table_cells_are_relative_changes_with_the_draw_spread():
 
     records = [_ppl_record("m", "fp32", 20.0), _ppl_record("m", "w8a8-pt", 40.0, 0),
                _ppl_record("m", "w8a8-pt-sq", 21.0, 0), _ppl_record("m", "w8a8-pt-sq", 23.0, 1),
-               _ppl_record("a0", "fp32", 10.0), _ppl_record("a0", "w4-gptq-g128", 11.0, 0),
-               _ppl_record("a1", "fp32", 10.0), _ppl_record("a1", "w4-gptq-g128", 13.0, 0)]
+               _ppl_record("a0", "fp32", 10.0), _ppl_record("a0", "w4-gptq-g64", 11.0, 0),
+               _ppl_record("a1", "fp32", 10.0), _ppl_record("a1", "w4-gptq-g64", 13.0, 0)]
     table = ptq_table(comparison_table(records), [("m", ["m"]), ("arm a", ["a0", "a1"])]).set_index("model / arm")
     assert table.loc["m", "W8A8-pt"] == "+100 (1)"
     # draws 21 and 23: mean 22 (+10%), std sqrt(2) = 7.1% of fp32 20
     assert table.loc["m", "+ SmoothQuant"] == "+10 ± 7.1 (2)"
-    assert table.loc["m", "GPTQ g128"] == "-"
-    assert table.loc["arm a", "GPTQ g128"] == "20 ± 14 (2x1)"  # +10% and +30% over two seeds
+    assert table.loc["m", "GPTQ g64"] == "-"
+    assert table.loc["arm a", "GPTQ g64"] == "20 ± 14 (2x1)"  # +10% and +30% over two seeds
 
 
 def test_bb_quant_tables_take_deltas_against_each_checkpoints_fp32():
