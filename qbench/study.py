@@ -259,6 +259,7 @@ def bb_quant_tables(records: list[dict], models: list[str], schemes: list[str]) 
                                 "fp32 sink attn_s": fp.attn_s.round(3).values,
                                 "fp32 residual peak": fp.residual_peak.round(2).values})
     checkpoints = checkpoints.merge(worst, left_on="checkpoint", right_index=True, how="left")
+    checkpoints.loc[checkpoints.worst_d_copy_acc >= 0, "worst_scheme"] = "- (no drop)"
     return by_arm, checkpoints.sort_values(["arm", "checkpoint"])
 
 
