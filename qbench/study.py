@@ -325,7 +325,8 @@ def ptq_table(table: pd.DataFrame, rows: list[tuple[str, list[str]]]) -> pd.Data
                 fp = cells["ppl"].iloc[0] - cells["delta_ppl"].iloc[0]
                 spread = (f" ± {100 * std / fp:.2g}" if isinstance(std, float) and not math.isnan(std) and draws > 1
                           else "")
-                row[column] = f"{values[0]:+.3g}{spread} ({draws})"
+                value = f"{values[0]:+.0f}" if abs(values[0]) >= 100 else f"{values[0]:+.3g}"
+                row[column] = f"{value}{spread} ({draws})"
             else:
                 row[column] = f"{_mean_std(values, 3)} ({len(values)}x{draws})"
         out.append(row)
