@@ -547,6 +547,14 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
                   "rotation are folded into the float model before the named quantizers; GPTQ / AWQ / HQQ are "
                   "4-bit weight-only, compared with round-to-nearest at the same group size. "
                   "`w8a8-had` draws are different random Hadamard signs.", "", _markdown(ptq), ""]
+        sweep = full[(full.model == "smollm2-135m") & (full.status == "ok")
+                     & full.scheme.isin(["w8a8-sq-a25", "w8a8-sq", "w8a8-sq-a75", "w8a8-sq-a85"])]
+        if len(sweep) > 1:
+            alpha = {"w8a8-sq-a25": 0.25, "w8a8-sq": 0.5, "w8a8-sq-a75": 0.75, "w8a8-sq-a85": 0.85}
+            sweep = sweep.assign(alpha=[alpha[x] for x in sweep.scheme]).sort_values("alpha")
+            lines += ["SmoothQuant's alpha on SmolLM2 (then `w8a8-dyn`; relative perplexity change, %): "
+                      + ", ".join(f"alpha {a}: {v:+.2f} (n={n})" for a, v, n in
+                                  zip(sweep.alpha, sweep["rel_delta_%"], sweep["n"])), ""]
     if discussion is not None and Path(discussion).exists():
         lines += [Path(discussion).read_text().strip(), ""]
     lines += ["## Regenerate", "", "```", "make study            # runs the missing cells, then writes this file",
