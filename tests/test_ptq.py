@@ -350,3 +350,23 @@ def test_a_group_size_that_does_not_divide_a_layer_fails_before_calibrating():
     # batches=None: had the check come after calibration, the error would be "pass calibration batches"
     with pytest.raises(ValueError, match="groups of 128 do not divide the input width"):
         prepare_weight_only(model, get_scheme("w4-gptq-g128"), batches=None)
+
+
+@pytest.mark.parametrize("family", ["qbench", "llama"])
+def test_transformed_static_schemes_quantize_the_same_sites_as_the_plain_one(family):
+    """The folded norms stay norms to the w8a8-pt protocol: rotation and smoothing change
+    what the quantizers see, never how many there are."""
+    import copy
+
+    from qbench.quant import get_scheme, quantize
+
+    base = _random_model("vga").float() if family == "qbench" else _llama().float()
+
+    def calibration(n, seed, batch_size):
+        return _batches(n, seed)
+
+    sites = {}
+    for name in ("w8a8-pt", "w8a8-pt-had", "w8a8-pt-sq", "w4a8", "w4a8-had"):
+        sites[name] = quantize(copy.deepcopy(base), get_scheme(name), calibration)["sites"]
+    assert sites["w8a8-pt"]["norm outputs"] > 0
+    assert sites["w8a8-pt-had"] == sites["w8a8-pt-sq"] == sites["w8a8-pt"] and sites["w4a8-had"] == sites["w4a8"]

@@ -24,7 +24,7 @@ import torch.nn as nn
 from qbench.quant.structure import residual_structure
 
 
-class RMSNormNoWeight(nn.Module):
+class WeightlessRMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps), in float32 (or float64) like Llama's (the name ends in RMSNorm, so the
     w8a8-pt protocol quantizes its output like any norm's)."""
 
@@ -123,7 +123,7 @@ def fold_norms(model: nn.Module) -> dict:
                 reader.bias.add_(bias_add.to(reader.bias.dtype))
             reader.weight.mul_(gamma.view(1, -1).to(reader.weight.dtype))
         eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-6
-        _set(model, norm_name, RMSNormNoWeight(eps))
+        _set(model, norm_name, WeightlessRMSNorm(eps))
     return {"folded_norms": len(groups), "mean_free_stream": s.layer_norm}
 
 
