@@ -18,18 +18,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from qbench.quant.static import affine_params, fake_quantize_affine
+
 
 def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min-max grid per row of `w` (rows, group): scale and integer zero."""
-    lo = torch.minimum(w.amin(dim=1, keepdim=True), torch.zeros(1, dtype=w.dtype))
-    hi = torch.maximum(w.amax(dim=1, keepdim=True), torch.zeros(1, dtype=w.dtype))
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
-    return scale, torch.round(-lo / scale)
+    """Asymmetric min-max grid per row of `w` (rows, group): scale and integer zero (RTN's grid)."""
+    return affine_params(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True), bits)
 
 
 def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    return scale.squeeze(1) * (torch.clamp(torch.round(w / scale.squeeze(1)) + zero.squeeze(1), 0, 2**bits - 1)
-                               - zero.squeeze(1))
+    return fake_quantize_affine(w, scale.squeeze(1), zero.squeeze(1), bits)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float) -> torch.Tensor:

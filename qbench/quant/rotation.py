@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from qbench.quant.simulated import _set_submodule
 from qbench.quant.structure import residual_structure
 
 
@@ -64,11 +65,6 @@ class RotatedHeadwiseGate(nn.Module):
         x = x_heads.transpose(1, 2).reshape(b, t, h * d)
         logits = nn.functional.linear(x, self.weight, self.bias)  # (B, T, H * out)
         return logits.view(b, t, h, self.out_per_head).transpose(1, 2)
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _linear_with_bias(linear: nn.Linear) -> nn.Linear:
@@ -119,11 +115,11 @@ def fold_norms(model: nn.Module) -> dict:
                 bias_add = reader.weight.detach() @ beta.detach().to(reader.weight.dtype)
                 if reader.bias is None:
                     reader = _linear_with_bias(reader)
-                    _set(model, name, reader)
+                    _set_submodule(model, name, reader)
                 reader.bias.add_(bias_add.to(reader.bias.dtype))
             reader.weight.mul_(gamma.view(1, -1).to(reader.weight.dtype))
         eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-6
-        _set(model, norm_name, WeightlessRMSNorm(eps))
+        _set_submodule(model, norm_name, WeightlessRMSNorm(eps))
     return {"folded_norms": len(groups), "mean_free_stream": s.layer_norm}
 
 
@@ -149,7 +145,7 @@ def rotate(model: nn.Module, seed: int = 0) -> dict:
     for name, reader in readers:
         if isinstance(reader, HeadwiseGate):
             reader = RotatedHeadwiseGate.from_headwise(reader)
-            _set(model, name, reader)
+            _set_submodule(model, name, reader)
         w = reader.weight
         w.copy_((w.double() @ q.to(w.device)).to(w.dtype))
     for group in s.groups:
