@@ -7,8 +7,9 @@ On the GPU machine (one prepared call; `fetch` brings back the next batch if one
     python scripts/gpu_campaign.py fetch --work /tmp/campaign --out $OUT
 Back here:
     python scripts/gpu_zoo.py unpack FOLDER_WITH_TARS --models models && qbench zoo
-On the CPU, the whole pipeline with a handful of steps (CI runs this):
-    python scripts/gpu_campaign.py run --dry-run --work /tmp/c --out /tmp/c-out
+On the CPU, the whole pipeline with a handful of steps (CI runs this; `run` is the default
+command, and a dry run without --work/--out uses a fresh temporary folder for each):
+    python scripts/gpu_campaign.py --dry-run
 
 How it spends the budget: `--parallel` runs at once (each `qbench train` in its own process,
 float32, TF32 off: the recipe, not a faster approximation of it); a run starts only if the
@@ -25,6 +26,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,8 +121,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run")
-    p.add_argument("--work", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--work", default=None, help="working folder (required unless --dry-run)")
+    p.add_argument("--out", default=None, help="folder handed back, e.g. $OUT (required unless --dry-run)")
     p.add_argument("--budget", type=float, default=690, help="seconds from the start to the last finished run")
     p.add_argument("--device", default="cuda")
     p.add_argument("--parallel", type=int, default=8, help="runs at once (a 1-layer run uses a sliver of an H200)")
@@ -130,9 +132,19 @@ def main() -> int:
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=lambda a: cmd_fetch(a))
-    args = parser.parse_args()
-    if args.command == "run" and args.dry_run:
-        args.parallel = min(args.parallel, 2)
+    argv = sys.argv[1:]
+    if not argv or argv[0] not in ("run", "fetch", "-h", "--help"):
+        argv = ["run", *argv]  # `run` is the default command
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        for option in ("work", "out"):
+            if getattr(args, option) is None:
+                if not args.dry_run:
+                    parser.error(f"run: --{option} is required (unless --dry-run)")
+                setattr(args, option, tempfile.mkdtemp(prefix=f"qbench-campaign-{option}-"))
+        if args.dry_run:
+            args.parallel = min(args.parallel, 2)
+            print(f"dry run: work {args.work}, out {args.out}", flush=True)
     return args.func(args)
 
 

@@ -67,14 +67,14 @@ def test_a_tar_holds_one_folder_without_the_training_state(tmp_path):
 
 
 def test_gpu_campaign_dry_run_trains_packs_and_hands_back(tmp_path):
-    """`python scripts/gpu_campaign.py run --dry-run`: every arm's bb-guo and bb3-guo run,
+    """`python scripts/gpu_campaign.py --dry-run` (`run` is the default command): every arm's bb-guo and bb3-guo run,
     2 steps each on the CPU, packed and handed back within the limits, unpackable."""
     import subprocess
     import sys
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_campaign.py"
     work, out = tmp_path / "work", tmp_path / "out"
-    done = subprocess.run([sys.executable, str(script), "run", "--dry-run", "--work", str(work), "--out", str(out),
+    done = subprocess.run([sys.executable, str(script), "--dry-run", "--work", str(work), "--out", str(out),
                            "--budget", "900"], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     spec = importlib.util.spec_from_file_location("gpu_campaign", script)
