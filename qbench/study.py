@@ -30,6 +30,12 @@ TINY_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w8a8-attn", "w4-rtn-g64", "w4a8"
 # separate the arms on the tiny zoo, at calibration draw 0.
 SMALL_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w8a8-attn", "w4-rtn-g64", "w4a8", "w6a6", "llm-int8-t0", "nf4"]
 SMOLLM2_SCHEMES = ["fp32", "llm-int8", "llm-int8-t0", "w8a8-pt", "w8a8-dyn", "nf4"]
+# Section 5, "on more text": the schemes re-measured on the whole test split (tiny, small)
+# and on >= 20,000 tokens (SmolLM2: 95,000 characters are about 20,500 of its tokens),
+# calibration draw 0.  The short protocol is the first `limit` characters.
+LONG_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w4-rtn-g64"]
+SMOLLM2_LONG_SCHEMES = ["fp32", "w8a8-pt", "w8a8-dyn", "w4-rtn-g64", "nf4"]
+SMOLLM2_LONG_LIMIT = 95000
 BB_ARMS = list(ATTENTION_ARMS)  # display order: the registry's
 # Outlier-aware PTQ (issue 15): each method beside the plain scheme it modifies, as the
 # columns of the table users want.
@@ -65,6 +71,7 @@ class StudyPlan:
     small_schemes: list[str] = field(default_factory=lambda: list(SMALL_SCHEMES))
     ptq_schemes: list[str] = field(default_factory=list)
     bb_models: list[str] = field(default_factory=list)
+    long_models: list[str] = field(default_factory=list)  # whole test split, LONG_SCHEMES, draw 0
 
 
 def plan(quick: bool) -> StudyPlan:
@@ -79,7 +86,8 @@ def plan(quick: bool) -> StudyPlan:
                      tiny_tasks=["ppl", "probes"],
                      task_schemes=["fp32", "w8a8-pt", "w8a8-dyn", "w4-rtn-g64", "llm-int8-t0", "nf4"],
                      task_limit=500, smollm2=True, small_models=small, ptq_schemes=list(PTQ_SCHEMES),
-                     bb_models=[name for name, entry in zoo.items() if entry.get("preset") in BB_GUO_PRESETS])
+                     bb_models=[name for name, entry in zoo.items() if entry.get("preset") in BB_GUO_PRESETS],
+                     long_models=tiny + small)
 
 
 def run_study(store: ResultStore, quick: bool = False, progress: bool = True) -> list[dict]:
@@ -116,6 +124,11 @@ def run_study(store: ResultStore, quick: bool = False, progress: bool = True) ->
     calibrated = [s for s in p.tiny_schemes if "calibration_seed" in get_scheme(s).options]
     if len(p.calibration_seeds) > 1 and calibrated:
         records += run(p.tiny_models, calibrated, p.tiny_tasks, calibration_seeds=p.calibration_seeds[1:])
+    if p.long_models:  # section 5: more text (about 19x the tokens of the short protocol per cell)
+        records += run(p.long_models, LONG_SCHEMES, ["ppl"], limit=None, calibration_seeds=[0])
+    if p.smollm2 and p.long_models:
+        records += run(["smollm2-135m"], SMOLLM2_LONG_SCHEMES, ["ppl"], limit=SMOLLM2_LONG_LIMIT,
+                       calibration_seeds=[0])
     return records
 
 
@@ -333,6 +346,37 @@ def ptq_table(table: pd.DataFrame, rows: list[tuple[str, list[str]]]) -> pd.Data
     return pd.DataFrame(out)
 
 
+def split_protocols(full: pd.DataFrame, limit: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the rows of sections 2-4: text perplexity on the study's short protocol, the first
+    `limit` characters, and the rows of other protocols such as BB's; the text-perplexity
+    rows on more text: the whole test split, SmolLM2's longer prefix).  Tables never
+    average over protocols: a model's cells under two protocols are different numbers."""
+    if full.empty:
+        return full, full
+    protocol = full.protocol.astype(str)
+    long = protocol.str.startswith("nonoverlap") & ~protocol.str.endswith(f"-first{limit}c")
+    return full[~long], full[long]
+
+
+def more_text_table(short: pd.DataFrame, long: pd.DataFrame, models: list[str], schemes: list[str]) -> pd.DataFrame:
+    """Rows (arm, scheme) over the checkpoints of `models` measured on a long protocol: the
+    relative perplexity change, KL and top-1 there (mean ± std over training seeds), beside
+    the relative change of the same checkpoints on the short protocol (mean over its draws)."""
+    measured = long[long.model.isin(models) & (long.status == "ok")]
+    if measured.empty:
+        return pd.DataFrame()
+    checkpoints = sorted(set(measured.model))
+    long_table = arm_table(measured, checkpoints, schemes)
+    short_table = arm_table(short, checkpoints, schemes) if not short.empty else pd.DataFrame()
+    tokens = measured.groupby("model")["tokens"].max()
+    out = long_table[["arm", "scheme", "n_seeds", "fp_ppl", "rel_delta_%", "kl", "top1_agreement"]].copy()
+    out.insert(3, "tokens", int(tokens.min()) if tokens.min() == tokens.max() else f"{tokens.min()}-{tokens.max()}")
+    short_rel = ({(a, sc): v for a, sc, v in zip(short_table.arm, short_table.scheme, short_table["rel_delta_%"])}
+                 if not short_table.empty else {})
+    out["rel_delta_% short"] = [short_rel.get((a, sc), "-") for a, sc in zip(out.arm, out.scheme)]
+    return out[out.scheme != REFERENCE_SCHEME].reset_index(drop=True)
+
+
 def degradation_plot(table: pd.DataFrame, models: list[str], schemes: list[str], out: Path,
                      title: str) -> Path | None:
     """Bars of relative perplexity change per scheme and arm: mean over the arm's training
@@ -438,6 +482,38 @@ def _extremes_and_plot(store: ResultStore, full: pd.DataFrame, models: list[str]
     return lines
 
 
+def more_text_section(short: pd.DataFrame, long: pd.DataFrame, p: StudyPlan) -> list[str]:
+    """Section 5: the schemes of LONG_SCHEMES on the whole test split (tiny, small) and
+    SmolLM2 on its longer prefix, beside the short protocol's numbers for the same cells."""
+    lines = ["## 5. On more text", ""]
+    groups = [("tiny", p.tiny_models), ("small", p.small_models)]
+    tables = [(name, more_text_table(short, long, [m for m in p.long_models if m in models], LONG_SCHEMES))
+              for name, models in groups]
+    tables = [(name, t) for name, t in tables if not t.empty]
+    smol_long = long[(long.model == "smollm2-135m") & (long.status == "ok")
+                     & long.protocol.str.endswith(f"-first{SMOLLM2_LONG_LIMIT}c")]
+    if not tables and smol_long.empty:
+        return lines + ["No records on more text yet (`make study` runs them last).", ""]
+    protocol = next((t for t in long.protocol if t.startswith("nonoverlap") and "-first" not in t), "-")
+    lines += [f"The short protocol (sections 2-4) reads the first {p.limit:,} characters of the test split "
+              f"(about 5,300 tokens for the zoo's tokenizer, 4,300 for SmolLM2's). Here the zoo is measured on "
+              f"the whole test split (`{protocol}`) and SmolLM2 on its first {SMOLLM2_LONG_LIMIT:,} characters, "
+              "calibration draw 0. `rel_delta_%`, KL and top-1 are on the long protocol, mean ± std over the "
+              "checkpoints measured (`n_seeds`); `rel_delta_% short` is the same checkpoints on the short "
+              "protocol (mean over its calibration draws).", ""]
+    for name, table in tables:
+        lines += [f"{name}:", "", _markdown(table), ""]
+    if not smol_long.empty:
+        short_smol = short[(short.model == "smollm2-135m") & (short.status == "ok")].set_index("scheme")
+        rows = smol_long[smol_long.scheme.isin(SMOLLM2_LONG_SCHEMES)].copy()
+        rows["rel_delta_% short"] = [short_smol["rel_delta_%"].get(sc, float("nan")) for sc in rows.scheme]
+        columns = ["scheme", "tokens", "ppl", "rel_delta_%", "kl", "top1_agreement", "rel_delta_% short"]
+        order = {sc: i for i, sc in enumerate(SMOLLM2_LONG_SCHEMES)}
+        rows = rows.sort_values("scheme", key=lambda c: c.map(order))
+        lines += ["SmolLM2-135M:", "", _markdown(rows[columns]), ""]
+    return lines
+
+
 def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = False,
                 discussion: Path | None = None) -> Path:
     out = Path(out)
@@ -484,7 +560,8 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
                       "are measured on the model as it computes under the scheme.", "", _markdown(by_arm), "",
                       "Per checkpoint: its fp32 extreme-token indicators beside its largest copy-accuracy drop "
                       "over the schemes above:", "", _markdown(checkpoints), ""]
-    full = comparison_table(records)
+    every = comparison_table(records)
+    full, long = split_protocols(every, p.limit)  # sections 2-4: the short protocol; 5: more text
     lines += ["## 2. The tiny zoo under every scheme", ""]
     tiny = arm_table(full, p.tiny_models, p.tiny_schemes) if not full.empty else pd.DataFrame()
     if tiny.empty:
@@ -565,6 +642,8 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
             lines += ["SmoothQuant's alpha on SmolLM2 (then `w8a8-dyn`; relative perplexity change, %): "
                       + ", ".join(f"alpha {a}: {v:+.2f} (n={n})" for a, v, n in
                                   zip(sweep.alpha, sweep["rel_delta_%"], sweep["n"])), ""]
+    if p.long_models and not every.empty:
+        lines += more_text_section(full, long, p)
     if discussion is not None and Path(discussion).exists():
         lines += [Path(discussion).read_text().strip(), ""]
     lines += ["## Regenerate", "", "```", "make study            # runs the missing cells, then writes this file",

@@ -75,3 +75,29 @@ def test_bb_quant_tables_take_deltas_against_each_checkpoints_fp32():
     ck = checkpoints.set_index("checkpoint")
     assert ck.loc["s0", "fp32 residual peak"] == 12.0 and ck.loc["s0", "worst_scheme"] == "w8a8-pt"
     assert abs(ck.loc["s1", "worst_d_copy_acc"]) < 1e-12
+
+
+def test_more_text_never_averages_over_protocols():
+    """The same checkpoint on the short protocol and the whole split: sections 2-4 see only
+    the short cells, section 5 the long ones beside the short relative change."""
+    from qbench.report import comparison_table
+    from qbench.study import more_text_table, ptq_table, split_protocols
+
+    short_p, long_p = "nonoverlap-w256-bos-sotu-test-first20000c", "nonoverlap-w256-bos-sotu-test"
+
+    def rec(model, scheme, ppl, protocol, draw=None):
+        return {**_ppl_record(model, scheme, ppl, draw, tokens=100), "protocol": protocol,
+                "key": f"{model}-{scheme}-{draw}-{protocol}"}
+
+    records = [rec("a0", "fp32", 100.0, short_p), rec("a0", "w8a8-pt", 110.0, short_p, 0),
+               rec("a0", "w8a8-pt", 130.0, short_p, 1),
+               rec("a0", "fp32", 50.0, long_p), rec("a0", "w8a8-pt", 51.0, long_p, 0),
+               rec("b0", "fp32", 10.0, "bb-n64-T64-seed1234"), rec("b0", "w8a8-pt", 10.5, "bb-n64-T64-seed1234", 0)]
+    short, long = split_protocols(comparison_table(records), 20000)
+    assert set(long.protocol) == {long_p} and set(short.protocol) == {short_p, "bb-n64-T64-seed1234"}
+    # the PTQ table on the short rows: (110 + 130) / 2 = 120 -> +20%, not mixed with the long +2%
+    assert ptq_table(short, [("a", ["a0"])]).set_index("model / arm").loc["a", "W8A8-pt"].startswith("+20 ")
+    table = more_text_table(short, long, ["a0"], ["fp32", "w8a8-pt"])
+    assert list(table.scheme) == ["w8a8-pt"] and table.loc[0, "tokens"] == 100
+    assert table.loc[0, "rel_delta_%"] == "2" and table.loc[0, "rel_delta_% short"] == "20"
+    assert more_text_table(short, long, ["b0"], ["fp32", "w8a8-pt"]).empty
