@@ -163,6 +163,13 @@ def mechanism_table(logs) -> pd.DataFrame:
         row = {"arm": arm, "seeds": len(finals), "step": int(finals[0]["step"])}
         for column in ("attn_s", "val_s", "val_s_ratio", "val_s_eff_ratio", "delta_logit_s", "gate_bos", "gate_others"):
             row[column] = _mean_std([f.get(column) for f in finals])
+        # multi-layer models: the top-level columns are layer 0; the sink can form in any
+        # layer, so every layer's Attn_s and value ratio (mean over seeds) follow
+        layers = sorted({int(c.rsplit("_l", 1)[1]) for f in finals for c in f.index if c.startswith("attn_s_l")})
+        if len(layers) > 1:
+            for column in ("attn_s", "val_s_ratio"):
+                row[f"{column} by layer"] = " / ".join(
+                    _mean_std([f.get(f"{column}_l{i}") for f in finals], 2).split(" ±")[0] for i in layers)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -101,3 +101,20 @@ def test_more_text_never_averages_over_protocols():
     assert list(table.scheme) == ["w8a8-pt"] and table.loc[0, "tokens"] == 100
     assert table.loc[0, "rel_delta_%"] == "2" and table.loc[0, "rel_delta_% short"] == "20"
     assert more_text_table(short, long, ["b0"], ["fp32", "w8a8-pt"]).empty
+
+
+def test_mechanism_table_gives_every_layer_of_a_deeper_model():
+    from qbench.study import mechanism_table
+
+    def log(l0, l2):
+        return pd.DataFrame([{"step": 0, "attn_s": 0.1, "attn_s_l0": 0.1, "attn_s_l1": 0.1, "attn_s_l2": 0.1,
+                              "val_s_ratio_l0": 1.0, "val_s_ratio_l1": 1.0, "val_s_ratio_l2": 1.0},
+                             {"step": 10, "attn_s": l0, "attn_s_l0": l0, "attn_s_l1": 0.5, "attn_s_l2": l2,
+                              "val_s_ratio_l0": 0.9, "val_s_ratio_l1": 0.5, "val_s_ratio_l2": 0.1}])
+
+    table = mechanism_table({"softmax": [("a", log(0.2, 0.9)), ("b", log(0.4, 0.7))]}).set_index("arm")
+    assert table.loc["softmax", "attn_s"].startswith("0.3 ±")  # layer 0, mean of 0.2 and 0.4
+    assert table.loc["softmax", "attn_s by layer"] == "0.3 / 0.5 / 0.8"
+    assert table.loc["softmax", "val_s_ratio by layer"] == "0.9 / 0.5 / 0.1"
+    one = mechanism_table({"softmax": [("a", log(0.2, 0.9)[["step", "attn_s", "attn_s_l0"]])]})
+    assert "attn_s by layer" not in one
