@@ -186,10 +186,17 @@ def mechanism_plot(logs, out: Path) -> Path | None:
               ("val_s_ratio", "Val_s: ||V_BOS|| / mean ||V_j||"),
               ("val_s_eff_ratio", "gated value ||g V_BOS|| / mean (vga)"),
               ("delta_logit_s", "Delta-logit_s: BOS score - mean score")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    # one row of panels per layer for deeper models (their `<metric>_l<i>` columns)
+    layers = sorted({int(c.rsplit("_l", 1)[1]) for runs in logs.values() for _, f in runs
+                     for c in f.columns if c.startswith("attn_s_l")})
+    suffixes = [f"_l{i}" for i in layers] if len(layers) > 1 else [""]
+    fig, grid = plt.subplots(len(suffixes), len(panels), figsize=(4.2 * len(panels), 3.4 * len(suffixes)),
+                             squeeze=False)
     colors = {arm: f"C{i}" for i, arm in enumerate(sorted(logs, key=lambda a: (a not in BB_ARMS, BB_ARMS.index(a)
                                                                                 if a in BB_ARMS else 0, a)))}
-    for ax, (column, title) in zip(axes, panels):
+    cells = [(ax, column + suffix, title + (f" [layer {suffix[2:]}]" if suffix else ""))
+             for axes, suffix in zip(grid, suffixes) for ax, (column, title) in zip(axes, panels)]
+    for ax, column, title in cells:
         for arm, runs in logs.items():
             frames = [f for _, f in runs if column in f and f[column].notna().any()]
             if not frames:
@@ -201,9 +208,9 @@ def mechanism_plot(logs, out: Path) -> Path | None:
                                 color=line.get_color())
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training step")
-        if column in ("val_s_ratio", "val_s_eff_ratio"):
+        if column.startswith(("val_s_ratio", "val_s_eff_ratio")) and ax.lines:
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
+    grid[0][0].legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

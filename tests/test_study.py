@@ -118,3 +118,17 @@ def test_mechanism_table_gives_every_layer_of_a_deeper_model():
     assert table.loc["softmax", "val_s_ratio by layer"] == "0.9 / 0.5 / 0.1"
     one = mechanism_table({"softmax": [("a", log(0.2, 0.9)[["step", "attn_s", "attn_s_l0"]])]})
     assert "attn_s by layer" not in one
+
+
+def test_mechanism_plot_draws_a_row_per_layer(tmp_path):
+    from qbench.study import mechanism_plot
+
+    frame = pd.DataFrame([{"step": s, **{f"{c}_l{i}": 0.1 + 0.01 * s for c in ("attn_s", "val_s_ratio", "val_s_eff_ratio",
+                                                                             "delta_logit_s") for i in range(3)}}
+                          for s in (0, 10, 20)])
+    one = mechanism_plot({"softmax": [("a", frame[["step", "attn_s_l0"]].rename(columns={"attn_s_l0": "attn_s"}))]},
+                         tmp_path / "one.png")
+    three = mechanism_plot({"softmax": [("a", frame)]}, tmp_path / "three.png")
+    from PIL import Image
+
+    assert Image.open(three).size[1] > 2.5 * Image.open(one).size[1]  # three rows of panels against one
