@@ -239,11 +239,13 @@ def bb_records_frame(records: list[dict], models: list[str]) -> pd.DataFrame:
         if m.get("copy_acc") is None:
             continue
         mech = m.get("mechanism") or {}
+        per_layer = [x.get("attn_s") for x in m.get("mechanism_per_layer") or [] if x.get("attn_s") is not None]
         peaks = m.get("residual_peak_per_layer") or []
         rows.append({"model": r["model"], "scheme": r["scheme"], "draw": r.get("calibration_seed"),
                      "ppl": m["ppl"], "copy_acc": m["copy_acc"], "copy_loss": m["copy_loss"],
                      "bigram_acc": m["bigram_acc"], "bigram_loss": m["bigram_loss"],
-                     "copy_positions": m.get("copy_positions"), "attn_s": mech.get("attn_s"),
+                     "copy_positions": m.get("copy_positions"),
+                     "attn_s": max(per_layer) if per_layer else mech.get("attn_s"),  # the sink's layer
                      "residual_peak": max(peaks) if peaks else None})
     return pd.DataFrame(rows)
 
@@ -570,7 +572,8 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
                       "positions right after a trigger, the rest are bigram positions). Δ = quantized minus the "
                       "same checkpoint's fp32; accuracies are fractions, losses nats per token; mean ± std over "
                       "training seeds of each checkpoint's mean over calibration draws (`n_draws`). Sink "
-                      "attn_s and residual peak (max |h| at BOS over the median |h|, the largest over layers) "
+                      "attn_s (the largest over layers) and residual peak (max |h| at BOS over the median |h|, "
+                      "the largest over layers) "
                       "are measured on the model as it computes under the scheme.", "", _markdown(by_arm), "",
                       "Per checkpoint: its fp32 extreme-token indicators beside its largest copy-accuracy drop "
                       "over the schemes above:", "", _markdown(checkpoints), ""]

@@ -65,7 +65,8 @@ def test_bb_quant_tables_take_deltas_against_each_checkpoints_fp32():
 
     def bb(model, scheme, acc, draw=None, peak=5.0):
         return _ppl_record(model, scheme, 3.0, draw, copy_acc=acc, copy_loss=1 - acc, bigram_acc=0.5,
-                           bigram_loss=1.0, mechanism={"attn_s": 0.8}, residual_peak_per_layer=[peak, 2.0])
+                           bigram_loss=1.0, mechanism={"attn_s": 0.2}, residual_peak_per_layer=[peak, 2.0],
+                           mechanism_per_layer=[{"layer": 0, "attn_s": 0.2}, {"layer": 1, "attn_s": 0.8}])
 
     records = [bb("s0", "fp32", 0.90, peak=12.0), bb("s0", "w8a8-pt", 0.80, 0), bb("s0", "w8a8-pt", 0.70, 1),
                bb("s1", "fp32", 0.95), bb("s1", "w8a8-pt", 0.95, 0)]
@@ -74,6 +75,7 @@ def test_bb_quant_tables_take_deltas_against_each_checkpoints_fp32():
     assert row["Δcopy_acc"] == "-0.15" and row["n_draws"] == 2  # mean of 0.80 and 0.70, minus 0.90
     ck = checkpoints.set_index("checkpoint")
     assert ck.loc["s0", "fp32 residual peak"] == 12.0 and ck.loc["s0", "worst_scheme"] == "w8a8-pt"
+    assert ck.loc["s0", "fp32 sink attn_s"] == 0.8  # the sink's layer, not layer 0
     assert abs(ck.loc["s1", "worst_d_copy_acc"]) < 1e-12
 
 
