@@ -523,6 +523,7 @@ def more_text_section(short: pd.DataFrame, long: pd.DataFrame, p: StudyPlan) -> 
         short_smol = short[(short.model == "smollm2-135m") & (short.status == "ok")].set_index("scheme")
         rows = smol_long[smol_long.scheme.isin(SMOLLM2_LONG_SCHEMES)].copy()
         rows["rel_delta_% short"] = [short_smol["rel_delta_%"].get(sc, float("nan")) for sc in rows.scheme]
+        rows["tokens"] = rows["tokens"].astype(int)
         columns = ["scheme", "tokens", "ppl", "rel_delta_%", "kl", "top1_agreement", "rel_delta_% short"]
         order = {sc: i for i, sc in enumerate(SMOLLM2_LONG_SCHEMES)}
         rows = rows.sort_values("scheme", key=lambda c: c.map(order))
