@@ -156,6 +156,11 @@ def _mean_std(values, digits: int = 3) -> str:
     return f"{mean:.{digits}g} ± {std:.2g}"
 
 
+def _logged_layers(column_sets) -> list[int]:
+    """The layer indices of a mechanism log's per-layer columns (`attn_s_l<i>`)."""
+    return sorted({int(c.rsplit("_l", 1)[1]) for columns in column_sets for c in columns if c.startswith("attn_s_l")})
+
+
 def mechanism_table(logs) -> pd.DataFrame:
     rows = []
     for arm in sorted(logs, key=lambda a: BB_ARMS.index(a) if a in BB_ARMS else 99):
@@ -165,7 +170,7 @@ def mechanism_table(logs) -> pd.DataFrame:
             row[column] = _mean_std([f.get(column) for f in finals])
         # multi-layer models: the top-level columns are layer 0; the sink can form in any
         # layer, so every layer's Attn_s and value ratio (mean over seeds) follow
-        layers = sorted({int(c.rsplit("_l", 1)[1]) for f in finals for c in f.index if c.startswith("attn_s_l")})
+        layers = _logged_layers(f.index for f in finals)
         if len(layers) > 1:
             for column in ("attn_s", "val_s_ratio"):
                 row[f"{column} by layer"] = " / ".join(
@@ -187,8 +192,7 @@ def mechanism_plot(logs, out: Path) -> Path | None:
               ("val_s_eff_ratio", "gated value ||g V_BOS|| / mean (vga)"),
               ("delta_logit_s", "Delta-logit_s: BOS score - mean score")]
     # one row of panels per layer for deeper models (their `<metric>_l<i>` columns)
-    layers = sorted({int(c.rsplit("_l", 1)[1]) for runs in logs.values() for _, f in runs
-                     for c in f.columns if c.startswith("attn_s_l")})
+    layers = _logged_layers(f.columns for runs in logs.values() for _, f in runs)
     suffixes = [f"_l{i}" for i in layers] if len(layers) > 1 else [""]
     fig, grid = plt.subplots(len(suffixes), len(panels), figsize=(4.2 * len(panels), 3.4 * len(suffixes)),
                              squeeze=False)
