@@ -19,6 +19,25 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_retrofit(args) -> int:
+    from qbench.retrofit import get_recipe, retrofit
+    from qbench.validate import positive_int
+
+    settings = {}
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: use key=value")
+        settings[key.strip()] = value
+    recipe = get_recipe(args.preset, settings)
+    threads = positive_int(args.threads, "--threads") if args.threads is not None else None
+    facts = retrofit(args.model, args.arm, recipe, args.seed, Path(args.out), threads=threads, device=args.device,
+                     amp=None if args.amp == "none" else args.amp, progress=not args.quiet)
+    print(f"saved {args.out}: {facts['arm']} into {facts['base']}, {facts['steps_done']} steps, "
+          f"{len(facts['trainable'])} trainable tensors, {facts['seconds']:.0f} s")
+    return 0
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -127,6 +146,12 @@ def _cmd_list(args) -> int:
         for preset in PRESETS.values():
             values = {k: v for k, v in preset.to_dict().items() if k not in ("name", "description")}
             print(f"{preset.name:12s} {preset.description}\n{'':12s} " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        from qbench.retrofit import RECIPES
+
+        for recipe in RECIPES.values():  # `qbench retrofit --preset NAME`
+            values = {k: v for k, v in recipe.to_dict().items() if k not in ("name", "description")}
+            print(f"{recipe.name:12s} (qbench retrofit) {recipe.description}\n{'':12s} "
+                  + ", ".join(f"{k}={v}" for k, v in values.items()))
     else:
         from qbench.bench import TASKS
 
@@ -194,6 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the saved safetensors weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("retrofit", help="fine-tune an attention arm into a pretrained Llama-family model (deltas)",
+                       description="Adds an arm's parameters (gates start open: the model is unchanged at step 0) to "
+                                   "every attention layer of a Llama-family model and fine-tunes on the corpus's "
+                                   "training split; writes deltas.safetensors + retrofit.json (loadable with "
+                                   "--model OUT, checked against the base's checkpoint hash). Resumable: rerun the "
+                                   "same command. Recipes: `qbench list presets` (retrofit-*) or a .yaml file.")
+    p.add_argument("--model", default="smollm2-135m", help="the base: a zoo name or a checkpoint folder")
+    p.add_argument("--arm", required=True, help="softmax (the control) | vga | vga_out | qwen_g1 | vga_x | sink_logit")
+    p.add_argument("--preset", default="retrofit-pilot", help="retrofit recipe name or .yaml file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="replace one recipe value (trainable=arm|arm+norms|arm+layers:A-B, steps, batch_size, "
+                        "context, lr, base_lr, sink_lr, warmup, ...); repeatable")
+    p.add_argument("--seed", type=int, default=0, help="data order (the same for every arm)")
+    p.add_argument("--out", required=True, help="output folder (resumes from its retrofit_state.*)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast (GPU only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_retrofit)
 
     p = sub.add_parser("bench", help="run model x scheme x task cells into the result store")
     p.add_argument("--model", default="all", help="zoo names or checkpoint paths, comma-separated; 'all' = the zoo")

@@ -72,12 +72,18 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     kernel (see the module docstring).  Returns (B, T, H, D) as transformers expects."""
     from qbench.modeling.attention import ATTENTION_ARMS
 
+    hooks = getattr(module, "qbench_hooks", None)
+    kernel = getattr(module, "qbench_kernel", None)
+    if getattr(module, "qbench_arm", None) is not None:  # an arm retrofitted into the model
+        from qbench.modeling.llama_arms import INPUT_KWARG, arm_attention
+
+        context = arm_attention(module, query, key, value, attention_mask, scaling, hooks, kernel,
+                                kwargs.get(INPUT_KWARG))
+        return context.transpose(1, 2).contiguous(), None
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # (B, H, T, D)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     hidden = hidden_keys(attention_mask, query.shape[-2], key.shape[-2], query.device)
-    hooks = getattr(module, "qbench_hooks", None)
-    kernel = getattr(module, "qbench_kernel", None)
     if kernel is not None:
         context = kernel.attend(query, key, value, arm=ATTENTION_ARMS["softmax"], module=module, gate_fn=None,
                                 scaling=scaling, hidden=hidden, hooks=hooks)

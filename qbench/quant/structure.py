@@ -87,8 +87,11 @@ def _llama_structure(model) -> ResidualStructure:
     for i, layer in enumerate(inner.layers):
         p = f"model.layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
-        s.groups.append(NormGroup(f"{p}.input_layernorm", layer.input_layernorm,
-                                  [(f"{p}.self_attn.{n}", getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")],
+        readers = [(f"{p}.self_attn.{n}", getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")]
+        arm = getattr(attn, "qbench_arm", None)  # a retrofitted gate (qbench.modeling.llama_arms)
+        if arm is not None and arm.gate_source == "input":  # it reads the normed input too
+            readers.append((f"{p}.self_attn.qbench_gate", attn.qbench_gate))
+        s.groups.append(NormGroup(f"{p}.input_layernorm", layer.input_layernorm, readers,
                                   (f"{p}.self_attn.o_proj", attn.o_proj)))
         s.groups.append(NormGroup(f"{p}.post_attention_layernorm", layer.post_attention_layernorm,
                                   [(f"{p}.mlp.{n}", getattr(mlp, n)) for n in ("gate_proj", "up_proj")],

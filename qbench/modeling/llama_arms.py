@@ -1,0 +1,156 @@
+"""Attention arms inside a stock Llama-family model (the retrofit: SmolLM2 with a VGA gate).
+
+`install_arm(model, arm)` adds an arm's parameters to every attention module of a Llama
+family HF model and routes its attention through `arm_attention` (called by
+`qbench.modeling.hooks.hf_attention` when a module carries `qbench_arm`), never by patching
+their forward.  What is added to each `self_attn`:
+
+  `qbench_arm`   the `AttentionArm` (its normaliser and gate source/position)
+  `qbench_gate`  a `GateLinear` (quantizers leave it in full precision, like every gate)
+  `sink_logit`   one logit per query head (the `sink_logit` normaliser reads it)
+
+The retrofit must not change the model at step 0, so the gate is
+`g = 2 * sigmoid(Z W + b)` with W = 0 and b = 0: exactly 1 at init, range (0, 2); the sink
+logit starts at `SINK_INIT` = -30, whose exp is 9e-14 of a row whose largest score is 0
+(a finite logit cannot be an exact identity; -30 is within float32 rounding and still
+trainable).  Layout under grouped-query attention (SmolLM2: 9 query heads, 3 KV heads):
+
+  vga      key side, gate from the layer's value projection V (B, T, H_kv * D) -> one gate
+           per KV head per token: a token gates its value once, for the 3 query heads that
+           share it (the gate sits where the value lives);
+  vga_out  output side, gate from V_i -> one gate per query head, scaling O_i;
+  qwen_g1  output side, gate from the normed layer input X_i -> one gate per query head;
+  vga_x    key side, gate from X_j -> one gate per KV head;
+  sink_logit  no gate, softmax with exp(s_h) in the denominator, s_h per query head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from qbench.modeling.attention import ATTENTION_ARMS, AttentionArm
+from qbench.modeling.hooks import hidden_keys, install_attention, notify_gate
+
+GATE_SCALE = 2.0  # g = 2 sigmoid(.): exactly 1 with zero weights
+SINK_INIT = -30.0
+RETROFIT_ARMS = ("softmax", "vga", "vga_out", "qwen_g1", "vga_x", "sink_logit")
+INPUT_KWARG = "qbench_input"  # the normed layer input, handed to the attention function
+
+
+def _gated_heads(module: nn.Module, arm: AttentionArm) -> int:
+    heads = module.config.num_attention_heads
+    return heads // module.num_key_value_groups if arm.gate_position == "value" else heads
+
+
+def _gate_in_features(module: nn.Module, arm: AttentionArm) -> int:
+    return module.v_proj.out_features if arm.gate_source == "value" else module.q_proj.in_features
+
+
+def _pass_input(module, args, kwargs):
+    """Forward pre-hook: hands the attention input X to the attention function as a kwarg
+    (LlamaAttention passes its **kwargs through to the registered function)."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    kwargs[INPUT_KWARG] = hidden
+    return args, kwargs
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    from qbench.quant.structure import residual_structure
+
+    if residual_structure(model).family != "llama":
+        raise ValueError(f"{type(model).__name__}: the retrofit takes a Llama-family Hugging Face model")
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def install_arm(model: nn.Module, arm_name: str) -> list[nn.Module]:
+    """Adds `arm_name`'s parameters (at their identity init) to every attention module and
+    routes attention through `arm_attention`.  Returns the attention modules."""
+    if arm_name not in RETROFIT_ARMS:
+        raise ValueError(f"arm {arm_name!r} cannot be retrofitted; choose one of {', '.join(RETROFIT_ARMS)}")
+    from qbench.modeling.model import GateLinear
+
+    arm = ATTENTION_ARMS[arm_name]
+    modules = attention_modules(model)
+    ref = next(model.parameters())
+    for module in modules:
+        module.qbench_arm = arm
+        if arm.gate_source is not None:
+            if arm.gate_source not in ("value", "input"):
+                raise ValueError(f"arm {arm_name}: gate source {arm.gate_source!r} has no retrofit layout")
+            gate = GateLinear(_gate_in_features(module, arm), _gated_heads(module, arm))
+            nn.init.zeros_(gate.weight)
+            nn.init.zeros_(gate.bias)
+            module.qbench_gate = gate.to(device=ref.device, dtype=ref.dtype)
+            if arm.gate_source == "input":
+                module._qbench_input_hook = module.register_forward_pre_hook(_pass_input, with_kwargs=True)
+        if arm.normaliser == "sink_logit":
+            module.sink_logit = nn.Parameter(torch.full((module.config.num_attention_heads,), SINK_INIT,
+                                                        device=ref.device, dtype=ref.dtype))
+    install_attention(model)
+    return modules
+
+
+def arm_parameter_names(model: nn.Module) -> list[str]:
+    """The names of the parameters `install_arm` added (what the gates-only fine-tune trains)."""
+    return [n for n, _ in model.named_parameters() if ".qbench_gate." in n or n.endswith(".sink_logit")]
+
+
+def _gate(module: nn.Module, arm: AttentionArm, kv_values: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """(B, H or H_kv, T, 1): 2 sigmoid(Z W + b), Z the values (B, H_kv, T, D) or the input X."""
+    if arm.gate_source == "value":
+        b, h_kv, t, d = kv_values.shape
+        z = kv_values.transpose(1, 2).reshape(b, t, h_kv * d)
+    else:
+        if x is None:
+            raise RuntimeError("the input-gated arm did not receive the attention input (pre-hook missing)")
+        z = x
+    logits = module.qbench_gate(z.to(module.qbench_gate.weight.dtype))  # (B, T, heads)
+    gate = GATE_SCALE * torch.sigmoid(logits.float()).to(z.dtype)
+    return gate.transpose(1, 2)[..., None]
+
+
+def arm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float | None, hooks, kernel,
+                  x: torch.Tensor | None) -> torch.Tensor:
+    """The arm's attention for one Llama module; q (B, H, T_q, D), k/v (B, H_kv, T_k, D)
+    as the module hands them over.  Returns the context (B, H, T_q, D)."""
+    arm: AttentionArm = module.qbench_arm
+    groups = getattr(module, "num_key_value_groups", 1)
+    t_q = query.shape[-2]
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    hidden = hidden_keys(attention_mask, t_q, key.shape[-2], query.device)
+    key, value_kv = key.repeat_interleave(groups, dim=1), value
+    value = value_kv.repeat_interleave(groups, dim=1)  # (B, H, T_k, D)
+
+    def gate_of(kv_values: torch.Tensor) -> torch.Tensor:
+        # (B, H, T, 1): key side from (B, H_kv, T_k, D) values, repeated over each KV group
+        g = _gate(module, arm, kv_values, x)
+        if arm.gate_position == "output" and arm.gate_source == "value":
+            g = g[..., -t_q:, :]  # the query tokens' own values
+        notify_gate(hooks, module.layer_idx, g)
+        return g.repeat_interleave(groups, dim=1) if arm.gate_position == "value" else g
+
+    if kernel is not None:  # the kernel hands its (dequantized) values, (B, T, H * D), to gate_fn
+        def gate_fn(values: torch.Tensor) -> torch.Tensor:
+            b, t, _ = values.shape
+            return gate_of(values.view(b, t, -1, query.shape[-1]).transpose(1, 2)[:, ::groups])
+
+        return kernel.attend(query, key, value, arm=arm, module=module, gate_fn=gate_fn,
+                             scaling=scaling, hidden=hidden, hooks=hooks)
+    gate = gate_of(value_kv) if arm.gate_source is not None else None
+    if arm.gate_position == "value":
+        value = gate * value
+    scores = ((query @ key.transpose(-1, -2)) * scaling).masked_fill(hidden, float("-inf"))  # (B, H, T_q, T_k)
+    if hooks is not None:
+        scores = hooks.scores(scores)
+    probs = arm.normalise(scores.float(), module).to(query.dtype)
+    if hooks is not None:
+        probs = hooks.probs(probs)
+        if hasattr(hooks, "first_column"):
+            hooks.first_column(probs[..., 0])
+    context = probs @ value
+    if hooks is not None:
+        context = hooks.context(context)
+    if arm.gate_position == "output":
+        context = gate * context
+    return context
