@@ -4,6 +4,7 @@ from __future__ import annotations
 from qbench.bench import resolve_protocol
 from qbench.eval import evaluate_perplexity
 from qbench.paths import models_dir
+from qbench.retrofit import CONFIG_FILE as RETROFIT_CONFIG, read_retrofit_config
 from qbench.zoo import read_zoo, resolve_model, write_zoo
 
 ZOO_TEST_LIMIT = 60_000  # characters of the test text: seconds per tiny model
@@ -24,6 +25,8 @@ def refresh_zoo(limit: int | None = None, force: bool = False) -> dict[str, dict
     old = read_zoo()
     for folder in sorted(p for p in models_dir().iterdir() if (p / "config.json").exists()):
         entries[folder.name] = {"path": folder.name}
+    for folder in sorted(p for p in models_dir().iterdir() if (p / RETROFIT_CONFIG).exists()):
+        entries[folder.name] = retrofit_entry(folder)
     for name, entry in PACKAGE_MODELS.items():
         entries[name] = dict(entry)
     write_zoo({**old, **entries})  # loadable by name while measuring
@@ -45,3 +48,29 @@ def refresh_zoo(limit: int | None = None, force: bool = False) -> dict[str, dict
         entry["checkpoint_hash"] = ref.checkpoint_hash
     write_zoo(entries)
     return entries
+
+
+def retrofit_entry(folder) -> dict:
+    """The zoo entry of a retrofit folder (qbench retrofit): its base, arm, recipe and seed."""
+    facts = read_retrofit_config(folder)
+    return {"path": folder.name, "base": facts["base"], "arm": f"{facts['arm']} (retrofit)",
+            "preset": facts["recipe"]["name"], "seed": facts["seed"], "steps": facts["steps_done"],
+            "trainable": facts["recipe"]["trainable"],
+            "description": f"{facts['base']} with the {facts['arm']} arm retrofitted by `qbench retrofit` "
+                           f"({facts['recipe']['name']}, seed {facts['seed']}); deltas on top of the base"}
+
+
+def add_retrofits() -> list[str]:
+    """Lists every retrofit folder of models/ in the zoo with its hash, measuring nothing
+    (`qbench zoo` measures test perplexity too)."""
+    from qbench.zoo import resolve_model
+
+    zoo = read_zoo()
+    added = []
+    for folder in sorted(p for p in models_dir().iterdir() if (p / RETROFIT_CONFIG).exists()):
+        entry = {**zoo.get(folder.name, {}), **retrofit_entry(folder)}
+        entry["checkpoint_hash"] = resolve_model(str(folder), verify=False).checkpoint_hash
+        zoo[folder.name] = entry
+        added.append(folder.name)
+    write_zoo(zoo)
+    return added

@@ -59,7 +59,8 @@ def test_tiny_arms_share_data_seed_steps_and_recipe():
     assert _same_recipe(TRAINED[:3])
 
 
-@pytest.mark.parametrize("name", [n for n in ZOO if n != "smollm2-135m"])  # SmolLM2: the slow test below
+# SmolLM2 and the retrofits built on it (entries with a `base`): the slow tests below
+@pytest.mark.parametrize("name", [n for n in ZOO if n != "smollm2-135m" and "base" not in ZOO[n]])
 def test_zoo_checkpoint_reproduces_its_test_perplexity(name):
     """Every checkpoint, through today's arm registry, hooks and kernel-free float path."""
     entry = ZOO[name]
@@ -100,3 +101,16 @@ def test_smollm2_probes_show_its_known_extreme_tokens():
     assert result["massive_activation_max"] > 10_000
     assert result["max_activation_position"] == 0
     assert result["massive_activations"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ZOO if "base" in ZOO[n]])
+def test_retrofit_entries_load_on_their_base_with_the_listed_hash(name):
+    """A retrofit entry (qbench retrofit): deltas on top of its base, hash-checked."""
+    entry = ZOO[name]
+    loaded = load_model(name)
+    assert loaded.checkpoint_hash == entry["checkpoint_hash"]
+    if "test_ppl" in entry:
+        protocol = resolve_protocol(loaded, entry["test_protocol"]["max_chars"])
+        ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, protocol)["ppl"]
+        assert ppl == pytest.approx(entry["test_ppl"], rel=0.01)

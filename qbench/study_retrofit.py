@@ -1,0 +1,154 @@
+"""STUDY.md section "Retrofit into SmolLM2": each retrofitted arm and the control against
+the original SmolLM2, from the records (nothing is computed here).
+
+Models are named `smollm2-rf-[<recipe>-]<arm>-s<seed>` (the zoo's retrofit entries); the
+original is `smollm2-135m`.  The decision rule was written before the runs (issue 22): "arm
+X retrofitted reduces the W8A8-pt loss" only if every X cell (fine-tune seeds x calibration
+draws) lies below every control cell; the same for the massive activation.  Anything else
+is reported as it is.
+"""
+from __future__ import annotations
+
+import csv
+import re
+import statistics
+from pathlib import Path
+
+BASE = "smollm2-135m"
+SCHEMES = ["w8a8-pt", "w8a8-dyn", "w8a8-sq", "w8a8-had", "llm-int8", "w4-rtn-g64", "nf4", "w8a8-attn"]
+PRIMARY = "w8a8-pt"
+PROTOCOL = "nonoverlap-w256-bos-sotu-test-first20000c"
+NAME = re.compile(r"smollm2-rf-(?:(?P<recipe>[a-z0-9]+)-)?(?P<arm>softmax|vga_out|vga_x|vga|qwen_g1|sink_logit)"
+                  r"-s(?P<seed>\d+)$")
+PROBES = [("massive_activation_max", "massive act."), ("sink_rate@0.3", "sink rate@0.3 %"),
+          ("first_token_share_mean", "attn on BOS"), ("kurtosis_mean", "kurtosis"),
+          ("gate_at_sink_token", "gate at BOS"), ("gate_at_other_tokens", "gate elsewhere")]
+
+
+def parse(name: str) -> dict | None:
+    found = NAME.fullmatch(name)
+    return None if found is None else {"recipe": found["recipe"] or "main", "arm": found["arm"],
+                                       "seed": int(found["seed"])}
+
+
+def _cells(records: list[dict]) -> dict:
+    """(model, scheme) -> [relative ppl change %, one per calibration draw]; (model, 'fp32') -> [ppl]."""
+    ok = [r for r in records if r.get("status") == "ok" and r.get("task") == "ppl" and r.get("protocol") == PROTOCOL
+          and (r["model"] == BASE or parse(r["model"]))]
+    fp = {r["model"]: r["metrics"]["ppl"] for r in ok if r["scheme"] == "fp32"}
+    cells: dict = {(m, "fp32"): [p] for m, p in fp.items()}
+    for r in ok:
+        if r["scheme"] != "fp32" and r["model"] in fp:
+            cells.setdefault((r["model"], r["scheme"]), []).append(100.0 * (r["metrics"]["ppl"] / fp[r["model"]] - 1))
+    return cells
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:+.1f}"
+    return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f} (n={len(values)})"
+
+
+def _probe(records: list[dict]) -> dict:
+    out = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("task") == "probes" and r.get("scheme") == "fp32":
+            m = r["metrics"]
+            row = {}
+            for key, _ in PROBES:
+                value = m.get(key)
+                if isinstance(value, list):  # per-layer gates: mean over layers
+                    value = statistics.mean(value) if value else None
+                row[key] = value
+            out[r["model"]] = row
+    return out
+
+
+def decide(arm_cells: list[float], control_cells: list[float]) -> str:
+    """The pre-registered rule: every arm cell below every control cell."""
+    if not arm_cells or not control_cells:
+        return "not measured"
+    if max(arm_cells) < min(control_cells):
+        return "reduces (every cell below every control cell)"
+    return "not shown (the cells overlap or lie above the control's)"
+
+
+def gate_dynamics(folder: Path) -> list[dict]:
+    path = folder / "gate_log.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def retrofit_section(records: list[dict], models_dir: Path | None = None) -> str:
+    from qbench.paths import models_dir as default_models
+
+    models_dir = models_dir or default_models()
+    cells = _cells(records)
+    models = sorted({m for m, _ in cells if parse(m)}, key=lambda m: (parse(m)["recipe"], parse(m)["arm"], m))
+    lines = ["## Retrofit into SmolLM2", ""]
+    if not models:
+        return "\n".join(lines + ["No retrofitted model has records yet (`qbench retrofit`, README \"Retrofit\").", ""])
+    recipes = sorted({parse(m)["recipe"] for m in models})
+    lines += [f"Each arm's parameters were added to every attention layer of SmolLM2-135M at their identity init "
+              f"and fine-tuned on the sotu training split (`qbench retrofit`, recipes: {', '.join(recipes)}); the "
+              f"`softmax` control has the same data order and steps and no new parameter. Relative perplexity "
+              f"change (%) against each model's own fp32, protocol `{PROTOCOL}`; `a ± s (n=k)` is the mean and "
+              f"sample standard deviation over k calibration draws. **Pilot** rows come from the CPU pilot "
+              f"(gates only, 61k tokens, one fine-tune seed): they check the pipeline and show the gates' "
+              f"dynamics; they are not the experiment, and the decision rule needs two fine-tune seeds.", ""]
+    header = ["model", "fp32 ppl", "fp32 vs original %"] + SCHEMES
+    rows = [header, ["---"] * len(header)]
+    base_ppl = (cells.get((BASE, "fp32")) or [None])[0]
+    for m in [BASE] + models:
+        ppl = (cells.get((m, "fp32")) or [None])[0]
+        change = "-" if ppl is None or base_ppl is None else f"{100 * (ppl / base_ppl - 1):+.2f}"
+        rows.append([m, "-" if ppl is None else f"{ppl:.3f}", change] + [_fmt(cells.get((m, s), [])) for s in SCHEMES])
+    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    probes = _probe(records)
+    lines += ["Extreme-token indicators of the fp32 models (probes on 64 windows of 64 tokens): the largest "
+              "activation in the residual stream, the share of heads putting >= 0.3 of their attention on the "
+              "first token, the mean attention on it, the mean kurtosis of the residual stream, and each gated "
+              "arm's gate (range (0, 2), 1 at init) at the first token and elsewhere, averaged over layers.", ""]
+    header = ["model"] + [label for _, label in PROBES]
+    rows = [header, ["---"] * len(header)]
+    for m in [BASE] + models:
+        row = probes.get(m, {})
+        rows.append([m] + [("-" if row.get(k) is None else f"{row[k]:.4g}") for k, _ in PROBES])
+    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    lines += ["Decision rule (written before the runs): arm X reduces the W8A8-pt loss only if every X cell lies "
+              "below every control cell; the same for the massive activation.", ""]
+    rows = [["recipe", "arm", "W8A8-pt cells", "control cells", "verdict (W8A8-pt)", "massive act. verdict"],
+            ["---"] * 6]
+    for recipe in recipes:
+        in_recipe = [m for m in models if parse(m)["recipe"] == recipe]
+        control = [m for m in in_recipe if parse(m)["arm"] == "softmax"]
+        control_cells = [c for m in control for c in cells.get((m, PRIMARY), [])]
+        control_act = [probes[m]["massive_activation_max"] for m in control if m in probes]
+        for arm in sorted({parse(m)["arm"] for m in in_recipe} - {"softmax"}):
+            ms = [m for m in in_recipe if parse(m)["arm"] == arm]
+            arm_cells = [c for m in ms for c in cells.get((m, PRIMARY), [])]
+            act = [probes[m]["massive_activation_max"] for m in ms if m in probes]
+            rows.append([recipe, arm, str(len(arm_cells)), str(len(control_cells)), decide(arm_cells, control_cells),
+                         decide(act, control_act)])
+    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    dyn = []
+    for m in models:
+        log = gate_dynamics(models_dir / m)
+        if log and "gate_bos" in log[0]:
+            first, last = log[0], log[-1]
+            dyn.append([m, last["step"], f"{float(first['gate_bos']):.3f} -> {float(last['gate_bos']):.3f}",
+                        f"{float(first['gate_others']):.3f} -> {float(last['gate_others']):.3f}",
+                        f"{float(last['gate_bos_min_layer']):.3f}"])
+        elif log and log[-1].get("sink_logit_max"):
+            dyn.append([m, log[-1]["step"], "-", "-", f"sink logit max {float(log[-1]['sink_logit_max']):.2f}"])
+    if dyn:
+        lines += ["Gate dynamics during the fine-tune (two fixed training windows, `gate_log.csv` in each model "
+                  "folder): mean gate at the first token and elsewhere over layers, from step 0 to the end, and the "
+                  "lowest layer's mean gate at the first token.", ""]
+        rows = [["model", "steps", "gate at BOS", "gate elsewhere", "lowest layer at BOS"], ["---"] * 5] + dyn
+        lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    return "\n".join(lines)

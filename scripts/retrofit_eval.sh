@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The retrofit's evaluation (issue 22): list the finished retrofits in the zoo, then bench
+# each (and the original SmolLM2) on the 20,000-character protocol.  Resumable: cells that
+# exist are skipped.  MODELS / SCHEMES / SEEDS override the defaults.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+PY=${PY:-.venv/bin/python}
+QBENCH=${QBENCH:-.venv/bin/qbench}
+$PY -c "from qbench.zoo_refresh import add_retrofits; print('zoo:', ', '.join(add_retrofits()))"
+MODELS=${MODELS:-$(ls -d models/smollm2-rf-*/ 2>/dev/null | xargs -n1 basename | tr '\n' ',' | sed 's/,$//')}
+MODELS="smollm2-135m,$MODELS"
+# the primary endpoint and the probes first, then the other schemes
+$QBENCH bench --model "$MODELS" --schemes fp32,w8a8-pt --tasks ppl --calibration-seeds ${SEEDS:-0,1,2} --quiet || true
+$QBENCH bench --model "$MODELS" --schemes fp32 --tasks probes --quiet || true
+$QBENCH bench --model "$MODELS" --schemes ${SCHEMES:-w8a8-dyn,nf4,w8a8-attn,w4-rtn-g64,llm-int8,w8a8-sq,w8a8-had} \
+  --tasks ppl --quiet || true
