@@ -261,3 +261,27 @@ def test_trainable_layers_are_stored_and_an_unknown_arm_is_refused(base_folder, 
     with pytest.raises(ValueError, match="cannot be retrofitted"):
         install_arm(_llama(), "softpick")
     assert arm_parameter_names(_llama()) == []
+
+
+def test_the_study_section_applies_the_decision_rule_to_the_records(tmp_path):
+    from qbench.study_retrofit import PROTOCOL, decide, parse, retrofit_section
+
+    assert parse("smollm2-rf-pilot-vga_out-s1") == {"recipe": "pilot", "arm": "vga_out", "seed": 1}
+    assert parse("smollm2-rf-sink_logit-s0") == {"recipe": "main", "arm": "sink_logit", "seed": 0}
+    assert parse("smollm2-135m") is None
+    assert decide([1.0, 2.0], [2.5, 3.0]).startswith("reduces")
+    assert decide([1.0, 2.6], [2.5, 3.0]).startswith("not shown")  # one cell above a control cell
+    assert decide([], [1.0]) == "not measured"
+
+    def ppl(model, scheme, value, seed=0):
+        return {"model": model, "scheme": scheme, "task": "ppl", "status": "ok", "protocol": PROTOCOL,
+                "calibration_seed": seed, "metrics": {"ppl": value}}
+
+    records = [ppl("smollm2-135m", "fp32", 20.0), ppl("smollm2-135m", "w8a8-pt", 80.0),
+               ppl("smollm2-rf-pilot-softmax-s0", "fp32", 20.0),
+               ppl("smollm2-rf-pilot-vga-s0", "fp32", 21.0)]
+    records += [ppl("smollm2-rf-pilot-softmax-s0", "w8a8-pt", v, i) for i, v in enumerate([80.0, 78.0, 82.0])]
+    records += [ppl("smollm2-rf-pilot-vga-s0", "w8a8-pt", v, i) for i, v in enumerate([42.0, 42.0, 84.0])]
+    text = retrofit_section(records, tmp_path)
+    assert "| smollm2-rf-pilot-vga-s0 | 21.000 | +5.00 | +166.7 ± 115.5 (n=3) |" in text
+    assert "| pilot | vga | 3 | 3 | not shown" in text  # 84 / 21 = +300% lies above the control's +290%
