@@ -285,3 +285,38 @@ def test_the_study_section_applies_the_decision_rule_to_the_records(tmp_path):
     text = retrofit_section(records, tmp_path)
     assert "| smollm2-rf-pilot-vga-s0 | 21.000 | +5.00 | +166.7 ± 115.5 (n=3) |" in text
     assert "| pilot | vga | 3 | 3 | not shown" in text  # 84 / 21 = +300% lies above the control's +290%
+
+
+@pytest.mark.parametrize("arm", RETROFIT_ARMS)
+def test_the_low_precision_kernel_composes_the_retrofitted_arm(arm):
+    """Under w8a8-attn an identity-initialised arm gives the plain model's quantized logits
+    (a gate of exactly 1 is 255/255 on the kernel's gate grid; re-quantizing 1 * V_deq
+    recovers V's codes), and a closed key-side gate zeroes its KV group inside the kernel."""
+    from qbench.quant import quantize
+
+    ids = _ids()
+    plain = _llama()
+    quantize(plain, "w8a8-attn")
+    model = _llama()
+    install_arm(model, arm)
+    facts = quantize(model, "w8a8-attn")
+    assert facts["lowbit_attention_modules"] == 2
+    want, got = _logits(plain, ids), _logits(model, ids)
+    # equal up to float32 rounding of the dequantized values (a few ulps of the logits' scale)
+    assert (got - want).abs().max().item() <= 64 * torch.finfo(torch.float32).eps * want.abs().max().item()
+    if arm == "vga":
+        attn = model.model.layers[0].self_attn
+        seen = {}
+
+        class First:
+            def scores(self, x): return x
+            def probs(self, x): return x
+            def context(self, x): return x
+            def first_column(self, p): pass
+            def gate(self, layer, g): seen["gate"] = g
+
+        attn.qbench_hooks = First()
+        with torch.no_grad():
+            attn.qbench_gate.bias.copy_(torch.tensor([-1e4, 0.0]))
+        _logits(model, ids)
+        assert seen["gate"].shape == (2, 2, 24, 1) and seen["gate"][:, 0].max().item() == 0.0
