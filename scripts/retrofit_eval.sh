@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:
 PY=${PY:-.venv/bin/python}
 QBENCH=${QBENCH:-.venv/bin/qbench}
 $PY -c "from qbench.zoo_refresh import add_retrofits; print('zoo:', ', '.join(add_retrofits()))"
-MODELS=${MODELS:-$(ls -d models/smollm2-rf-*/ 2>/dev/null | xargs -n1 basename | tr '\n' ',' | sed 's/,$//')}
+MODELS=${MODELS:-$(for f in models/smollm2-rf-*/retrofit.json; do [ -f "$f" ] && basename "$(dirname "$f")"; done | paste -sd, -)}
 MODELS="smollm2-135m,$MODELS"
 # the primary endpoint and the probes first, then the other schemes
 $QBENCH bench --model "$MODELS" --schemes fp32,w8a8-pt --tasks ppl --calibration-seeds ${SEEDS:-0,1,2} --quiet || true
