@@ -143,7 +143,7 @@ def _cmd_study(args) -> int:
     from qbench.study import run_study, write_study
 
     store = ResultStore(args.results)
-    if not args.no_run:
+    if args.compute:
         failed = [r for r in run_study(store, quick=args.quick, progress=not args.quiet) if r.get("status") != "ok"]
         for r in failed:
             print(f"FAILED {r['model']} {r['scheme']} {r['task']}: {r.get('error')}", file=sys.stderr)
@@ -233,12 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("study", help="run the study's missing cells and write STUDY.md")
+    p = sub.add_parser("study", help="write STUDY.md from the store (--compute: first run the plan's missing cells)")
     p.add_argument("--quick", action="store_true", help="small variant: bb-softmax/bb-vga, 3 schemes, minutes")
     p.add_argument("--results", default="results")
     p.add_argument("--out", default="results", help="folder for STUDY.md and its plots")
-    p.add_argument("--discussion", default="study/DISCUSSION.md", help="hand-written discussion appended")
-    p.add_argument("--no-run", action="store_true", help="only write STUDY.md from what the store holds")
+    p.add_argument("--discussion", default="study/DISCUSSION.md",
+                   help="the discussion template, its {named values} filled from the records")
+    p.add_argument("--compute", action="store_true",
+                   help="first compute the plan's cells that the store lacks (hours on a CPU); without it, "
+                        "writing STUDY.md computes nothing")
+    p.add_argument("--no-run", action="store_true", help=argparse.SUPPRESS)  # the old default; kept for scripts
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_study)
 

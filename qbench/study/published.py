@@ -17,3 +17,6 @@ PUBLISHED = """| source | model | arm | FP ppl | W8A8 ppl | max inf-norm | avg k
 GUO_PUBLISHED = {"arm": "softmax (Guo et al., published)", "seeds": "-", "step": 10000, "attn_s": "~1",
                  "val_s": "-", "val_s_ratio": "~0", "val_s_eff_ratio": "-", "delta_logit_s": "large (> 0)",
                  "gate_bos": "-", "gate_others": "-"}
+
+# Bondarenko et al. 2023, Table 2: vanilla OPT-125m, the outliers W8A8 cannot span.
+OPT_VANILLA_INF_NORM = 340
