@@ -50,7 +50,7 @@ def stats(values) -> dict:
 def number(value: float, signed: bool = False, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if abs(value) >= 10 ** digits:
+    if abs(value) >= max(10 ** digits, 1000):
         text = f"{value:,.0f}"
         return ("+" + text) if signed and value > 0 else text
     text = f"{value:+.{digits}g}" if signed else f"{value:.{digits}g}"
@@ -278,6 +278,9 @@ class Facts:
         if what == "arms":
             return str(len(self.arms(group)))
         if what == "seeds":
+            if group not in GROUPS:  # a Bigram-Backcopy preset: its checkpoints' mechanism logs
+                frame = self.mechanism(group)
+                return str(int((frame.arm == arm).sum())) if not frame.empty else "0"
             return str(cells[cells.arm == arm].model.nunique())
         if what == "checkpoints":
             return str(cells.model.nunique())
@@ -286,6 +289,20 @@ class Facts:
         if what == "records":
             return f"{len(self.records):,}"
         raise MissingValue(f"unknown count {what!r}")
+
+    def _model_cells(self, model, scheme):
+        cells = self.cells[(self.cells.model == model) & (self.cells.scheme == scheme)]
+        if cells.empty:
+            raise MissingValue(f"no {model} {scheme} record")
+        return cells
+
+    def _v_ppl(self, model, scheme, digits="4"):
+        """{ppl:MODEL:SCHEME}: one checkpoint's perplexity, mean over its calibration draws."""
+        return number(self._model_cells(model, scheme).ppl.mean(), digits=int(digits))
+
+    def _v_mrel(self, model, scheme):
+        """{mrel:MODEL:SCHEME}: one checkpoint's relative change, ± over its calibration draws."""
+        return spread(stats(self._model_cells(model, scheme).rel), "%", signed=True, what="draws")
 
     def _v_sep(self, group, arm, scheme, reference="softmax"):
         """{sep:GROUP:ARM:SCHEME}: does the arm's per-seed range separate from softmax's?"""

@@ -9,7 +9,7 @@ import pandas as pd
 
 from qbench.report import _markdown, comparison_table
 from qbench.results import ResultStore, atomic_write_text
-from qbench.study.claims import PRIMARY_ENDPOINT, compact_markdown, SPREAD_DEFINITION, claims_table, headline_table
+from qbench.study.claims import PRIMARY_ENDPOINT, SPREAD_DEFINITION, claims_table, compact_markdown, headline_table
 from qbench.study.facts import Facts
 from qbench.study.mechanism import bb_quant_tables, mechanism_logs, mechanism_plot, mechanism_table
 from qbench.study.plan import (BB_GUO_PRESETS, BB_SCHEMES, LONG_SCHEMES, SMOLLM2_LONG_LIMIT, SMOLLM2_LONG_SCHEMES,
@@ -346,9 +346,10 @@ def split_table(table: pd.DataFrame, keys: tuple[str, ...] = ("arm", "scheme")) 
 
 
 def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = False,
-                discussion: Path | None = None, coverage: bool = True) -> Path:
+                discussion: Path | None = None, coverage: bool = True, readme: Path | None = None) -> Path:
     """STUDY.md (STUDY_QUICK.md) and its plots from what the store holds; computes nothing.
-    `coverage` plans the study's cells to say how many of them the store holds."""
+    `coverage` plans the study's cells to say how many of them the store holds; `readme`:
+    also re-render that README's generated results text (qbench/study/prose.py)."""
     out = Path(out)
     p = plan(quick)
     records = store.records()
@@ -362,4 +363,8 @@ def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = F
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("STUDY_QUICK.md" if quick else "STUDY.md")
     atomic_write_text(path, "\n".join(lines))
+    if readme is not None:
+        from qbench.study.prose import write_readme
+
+        write_readme(ctx.facts, Path(readme))
     return path
