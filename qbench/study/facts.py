@@ -50,7 +50,7 @@ def stats(values) -> dict:
 def number(value: float, signed: bool = False, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if abs(value) >= max(10 ** digits, 1000):
+    if abs(value) >= 1000:
         text = f"{value:,.0f}"
         return ("+" + text) if signed and value > 0 else text
     text = f"{value:+.{digits}g}" if signed else f"{value:.{digits}g}"
