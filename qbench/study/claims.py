@@ -62,16 +62,6 @@ def _n(*sides: dict) -> str:
     return " vs ".join(str(s.get("n", 0)) for s in sides)
 
 
-def compact_markdown(frame: pd.DataFrame) -> str:
-    """A pipe table without padding (the first screen's tables stay within 120 columns)."""
-    def cell(v) -> str:
-        return "-" if v is None or (isinstance(v, float) and v != v) else str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "|".join("---" for _ in frame.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def _mech_claim(preset: str, arm: str, column: str, expected: str):
     def evidence(f: Facts):
         a, s = f.mech_stats(preset, arm, column), f.mech_stats(preset, "softmax", column)

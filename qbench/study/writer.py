@@ -7,9 +7,9 @@ from typing import Callable
 
 import pandas as pd
 
-from qbench.report import _markdown, comparison_table
+from qbench.report import _markdown, comparison_table, compact_markdown
 from qbench.results import ResultStore, atomic_write_text
-from qbench.study.claims import PRIMARY_ENDPOINT, SPREAD_DEFINITION, claims_table, compact_markdown, headline_table
+from qbench.study.claims import PRIMARY_ENDPOINT, SPREAD_DEFINITION, claims_table, headline_table
 from qbench.study.facts import Facts
 from qbench.study.mechanism import bb_quant_tables, mechanism_logs, mechanism_plot, mechanism_table
 from qbench.study.plan import (BB_GUO_PRESETS, BB_SCHEMES, LONG_SCHEMES, SMOLLM2_LONG_LIMIT, SMOLLM2_LONG_SCHEMES,
