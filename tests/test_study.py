@@ -13,7 +13,7 @@ def test_quick_study_runs_and_writes_tables_traceable_to_records(tmp_path):
     assert records and all(r["status"] == "ok" for r in records)
     path = write_study(store, tmp_path / "out", models_dir(), quick=True)
     text = path.read_text()
-    assert "## 1. Mechanism" in text and "## 2. The tiny zoo" in text
+    assert "1. Mechanism: Bigram-Backcopy" in text and "2. The tiny zoo" in text
     assert (tmp_path / "out" / "plots" / "mechanism_curves.png").stat().st_size > 1000
     # every quantized ppl in the table is the mean of that cell's records in the store
     w8 = [r["metrics"]["ppl"] for r in records if r["model"] == "bb-vga" and r["scheme"] == "w8a8-pt"
