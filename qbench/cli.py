@@ -168,14 +168,25 @@ def _cmd_study(args) -> int:
     from qbench.study import run_study, write_study
 
     store = ResultStore(args.results)
-    if not args.no_run:
+    if args.compute:
         failed = [r for r in run_study(store, quick=args.quick, progress=not args.quiet) if r.get("status") != "ok"]
         for r in failed:
             print(f"FAILED {r['model']} {r['scheme']} {r['task']}: {r.get('error')}", file=sys.stderr)
     path = write_study(store, Path(args.out), models_dir(), quick=args.quick,
-                       discussion=Path(args.discussion) if args.discussion else None)
+                       discussion=Path(args.discussion) if args.discussion else None,
+                       readme=None if args.quick or not args.readme else Path(args.readme))
     print(f"wrote {path}")
     return 0
+
+
+def _cmd_recheck(args) -> int:
+    from qbench.recheck import run_recheck
+    from qbench.results import ResultStore
+
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    results = run_recheck(ResultStore(args.results), args.n, seed=args.seed, tasks=tuple(args.tasks.split(",")),
+                          models=models, slow=args.slow)
+    return 0 if all(r.status == "ok" for r in results) else 1
 
 
 def _cmd_sweep(args) -> int:
@@ -278,14 +289,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("study", help="run the study's missing cells and write STUDY.md")
+    p = sub.add_parser("study", help="write STUDY.md from the store (--compute: first run the plan's missing cells)")
     p.add_argument("--quick", action="store_true", help="small variant: bb-softmax/bb-vga, 3 schemes, minutes")
     p.add_argument("--results", default="results")
     p.add_argument("--out", default="results", help="folder for STUDY.md and its plots")
-    p.add_argument("--discussion", default="study/DISCUSSION.md", help="hand-written discussion appended")
-    p.add_argument("--no-run", action="store_true", help="only write STUDY.md from what the store holds")
+    p.add_argument("--discussion", default="study/DISCUSSION.md",
+                   help="the discussion template, its {named values} filled from the records")
+    p.add_argument("--compute", action="store_true",
+                   help="first compute the plan's cells that the store lacks (hours on a CPU); without it, "
+                        "writing STUDY.md computes nothing")
+    p.add_argument("--no-run", action="store_true", help=argparse.SUPPRESS)  # the old default; kept for scripts
+    p.add_argument("--readme", default="README.md", help="README whose generated results text is re-rendered ('' for none)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_study)
+
+    p = sub.add_parser("recheck", help="recompute a random sample of stored cells and print each one's drift "
+                                        "against its tolerance (exit 1 if any is out)")
+    p.add_argument("-n", type=int, default=5, help="how many records to recompute")
+    p.add_argument("--seed", type=int, default=0, help="which random sample")
+    p.add_argument("--models", default=None, help="comma-separated model names to sample from (default: all)")
+    p.add_argument("--tasks", default="ppl,probes", help="tasks to sample from")
+    p.add_argument("--slow", action="store_true", help="also sample GPTQ/AWQ/HQQ/quanto cells (minutes each)")
+    p.add_argument("--results", default="results")
+    p.set_defaults(func=_cmd_recheck)
 
     p = sub.add_parser("compare", help="the headline matrix (or one scheme's rows) for some models, in the terminal")
     p.add_argument("--models", default=None, help="comma-separated globs on model names (default: all)")

@@ -266,11 +266,16 @@ def write_report(store: ResultStore, out_dir: Path | None = None, fmt: str = "md
         report = out_dir / "REPORT.html"
         atomic_write_text(report, render_html(sections, heatmap, plots))
         return summary, report
-    lines = ["# qbench report", "", f"## {sections[0].title}", "", sections[0].markdown(), ""]
+    first = sections[0]
+    lines = ["# qbench report", "", f"## {first.title}", "",
+             compact_markdown(first.table) if first.table is not None else "", "", first.text, ""]
     if heatmap is not None:
         lines += [f"![headline matrix heatmap](plots/{heatmap.name})", ""]
     for section in sections[1:]:
-        lines += [f"## {section.title}", "", section.markdown(), ""]
+        if section.fold:
+            lines += ["<details>", f"<summary>{section.title}</summary>", "", section.markdown(), "", "</details>", ""]
+        else:
+            lines += [f"## {section.title}", "", section.markdown(), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     quarantined = store.quarantined()
@@ -297,15 +302,23 @@ class Section:
 
 
 def report_sections(records: list[dict], table: pd.DataFrame, cells: pd.DataFrame) -> list[Section]:
-    """The report in reading order: the matrix first, then the details (folded in HTML)."""
-    matrix = matrix_table(cells)
-    sections = [Section("Perplexity change vs fp32 (%): models x schemes", matrix if not matrix.empty else None,
-                        MATRIX_LEGEND if not matrix.empty else "No quantized perplexity cell has an fp32 reference.")]
+    """The report in reading order: the first screen (representative schemes, within 120
+    columns), the worst cells and the extreme tokens, then the full matrix and the details,
+    folded."""
+    first = first_screen_table(cells, fp_ppl_by_row(records))
+    sections = [Section("Perplexity change vs fp32 (%): the representative schemes", first if not first.empty else None,
+                        FIRST_SCREEN_LEGEND if not first.empty else
+                        "No quantized perplexity cell has an fp32 reference.")]
     if not cells.empty:
         sections.append(Section("The five worst cells", worst_cells(cells)))
     extreme = extreme_token_summary(records)
     if not extreme.empty:
-        sections.append(Section("Extreme tokens in full precision (fp32 probes)", extreme))
+        sections.append(Section("Extreme tokens in full precision (fp32 probes)", extreme, EXTREME_LEGEND))
+    for group, title in SCHEME_GROUP_TITLES.items():
+        part = cells[[scheme_group(s) == group for s in cells.scheme]] if not cells.empty else cells
+        matrix = matrix_table(part) if not part.empty else pd.DataFrame()
+        if not matrix.empty:
+            sections.append(Section(f"Full matrix, {title}: models x schemes", matrix, MATRIX_LEGEND, fold=True))
     sections.append(Section("Per model", None, "Perplexity under each scheme next to the fp32 row of the same "
                             "protocol.\n\n" + COLUMN_NOTES))
     for model, group in table.groupby("model", sort=False):
@@ -315,6 +328,85 @@ def report_sections(records: list[dict], table: pd.DataFrame, cells: pd.DataFram
         compact = cross_model_table(table, scheme)[["model", "ppl", "delta_ppl", "rel_delta_%", "kl", "top1_agreement"]]
         sections.append(Section(f"Per scheme: {scheme}", compact, fold=True))
     return sections
+
+
+# -- the first screen: representative schemes ---------------------------------------------
+# (column, the schemes it shows: one, or the best of several outlier-aware PTQ methods)
+BEST_8BIT_PTQ = ["w8a8-pt-sq", "w8a8-pt-had", "w8a8-sq", "w8a8-had", "w8a8-sq-a25", "w8a8-sq-a75", "w8a8-sq-a85"]
+BEST_4BIT_PTQ = ["w4-gptq-g64", "w4-awq-g64", "w4-hqq-g64"]
+FIRST_SCREEN = [("w8a8-dyn", ["w8a8-dyn"]), ("w8a8-pt", ["w8a8-pt"]), ("best 8b PTQ", BEST_8BIT_PTQ),
+                ("llm-int8", ["llm-int8"]), ("w4-rtn-g64", ["w4-rtn-g64"]), ("best 4b PTQ", BEST_4BIT_PTQ),
+                ("nf4", ["nf4"]), ("w8a8-attn", ["w8a8-attn"])]
+SCHEME_GROUP_TITLES = {1: "8-bit", 2: "6- and 4-bit", 3: "8-bit attention kernel", 4: "other"}
+FIRST_SCREEN_LEGEND = ("Cells: relative perplexity change vs the same model's fp32 in %, the mean over the records "
+                       "folded into the cell (training seeds x calibration draws); `~` marks a cell whose range of "
+                       "records includes 0; `-` not measured. `best 8b PTQ` / `best 4b PTQ`: the lowest mean among "
+                       "the outlier-aware methods measured (SmoothQuant `sq`, Hadamard rotation `had`; GPTQ, AWQ, "
+                       "HQQ at groups of 64), named after the value. `n`: training seeds; `fp32 ppl`: mean over seeds. Spreads (mean ± "
+                       "sample std over the n records) and every other scheme are in the folded full matrix below.")
+EXTREME_LEGEND = ("`sink_rate@0.3 %`: % of (layer, head) pairs whose mean attention on token 0 exceeds 0.3; with one "
+                  "head (the Bigram-Backcopy models) that is all or nothing, so read `attn on token 0` (the mean "
+                  "attention on token 0) there.")
+
+
+def _short_scheme(name: str) -> str:
+    for prefix in ("w8a8-", "w4-"):
+        name = name.removeprefix(prefix)
+    return name.removesuffix("-g64")
+
+
+def fp_ppl_by_row(records: list[dict], zoo: dict | None = None) -> dict[tuple[str, str, str], float]:
+    """(family, arm, variant) -> fp32 perplexity on the matrix's protocol, mean over seeds."""
+    from qbench.zoo import read_zoo
+
+    zoo = read_zoo() if zoo is None else zoo
+    frame = records_frame([r for r in records if r["task"] == "ppl"])
+    if frame.empty:
+        return {}
+    frame = frame[(frame.status == "ok") & frame.ppl.notna()]
+    main = _main_protocols(frame)
+    on_main = pd.Series([main.get(m) == p for m, p in zip(frame.model, frame.protocol)], index=frame.index)
+    fp = frame[(frame.scheme == REFERENCE_SCHEME) & on_main]
+    per_model = fp.groupby("model").ppl.mean()
+    rows: dict[tuple, list[float]] = {}
+    for model, ppl in per_model.items():
+        rows.setdefault(_row_identity(model, zoo), []).append(ppl)
+    return {k: sum(v) / len(v) for k, v in rows.items()}
+
+
+def first_screen_table(cells: pd.DataFrame, fp: dict | None = None) -> pd.DataFrame:
+    """One row per (family, arm, variant): fp32 ppl and the representative schemes' means."""
+    if cells.empty:
+        return pd.DataFrame()
+    fp = fp or {}
+    rows = []
+    for (family, arm, variant), group in cells.groupby(["family", "arm", "variant"], sort=False):
+        by_scheme = {c["scheme"]: c for c in group.to_dict("records")}
+        value = fp.get((family, arm, variant))
+        row = {"model": row_label(family, arm, variant), "n": int(group.seeds.max()),
+               "fp32 ppl": "-" if value is None else f"{value:.4g}"}
+        for column, schemes in FIRST_SCREEN:
+            measured = [by_scheme[s] for s in schemes if s in by_scheme]
+            if not measured:
+                row[column] = "-"
+                continue
+            best = min(measured, key=lambda c: c["mean"])
+            text = ("~" if overlaps_zero(best) else "") + _pct(best["mean"])
+            row[column] = text + (f" {_short_scheme(best['scheme'])}" if len(schemes) > 1 else "")
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    unmeasured = [column for column, _ in FIRST_SCREEN if (frame[column] == "-").all()]
+    return frame.drop(columns=unmeasured)
+
+
+def compact_markdown(frame: pd.DataFrame) -> str:
+    """A pipe table without padding, so that the first screen stays within 120 columns."""
+    def cell(v) -> str:
+        return "-" if v is None or (isinstance(v, float) and v != v) else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 # -- the headline matrix --------------------------------------------------------------
@@ -525,7 +617,8 @@ def worst_cells(cells: pd.DataFrame, k: int = 5) -> pd.DataFrame:
                          "scheme": top.scheme, "rel_delta_%": [format_cell(c) for c in top.to_dict("records")]})
 
 
-EXTREME_COLUMNS = {"sink_rate@0.3": "sink_rate@0.3 %", "max_inf_norm": "max inf-norm", "kurtosis_mean": "kurtosis (mean)",
+EXTREME_COLUMNS = {"sink_rate@0.3": "sink_rate@0.3 %", "first_token_share_mean": "attn on token 0",
+                   "max_inf_norm": "max inf-norm", "kurtosis_mean": "kurtosis (mean)",
                    "massive_activation_max": "massive activation"}
 
 

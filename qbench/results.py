@@ -102,7 +102,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+    # the ISA level decides which kernels (and so which summation order) ran: `qbench recheck`
+    # holds a record to float32 round-off only when it is the same here (REFERENCE.md 10)
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform()}
 
 

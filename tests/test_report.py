@@ -74,10 +74,15 @@ def test_report_puts_the_matrix_first_and_marks_overlap_with_zero(store):
     _, report = write_report(store)
     text = report.read_text()
     first_screen = "\n".join(text.splitlines()[:12])
-    assert "models x schemes" in first_screen and "tiny · softmax" in first_screen and "tiny · vga" in first_screen
-    assert "+2.0±0.89 (6)" in first_screen  # mean 2%, sample std 0.894, n = 6
-    assert "~+0.25±0.71 (2)" in first_screen  # the vga cell's range holds 0
-    assert "f2.0%" in first_screen
+    assert "representative schemes" in first_screen and "tiny · softmax" in first_screen and "tiny · vga" in first_screen
+    assert max(len(line) for line in first_screen.splitlines() if line.startswith("|")) <= 120
+    assert "| +2.0 |" in first_screen  # the mean, 2%
+    assert "| ~+0.25 |" in first_screen  # the vga cell's range holds 0
+    # the full matrix, folded below: mean ± sample std (n records) and the flip rate
+    folded = text[text.index("<details>"):]
+    assert "+2.0±0.89 (6)" in folded  # mean 2%, sample std 0.894, n = 6
+    assert "~+0.25±0.71 (2)" in folded
+    assert "f2.0%" in folded
     assert (store.root / "plots" / "headline_matrix.png").stat().st_size > 1000
     assert text.index("The five worst cells") < text.index("Extreme tokens") < text.index("Per model: tiny-a")
 

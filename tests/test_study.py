@@ -13,7 +13,7 @@ def test_quick_study_runs_and_writes_tables_traceable_to_records(tmp_path):
     assert records and all(r["status"] == "ok" for r in records)
     path = write_study(store, tmp_path / "out", models_dir(), quick=True)
     text = path.read_text()
-    assert "## 1. Mechanism" in text and "## 2. The tiny zoo" in text
+    assert "1. Mechanism: Bigram-Backcopy" in text and "2. The tiny zoo" in text
     assert (tmp_path / "out" / "plots" / "mechanism_curves.png").stat().st_size > 1000
     # every quantized ppl in the table is the mean of that cell's records in the store
     w8 = [r["metrics"]["ppl"] for r in records if r["model"] == "bb-vga" and r["scheme"] == "w8a8-pt"
@@ -134,3 +134,53 @@ def test_mechanism_plot_draws_a_row_per_layer(tmp_path):
     from PIL import Image
 
     assert Image.open(three).size[1] > 2.5 * Image.open(one).size[1]  # three rows of panels against one
+
+
+def test_writing_the_study_computes_nothing_and_counts_the_plan(tmp_path, monkeypatch):
+    import qbench.bench
+    from qbench.paths import models_dir
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("write_study computed a cell")
+
+    monkeypatch.setattr(qbench.bench, "run_cell", refuse)
+    path = write_study(ResultStore(tmp_path / "empty"), tmp_path / "out", models_dir(), quick=True)
+    text = path.read_text()
+    assert "The store holds 0 of the" in text and "`qbench study --compute`" in text
+
+
+def test_a_registered_section_lands_before_the_discussion(tmp_path, monkeypatch):
+    from qbench.paths import models_dir
+    from qbench.study import writer
+
+    monkeypatch.setattr(writer, "SECTIONS", list(writer.SECTIONS))
+
+    def kv_section(records):
+        return f"## KV cache\n\n{len(records)} records"
+
+    writer.register_section(kv_section)
+    writer.register_section(kv_section)  # once only
+    discussion = tmp_path / "DISCUSSION.md"
+    discussion.write_text("## Discussion\n\nnothing to say")
+    text = write_study(ResultStore(tmp_path / "empty"), tmp_path / "out", models_dir(), quick=True,
+                       discussion=discussion, coverage=False).read_text()
+    assert text.count("## KV cache") == 1 and text.index("## KV cache") < text.index("## Discussion")
+
+
+def test_committed_study_opens_with_the_claims_and_headline():
+    from qbench.paths import REPO_ROOT
+
+    text = (REPO_ROOT / "results" / "STUDY.md").read_text()
+    lines = text.splitlines()
+    first = "\n".join(lines[:40])
+    assert "## The claims against our evidence" in first and "| VGA |" in first
+    assert "Primary endpoint:" in first and "sample standard deviation" in first  # ± is defined
+    assert "The store holds" in first
+    headings = [line for line in lines if line.startswith("#")]
+    assert len(headings) == len(set(headings)), "a heading appears twice"
+    claims = lines[lines.index("## The claims against our evidence"):lines.index("## Headline per arm")]
+    headline = lines[lines.index("## Headline per arm"):]
+    headline = headline[:next(i for i, line in enumerate(headline) if line.startswith("## <a"))]
+    assert max(len(line) for line in headline if line.startswith("|")) <= 120
+    assert max(len(line) for line in claims if line.startswith("|")) <= 180
+    assert "all six arms" not in text.lower()
