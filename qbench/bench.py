@@ -22,7 +22,7 @@ from qbench.eval.perplexity import protocol_windows
 from qbench.probes import run_probes
 from qbench.quant import Scheme, get_scheme, quantize
 from qbench.registry import closest
-from qbench.results import ResultStore, cell_key, git_sha, library_versions, machine
+from qbench.results import ResultStore, cell_key, git_sha, library_versions, machine, validate_record
 from qbench.zoo import LoadedModel, ModelRef, read_zoo, resolve_model
 
 TASKS = {
@@ -201,7 +201,8 @@ def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, prog
         record["metrics"] = evaluate_task(model, loaded.tokenizer, cell.task, protocol, progress, reference,
                                           task_limit=task_limit)
         record["status"] = "ok"
-    except (NonFiniteError, NotImplementedError, RuntimeError, ValueError) as err:
+    except (ArithmeticError, NotImplementedError, RuntimeError, ValueError) as err:
+        # ArithmeticError: NonFiniteError and any overflow in a metric, a failed cell, not a crash
         record["status"] = "failed"
         record["error"] = f"{type(err).__name__}: {err}"
         record["traceback"] = traceback.format_exc(limit=5)
@@ -267,6 +268,17 @@ def _log_computed(key: str) -> None:
             f.write(f"{key} {os.getpid()}\n")
 
 
+def schema_checked(record: dict) -> dict:
+    """A computed record that the store's schema would refuse (a non-finite or out-of-range
+    metric) is written as a failed record with the reason, so no reader quarantines it."""
+    why = validate_record(record, record["key"])
+    if why is not None and record.get("status") == "ok":
+        record = {**record, "status": "failed", "error": f"NonFiniteError: {why}",
+                  "metrics": {k: v for k, v in record["metrics"].items() if validate_record(
+                      {**record, "metrics": {k: v}, "status": "failed"}, record["key"]) is None}}
+    return record
+
+
 def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False, force: bool = False,
                 wait: bool = True, device=None) -> dict | None:
     """Run one planned cell unless the store already holds a valid record of it.  The cell's
@@ -285,7 +297,7 @@ def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False
         if record is None:
             record = run_cell(planned.model_ref.load(), planned.cell, planned.protocol, progress, planned.task_limit,
                               device)
-            store.put(record)
+            store.put(schema_checked(record))
             _log_computed(key)
     finally:
         lock.release()
