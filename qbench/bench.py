@@ -173,6 +173,22 @@ def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityPr
     }
 
 
+def _record_head(cell: Cell, protocol: PerplexityProtocol) -> dict:
+    scheme = cell.resolved_scheme or get_scheme(cell.scheme)
+    return {"key": cell.key, "config": cell.config, "model": cell.model, "scheme": cell.scheme,
+            "task": cell.task, "protocol": cell.config["evaluation"].get("protocol", protocol.id)
+            if is_lm_eval_task(cell.task) else protocol.id,
+            "calibration_seed": scheme.options.get("calibration_seed")}
+
+
+def failed_record(planned: "PlannedCell", error: str) -> dict:
+    """The record of a cell that could not run to the end (its worker died twice): failed,
+    with the reason, so the sweep finishes and a rerun does not loop on it."""
+    return {**_record_head(planned.cell, planned.protocol), "status": "failed", "error": error,
+            "provenance": {"libraries": library_versions(), "git_sha": git_sha(), "machine": machine(),
+                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+
+
 def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, progress: bool,
              task_limit: int | None = None, device=None) -> dict:
     """Quantize a copy of the model and evaluate it on `device` (default cpu); failures
@@ -185,10 +201,7 @@ def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, prog
     place(loaded.model, device)
     scheme = cell.resolved_scheme or get_scheme(cell.scheme)
     start = time.time()
-    record = {"key": cell.key, "config": cell.config, "model": cell.model, "scheme": cell.scheme,
-              "task": cell.task, "protocol": cell.config["evaluation"].get("protocol", protocol.id)
-              if is_lm_eval_task(cell.task) else protocol.id,
-              "calibration_seed": scheme.options.get("calibration_seed")}
+    record = _record_head(cell, protocol)
     try:
         model = loaded.model if scheme.name == "fp32" else copy.deepcopy(loaded.model)
         calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from qbench.atomic import FileLock
 from qbench.paths import REPO_ROOT
 
 RECORDS = "records"
@@ -229,6 +230,34 @@ def atomic_write_text(path: Path, text: str) -> Path:
         raise StoreError(f"cannot write {path}: {err.strerror or err}") from err
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """fig.savefig through a unique temp file and a rename: a full disk leaves the old plot
+    (or none), never a partial one, and is a StoreError (exit 5)."""
+    from qbench.atomic import temp_path
+
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {err.strerror or err}") from err
+    return path
+
+
+class StoreLock(FileLock):
+    """A cell lock whose failures (records/.locks not a folder, a full disk) are StoreErrors,
+    exit 5, like every other write to the store."""
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        try:
+            return super().acquire(blocking, timeout)
+        except OSError as err:
+            raise StoreError(f"cannot lock {self.path}: {err.strerror or err}") from err
+
+
 @dataclass
 class ResultStore:
     root: Path
@@ -308,13 +337,14 @@ class ResultStore:
             raise StoreError(f"cannot create {self.records_dir}: {err.strerror or err}") from err
         if not os.access(self.records_dir, os.W_OK):
             raise StoreError(f"{self.records_dir} is not writable")
+        locks = self.records_dir / ".locks"
+        if os.path.lexists(locks) and not locks.is_dir():
+            raise StoreError(f"{locks} is not a folder (the per-cell locks live there); remove it")
 
     def lock(self, key: str):
         """The per-cell advisory lock (records/.locks/<key>.lock): one process computes a
         cell, others wait or skip; a killed holder's lock is released by the kernel."""
-        from qbench.atomic import FileLock
-
-        return FileLock(self.records_dir / ".locks" / f"{key}.lock")
+        return StoreLock(self.records_dir / ".locks" / f"{key}.lock")
 
     def records(self) -> list[dict]:
         """Every valid record; corrupt files are skipped (see `corrupt()`)."""
@@ -328,3 +358,4 @@ class ResultStore:
     def corrupt(self) -> list[Path]:
         """Invalid record files still in the store (not yet quarantined; nothing is moved)."""
         return [p for p in sorted(self.records_dir.glob("*.json")) if self._read(p)[1] not in (None, "missing")]
+
