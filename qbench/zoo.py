@@ -173,12 +173,16 @@ def _check_config_against_weights(config, config_path: Path, headers: list[dict]
               if name != "__metadata__" and isinstance(info, dict)}
     elements = sum(math.prod(shape) for shape in shapes.values() if isinstance(shape, list))
     layers = {int(m.group(1)) for name in shapes if (m := re.search(r"\.(?:layers|h|blocks)\.(\d+)\.", name))}
-    n_layer = getattr(config, "num_hidden_layers", None)
-    width = getattr(config, "hidden_size", None)
-    vocab = getattr(config, "vocab_size", None)
-    for name, value in (("num_hidden_layers", n_layer), ("hidden_size", width), ("vocab_size", vocab)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise CheckpointError(f"{config_path}: {name} is {value!r}, not a positive integer")
+    def largest(*names):  # a family may spell it twice (n_layer and num_hidden_layers): the model uses one
+        values = {name: getattr(config, name, None) for name in names}
+        for name, value in values.items():
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise CheckpointError(f"{config_path}: {name} is {value!r}, not a positive integer")
+        return max((v for v in values.values() if v is not None), default=None)
+
+    n_layer = largest("n_layer", "num_hidden_layers", "n_layers", "num_layers")
+    width = largest("d_model", "hidden_size", "n_embd")
+    vocab = largest("vocab_size")
     if layers and n_layer is not None and n_layer != len(layers):
         raise CheckpointError(f"{config_path} asks for {n_layer} layers but the weights hold {len(layers)}; "
                               "the config does not belong to these weights")
