@@ -173,8 +173,10 @@ def _run_spec(spec: CellSpec, results_dir: str) -> dict:
     [planned] = [p for p in plan_cells([spec.model], [spec.scheme], [spec.task], spec.limit, spec.corpus, seeds,
                                        spec.task_limit) if p.cell.key == spec.key] or [None]
     if planned is None:
-        raise RuntimeError(f"cell {spec.key} ({spec.model} {spec.scheme} {spec.task}) no longer matches its "
-                           "model or data; re-run the sweep to re-plan it")
+        from qbench.zoo import CheckpointError
+
+        raise CheckpointError(f"cell {spec.key} ({spec.model} {spec.scheme} {spec.task}) no longer matches its "
+                              "model or data (changed since the sweep was planned); re-run the sweep to re-plan it")
     record = run_planned(planned, store)
     return {"key": spec.key, "status": record.get("status"), "computed": True, "pid": os.getpid()}
 
@@ -267,7 +269,8 @@ def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progres
     """Run the cells here (workers <= 1) or in `workers` spawned processes.  A worker that
     dies (killed, out of memory) loses only its cell: the pool is rebuilt, the other cells
     it was running go back to the queue, and the cell is retried `retries` times, then
-    recorded as failed.  Ctrl-C stops at once: no new cell starts, running cells are
+    recorded as failed.  A cell that raises (its checkpoint changed under the sweep) is
+    skipped with a warning; its error is raised once every other cell has run.  Ctrl-C stops at once: no new cell starts, running cells are
     abandoned (nothing partial is recorded), and KeyboardInterrupt reaches the caller
     (exit 130); workers never outlive this process."""
     from tqdm.auto import tqdm
@@ -295,6 +298,7 @@ def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progres
 
     running_dir = Path(tempfile.mkdtemp(prefix="qbench-sweep-"))
     deaths: dict[str, int] = {}
+    errors: list[Exception] = []
     previous = signal.signal(signal.SIGINT, on_sigint)
     pool = new_pool()
     try:
@@ -307,9 +311,14 @@ def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progres
                 spec = pending.pop(future)
                 try:
                     out.append(future.result())
-                    bar.update(1)
                 except BrokenProcessPool:
                     lost.append(spec)
+                    continue
+                except Exception as err:  # the cell raised (a checkpoint changed under it): the others go on
+                    errors.append(err)
+                    print(f"qbench sweep: warning: {spec.model} {spec.scheme} {spec.task} not run: "
+                          f"{' '.join(str(err).split())[:300]}", file=sys.stderr)
+                bar.update(1)
             if not lost:
                 continue
             # a worker died: every cell still queued on this pool is lost with it; rebuild
@@ -341,6 +350,8 @@ def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progres
         signal.signal(signal.SIGINT, previous)
         shutil.rmtree(running_dir, ignore_errors=True)
     pool.shutdown(wait=True)
+    if errors:  # after every other cell ran: the first error, whose type gives the exit code
+        raise errors[0]
     return out
 
 

@@ -109,7 +109,7 @@ def _check(poisoned: list, commands: list[list[str]]):
         assert len(store.quarantined()) == sum(why is not None for why in verdicts.values())
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(index=st.integers(0, len(BASE) - 1), field=st.sampled_from(FIELDS), value=JSON)
 def test_any_json_in_any_field_never_raises_out_of_report_compare_or_bench(index, field, value):
     poisoned = copy.deepcopy(BASE)
@@ -117,7 +117,7 @@ def test_any_json_in_any_field_never_raises_out_of_report_compare_or_bench(index
     _check(poisoned, [["report", "--format", "csv"], ["compare"], ["compare", "--scheme", "w8a8-dyn"]])
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=5, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(index=st.integers(0, len(BASE) - 1), field=st.sampled_from(FIELDS), value=JSON)
 def test_any_json_in_any_field_never_raises_out_of_the_plots(index, field, value):
     poisoned = copy.deepcopy(BASE)
@@ -125,7 +125,7 @@ def test_any_json_in_any_field_never_raises_out_of_the_plots(index, field, value
     _check(poisoned, [["report"]])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(value=JSON, key=st.text(max_size=30))
 def test_the_schema_never_raises(value, key):
     why = validate_record(value, key)
