@@ -57,9 +57,13 @@ def main() -> int:
                          "--results", str(store), "--quiet"]
     logs = {name: open(work / f"{name}.err", "w") for name in commands}
 
+    names: dict[int, str] = {}
+
     def start(name):
-        return subprocess.Popen(commands[name], env=env, stdout=subprocess.DEVNULL, stderr=logs[name],
+        proc = subprocess.Popen(commands[name], env=env, stdout=subprocess.DEVNULL, stderr=logs[name],
                                 start_new_session=True)
+        names[proc.pid] = name
+        return proc
 
     procs = {name: start(name) for name in commands}
     killed, exits, began = Counter(), [], time.time()
@@ -106,6 +110,10 @@ def main() -> int:
     ours = {signal.SIGINT: (130, -signal.SIGINT), signal.SIGKILL: (-signal.SIGKILL,)}
     crashes = [p for p in exits if p.returncode != 0 and p.returncode not in ours.get(signalled.get(p.pid), ())]
     tracebacks = sum("Traceback" in (work / f"{n}.err").read_text() for n in commands)
+    for proc in crashes:  # what each crash was, for the reader of the table
+        sent = signalled.get(proc.pid)
+        print(f"crash: {names.get(proc.pid)} exit {proc.returncode}"
+              + (f" after our {signal.Signals(sent).name}" if sent else " (not signalled)"))
     setup = (f"{len(commands)} concurrent commands (4 `qbench bench`, 1 `qbench sweep --workers 2`) on one store "
              f"and one FP-reference cache, {len(models)} models x {len(schemes)} schemes, {args.limit} characters; "
              f"{sum(killed.values())} kills at random moments ({dict(killed)}), each killed command started again; "
@@ -176,8 +184,9 @@ def sweep_faults(args, work: Path, env: dict, models: list[str], schemes: list[s
     _flip(copy / "model.safetensors")  # the copy's cells are still queued (it is the last model)
     records = store_dir / "records"
     done = wait_for(lambda: [p for p in records.glob("*.json") if not p.is_symlink()] if records.is_dir() else [])
-    planted = 0
+    planted, poisoned_key = 0, None
     if done:
+        poisoned_key = done[0].stem
         record = json.loads(done[0].read_text())
         record["metrics"]["kl"] = [1, 2]  # key kept: only the schema can refuse it
         done[0].write_text(json.dumps(record))
@@ -197,6 +206,7 @@ def sweep_faults(args, work: Path, env: dict, models: list[str], schemes: list[s
     files = [p for p in sorted(records.glob("*.json"))]
     valid = [r for r in store.records()]
     computed = Counter(line.split()[0] for line in log.read_text().splitlines()) if log.exists() else Counter()
+    computed[poisoned_key] -= 1  # its poisoned record was quarantined: computing it again is the point
     duplicates = sum(n - 1 for n in computed.values() if n > 1)
     logs = (work / "faults-sweep.err").read_text() + again.stderr + report.stderr
     crashes = sum(code not in (0, 1, 3) for code in (first_exit, again.returncode, report.returncode))
@@ -208,7 +218,8 @@ def sweep_faults(args, work: Path, env: dict, models: list[str], schemes: list[s
              f"exit {first_exit} (3: the corrupted model's cells not run, every other cell recorded); weights "
              f"restored, second run exit {again.returncode}, then `qbench report` exit {report.returncode}; "
              f"{time.time() - began:.0f} s")
-    result = (f"| cells asked | cells recorded | records valid | failed | duplicates computed | crashes | "
+    result = (f"| cells asked | cells recorded | records valid | failed | duplicates computed (besides the "
+              f"poisoned cell's one recomputation) | crashes | "
               f"quarantined | lost |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n"
               f"| {asked} | {len(files)} | {len(valid)} | {failed} | {duplicates} | {crashes} | "
               f"{len(store.quarantined())} | {asked - len(valid)} |")
