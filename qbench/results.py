@@ -134,7 +134,8 @@ def _validate(record, key: str) -> str | None:
     if not isinstance(record.get("config"), dict):
         return "field 'config' missing or not an object"
     model = record["config"].get("model")
-    if model is not None and not (isinstance(model, dict) and isinstance(model.get("checkpoint_hash"), (str, type(None)))):
+    if model is not None and not (isinstance(model, dict) and (model.get("checkpoint_hash") is None
+                                                               or isinstance(model["checkpoint_hash"], str))):
         return "field 'config.model' is not an object with a string checkpoint_hash"
     if record["key"] != key or cell_key(record["config"]) != key:
         return "its key does not match its content"

@@ -270,9 +270,10 @@ def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progres
     dies (killed, out of memory) loses only its cell: the pool is rebuilt, the other cells
     it was running go back to the queue, and the cell is retried `retries` times, then
     recorded as failed.  A cell that raises (its checkpoint changed under the sweep) is
-    skipped with a warning; its error is raised once every other cell has run.  Ctrl-C stops at once: no new cell starts, running cells are
-    abandoned (nothing partial is recorded), and KeyboardInterrupt reaches the caller
-    (exit 130); workers never outlive this process."""
+    skipped with a warning; its error is raised once every other cell has run.  Ctrl-C
+    stops at once: no new cell starts, running cells are abandoned (nothing partial is
+    recorded), and KeyboardInterrupt reaches the caller (exit 130); workers never outlive
+    this process."""
     from tqdm.auto import tqdm
 
     if workers <= 1:

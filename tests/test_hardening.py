@@ -476,7 +476,8 @@ def test_a_billion_laughs_suite_is_refused_at_once(micro_checkpoint, tmp_path, c
     for level in range(1, 10):
         lines.append(f"{chr(97 + level)}: &{chr(97 + level)} [" + ",".join([f"*{chr(96 + level)}"] * 9) + "]")
     suite = tmp_path / "laughs.yaml"
-    suite.write_text("models:\n  " + "\n  ".join(f"- {line.split(': ', 1)[1]}" for line in lines) + "\nschemes: [fp32]\n")
+    entries = "\n  ".join(f"- {line.split(': ', 1)[1]}" for line in lines)
+    suite.write_text(f"models:\n  {entries}\nschemes: [fp32]\n")
     start = time.time()
     assert main(["sweep", str(suite), "--results", str(tmp_path / "r")]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
