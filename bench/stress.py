@@ -131,9 +131,11 @@ def main() -> int:
         from perf_quant import cpu_name
         from sections import replace_section
 
+        vnni = " with AVX-512 VNNI" if "avx512_vnni" in Path("/proc/cpuinfo").read_text() else ""
+
         replace_section(Path(args.write), "Robustness",
                         f"`python bench/stress.py --kills {args.kills} --seed {args.seed} --write {args.write}` "
-                        f"(CPU: {cpu_name()}, 2 cores shared with other jobs, OMP_NUM_THREADS=1, one torch "
+                        f"(CPU: {cpu_name()}{vnni}, {os.cpu_count()} cores shared with other jobs, OMP_NUM_THREADS=1, one torch "
                         f"thread per process).\n\n1. {setup}.\n\n{result}\n\n2. {faults_setup}.\n\n{faults_result}")
     return 0 if (len(files) == valid == asked and not crashes and final.returncode == 0 and faults_ok) else 1
 

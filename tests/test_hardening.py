@@ -612,3 +612,17 @@ def test_a_long_model_name_gives_one_short_line(tmp_path, capsys, length):
     assert main(["bench", "--model", "m" * length, "--results", str(tmp_path / "r")]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and len(err) < 300 and f"{length} characters" in err
+
+
+def test_a_computed_record_the_schema_refuses_is_stored_as_failed():
+    """A metric that came out inf (kl of a broken model) must not make an ok record that the
+    next reader quarantines: it is written as failed, with the reason."""
+    from qbench.bench import schema_checked
+    from qbench.results import cell_key, validate_record
+
+    config = {"model": {"name": "m", "checkpoint_hash": "h"}, "scheme": {"name": "w8a8-dyn"}}
+    record = {"key": cell_key(config), "config": config, "model": "m", "scheme": "w8a8-dyn", "task": "ppl",
+              "protocol": "p", "status": "ok", "metrics": {"ppl": 12.0, "kl": float("inf"), "tokens": 10}}
+    checked = schema_checked(record)
+    assert checked["status"] == "failed" and "'kl'" in checked["error"]
+    assert checked["metrics"] == {"ppl": 12.0, "tokens": 10} and validate_record(checked, checked["key"]) is None
