@@ -235,16 +235,15 @@ def _died_with(processes: list, running_dir: Path) -> dict[str, str]:
     memory); the pool's own SIGTERM of the other workers after a death is not counted."""
     import signal
 
-    dead = {}
-    for process in processes:
-        code = process.exitcode
-        if code in (None, 0, -signal.SIGTERM):
-            continue
-        note = running_dir / str(process.pid)
-        if note.exists():
-            why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-            dead[note.read_text()] = why
-    return dead
+    def why(code):
+        return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+
+    notes = {p: running_dir / str(p.pid) for p in processes if (running_dir / str(p.pid)).exists()}
+    dead = {note.read_text(): why(p.exitcode) for p, note in notes.items()
+            if p.exitcode not in (None, 0, -signal.SIGTERM)}
+    # no worker died on its own (all SIGTERMed from outside): every running cell is charged,
+    # so a cell that keeps killing its worker cannot loop for ever
+    return dead or {note.read_text(): why(p.exitcode) for p, note in notes.items() if p.exitcode is not None}
 
 
 def _record_dead_cell(spec: CellSpec, results_dir: str, why: str) -> dict:
@@ -260,7 +259,7 @@ def _record_dead_cell(spec: CellSpec, results_dir: str, why: str) -> dict:
                                      spec.task_limit) if p.cell.key == spec.key]
     if planned:
         store.put(failed_record(planned[0], f"WorkerDied: the worker running this cell died twice ({why}); "
-                                            "rerun with --force to try again"))
+                                            "`qbench bench --force` on it tries again"))
     return {"key": spec.key, "status": "failed", "computed": True, "pid": None}
 
 
