@@ -110,17 +110,17 @@ def main() -> int:
     ours = {signal.SIGINT: (130, -signal.SIGINT), signal.SIGKILL: (-signal.SIGKILL,)}
     crashes = [p for p in exits if p.returncode != 0 and p.returncode not in ours.get(signalled.get(p.pid), ())]
     tracebacks = sum("Traceback" in (work / f"{n}.err").read_text() for n in commands)
-    for proc in crashes:  # what each crash was, for the reader of the table
-        sent = signalled.get(proc.pid)
-        print(f"crash: {names.get(proc.pid)} exit {proc.returncode}"
-              + (f" after our {signal.Signals(sent).name}" if sent else " (not signalled)"))
+    crash_lines = [f"crash: {names.get(p.pid)} exit {p.returncode}"  # what each was, for the reader
+                   + (f" after our {signal.Signals(signalled[p.pid]).name}" if p.pid in signalled else
+                      " (not signalled)") for p in crashes]
     setup = (f"{len(commands)} concurrent commands (4 `qbench bench`, 1 `qbench sweep --workers 2`) on one store "
              f"and one FP-reference cache, {len(models)} models x {len(schemes)} schemes, {args.limit} characters; "
              f"{sum(killed.values())} kills at random moments ({dict(killed)}), each killed command started again; "
              f"then one clean pass; {time.time() - began:.0f} s")
     result = (f"| cells asked | cells recorded | records valid | duplicates computed | crashes | final pass |\n"
               f"|---:|---:|---:|---:|---:|---|\n| {asked} | {len(files)} | {valid} | {duplicates} | {len(crashes)} "
-              f"(tracebacks in logs: {tracebacks}) | exit {final.returncode} |")
+              f"(tracebacks in logs: {tracebacks}) | exit {final.returncode} |"
+              + "".join(f"\n\n{line}" for line in crash_lines))
     print(f"stress: {setup} (work dir {work})")
     print(result)
     faults_setup, faults_result, faults_ok = sweep_faults(args, work, env, models, schemes[:args.sweep_schemes])
