@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 import qbench
 from qbench.data import load_corpus
 from qbench.data.calibration import calibration_source
-from qbench.eval import NonFiniteError, PerplexityProtocol, evaluate_perplexity
+from qbench.eval import PerplexityProtocol, evaluate_perplexity
 from qbench.eval import heldout_tasks
 from qbench.eval.lm_eval_tasks import blimp_task_configs, files_hash, run_lm_eval, task_metrics
 from qbench.eval.reference import FPReference
