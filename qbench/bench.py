@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 import qbench
 from qbench.data import load_corpus
 from qbench.data.calibration import calibration_source
-from qbench.eval import NonFiniteError, PerplexityProtocol, evaluate_perplexity
+from qbench.eval import PerplexityProtocol, evaluate_perplexity
 from qbench.eval import heldout_tasks
 from qbench.eval.lm_eval_tasks import blimp_task_configs, files_hash, run_lm_eval, task_metrics
 from qbench.eval.reference import FPReference
@@ -22,7 +22,7 @@ from qbench.eval.perplexity import protocol_windows
 from qbench.probes import run_probes
 from qbench.quant import Scheme, get_scheme, quantize
 from qbench.registry import closest
-from qbench.results import ResultStore, cell_key, git_sha, library_versions, machine
+from qbench.results import ResultStore, cell_key, git_sha, library_versions, machine, validate_record
 from qbench.zoo import LoadedModel, ModelRef, read_zoo, resolve_model
 
 TASKS = {
@@ -173,6 +173,22 @@ def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityPr
     }
 
 
+def _record_head(cell: Cell, protocol: PerplexityProtocol) -> dict:
+    scheme = cell.resolved_scheme or get_scheme(cell.scheme)
+    return {"key": cell.key, "config": cell.config, "model": cell.model, "scheme": cell.scheme,
+            "task": cell.task, "protocol": cell.config["evaluation"].get("protocol", protocol.id)
+            if is_lm_eval_task(cell.task) else protocol.id,
+            "calibration_seed": scheme.options.get("calibration_seed")}
+
+
+def failed_record(planned: "PlannedCell", error: str) -> dict:
+    """The record of a cell that could not run to the end (its worker died twice): failed,
+    with the reason, so the sweep finishes and a rerun does not loop on it."""
+    return {**_record_head(planned.cell, planned.protocol), "status": "failed", "error": error,
+            "provenance": {"libraries": library_versions(), "git_sha": git_sha(), "machine": machine(),
+                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+
+
 def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, progress: bool,
              task_limit: int | None = None, device=None) -> dict:
     """Quantize a copy of the model and evaluate it on `device` (default cpu); failures
@@ -185,10 +201,7 @@ def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, prog
     place(loaded.model, device)
     scheme = cell.resolved_scheme or get_scheme(cell.scheme)
     start = time.time()
-    record = {"key": cell.key, "config": cell.config, "model": cell.model, "scheme": cell.scheme,
-              "task": cell.task, "protocol": cell.config["evaluation"].get("protocol", protocol.id)
-              if is_lm_eval_task(cell.task) else protocol.id,
-              "calibration_seed": scheme.options.get("calibration_seed")}
+    record = _record_head(cell, protocol)
     try:
         model = loaded.model if scheme.name == "fp32" else copy.deepcopy(loaded.model)
         calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,
@@ -201,7 +214,8 @@ def run_cell(loaded: LoadedModel, cell: Cell, protocol: PerplexityProtocol, prog
         record["metrics"] = evaluate_task(model, loaded.tokenizer, cell.task, protocol, progress, reference,
                                           task_limit=task_limit)
         record["status"] = "ok"
-    except (NonFiniteError, NotImplementedError, RuntimeError, ValueError) as err:
+    except (ArithmeticError, NotImplementedError, RuntimeError, ValueError) as err:
+        # ArithmeticError: NonFiniteError and any overflow in a metric, a failed cell, not a crash
         record["status"] = "failed"
         record["error"] = f"{type(err).__name__}: {err}"
         record["traceback"] = traceback.format_exc(limit=5)
@@ -267,6 +281,17 @@ def _log_computed(key: str) -> None:
             f.write(f"{key} {os.getpid()}\n")
 
 
+def schema_checked(record: dict) -> dict:
+    """A computed record that the store's schema would refuse (a non-finite or out-of-range
+    metric) is written as a failed record with the reason, so no reader quarantines it."""
+    why = validate_record(record, record["key"])
+    if why is not None and record.get("status") == "ok":
+        record = {**record, "status": "failed", "error": f"NonFiniteError: {why}",
+                  "metrics": {k: v for k, v in record["metrics"].items() if validate_record(
+                      {**record, "metrics": {k: v}, "status": "failed"}, record["key"]) is None}}
+    return record
+
+
 def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False, force: bool = False,
                 wait: bool = True, device=None) -> dict | None:
     """Run one planned cell unless the store already holds a valid record of it.  The cell's
@@ -285,7 +310,7 @@ def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False
         if record is None:
             record = run_cell(planned.model_ref.load(), planned.cell, planned.protocol, progress, planned.task_limit,
                               device)
-            store.put(record)
+            store.put(schema_checked(record))
             _log_computed(key)
     finally:
         lock.release()

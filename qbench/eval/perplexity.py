@@ -30,6 +30,21 @@ class NonFiniteError(FloatingPointError):
     """The model produced NaN or inf logits (typically after quantization)."""
 
 
+def perplexity(nll: float, count: int, what: str, protocol_id: str) -> float:
+    """exp(nll / count); a mean NLL past float range (damaged or badly quantized weights
+    give huge finite logits) is a NonFiniteError naming it: ppl = inf is the cell's
+    result, recorded as failed, never an OverflowError that stops the run."""
+    mean = nll / count
+    try:
+        value = math.exp(mean)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what} perplexity overflows: mean NLL {mean:.4g} per {what}, ppl = inf "
+                             f"under protocol {protocol_id}")
+    return value
+
+
 @dataclass(frozen=True)
 class PerplexityProtocol:
     kind: str = "nonoverlap"  # or "bigram_backcopy"
@@ -183,7 +198,7 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
     if tokens == 0:
         raise ValueError(f"protocol {protocol.id}: the text gives no token to score (limit too small?)")
     result = {"protocol": protocol.id, "nll_sum": nll, "tokens": tokens, "windows": len(windows),
-              "ppl": math.exp(nll / tokens), "data_hash": data_hash}
+              "ppl": perplexity(nll, tokens, "token", protocol.id), "data_hash": data_hash}
     if protocol.kind != "bigram_backcopy":
         result["first_token"] = first_token_text(tokenizer, protocol)
     if task is not None:
@@ -207,5 +222,5 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
     for unit in ("words", "bytes"):
         count = text_stats[unit]
         result[unit] = count
-        result[f"{unit[:-1]}_ppl"] = math.exp(nll / count) if count else None
+        result[f"{unit[:-1]}_ppl"] = perplexity(nll, count, unit[:-1], protocol.id) if count else None
     return result
