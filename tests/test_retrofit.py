@@ -264,7 +264,7 @@ def test_trainable_layers_are_stored_and_an_unknown_arm_is_refused(base_folder, 
 
 
 def test_the_study_section_applies_the_decision_rule_to_the_records(tmp_path):
-    from qbench.study_retrofit import PROTOCOL, decide, parse, retrofit_section
+    from qbench.study.retrofit import PROTOCOL, decide, parse, retrofit_section
 
     assert parse("smollm2-rf-pilot-vga_out-s1") == {"recipe": "pilot", "arm": "vga_out", "seed": 1}
     assert parse("smollm2-rf-sink_logit-s0") == {"recipe": "main", "arm": "sink_logit", "seed": 0}

@@ -84,6 +84,7 @@ def gate_dynamics(folder: Path) -> list[dict]:
 
 
 def retrofit_section(records: list[dict], models_dir: Path | None = None) -> str:
+    """The section's markdown, or "" when the store holds no retrofitted model."""
     from qbench.paths import models_dir as default_models
 
     models_dir = models_dir or default_models()
@@ -91,7 +92,7 @@ def retrofit_section(records: list[dict], models_dir: Path | None = None) -> str
     models = sorted({m for m, _ in cells if parse(m)}, key=lambda m: (parse(m)["recipe"], parse(m)["arm"], m))
     lines = ["## Retrofit into SmolLM2", ""]
     if not models:
-        return "\n".join(lines + ["No retrofitted model has records yet (`qbench retrofit`, README \"Retrofit\").", ""])
+        return ""  # no retrofit in this store: no section
     recipes = sorted({parse(m)["recipe"] for m in models})
     lines += [f"Each arm's parameters were added to every attention layer of SmolLM2-135M at their identity init "
               f"and fine-tuned on the sotu training split (`qbench retrofit`, recipes: {', '.join(recipes)}); the "

@@ -333,6 +333,11 @@ def register_section(section: Callable[[list[dict]], str], before: SectionFuncti
     SECTIONS.insert(SECTIONS.index(before), from_records)
 
 
+from qbench.study.retrofit import retrofit_section  # noqa: E402  (sections of other parts of qbench)
+
+register_section(retrofit_section)
+
+
 def split_table(table: pd.DataFrame, keys: tuple[str, ...] = ("arm", "scheme")) -> list[str]:
     """A wide arm x scheme table as two: the degradation, then the probes and task columns."""
     first = [c for c in table.columns if c in keys + ("n_seeds", "n_draws", "fp_ppl", "ppl", "rel_delta_%", "kl",
