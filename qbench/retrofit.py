@@ -309,7 +309,10 @@ def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, 
     start = 0
     if (out / STATE_FILE).exists():
         old = json.loads((out / STATE_META).read_text())
-        differ = [k for k in ("base", "base_checkpoint_hash", "arm", "seed", "recipe") if old.get(k) != meta[k]]
+        def what(facts):  # prose (the recipe's description) never blocks a resume
+            return {**facts, "recipe": {k: v for k, v in (facts.get("recipe") or {}).items() if k != "description"}}
+
+        differ = [k for k in ("base", "base_checkpoint_hash", "arm", "seed", "recipe") if what(old).get(k) != what(meta)[k]]
         if differ:
             raise ValueError(f"{out} holds a retrofit with other {', '.join(differ)}; choose another --out")
         start = _load_state(out, model, names, optimizer, generator) if optimizer else int(old["step"])
