@@ -1,0 +1,113 @@
+"""Device discipline without a GPU: training, the mechanism probes and every quantizer of
+our own backends run with the model on a CUDA device simulated on the CPU
+(tests/device_sim.py), where a tensor made on the CPU meeting the model's tensors fails as
+it does on a GPU.  The two bugs a lent H200 found (GPTQ's Hessian on the CPU, the
+mechanism log's CPU token sample) are each caught here when reintroduced."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from device_sim import DeviceMismatch, SimulatedCuda
+from qbench.bench import run_bench
+from qbench.quant import SCHEMES
+from qbench.results import ResultStore
+
+# bitsandbytes and quanto run their own CUDA kernels, which a CPU cannot stand in for; the
+# H200 check ran them (README, GPU section).  Every other backend is plain torch.
+OWN_BACKENDS = ("reference", "simulated", "static", "weight_only")
+LIMIT = 3000
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "simulated cuda")
+    with SimulatedCuda() as sim:
+        yield sim
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory, small_corpus, micro_preset):
+    """The micro recipe at width 128, so that every group size of the catalogue divides it."""
+    from qbench.train import train
+
+    out = tmp_path_factory.mktemp("ckpt") / "micro-vga-128"
+    train("vga", replace(micro_preset, d_model=128, d_ff=256, steps=10), seed=0, out=out,
+          corpus=str(small_corpus), progress=False)
+    return out
+
+
+def _bb_model():
+    from qbench.modeling import QBenchConfig, QBenchForCausalLM
+
+    torch.manual_seed(0)
+    config = QBenchConfig(vocab_size=70, n_layer=1, n_head=1, d_model=64, d_ff=128, max_position_embeddings=32,
+                          attention="vga")
+    return QBenchForCausalLM(config)
+
+
+def test_the_simulator_catches_a_cpu_tensor_meeting_a_cuda_model(fake_cuda):
+    model = _bb_model().to("cuda")
+    assert next(model.parameters()).device == torch.device("cuda", 0)
+    tokens = torch.randint(3, 70, (2, 16))  # made on the CPU, as the old mechanism log's sample
+    with pytest.raises(DeviceMismatch, match="same device"):
+        model(tokens)
+    assert model(tokens.to("cuda")).logits.device.type == "cuda"
+    hessian = torch.zeros(64, 64, dtype=torch.float64)  # the old GPTQ accumulator: CPU
+    with pytest.raises(DeviceMismatch):
+        torch.linalg.cholesky(hessian + torch.eye(64, dtype=torch.float64, device="cuda"))
+    assert fake_cuda.checked > 0
+
+
+def test_mechanism_probes_take_the_models_device(fake_cuda):
+    from qbench.data.bigram_backcopy import BigramBackcopy
+    from qbench.probes.mechanism import bb_mechanism, residual_peaks
+
+    task = BigramBackcopy("the quick brown fox jumps over the lazy dog " * 20)
+    model = _bb_model()
+    model.resize_token_embeddings(len(task.tokenizer)) if model.config.vocab_size < len(task.tokenizer) else None
+    model.to("cuda")
+    tokens = task.sample(4, 16, torch.Generator().manual_seed(0))  # a fixed CPU sample
+    m = bb_mechanism(model, tokens, task.is_trigger)
+    assert 0.0 <= m["attn_s"] <= 1.0 and len(residual_peaks(model, tokens)) == 1
+
+
+def test_bb_training_with_mechanism_log_runs_on_simulated_cuda(fake_cuda, tmp_path, small_corpus):
+    from qbench.train import PRESETS, train
+
+    preset = replace(PRESETS["bb-guo"], d_model=64, d_ff=128, batch_size=4, context=16, steps=4,
+                     eval_every=2, save_every=2)
+    info = train("vga", preset, seed=0, out=tmp_path / "bb", corpus=str(small_corpus), device="cuda",
+                 progress=False)
+    assert info["device"] == "simulated cuda" and info["steps"] == 4
+    rows = (tmp_path / "bb" / "mechanism_log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "4"]
+
+
+def test_unsupported_device_or_missing_package_is_refused_before_work(monkeypatch):
+    from qbench.device import BACKEND_DEVICES, check_schemes_device
+    from qbench.quant.scheme import get_scheme
+    from qbench.validate import UsageError
+
+    declared = {scheme.backend for scheme in SCHEMES.values()}
+    assert declared <= set(BACKEND_DEVICES), "every backend declares its devices"
+    check_schemes_device([get_scheme("w8a8-dyn"), get_scheme("w4-gptq-g64")], torch.device("cuda"))
+    monkeypatch.setitem(BACKEND_DEVICES, "simulated", (("cpu",), None))
+    with pytest.raises(UsageError, match="w8a8-dyn .simulated runs on cpu"):
+        check_schemes_device([get_scheme("w8a8-dyn")], torch.device("cuda"))
+    monkeypatch.setitem(BACKEND_DEVICES, "bitsandbytes", (("cpu", "cuda"), "no_such_package_qbench"))
+    with pytest.raises(UsageError, match="nf4 .needs the no_such_package_qbench package"):
+        check_schemes_device([get_scheme("nf4")], torch.device("cuda"))
+
+
+@pytest.mark.parametrize("scheme", [n for n, s in SCHEMES.items() if s.backend in OWN_BACKENDS])
+def test_every_own_scheme_quantizes_and_evaluates_on_simulated_cuda(scheme, wide_checkpoint, tmp_path, fake_cuda):
+    """Calibration (GPTQ, AWQ, SmoothQuant, static ranges), the quantizers, the low-bit
+    attention kernel, the FP reference and the probes, all with the model on cuda."""
+    [record] = run_bench([str(wide_checkpoint)], [scheme], ["ppl"], ResultStore(tmp_path),
+                         limit=LIMIT, progress=False, device=torch.device("cuda"))
+    assert record["status"] == "ok", record.get("error")
+    assert record["provenance"]["device"].startswith("cuda")
+    assert fake_cuda.checked > 0
