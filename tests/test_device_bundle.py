@@ -88,3 +88,33 @@ def test_a_split_gguf_is_joined_checked_and_a_fresh_machine_stops(bundle_script,
 def test_unknown_job_is_a_usage_error(bundle_script, capsys):
     assert bundle_script.main(["build", "no-such-job"]) == 2
     assert "unknown job 'no-such-job'" in capsys.readouterr().err
+
+
+def test_the_documented_cut_keeps_the_tracked_tree_out_of_a_call(bundle_script, tmp_path, monkeypatch):
+    """`git sparse-checkout set --no-cone /.gitignore` leaves only .gitignore to ship, keeps
+    every file tracked and the status clean, leaves other worktrees whole, and `disable`
+    brings the files back."""
+    db = bundle_script
+    repo = tmp_path / "repo"
+    (repo / "models" / "big").mkdir(parents=True)
+    (repo / "models" / "big" / "w.bin").write_bytes(os.urandom(2 * db.MIB))
+    (repo / ".gitignore").write_text(".device_bundle/\n")
+
+    def git(*args, cwd=repo):
+        return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd,
+                              capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    git("worktree", "add", "-q", str(tmp_path / "other"))
+    (repo / ".device_bundle").mkdir()
+    (repo / ".device_bundle" / "x").write_bytes(b"carried, not shipped with the tree")
+    monkeypatch.setattr(db, "ROOT", repo)
+    assert db.tree_bytes() > 2 * db.MIB
+    git("sparse-checkout", "set", "--no-cone", "/.gitignore")
+    assert db.tree_bytes() == db.tree_bytes(cut=True) == len(".device_bundle/\n")
+    assert "models/big/w.bin" in git("ls-files") and git("status", "--porcelain") == ""
+    assert (tmp_path / "other" / "models" / "big" / "w.bin").is_file()
+    git("sparse-checkout", "disable")
+    assert (repo / "models" / "big" / "w.bin").is_file()

@@ -70,6 +70,7 @@ def test_gpu_campaign_dry_run_trains_packs_and_hands_back(tmp_path):
     """`python scripts/gpu_campaign.py --dry-run` (`run` is the default command): every arm's bb-guo and bb3-guo run,
     2 steps each on the CPU, packed and handed back within the limits, unpackable."""
     import subprocess
+    import sys
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_campaign.py"
     work, out = tmp_path / "work", tmp_path / "out"
