@@ -22,7 +22,9 @@ so far.  At the deadline unfinished runs are stopped, and each one's last saved 
 `train_state.safetensors` (no pickle) and its logs; the next budget's bundle carries those
 tars (`device_bundle.py build bb-campaign --resume FOLDER`) and `--resume` puts them back,
 so `qbench train` continues where the state stopped, bit-for-bit.  Finished checkpoints
-are packed as `<priority>-<name>.tar` (weights bf16).  Batches go back within the tool's
+are packed as `<priority>-<name>.tar` (weights bf16, with train and mechanism logs), and
+their BB cells (`--cells`, measured on the device as each run finishes) as
+00-bb-cells.records.tar (here: `tar -xf it -C results`).  Batches go back within the tool's
 limits (7 tars and 63 MiB a call); the log (campaign.log) records every start, finish,
 step rate and stop.
 
@@ -57,6 +59,10 @@ FIRST_ARMS = ("softmax", "vga", "vga_x", "vga_out", "iga")
 ARMS = [a for a in FIRST_ARMS + ("softpick", "sigmoid", "sink_logit") if a in ATTENTION_ARMS]
 PRESETS = ("bb-guo", "bb3-guo")
 DRY_RUN_SETTINGS = ["steps=2", "batch_size=4", "save_every=2", "eval_every=2"]
+# the BB cells measured on the device for each finished checkpoint (the BB protocol: copy and
+# bigram positions, Attn_s / Val_s / Delta-logit_s per layer); a dry run measures fp32 only
+CELL_SCHEMES = "fp32,w8a8-dyn,w8a8-pt,w6a6"
+CELLS_TAR = "00-bb-cells.records.tar"
 
 
 def queue(seeds=(0, 1)) -> list[tuple[str, str, int]]:
@@ -119,6 +125,7 @@ def cmd_run(args) -> int:
     if args.precision == "bf16":
         extra += ["--amp", "bf16"]
     running: dict[str, tuple[subprocess.Popen, float, str, int]] = {}
+    cells = Cells(work, "fp32" if args.dry_run else args.cells, device, env)
     longest: dict[str, float] = {}
     finished, stopped, failed = [], [], []
     # torch keeps TF32 off for matmuls by default: --precision fp32 trains in true float32
@@ -138,9 +145,11 @@ def cmd_run(args) -> int:
                 finished.append(name)
                 log(work, f"done {name} in {seconds:.0f} s ({steps_per_second(work / 'ckpt' / name)}) -> "
                           f"{tar.name} ({tar.stat().st_size / 2**20:.1f} MiB)")
+                cells.queue.append(name)
             else:
                 failed.append(name)
                 log(work, f"FAILED {name} (exit {proc.returncode}) after {seconds:.0f} s; see {name}.log")
+        cells.step()
         left = deadline - time.time()
         while pending and len(running) < args.parallel:
             preset, arm, seed = pending[0]
@@ -174,7 +183,47 @@ def cmd_run(args) -> int:
         time.sleep(0.5)
     log(work, f"campaign finished in {time.time() - start:.0f} s: {len(finished)} packed, {len(failed)} failed, "
               f"{len(stopped)} not run or stopped; longest run per preset {longest}")
+    cells.finish(deadline + 30)
     return cmd_fetch(argparse.Namespace(work=str(work), out=args.out))
+
+
+class Cells:
+    """The BB cells of each finished checkpoint, one `qbench bench` at a time beside the
+    training runs; their records are packed into CELLS_TAR at the end."""
+
+    def __init__(self, work: Path, schemes: str, device: str, env: dict):
+        self.work, self.schemes, self.device, self.env = work, schemes, device, env
+        self.queue: list[str] = []
+        self.current: tuple[str, subprocess.Popen] | None = None
+
+    def step(self) -> None:
+        if self.current and self.current[1].poll() is not None:
+            log(self.work, f"cells of {self.current[0]}: exit {self.current[1].returncode}")
+            self.current = None
+        if self.current is None and self.queue:
+            name = self.queue.pop(0)
+            command = [sys.executable, "-m", "qbench.cli", "bench", "--model", str(self.work / "ckpt" / name),
+                       "--schemes", self.schemes, "--tasks", "ppl", "--results", str(self.work / "records"),
+                       "--device", self.device, "--quiet"]
+            logfile = open(self.work / f"{name}.bench.log", "w")
+            self.current = (name, subprocess.Popen(command, env=self.env, stdout=logfile, stderr=subprocess.STDOUT))
+
+    def finish(self, until: float) -> None:
+        import tarfile
+
+        while (self.current or self.queue) and time.time() < until:
+            self.step()
+            time.sleep(0.5)
+        if self.current:
+            self.current[1].kill()
+            log(self.work, f"cells of {self.current[0]} stopped at the deadline; not measured: {self.queue}")
+        records = sorted((self.work / "records").rglob("*.json")) if (self.work / "records").is_dir() else []
+        if records:
+            (self.work / "ret").mkdir(exist_ok=True)
+            with tarfile.open(self.work / "ret" / CELLS_TAR, "w") as tar:
+                for path in records:
+                    tar.add(path, arcname=f"records/{path.name}")
+            log(self.work, f"{len(records)} BB cell records -> {CELLS_TAR}")
 
 
 def steps_per_second(folder: Path) -> str:
@@ -201,6 +250,7 @@ def main() -> int:
     p.add_argument("--parallel", type=int, default=8, help="runs at once (a 1-layer run uses a sliver of an H200)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
                    help="bf16 autocast (float32 master weights; recorded in each checkpoint) or float32, TF32 off")
+    p.add_argument("--cells", default=CELL_SCHEMES, help="schemes of the BB cells measured on each finished checkpoint")
     p.add_argument("--resume", default=None, help="folder of *.partial.tar handed back by an earlier budget")
     p.add_argument("--dry-run", action="store_true", help="CPU, seed 0 only, 2 steps of batch 4 per run")
     p.set_defaults(func=cmd_run)

@@ -17,6 +17,9 @@ from qbench.results import ResultStore
 # H200 check ran them (README, GPU section).  Every other backend is plain torch.
 OWN_BACKENDS = ("reference", "simulated", "static", "weight_only")
 LIMIT = 3000
+# the probes (outliers, sinks, drains, gates) on the float model, the 8-bit attention
+# kernel, static quantizers and a calibrated weight method
+PROBED = ("fp32", "w8a8-attn", "w8a8-pt", "w4-gptq-g64")
 
 
 @pytest.fixture
@@ -106,10 +109,13 @@ def test_unsupported_device_or_missing_package_is_refused_before_work(monkeypatc
 def test_every_own_scheme_quantizes_and_evaluates_on_simulated_cuda(scheme, wide_checkpoint, tmp_path, fake_cuda):
     """Calibration (GPTQ, AWQ, SmoothQuant, static ranges), the quantizers, the low-bit
     attention kernel, the FP reference and the probes, all with the model on cuda."""
-    [record] = run_bench([str(wide_checkpoint)], [scheme], ["ppl"], ResultStore(tmp_path),
-                         limit=LIMIT, progress=False, device=torch.device("cuda"))
-    assert record["status"] == "ok", record.get("error")
-    assert record["provenance"]["device"].startswith("cuda")
+    tasks = ["ppl", "probes"] if scheme in PROBED else ["ppl"]
+    records = run_bench([str(wide_checkpoint)], [scheme], tasks, ResultStore(tmp_path),
+                        limit=LIMIT, progress=False, device=torch.device("cuda"))
+    assert [r["task"] for r in records] == tasks
+    for record in records:
+        assert record["status"] == "ok", record.get("error")
+        assert record["provenance"]["device"].startswith("cuda")
     assert fake_cuda.checked > 0
 
 

@@ -83,6 +83,8 @@ def test_gpu_campaign_dry_run_trains_packs_and_hands_back(tmp_path):
     expected = len(campaign.queue((0,)))
     log = (out / "campaign.log").read_text()
     assert f"{expected} packed, 0 failed" in log
+    with tarfile.open(out / campaign.CELLS_TAR) as t:  # one fp32 BB cell per checkpoint, in the first batch
+        assert len([n for n in t.getnames() if n.endswith(".json")]) == expected
     tars = sorted(out.glob("*.tar"))
     assert 0 < len(tars) <= 8 and sum(t.stat().st_size for t in tars) <= 64 * 2**20
     gpu_zoo = load_script()
