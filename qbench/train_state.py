@@ -53,9 +53,13 @@ def load_state(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["qbench_train_state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, KeyError, OSError, ValueError) as err:
+        return _unflatten(meta, tensors)
+    except (SafetensorError, KeyError, OSError, ValueError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{path} is not a qbench training state ({type(err).__name__}: {err}); "
                               "delete it to start this run over") from None
+
+
+def _unflatten(meta: dict, tensors: dict) -> dict:
     state: dict = {"state": {}, "param_groups": meta["param_groups"]}
     for group in state["param_groups"]:
         if isinstance(group.get("betas"), list):

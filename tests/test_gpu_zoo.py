@@ -148,3 +148,20 @@ def test_a_stopped_run_travels_as_safetensors_and_resumes_exactly(tmp_path, smal
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
     assert not (resumed / "train_state.safetensors").exists()
+
+
+def test_a_foreign_safetensors_state_is_refused_with_its_name(tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from qbench.train_state import load_state
+    from qbench.zoo import CheckpointError
+
+    path = tmp_path / "train_state.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"qbench_train_state": '{"recipe": {}}'})
+    with pytest.raises(CheckpointError, match="train_state.safetensors is not a qbench training state"):
+        load_state(path)
+    path.write_bytes(b"not safetensors at all")
+    with pytest.raises(CheckpointError, match="not a qbench training state"):
+        load_state(path)
