@@ -125,11 +125,11 @@ def cmd_run(args) -> int:
     if args.precision == "bf16":
         extra += ["--amp", "bf16"]
     running: dict[str, tuple[subprocess.Popen, float, str, int]] = {}
-    cells = Cells(work, "fp32" if args.dry_run else args.cells, device, env)
     longest: dict[str, float] = {}
     finished, stopped, failed = [], [], []
     # torch keeps TF32 off for matmuls by default: --precision fp32 trains in true float32
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cells = Cells(work, "fp32" if args.dry_run else args.cells, device, env)
     log(work, f"campaign: {len(pending)} runs, {args.parallel} at a time on {device}, {args.precision}, "
               f"budget {args.budget:.0f} s")
     priority = 0
