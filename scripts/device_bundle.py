@@ -5,6 +5,8 @@
     python scripts/device_bundle.py build gpu-check-tiny      # one call
     python scripts/device_bundle.py build gpu-check-smollm2   # two calls, back to back
     python scripts/device_bundle.py travel                    # what the checkout would ship now
+    ... build JOB --checkout DIR   # into DIR/.device_bundle: the checkout the device tool ships,
+                                   # when it is not this one (a helper's worktree)
 
 A bundle holds a copy of the code (qbench/, scripts/, suites/, pyproject.toml), the zoo
 checkpoints and CPU records the job reads, and site.tar.xz: the Python packages the GPU
@@ -69,7 +71,8 @@ class Job:
 
 
 CHECK = ("python3 scripts/gpu_check.py --model {model} --results $OUT/gpu --out $OUT/GPU_CHECK.md; "
-         "status=$?; tar -cf $OUT/gpu-records.tar -C $OUT gpu && rm -rf $OUT/gpu; exit $status")
+         "status=$?; if [ -d $OUT/gpu ]; then tar -cf $OUT/gpu-records.tar -C $OUT gpu && rm -rf $OUT/gpu; fi; "
+         "exit $status")
 JOBS = {
     "gpu-check-tiny": Job("tiny-vga under fp32 and every 8- and 4-bit scheme vs its CPU records",
                           CHECK.format(model="tiny-vga"), BASE_PACKAGES + QUANT_PACKAGES,
@@ -241,22 +244,25 @@ def build(name: str, out_root: Path = BUNDLES, resume: Path | None = None) -> li
     return folders
 
 
-def tree_bytes(cut: bool = False) -> int:
+def tree_bytes(cut: bool = False, checkout: Path | None = None) -> int:
     """What a device call ships from this checkout besides `carry`: tracked files present in
     the working tree and untracked files git does not ignore; with `cut`, what it ships once
     the working tree is cut to .gitignore."""
-    listed = subprocess.run(["git", "ls-files", "-o" if cut else "-co", "--exclude-standard", "-z"], cwd=ROOT,
+    checkout = Path(checkout or ROOT)
+    listed = subprocess.run(["git", "ls-files", "-o" if cut else "-co", "--exclude-standard", "-z"], cwd=checkout,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     listed += [".gitignore"] if cut else []
-    return sum((ROOT / p).stat().st_size for p in listed if p and (ROOT / p).is_file())
+    return sum((checkout / p).stat().st_size for p in listed if p and (checkout / p).is_file())
 
 
-def report(folders: list[Path]) -> bool:
-    """Print each call's size and the exact call; True if every call fits once the tree is cut."""
-    tree, now = tree_bytes(cut=True), tree_bytes()
+def report(folders: list[Path], checkout: Path | None = None) -> bool:
+    """Print each call's size and the exact call; True if every call fits once the tree is cut.
+    `checkout`: the one the device tool ships (the session's own; default this one)."""
+    checkout = Path(checkout or ROOT)
+    tree, now = tree_bytes(cut=True, checkout=checkout), tree_bytes(checkout=checkout)
     fits = True
     for n, folder in enumerate(folders, 1):
-        carry = str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
+        carry = str(folder.relative_to(checkout)) if folder.is_relative_to(checkout) else str(folder)
         total = size_of(folder) + tree  # tree: cut to .gitignore
         ok = total < LIMIT_MIB * MIB
         fits &= ok
@@ -276,6 +282,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("build")
     p.add_argument("job")
     p.add_argument("--resume", default=None, help="folder of *.partial.tar from an earlier GPU budget (bb-campaign)")
+    p.add_argument("--checkout", default=None,
+                   help="the checkout the device tool ships, if not this one (a helper's worktree builds into "
+                        "its session's checkout): bundles go to CHECKOUT/.device_bundle")
     sub.add_parser("travel")
     args = parser.parse_args(argv)
     try:
@@ -289,11 +298,14 @@ def main(argv=None) -> int:
             return 0
         if args.resume and not Path(args.resume).is_dir():
             raise UsageError(f"--resume {args.resume} is not a folder")
-        folders = build(args.job, resume=Path(args.resume) if args.resume else None)
+        checkout = Path(args.checkout).resolve() if args.checkout else ROOT
+        if not (checkout / ".git").exists():
+            raise UsageError(f"--checkout {checkout} is not a git checkout")
+        folders = build(args.job, out_root=checkout / ".device_bundle", resume=Path(args.resume) if args.resume else None)
     except UsageError as err:
         print(f"device_bundle: {err}", file=sys.stderr)
         return 2
-    return 0 if report(folders) else 1
+    return 0 if report(folders, checkout) else 1
 
 
 if __name__ == "__main__":

@@ -85,9 +85,11 @@ def test_a_split_gguf_is_joined_checked_and_a_fresh_machine_stops(bundle_script,
     assert call(second, tmp_path / "warm").returncode == 4
 
 
-def test_unknown_job_is_a_usage_error(bundle_script, capsys):
+def test_unknown_job_or_checkout_is_a_usage_error(bundle_script, capsys, tmp_path):
     assert bundle_script.main(["build", "no-such-job"]) == 2
     assert "unknown job 'no-such-job'" in capsys.readouterr().err
+    assert bundle_script.main(["build", "gpu-check-tiny", "--checkout", str(tmp_path)]) == 2
+    assert "is not a git checkout" in capsys.readouterr().err
 
 
 def test_the_documented_cut_keeps_the_tracked_tree_out_of_a_call(bundle_script, tmp_path, monkeypatch):
