@@ -4,8 +4,9 @@ the recipe, step, elapsed time and optimizer settings as JSON in the file's meta
 
 `qbench train` keeps writing `train_state.pt` while it runs (read back with torch's
 restricted unpickler); a run stopped on a GPU machine is handed back as
-`train_state.safetensors` (`export_state`), and a rerun of the same command in a folder
-holding only that file resumes from it (`load_state`), bit-for-bit as from the .pt."""
+`train_state.safetensors` (`save_state`; scripts/gpu_campaign.py does it), and a rerun of
+the same command in a folder holding only that file resumes from it (`load_state`),
+bit-for-bit as from the .pt."""
 from __future__ import annotations
 
 import json
@@ -71,17 +72,3 @@ def _unflatten(meta: dict, tensors: dict) -> dict:
     return {"recipe": meta["recipe"], "step": meta["step"], "elapsed": meta["elapsed"], "optimizer": state,
             "model": {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
             "generator": tensors["generator"], "torch_rng": tensors["torch_rng"]}
-
-
-def export_state(folder: Path) -> Path | None:
-    """Convert a run folder's train_state.pt into train_state.safetensors (removing the .pt);
-    None if the folder holds no state."""
-    from qbench.train import STATE_FILE, load_train_state
-
-    source = Path(folder) / STATE_FILE
-    if not source.exists():
-        return None
-    target = Path(folder) / TRAVEL_FILE
-    save_state(load_train_state(source), target)
-    source.unlink()
-    return target

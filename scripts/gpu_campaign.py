@@ -90,10 +90,13 @@ def pack_partial(work: Path, folder: Path, priority: int) -> Path | None:
     """A stopped run's last saved state as safetensors, with its logs, for the next budget."""
     import tarfile
 
-    from qbench.train_state import export_state
+    from qbench.train import STATE_FILE, load_train_state
+    from qbench.train_state import TRAVEL_FILE, save_state
 
-    if export_state(folder) is None:
+    if not (folder / STATE_FILE).exists():
         return None
+    save_state(load_train_state(folder / STATE_FILE), folder / TRAVEL_FILE)
+    (folder / STATE_FILE).unlink()
     target = work / "ret" / f"{priority:02d}-{folder.name}.partial.tar"
     target.parent.mkdir(exist_ok=True)
     with tarfile.open(target, "w") as tar:
