@@ -42,12 +42,12 @@ def wide_checkpoint(tmp_path_factory, small_corpus, micro_preset):
     return out
 
 
-def _bb_model():
+def _bb_model(vocab_size: int = 70):
     from qbench.modeling import QBenchConfig, QBenchForCausalLM
 
     torch.manual_seed(0)
-    config = QBenchConfig(vocab_size=70, n_layer=1, n_head=1, d_model=64, d_ff=128, max_position_embeddings=32,
-                          attention="vga")
+    config = QBenchConfig(vocab_size=vocab_size, n_layer=1, n_head=1, d_model=64, d_ff=128,
+                          max_position_embeddings=32, attention="vga")
     return QBenchForCausalLM(config)
 
 
@@ -69,9 +69,7 @@ def test_mechanism_probes_take_the_models_device(fake_cuda):
     from qbench.probes.mechanism import bb_mechanism, residual_peaks
 
     task = BigramBackcopy("the quick brown fox jumps over the lazy dog " * 20)
-    model = _bb_model()
-    model.resize_token_embeddings(len(task.tokenizer)) if model.config.vocab_size < len(task.tokenizer) else None
-    model.to("cuda")
+    model = _bb_model(len(task.tokenizer)).to("cuda")
     tokens = task.sample(4, 16, torch.Generator().manual_seed(0))  # a fixed CPU sample
     m = bb_mechanism(model, tokens, task.is_trigger)
     assert 0.0 <= m["attn_s"] <= 1.0 and len(residual_peaks(model, tokens)) == 1
