@@ -326,6 +326,10 @@ def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: Re
     (BLiMP: fixed at BLIMP_ITEMS_PER_SUBTASK per subtask)."""
     store.check_writable()
     planned = plan_cells(models, schemes, tasks, limit, corpus, calibration_seeds, task_limit, first_token)
+    if device is not None and str(device) != "cpu":  # before any model is loaded
+        from qbench.device import check_schemes_device
+
+        check_schemes_device([p.cell.resolved_scheme or get_scheme(p.cell.scheme) for p in planned], device)
     records: dict[int, dict] = {}
     bar = tqdm(total=len(planned), desc="cells", disable=not progress)
     busy = []  # cells another process is computing: come back to them at the end

@@ -55,3 +55,44 @@ def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         model.register_forward_pre_hook(_inputs_to_device, with_kwargs=True)
         model._qbench_input_hook = True
     return model
+
+
+# Where each quantization backend runs, and the package it needs beyond torch (checked
+# before any model is loaded, so a sweep never dies half-way on a cell its device cannot
+# run).  A backend missing here runs on the CPU only until someone has run it on a GPU.
+BACKEND_DEVICES = {
+    "reference": (("cpu", "cuda"), None),
+    "simulated": (("cpu", "cuda"), None),  # torch ops; int8 GEMMs via torch._int_mm
+    "static": (("cpu", "cuda"), None),
+    "weight_only": (("cpu", "cuda"), None),  # RTN, GPTQ, AWQ in torch; HQQ's fit runs on the CPU
+    "bitsandbytes": (("cpu", "cuda"), "bitsandbytes"),
+    "quanto": (("cpu", "cuda"), "optimum.quanto"),
+}
+METHOD_PACKAGES = {"hqq": "hqq"}  # weight methods that need a package of their own
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def check_schemes_device(schemes, device: torch.device) -> None:
+    """A UsageError (exit 2) naming every scheme that cannot run on `device` here (a backend
+    not declared for the device type, or its package missing), before any work."""
+    import importlib.util
+
+    problems = []
+    for scheme in schemes:
+        devices, package = BACKEND_DEVICES.get(scheme.backend, (("cpu",), None))
+        package = package or METHOD_PACKAGES.get(scheme.options.get("method", ""))
+        if device.type not in devices:
+            problems.append(f"{scheme.name} ({scheme.backend} runs on {', '.join(devices)})")
+        elif package and not _installed(package):
+            problems.append(f"{scheme.name} (needs the {package.split('.')[0]} package, not installed here)")
+    if problems:
+        raise UsageError(f"--device {device}: cannot run {'; '.join(problems)}; drop these schemes or install "
+                         "the package (scripts/device_bundle.py carries them to a GPU machine)")

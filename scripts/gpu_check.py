@@ -66,10 +66,16 @@ def main() -> int:
         scratch = Path(tempfile.mkdtemp(prefix="qbench-gpu-check-"))
         args.cpu_results, args.results, args.out = scratch / "cpu", scratch / "device", scratch / "GPU_CHECK.md"
         run_bench([args.model], schemes, ["ppl"], ResultStore(args.cpu_results), limit=args.limit, progress=False)
-    device = resolve_device(args.device)
+    from qbench.validate import UsageError
+
     start = time.time()
-    records = run_bench([args.model], schemes, ["ppl"], ResultStore(args.results), limit=args.limit,
-                        progress=True, device=device)
+    try:  # an unusable device, or a scheme it cannot run, is refused before any work
+        device = resolve_device(args.device)
+        records = run_bench([args.model], schemes, ["ppl"], ResultStore(args.results), limit=args.limit,
+                            progress=True, device=device)
+    except UsageError as err:  # one line, exit 2 (README, exit codes)
+        print(f"gpu_check: {err}", file=sys.stderr)
+        return 2
     cpu = ResultStore(args.cpu_results)
     rows, failures = [], 0
     for record in records:

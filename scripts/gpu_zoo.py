@@ -163,6 +163,13 @@ def cmd_fetch(args) -> int:
 def cmd_unpack(args) -> int:
     models = Path(args.models)
     for tar in sorted(Path(args.folder).glob("*.tar")):
+        if tar.name.endswith(".records.tar"):  # result records, not a checkpoint
+            print(f"[records] {tar.name}: tar -xf {tar} -C results")
+            continue
+        if tar.name.endswith(".partial.tar"):  # an unfinished run: it resumes on the next GPU budget
+            print(f"[partial] {tar.name}: resume it with scripts/device_bundle.py build bb-campaign --resume "
+                  f"{args.folder}")
+            continue
         with tarfile.open(tar) as t:
             name = t.getnames()[0].split("/")[0]
             if (models / name / "model.safetensors").exists():

@@ -83,6 +83,8 @@ def test_gpu_campaign_dry_run_trains_packs_and_hands_back(tmp_path):
     expected = len(campaign.queue((0,)))
     log = (out / "campaign.log").read_text()
     assert f"{expected} packed, 0 failed" in log
+    with tarfile.open(out / campaign.CELLS_TAR) as t:  # one fp32 BB cell per checkpoint, in the first batch
+        assert len([n for n in t.getnames() if n.endswith(".json")]) == expected
     tars = sorted(out.glob("*.tar"))
     assert 0 < len(tars) <= 8 and sum(t.stat().st_size for t in tars) <= 64 * 2**20
     gpu_zoo = load_script()
@@ -92,3 +94,74 @@ def test_gpu_campaign_dry_run_trains_packs_and_hands_back(tmp_path):
     assert unpacked and all((models / n / "model.safetensors").exists() for n in unpacked)
     assert not any((models / n / "train_state.pt").exists() for n in unpacked)
     assert {n.split("-")[0] for n in unpacked} <= {"bb", "bb3"}
+
+
+def test_a_stopped_run_travels_as_safetensors_and_resumes_exactly(tmp_path, small_corpus, micro_preset):
+    """The deadline path of gpu_campaign.py: a run killed after its step-4 state is packed as
+    a .partial.tar holding train_state.safetensors (no pickle), restored into a fresh work
+    folder, and resumed: it ends where an uninterrupted run ends."""
+    from dataclasses import replace
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    import qbench.train as train_module
+    from qbench.train import PRESETS, train
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_campaign.py"
+    spec = importlib.util.spec_from_file_location("gpu_campaign", script)
+    campaign = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(campaign)
+    preset = replace(PRESETS["bb-guo"], d_model=64, d_ff=128, batch_size=4, context=16, steps=8,
+                     eval_every=4, save_every=4)
+    whole = tmp_path / "whole"
+    train("vga", preset, seed=0, out=whole, corpus=str(small_corpus), progress=False)
+
+    work = tmp_path / "work"
+    folder = work / "ckpt" / "bb-guo-vga"
+    original = train_module._atomic_torch_save
+
+    def save_then_stop(obj, path):
+        original(obj, path)
+        if obj["step"] == 4:
+            raise KeyboardInterrupt
+
+    train_module._atomic_torch_save = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train("vga", preset, seed=0, out=folder, corpus=str(small_corpus), progress=False)
+    finally:
+        train_module._atomic_torch_save = original
+    tar = campaign.pack_partial(work, folder, 3)
+    assert tar.name == "03-bb-guo-vga.partial.tar"
+    with tarfile.open(tar) as t:
+        names = sorted(t.getnames())
+    assert "bb-guo-vga/train_state.safetensors" in names and not any(n.endswith(".pt") for n in names)
+
+    fresh = tmp_path / "fresh"
+    assert campaign.restore(fresh, str(tar.parent)) == ["bb-guo-vga"]
+    resumed = fresh / "ckpt" / "bb-guo-vga"
+    assert not (resumed / "train_state.pt").exists()
+    train("vga", preset, seed=0, out=resumed, corpus=str(small_corpus), progress=False)
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    assert not (resumed / "train_state.safetensors").exists()
+
+
+def test_a_foreign_safetensors_state_is_refused_with_its_name(tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from qbench.train_state import load_state
+    from qbench.zoo import CheckpointError
+
+    path = tmp_path / "train_state.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"qbench_train_state": '{"recipe": {}}'})
+    with pytest.raises(CheckpointError, match="train_state.safetensors is not a qbench training state"):
+        load_state(path)
+    path.write_bytes(b"not safetensors at all")
+    with pytest.raises(CheckpointError, match="not a qbench training state"):
+        load_state(path)

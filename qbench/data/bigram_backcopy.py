@@ -51,3 +51,22 @@ class BigramBackcopy:
             drawn = torch.multinomial(self.bigram[prev], 1, generator=generator)[:, 0]
             seq[:, i] = torch.where(self.is_trigger(prev), seq[:, i - 2], drawn)
         return seq
+
+    def sample_inverse_cdf(self, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        """`sample`'s distribution drawn by inverse CDF from uniforms drawn up front: the same
+        sequences in law, another random stream, ~30x faster (multinomial per position
+        dominated a GPU step: REFERENCE.md section 7's 8.3 steps/s was this loop)."""
+        if not hasattr(self, "_cdf"):
+            self._cdf = self.bigram.cumsum(dim=1)  # (V, V)
+            self._cdf[:, -1] = torch.where(self.bigram.sum(dim=1) > 0, 2.0, self._cdf[:, -1])  # no u escapes
+            self._first_cdf = self.first.cumsum(dim=0)
+            self._first_cdf[-1] = 2.0
+        u = torch.rand(length, batch_size, dtype=torch.float64, generator=generator)  # (T, B)
+        seq = torch.empty(batch_size, length, dtype=torch.long)
+        seq[:, 0] = BOS_ID
+        seq[:, 1] = torch.searchsorted(self._first_cdf, u[1], right=True)
+        for i in range(2, length):
+            prev = seq[:, i - 1]
+            drawn = torch.searchsorted(self._cdf[prev], u[i].unsqueeze(1), right=True)[:, 0]
+            seq[:, i] = torch.where(self.is_trigger(prev), seq[:, i - 2], drawn)
+        return seq

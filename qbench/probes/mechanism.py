@@ -56,8 +56,17 @@ class _CaptureHooks(torch.nn.Module):
 
 @torch.no_grad()
 def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
-    """Metrics above for one batch of Bigram-Backcopy sequences (B, T) starting with BOS."""
+    """Metrics above for one batch of Bigram-Backcopy sequences (B, T) starting with BOS.
+    `tokens` may live anywhere (a fixed CPU sample, say): they go to the model's device."""
+    from qbench.device import model_device
     from qbench.modeling.model import QBenchAttention
+
+    device = model_device(model)
+    # queries at positions >= 1 whose token is not a trigger (the next token is a bigram draw);
+    # the task's trigger table lives with the task (CPU), so the mask is made beside it
+    query_mask = ~is_trigger(tokens)
+    query_mask[:, 0] = False
+    tokens = tokens.to(device)
 
     attention = [m for m in model.modules() if isinstance(m, QBenchAttention)]
     if not attention:
@@ -74,7 +83,7 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
     was_training = model.training
     model.eval()
     try:
-        model(tokens)
+        model(tokens)  # (B, T) on the model's device
     finally:
         for module, saved_hooks, kernel in saved:
             module.qbench_hooks, module.qbench_kernel = saved_hooks, kernel
@@ -83,12 +92,7 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
         model.train(was_training)
 
     b, t = tokens.shape
-    # queries at positions >= 1 whose token is not a trigger (the next token is a bigram draw)
-    query_mask = ~is_trigger(tokens)
-    query_mask[:, 0] = False
-    from qbench.device import model_device
-
-    qm = query_mask[:, None, :].float().to(model_device(model))  # (B, 1, T)
+    qm = query_mask[:, None, :].float().to(device)  # (B, 1, T)
     n_q = qm.sum()
     per_layer = []
     for module in attention:
@@ -135,6 +139,7 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
 def residual_peaks(model, tokens: torch.Tensor) -> list[float]:
     """Per layer, the residual-stream peak at BOS: max |h_0| over the median |h| of the
     sequence's hidden states after the layer (all T x d), averaged over sequences."""
+    from qbench.device import model_device
     from qbench.probes.sites import decoder_layers
 
     _, layers = decoder_layers(model)
@@ -147,7 +152,7 @@ def residual_peaks(model, tokens: torch.Tensor) -> list[float]:
             peaks[i] = float((h[:, 0].amax(dim=-1) / median).mean())
         handles.append(layer.register_forward_hook(hook))
     try:
-        model(input_ids=tokens)
+        model(input_ids=tokens.to(model_device(model)))
     finally:
         for handle in handles:
             handle.remove()

@@ -31,13 +31,14 @@ def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp I)^-1 (dead inputs get H_ii = 1 and W[:, i] = 0)."""
-    h = hessian.clone().double()
+    """Upper Cholesky factor of (H + damp I)^-1 (dead inputs get H_ii = 1 and W[:, i] = 0).
+    Computed on the weight's device, wherever the Hessian was accumulated."""
+    h = hessian.to(weight.device, torch.float64, copy=True)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     weight[:, dead] = 0
     damp = percdamp * torch.mean(torch.diag(h))
-    h += damp * torch.eye(h.shape[0], dtype=h.dtype)
+    h += damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     h = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(h, upper=True)
 
@@ -73,14 +74,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
 
 
 def collect_hessians(model: nn.Module, linears: list[tuple[str, nn.Linear]], batches) -> tuple[dict, int]:
-    """H = 2/n sum x x^T of each linear's inputs over the calibration tokens."""
+    """H = 2/n sum x x^T of each linear's inputs over the calibration tokens, in float64 on
+    each linear's own device (where its inputs arrive and where GPTQ then uses it)."""
     from qbench.quant.observe import observe
 
-    hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears}
+    hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
+                for name, m in linears}
     counts = {name: 0 for name, _ in linears}
 
     def accumulate(name, x):
-        x = x.double().cpu()
+        x = x.double().to(hessians[name].device)
         n_old, n_new = counts[name], x.shape[0]
         hessians[name] *= n_old / (n_old + n_new)
         hessians[name] += (2.0 / (n_old + n_new)) * (x.t() @ x)
