@@ -11,7 +11,7 @@ $PY -c "from qbench.zoo_refresh import add_retrofits; print('zoo:', ', '.join(ad
 MODELS=${MODELS:-$(for f in models/smollm2-rf-*/retrofit.json; do [ -f "$f" ] && basename "$(dirname "$f")"; done | paste -sd, -)}
 MODELS="smollm2-135m,$MODELS"
 # the primary endpoint and the probes first, then the other schemes
-$QBENCH bench --model "$MODELS" --schemes fp32,w8a8-pt --tasks ppl --calibration-seeds ${SEEDS:-0,1,2} --quiet || true
-$QBENCH bench --model "$MODELS" --schemes fp32 --tasks probes --quiet || true
+$QBENCH bench --model "$MODELS" --schemes fp32,w8a8-pt --tasks ppl --limit 20000 --calibration-seeds ${SEEDS:-0,1,2} --quiet || true
+$QBENCH bench --model "$MODELS" --schemes fp32 --tasks probes --limit 20000 --quiet || true
 $QBENCH bench --model "$MODELS" --schemes ${SCHEMES:-w8a8-dyn,nf4,w8a8-attn,w4-rtn-g64,llm-int8,w8a8-sq,w8a8-had} \
-  --tasks ppl --quiet || true
+  --tasks ppl --limit 20000 --quiet || true
