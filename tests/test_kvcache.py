@@ -219,3 +219,30 @@ def test_agrees_with_transformers_quantized_cache():
     gap = (ours[1] - theirs[1]).abs().max()
     quantization = (fp[1] - theirs[1]).abs().max()
     assert gap < 1e-3 and quantization > 100 * gap  # the agreement is not that of two fp runs
+
+
+def test_bad_kv_settings_are_one_line_errors():
+    with pytest.raises(ValueError, match="bits must be 2, 3, 4 or 8, got 5"):
+        KVCacheSpec(5)
+    with pytest.raises(ValueError, match="group_size <= residual"):
+        KVCacheSpec(2, "channel", group_size=32, residual=0)
+    with pytest.raises(ValueError, match="does not divide the head width 16"):
+        KVCacheQuantizer(KVCacheSpec(4, group_size=12)).quantize(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16))
+    layer = tiny_model("softmax").model.layers[0].attn
+    layer.qbench_kv = KVCacheQuantizer(KVCacheSpec(4, residual=4))
+    from qbench.quant.lowbit_attention import LowBitAttention
+
+    layer.qbench_kernel = LowBitAttention()
+    with pytest.raises(NotImplementedError, match="window of 0"):
+        layer(torch.randn(1, 8, 32))
+
+
+def test_cache_bytes_per_token_count_scales_and_the_exact_window():
+    # kv4 over a 64-wide head: 2 x 64 x 4 bits = 64 bytes, plus fp16 scale and minimum for K and V
+    assert KVCacheSpec(4).bytes_per_token(64) == 64 + 2 * 4
+    # KIVI-2, groups of 32: 32 bytes of codes; keys 64 channels x 4 bytes / 32 tokens; values 2 groups x 4 bytes
+    kivi = KVCacheSpec(2, "channel", group_size=32, residual=128)
+    assert kivi.bytes_per_token(64) == 32 + 8 + 8
+    # at 256 tokens half are in the fp16 window (256 bytes each)
+    assert kivi.bytes_per_token(64, 256) == (128 * 256 + 128 * 48) / 256
+    assert all(s.kv_cache() is None or s.kv_cache().bits in (2, 4, 8) for s in SCHEMES.values())
