@@ -219,6 +219,9 @@ _KV = {  # name: (spec, what it is)
                                 f"KIVI-{b}: keys per channel over groups of 32 tokens, values per token in groups of "
                                 f"32 channels, the last 128 tokens exact") for b in (4, 2)},
     "kv2-kivi-g32-r128-sink1": (KVCacheSpec(2, sink=1, **_KIVI), "KIVI-2 with the sink token exact too"),
+    # KIVI-2's parts one at a time: groups of 32 channels per token, then the 128-token window
+    "kv2-g32": (KVCacheSpec(2, group_size=32), "2-bit K and V per token in groups of 32 channels"),
+    "kv2-g32-r128": (KVCacheSpec(2, group_size=32, residual=128), "kv2-g32 with the last 128 tokens exact"),
 }
 for _name, (_spec, _text) in _KV.items():
     register(Scheme(_name, "reference", _text, options={"kv_cache": _spec.to_options()}))
