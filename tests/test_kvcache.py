@@ -246,3 +246,24 @@ def test_cache_bytes_per_token_count_scales_and_the_exact_window():
     # at 256 tokens half are in the fp16 window (256 bytes each)
     assert kivi.bytes_per_token(64, 256) == (128 * 256 + 128 * 48) / 256
     assert all(s.kv_cache() is None or s.kv_cache().bits in (2, 4, 8) for s in SCHEMES.values())
+
+
+def test_kv_section_reports_n_and_range_and_names_a_lead_only_when_ranges_part():
+    from qbench.study_kv import kv_section
+
+    def record(model, scheme, ppl):
+        return {"model": model, "scheme": scheme, "task": "ppl", "status": "ok", "protocol": "p",
+                "metrics": {"ppl": ppl, "tokens": 10}, "quantization": {},
+                "provenance": {"finished_at": "2026-01-01T00:00:00Z"}}
+
+    zoo = {"tiny-a": {"arm": "softmax"}, "tiny-a-s1": {"arm": "softmax"}, "tiny-b": {"arm": "vga"},
+           "tiny-b-s1": {"arm": "vga"}}
+    records = [record(m, "fp32", 100.0) for m in zoo]
+    records += [record("tiny-a", "kv4", 110.0), record("tiny-a-s1", "kv4", 120.0),  # +10, +20
+                record("tiny-b", "kv4", 101.0), record("tiny-b-s1", "kv4", 103.0),  # +1, +3: parts from a
+                record("tiny-a", "kv2", 150.0), record("tiny-a-s1", "kv2", 105.0),  # +50, +5
+                record("tiny-b", "kv2", 110.0), record("tiny-b-s1", "kv2", 110.0)]  # +10: overlaps a
+    text = kv_section(records, zoo)
+    assert "| arm | kv4 | kv2 |" in text  # columns in KV_SCHEMES order
+    assert "| softmax | +15.00 [+10.00, +20.00] (2) | +27.50 [+5.00, +50.00] (2) |" in text
+    assert "- kv4: vga leads" in text and "- kv2: no arm leads" in text
