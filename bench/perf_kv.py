@@ -125,6 +125,9 @@ def main() -> None:
     header += (f"; agreement: a {short.shape[1]}-token prompt fed one token per step, both on the same float "
                "attention path unless the row says sdpa")
     lines = ["# KV cache in greedy decoding (same run)", "", header, "",
+             "Step times are medians of one run; on a shared machine they move between runs, so compare the "
+             "rows of one run only. The simulation quantizes the whole fp cache at every step (fidelity, not "
+             "speed).", "",
              "| cache | median decode step ms | vs fp cache |", "|---|---:|---:|"]
     reference = statistics.median(timing[0][1])
     for label, times in timing:
