@@ -61,6 +61,15 @@ def smollm2_table(cells) -> list[str]:
                          f"{m.get('top1_agreement', float('nan')):.4f} | "
                          f"{r['quantization'].get('kv_cache_bytes_per_token', '-')} |")
         lines.append("")
+        for scheme in KV_SCHEMES:  # what keeping the sink exact does, scheme by scheme
+            with_sink = cells.get((SMOLLM2, scheme + "-sink1", protocol))
+            without = cells.get((SMOLLM2, scheme, protocol))
+            if with_sink and without:
+                lines.append(f"- keeping the first token exact, {scheme}: rel. delta ppl "
+                             f"{_relative(cells, SMOLLM2, scheme, protocol):+.2f}% -> "
+                             f"{_relative(cells, SMOLLM2, scheme + '-sink1', protocol):+.2f}%, KL "
+                             f"{without['metrics']['kl']:.4f} -> {with_sink['metrics']['kl']:.4f}")
+        lines.append("")
     return lines
 
 
@@ -75,50 +84,81 @@ def arm_of(model: str, zoo: dict) -> str:
     return (zoo.get(model) or {}).get("arm", model)
 
 
-def arm_table(cells, zoo: dict, prefix: str, title: str) -> list[str]:
-    """Rows: arms; columns: KV schemes; cells: mean rel. delta ppl % [min, max] (n seeds)."""
+def _kl(cells, model, scheme, protocol) -> float | None:
+    r = cells.get((model, scheme, protocol))
+    return None if r is None or r["metrics"].get("kl") is None else 1000.0 * r["metrics"]["kl"]
+
+
+METRICS = {  # name: (value of one cell, what the table says, unit, decimals)
+    "rel": (_relative, "relative delta ppl % against each checkpoint's own fp32", "%", 2),
+    "kl": (_kl, "KL(P_fp || P_q) x 1000 (nats) against each checkpoint's own fp32", "", 3),
+}
+
+
+def arm_table(cells, zoo: dict, prefix: str, title: str, metric: str = "rel") -> list[str]:
+    """Rows: arms; columns: KV schemes; cells: the metric's mean over training seeds [min, max] (n)."""
+    value_of, what, unit, digits = METRICS[metric]
     models = sorted({m for (m, s, p) in cells if m.startswith(prefix) and s != "fp32"
                      and (cells.get((m, "fp32", p)) is not None)})
     if not models:
         return []
-    protocols = sorted({p for (m, s, p) in cells if m in models})
+    protocols = sorted({p for (m, s, p) in cells if m in models and s != "fp32"})
     schemes = [s for s in KV_SCHEMES if any((m, s, p) in cells for m in models for p in protocols)]
     by_arm: dict[str, dict[str, list[float]]] = {}
     for m in models:
         for p in protocols:
             for s in schemes:
-                value = _relative(cells, m, s, p)
+                value = value_of(cells, m, s, p)
                 if value is not None:
                     by_arm.setdefault(arm_of(m, zoo), {}).setdefault(s, []).append(value)
     lines = [f"{title} (protocol{'s' if len(protocols) > 1 else ''} {', '.join(f'`{p}`' for p in protocols)}): "
-             "relative delta ppl % against each checkpoint's own fp32, mean over training seeds [min, max] (n)", "",
+             f"{what}, mean over training seeds [min, max] (n)", "",
              "| arm | " + " | ".join(schemes) + " |", "|---|" + "---:|" * len(schemes)]
     for arm in sorted(by_arm):
         row = []
         for s in schemes:
             values = by_arm[arm].get(s, [])
-            row.append(f"{statistics.mean(values):+.2f} [{min(values):+.2f}, {max(values):+.2f}] ({len(values)})"
+            row.append(f"{statistics.mean(values):+.{digits}f} [{min(values):+.{digits}f}, {max(values):+.{digits}f}] "
+                       f"({len(values)})"
                        if values else "-")
         lines.append(f"| {arm} | " + " | ".join(row) + " |")
     lines.append("")
-    lines += _leads(by_arm, schemes)
+    lines += _leads(by_arm, schemes, unit, digits)
     return lines
 
 
-def _leads(by_arm, schemes) -> list[str]:
-    """For each scheme: the arm whose [min, max] lies wholly below every other arm's, if any."""
+def _separated(ranges: dict, lower: bool) -> list[str]:
+    """The smallest set of at most half the arms whose ranges all lie below (`lower`) or above
+    every other arm's range; [] if none."""
+    order = sorted(ranges, key=lambda a: ranges[a][1] if lower else -ranges[a][0])
+    for k in range(1, len(order) // 2 + 1):
+        group, rest = order[:k], order[k:]
+        if lower and max(ranges[a][1] for a in group) < min(ranges[a][0] for a in rest):
+            return group
+        if not lower and min(ranges[a][0] for a in group) > max(ranges[a][1] for a in rest):
+            return group
+    return []
+
+
+def _leads(by_arm, schemes, unit: str = "%", digits: int = 2) -> list[str]:
+    """For each scheme: the arm(s) whose [min, max] lie wholly below every other arm's (they
+    lead) or wholly above (they trail), compared at the table's precision."""
     out = []
     for s in schemes:
-        ranges = {a: (min(v[s]), max(v[s])) for a, v in by_arm.items() if len(v.get(s, [])) >= 2}
+        ranges = {a: (round(min(v[s]), digits), round(max(v[s]), digits))
+                  for a, v in by_arm.items() if len(v.get(s, [])) >= 2}
         if len(ranges) < 2:
             continue
-        best = min(ranges, key=lambda a: ranges[a][1])
-        if all(ranges[best][1] < lo for a, (lo, _) in ranges.items() if a != best):
-            out.append(f"- {s}: {best} leads (its range {ranges[best][0]:+.2f}..{ranges[best][1]:+.2f}% lies below "
-                       "every other arm's)")
-        else:
-            worst = max(ranges, key=lambda a: ranges[a][0])
-            out.append(f"- {s}: no arm leads (ranges overlap); highest floor {worst} at {ranges[worst][0]:+.2f}%")
+        said = []
+        for lower, verb in ((True, "lead"), (False, "trail")):
+            group = _separated(ranges, lower)
+            if group:
+                spans = ", ".join(f"{a} {ranges[a][0]:+.{digits}f}..{ranges[a][1]:+.{digits}f}{unit}" for a in group)
+                said.append(f"{' and '.join(group)} {verb + 's' if len(group) == 1 else verb} ({spans}; "
+                            f"{'below' if lower else 'above'} every other arm's range)")
+        means = [statistics.mean(v[s]) for v in by_arm.values() if v.get(s)]
+        out.append(f"- {s}: " + ("; ".join(said) if said else "no arm leads or trails (the ranges overlap)")
+                   + f"; arm means {min(means):+.{digits}f}..{max(means):+.{digits}f}{unit}")
     return out + [""] if out else []
 
 
@@ -135,6 +175,7 @@ def kv_section(records: list[dict], zoo: dict | None = None) -> str:
              "(README, \"Quantizing the KV cache\"). Formulas: `qbench list schemes`.", ""]
     lines += smollm2_table(cells)
     lines += arm_table(cells, zoo, "tiny-", "Tiny zoo, every arm")
+    lines += arm_table(cells, zoo, "tiny-", "Tiny zoo, every arm, the more sensitive measure", metric="kl")
     lines += arm_table(cells, zoo, "bb-guo-cpu-", "Bigram-Backcopy (bb-guo-cpu, T = 64: a 128-token residual "
                                                   "window covers every query, so the KIVI schemes are exact here)")
     return "\n".join(lines).rstrip() + "\n"

@@ -266,4 +266,5 @@ def test_kv_section_reports_n_and_range_and_names_a_lead_only_when_ranges_part()
     text = kv_section(records, zoo)
     assert "| arm | kv4 | kv2 |" in text  # columns in KV_SCHEMES order
     assert "| softmax | +15.00 [+10.00, +20.00] (2) | +27.50 [+5.00, +50.00] (2) |" in text
-    assert "- kv4: vga leads" in text and "- kv2: no arm leads" in text
+    assert "- kv4: vga leads" in text and "softmax trails" not in text.split("- kv2")[1]
+    assert "- kv2: no arm leads or trails" in text
