@@ -222,6 +222,10 @@ _KV = {  # name: (spec, what it is)
     # KIVI-2's parts one at a time: groups of 32 channels per token, then the 128-token window
     "kv2-g32": (KVCacheSpec(2, group_size=32), "2-bit K and V per token in groups of 32 channels"),
     "kv2-g32-r128": (KVCacheSpec(2, group_size=32, residual=128), "kv2-g32 with the last 128 tokens exact"),
+    # per-channel keys with the shortest window they allow (a key group is quantized when complete)
+    **{f"kv2-kivi-g32-r32{sink}": (KVCacheSpec(2, "channel", group_size=32, residual=32, sink=1 if sink else 0),
+                                   f"KIVI-2 with a 32-token window{' and the sink token exact' if sink else ''}")
+       for sink in ("", "-sink1")},
 }
 for _name, (_spec, _text) in _KV.items():
     register(Scheme(_name, "reference", _text, options={"kv_cache": _spec.to_options()}))
