@@ -81,6 +81,27 @@ def _fp16_bytes(cells, model, protocol):
     return "-"
 
 
+def task_table(records: list[dict]) -> list[str]:
+    """SmolLM2's lm-eval cells under KV schemes (the same model path as perplexity)."""
+    rows = {}
+    for r in records:
+        if (r.get("status") == "ok" and r.get("model") == SMOLLM2 and r.get("task") not in ("ppl", "probes")
+                and r.get("scheme") in KV_SCHEMES + ["fp32"]):
+            rows[(r["task"], r["protocol"], r["scheme"])] = r["metrics"]
+    keys = sorted({(t, p) for (t, p, s) in rows if s != "fp32" and (t, p, "fp32") in rows})
+    lines = []
+    for task, protocol in keys:
+        lines += [f"SmolLM2-135M on `{protocol}` through lm-eval (n = {rows[(task, protocol, 'fp32')]['items']} "
+                  "items, one checkpoint):", "", "| scheme | accuracy | flip rate | recovery |", "|---|---:|---:|---:|",
+                  f"| fp32 | {rows[(task, protocol, 'fp32')]['accuracy']:.3f} | - | - |"]
+        for scheme in KV_SCHEMES:
+            m = rows.get((task, protocol, scheme))
+            if m:
+                lines.append(f"| {scheme} | {m['accuracy']:.3f} | {m['flip_rate']:.3f} | {m['recovery']:.3f} |")
+        lines.append("")
+    return lines
+
+
 def arm_of(model: str, zoo: dict) -> str:
     return (zoo.get(model) or {}).get("arm", model)
 
@@ -175,6 +196,7 @@ def kv_section(records: list[dict], zoo: dict | None = None) -> str:
              "exact, `-kivi-g32-r128` quantizes keys per channel over 32 tokens and keeps the last 128 tokens exact "
              "(README, \"Quantizing the KV cache\"). Formulas: `qbench list schemes`.", ""]
     lines += smollm2_table(cells)
+    lines += task_table(records)
     lines += arm_table(cells, zoo, "tiny-", "Tiny zoo, every arm")
     lines += arm_table(cells, zoo, "tiny-", "Tiny zoo, every arm, the more sensitive measure", metric="kl")
     lines += arm_table(cells, zoo, "bb-guo-cpu-", "Bigram-Backcopy (bb-guo-cpu, T = 64: a 128-token residual "

@@ -263,7 +263,11 @@ def test_kv_section_reports_n_and_range_and_names_a_lead_only_when_ranges_part()
                 record("tiny-b", "kv4", 101.0), record("tiny-b-s1", "kv4", 103.0),  # +1, +3: parts from a
                 record("tiny-a", "kv2", 150.0), record("tiny-a-s1", "kv2", 105.0),  # +50, +5
                 record("tiny-b", "kv2", 110.0), record("tiny-b-s1", "kv2", 110.0)]  # +10: overlaps a
+    task = {"model": "smollm2-135m", "task": "qbench_agreement", "status": "ok", "protocol": "lm-eval-x"}
+    records += [{**task, "scheme": "fp32", "metrics": {"accuracy": 0.9, "items": 200}},
+                {**task, "scheme": "kv4", "metrics": {"accuracy": 0.8, "flip_rate": 0.15, "recovery": 0.8 / 0.9}}]
     text = kv_section(records, zoo)
+    assert "| kv4 | 0.800 | 0.150 | 0.889 |" in text and "(n = 200 items" in text
     assert "| arm | kv4 | kv2 |" in text  # columns in KV_SCHEMES order
     assert "| softmax | +15.00 [+10.00, +20.00] (2) | +27.50 [+5.00, +50.00] (2) |" in text
     assert "- kv4: vga leads" in text and "softmax trails" not in text.split("- kv2")[1]
