@@ -16,7 +16,7 @@ from pathlib import Path
 
 KV_SCHEMES = ["kv8", "kv8-sink1", "kv4", "kv4-sink1", "kv2", "kv2-sink1", "kv2-g32", "kv2-g32-r128",
               "kv2-kivi-g32-r32", "kv2-kivi-g32-r32-sink1", "kv4-kivi-g32-r128", "kv2-kivi-g32-r128",
-              "kv2-kivi-g32-r128-sink1"]
+              "kv2-kivi-g32-r128-sink1", "w8a8-dyn", "w8a8-dyn-kv4", "w8a8-dyn-kv4-sink1"]  # composed: last
 SMOLLM2 = "smollm2-135m"
 
 
