@@ -88,5 +88,6 @@ check-generated: setup
 # Speed of the quantized paths as ratios against fp32 measured in the same run.
 perf: setup
 	$(PY) bench/perf_quant.py
+	$(PY) bench/perf_kv.py
 	$(PY) bench/direct.py --write results/PERF_QUANT.md
 	$(PY) bench/perf.py

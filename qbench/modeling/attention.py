@@ -191,6 +191,41 @@ def attend(arm: AttentionArm, q, k, v, gate=None, *, module=None, hooks=None):
     return context
 
 
+def attend_windowed(arm: AttentionArm, q, exact: tuple, quantized: tuple, window: int, *, module=None,
+                    hooks=None, hidden=None, scaling: float | None = None):
+    """Attention over a quantized KV cache whose most recent `window` tokens are exact:
+    query i reads key/value j exact while i - j < window, dequantized after (KIVI's
+    residual).  `exact` and `quantized` are (k, v, gate) each, k and v (B, H, T_k, D), gate
+    the arm's gate computed from those values (None for ungated arms).  The queries are
+    the last T_q positions; `hidden` (broadcastable to (B, H, T_q, T_k)) marks hidden keys,
+    None = causal.  The scores take each key exact or quantized per query; P V is
+    P V_q + (P * recent)(V - V_q), the same weighted sum split by where each value lives."""
+    k, v, gate = exact
+    k_q, v_q, gate_q = quantized
+    if arm.gate_position == "value":
+        v, v_q = gate * v, gate_q * v_q
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    rows = torch.arange(t_q, device=q.device)[:, None] + (t_k - t_q)
+    recent = (rows - torch.arange(t_k, device=q.device)[None, :]) < window  # (T_q, T_k)
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.where(recent, q @ k.transpose(-1, -2), q @ k_q.transpose(-1, -2)) * scaling  # (B, H, T_q, T_k)
+    hidden = future_mask(t_q, t_k, q.device) if hidden is None else hidden
+    scores = scores.masked_fill(hidden, float("-inf"))
+    if hooks is not None:
+        scores = hooks.scores(scores)
+    probs = arm.normalise(scores.float(), module).to(q.dtype)
+    if hooks is not None:
+        probs = hooks.probs(probs)
+        if hasattr(hooks, "first_column"):
+            hooks.first_column(probs[..., 0])
+    context = probs @ v_q + (probs * recent) @ (v - v_q)
+    if hooks is not None:
+        context = hooks.context(context)
+    if arm.gate_position == "output":  # the query's own value lies in its window: its exact gate
+        context = gate * context
+    return context
+
+
 def _arms(*arms: AttentionArm) -> dict[str, AttentionArm]:
     for arm in arms:
         if arm.normaliser not in NORMALISERS:

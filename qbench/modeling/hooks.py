@@ -1,11 +1,14 @@
 """The one attention hook protocol: quantizers, the low-precision kernel and the probes all
 attach to attention modules the same way, on qbench models and on stock Hugging Face models.
 
-Every attention module may carry two attributes:
+Every attention module may carry three attributes:
   `qbench_hooks`  an `AttentionHooks` object that sees (and may replace) the scores, the
                   weights P and the context P V, and observes P[..., 0] and the gates;
   `qbench_kernel` an `AttentionKernel` that computes the attention itself (the
-                  low-precision kernel); it reports P[..., 0] and gates to the hooks.
+                  low-precision kernel); it reports P[..., 0] and gates to the hooks;
+  `qbench_kv`     a KV cache quantizer (qbench.quant.kvcache): `quantize(k, v)` gives the
+                  keys and values (B, H_kv, T, D) as the cache holds them, and
+                  `exact_recent` the window of recent tokens each query reads exact.
 On qbench models `QBenchAttention` reads them directly; on stock HF models (Llama, GPT-2,
 ...) transformers' attention-function registry routes attention through
 `hf_attention` (an implementation named "qbench"), never by patching their forward.
@@ -74,16 +77,37 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
 
     hooks = getattr(module, "qbench_hooks", None)
     kernel = getattr(module, "qbench_kernel", None)
+    kv = getattr(module, "qbench_kv", None)
     if getattr(module, "qbench_arm", None) is not None:  # an arm retrofitted into the model
         from qbench.modeling.llama_arms import INPUT_KWARG, arm_attention
+
+        if kv is not None:  # the cache as stored: per KV head; a value-reading gate sees it too
+            if kv.exact_recent:
+                raise NotImplementedError("a KV cache with an exact recent window is not wired into retrofitted "
+                                          "arms; use a scheme without a window")
+            key, value = kv.quantize(key, value)
 
         context = arm_attention(module, query, key, value, attention_mask, scaling, hooks, kernel,
                                 kwargs.get(INPUT_KWARG))
         return context.transpose(1, 2).contiguous(), None
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # (B, H, T, D)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     hidden = hidden_keys(attention_mask, query.shape[-2], key.shape[-2], query.device)
+    if kv is not None:  # quantized per KV head, as the cache stores them (before the GQA repeat)
+        key_q, value_q = kv.quantize(key, value)
+        if kv.exact_recent:
+            if kernel is not None:
+                raise NotImplementedError("a KV cache with an exact recent window does not compose with the "
+                                          "low-precision attention kernel; use a window of 0")
+            from qbench.modeling.attention import attend_windowed
+
+            exact = (_repeat_kv(key, groups), _repeat_kv(value, groups), None)
+            quantized = (_repeat_kv(key_q, groups), _repeat_kv(value_q, groups), None)
+            context = attend_windowed(ATTENTION_ARMS["softmax"], query, exact, quantized, kv.exact_recent,
+                                      module=module, hooks=hooks, hidden=hidden, scaling=scaling)
+            return context.transpose(1, 2).contiguous(), None
+        key, value = key_q, value_q
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # (B, H, T, D)
     if kernel is not None:
         context = kernel.attend(query, key, value, arm=ATTENTION_ARMS["softmax"], module=module, gate_fn=None,
                                 scaling=scaling, hidden=hidden, hooks=hooks)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from qbench.modeling.attention import ATTENTION_ARMS, attend
+from qbench.modeling.attention import ATTENTION_ARMS, attend, attend_windowed
 from qbench.modeling.hooks import install_attention, notify_gate
 from qbench.modeling.config import QBenchConfig
 
@@ -65,12 +65,13 @@ class QBenchAttention(nn.Module):
             self.gate_proj = HeadwiseGate(self.n_head, self.head_dim, per_head)
         self.qbench_hooks = None  # AttentionHooks: quantizers / probes; None = fused path
         self.qbench_kernel = None  # AttentionKernel: replaces the float attention when set
+        self.qbench_kv = None  # KV cache quantizer: keys and values as the cache holds them
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, d) -> (B, H, T, D)
         return x.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
 
-    def gate(self, x: torch.Tensor, v_full: torch.Tensor) -> torch.Tensor | None:
+    def gate(self, x: torch.Tensor, v_full: torch.Tensor, notify: bool = True) -> torch.Tensor | None:
         """The arm's sigmoid gate, (B, H, T, 1 | D), or None for ungated arms; its input is
         the value projection (`v_full`, (B, T, d)), the head's slice of x, or x."""
         source = self.arm.gate_source
@@ -83,13 +84,27 @@ class QBenchAttention(nn.Module):
             logits = self.gate_proj(v_full if source == "value" else x)  # (B, T, H * per_head)
             logits = logits.view(b, t, self.n_head, -1).transpose(1, 2)
         gate = torch.sigmoid(logits)
-        notify_gate(self.qbench_hooks, self.layer_idx, gate)
+        if notify:
+            notify_gate(self.qbench_hooks, self.layer_idx, gate)
         return gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape  # x: the normed attention input (B, T, d)
         v_full = self.v_proj(x)
         q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(v_full)
+        if self.qbench_kv is not None:  # keys and values as a quantized cache holds them
+            k_q, v_q = self.qbench_kv.quantize(k, v)
+            window = self.qbench_kv.exact_recent
+            if window:
+                if self.qbench_kernel is not None:
+                    raise NotImplementedError("a KV cache with an exact recent window does not compose with the "
+                                              "low-precision attention kernel; use a window of 0")
+                v_q_full = v_q.transpose(1, 2).reshape(b, t, d)
+                context = attend_windowed(self.arm, q, (k, v, self.gate(x, v_full)),
+                                          (k_q, v_q, self.gate(x, v_q_full, notify=False)), window,
+                                          module=self, hooks=self.qbench_hooks)
+                return self.o_proj(context.transpose(1, 2).reshape(b, t, d))
+            k, v, v_full = k_q, v_q, v_q.transpose(1, 2).reshape(b, t, d)  # the gate reads V as cached
         if self.qbench_kernel is not None:
             context = self.qbench_kernel.attend(
                 q, k, v, arm=self.arm, module=self, gate_fn=lambda values: self.gate(x, values),

@@ -74,7 +74,13 @@ def apply_transform(model: torch.nn.Module, scheme: Scheme, calibration: Calibra
 
 def _quantize(model: torch.nn.Module, scheme: Scheme, calibration: CalibrationSource | None) -> dict:
     facts = apply_transform(model, scheme, calibration)
-    return {**facts, **_quantize_base(model, scheme, calibration)}
+    facts = {**facts, **_quantize_base(model, scheme, calibration)}
+    kv_spec = scheme.kv_cache()
+    if kv_spec is not None:  # keys and values as they enter the cache, after any weight/activation scheme
+        from qbench.quant.kvcache import install_kv_cache
+
+        facts.update(install_kv_cache(model, kv_spec))
+    return facts
 
 
 def _quantize_base(model: torch.nn.Module, scheme: Scheme, calibration: CalibrationSource | None) -> dict:

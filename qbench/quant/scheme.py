@@ -42,7 +42,7 @@ class Scheme:
         return hash(self.to_json())
 
     def summary(self) -> str:
-        if self.backend == "reference":
+        if self.backend == "reference" and not self.options.get("kv_cache"):
             return f"{self.dtype} reference, no quantization"
         weights = f"W{self.weight_bits} {self.weight_granularity}" if self.weight_bits else "weights fp"
         acts = (f"A{self.activation_bits} {self.activation_granularity} "
@@ -52,7 +52,19 @@ class Scheme:
         path = "real int8 matmul" if self.int8_matmul else ""
         calibration = (f", {self.options['calibration_batches']} calibration batches"
                        if "calibration_batches" in self.options else "")
-        return f"[{self.backend}] {weights}, {acts}{calibration}{', ' + path if path else ''}"
+        spec = self.kv_cache()
+        kv = (f"; {spec.formula()} [K+V bytes/token per 64-wide KV head: {spec.bytes_per_token(64):.1f}, "
+              f"{spec.bytes_per_token(64, 4096):.1f} at 4,096 tokens; fp16 256]") if spec else ""
+        if self.backend == "reference":
+            return f"[{self.dtype}] weights and activations fp{kv}"
+        return f"[{self.backend}] {weights}, {acts}{calibration}{', ' + path if path else ''}{kv}"
+
+    def kv_cache(self):
+        """The KV-cache quantization (qbench.quant.kvcache.KVCacheSpec), or None."""
+        from qbench.quant.kvcache import KVCacheSpec
+
+        options = self.options.get("kv_cache")
+        return KVCacheSpec.from_options(options) if options else None
 
 
 SCHEMES: dict[str, Scheme] = {}
@@ -191,3 +203,33 @@ for _g in (128, 64):
                     options={"method": "awq", "group_size": _g, "symmetric": False, "grid": 20, **_CAL}))
 register(Scheme("w4-hqq-g64", "weight_only", "HQQ 4-bit weights (the hqq library, no calibration), groups of 64",
                 weight_bits=4, weight_granularity="group", options={"method": "hqq", "group_size": 64}))
+
+# KV-cache quantization (issue 23): `options["kv_cache"]` holds a KVCacheSpec (qbench.quant.kvcache),
+# so a KV scheme composes with any weight/activation scheme and the schemes above keep their hashes.
+# Alone it rides on the fp32 reference; no calibration draw.
+from qbench.quant.kvcache import KVCacheSpec  # noqa: E402
+
+_KIVI = {"key_axis": "channel", "group_size": 32, "residual": 128}
+_KV = {  # name: (spec, what it is)
+    **{f"kv{b}": (KVCacheSpec(b), f"{b}-bit K and V per token over the whole head, every token quantized")
+       for b in (8, 4, 2)},
+    **{f"kv{b}-sink1": (KVCacheSpec(b, sink=1), f"kv{b} with the first (sink) token's K and V exact (IntactKV)")
+       for b in (8, 4, 2)},
+    **{f"kv{b}-kivi-g32-r128": (KVCacheSpec(b, **_KIVI),
+                                f"KIVI-{b}: keys per channel over groups of 32 tokens, values per token in groups of "
+                                f"32 channels, the last 128 tokens exact") for b in (4, 2)},
+    "kv2-kivi-g32-r128-sink1": (KVCacheSpec(2, sink=1, **_KIVI), "KIVI-2 with the sink token exact too"),
+    # KIVI-2's parts one at a time: groups of 32 channels per token, then the 128-token window
+    "kv2-g32": (KVCacheSpec(2, group_size=32), "2-bit K and V per token in groups of 32 channels"),
+    "kv2-g32-r128": (KVCacheSpec(2, group_size=32, residual=128), "kv2-g32 with the last 128 tokens exact"),
+    # per-channel keys with the shortest window they allow (a key group is quantized when complete)
+    **{f"kv2-kivi-g32-r32{sink}": (KVCacheSpec(2, "channel", group_size=32, residual=32, sink=1 if sink else 0),
+                                   f"KIVI-2 with a 32-token window{' and the sink token exact' if sink else ''}")
+       for sink in ("", "-sink1")},
+}
+for _name, (_spec, _text) in _KV.items():
+    register(Scheme(_name, "reference", _text, options={"kv_cache": _spec.to_options()}))
+for _name in ("kv4", "kv4-sink1"):
+    register(Scheme(f"w8a8-dyn-{_name}", "simulated", f"w8a8-dyn weights and activations, {_name} cache",
+                    weight_bits=8, weight_granularity="per_channel", activation_bits=8,
+                    activation_granularity="per_token", options={"kv_cache": _KV[_name][0].to_options()}))

@@ -8,6 +8,7 @@ checkpoints' mechanism logs; `qbench study --compute` first runs the plan's miss
 - prose.py: the discussion and README results text, filled from named values
 - writer.py: STUDY.md, section by section (a registry: `SECTIONS`)
 - retrofit.py: the retrofit section (arms fine-tuned into SmolLM2) from the records
+- kv.py: the KV-cache section (each arm's cache quantized) from the records
 """
 from qbench.study.mechanism import bb_quant_tables, bb_records_frame, mechanism_logs, mechanism_plot, mechanism_table
 from qbench.study.plan import StudyPlan, plan, run_study

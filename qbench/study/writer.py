@@ -333,8 +333,10 @@ def register_section(section: Callable[[list[dict]], str], before: SectionFuncti
     SECTIONS.insert(SECTIONS.index(before), from_records)
 
 
-from qbench.study.retrofit import retrofit_section  # noqa: E402  (sections of other parts of qbench)
+from qbench.study.kv import kv_section  # noqa: E402  (sections of other parts of qbench)
+from qbench.study.retrofit import retrofit_section  # noqa: E402
 
+register_section(kv_section)
 register_section(retrofit_section)
 
 
