@@ -17,3 +17,4 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 from qbench import modeling  # noqa: E402,F401  registers model_type "qbench" with transformers
+from qbench import retrofit  # noqa: E402,F401  registers retrofit folders (deltas on a base) with the zoo

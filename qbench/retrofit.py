@@ -463,3 +463,22 @@ def read_retrofit_config(folder: Path) -> dict:
     if not (folder / DELTAS_FILE).is_file():
         raise CheckpointError(f"{folder / DELTAS_FILE} is missing")
     return facts
+
+
+def retrofit_ref(name: str, folder: Path, entry: dict):
+    """The zoo's ModelRef of a retrofit folder: checked and hashed, loaded on demand."""
+    from qbench.zoo import ModelRef, file_hash
+
+    facts = read_retrofit_config(folder)
+    info = {"arm": f"{facts['arm']} (retrofit)", "preset": facts["recipe"]["name"], "seed": facts["seed"],
+            "base": facts["base"], **dict(entry)}
+    return ModelRef(name, file_hash(retrofit_files(folder)), info, None, lambda: load_retrofit(folder, name))
+
+
+def _register() -> None:
+    from qbench.zoo import register_folder_kind
+
+    register_folder_kind(CONFIG_FILE, retrofit_ref)
+
+
+_register()

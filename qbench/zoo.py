@@ -111,22 +111,20 @@ def _load_gguf(name: str, path: Path, entry: dict) -> LoadedModel:
     return LoadedModel(name, model.eval(), tokenizer, file_hash([path]), entry)
 
 
-def _retrofit_ref(name: str, folder: Path, entry: dict) -> ModelRef:
-    """A retrofit (qbench.retrofit): deltas on top of a base model, loaded on demand."""
-    from qbench.retrofit import load_retrofit, read_retrofit_config, retrofit_files
+# Folders of other kinds, found by a marker file and described by their own module (which
+# registers itself, so the zoo imports none of them): marker -> (name, folder, entry) -> ModelRef.
+FOLDER_KINDS: dict[str, object] = {}
 
-    facts = read_retrofit_config(folder)
-    info = {"arm": f"{facts['arm']} (retrofit)", "preset": facts["recipe"]["name"], "seed": facts["seed"],
-            "base": facts["base"], **dict(entry)}
-    return ModelRef(name, file_hash(retrofit_files(folder)), info, None, lambda: load_retrofit(folder, name))
+
+def register_folder_kind(marker: str, make_ref) -> None:
+    FOLDER_KINDS[marker] = make_ref
 
 
 def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     """Checks the folder's files and reads its config; the weights stay on disk."""
-    from qbench.retrofit import CONFIG_FILE as RETROFIT_CONFIG
-
-    if (folder / RETROFIT_CONFIG).is_file():
-        return _retrofit_ref(name, folder, entry)
+    for marker, make_ref in FOLDER_KINDS.items():  # e.g. retrofit.json (qbench.retrofit)
+        if (folder / marker).is_file():
+            return make_ref(name, folder, entry)
     import qbench  # noqa: F401  registers the qbench model type
     from transformers import AutoConfig
 

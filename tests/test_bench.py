@@ -174,7 +174,9 @@ def test_report_aggregates_hand_made_records(tmp_path):
     store = ResultStore(tmp_path)
 
     def put(model, scheme, task, metrics, protocol="p1"):
-        config = {"model": model, "scheme": scheme, "task": task, "protocol": protocol}
+        # the config's model is an object with its checkpoint hash, as in every real record (the schema)
+        config = {"model": {"name": model, "checkpoint_hash": "0" * 16}, "scheme": scheme, "task": task,
+                  "protocol": protocol}
         store.put({"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": task,
                    "protocol": protocol, "status": "ok", "metrics": metrics})
 
@@ -183,7 +185,8 @@ def test_report_aggregates_hand_made_records(tmp_path):
     put("b", "fp32", "ppl", {"ppl": 20.0})
     put("c", "fp32", "ppl", {"ppl": 30.0})
     for seed, ppl in enumerate([31.0, 33.0, 35.0]):  # three calibration draws
-        config = {"model": "c", "scheme": "w8a8-pt", "task": "ppl", "protocol": "p1", "calibration_seed": seed}
+        config = {"model": {"name": "c", "checkpoint_hash": "0" * 16}, "scheme": "w8a8-pt", "task": "ppl",
+                  "protocol": "p1", "calibration_seed": seed}
         store.put({"key": cell_key(config), "config": config, "model": "c", "scheme": "w8a8-pt", "task": "ppl",
                    "protocol": "p1", "status": "ok", "metrics": {"ppl": ppl}, "calibration_seed": seed})
     put("b", "w8a8-pt", "ppl", {"ppl": 21.0, "kl": 0.05, "top1_agreement": 0.95})

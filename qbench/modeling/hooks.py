@@ -11,7 +11,10 @@ Every attention module may carry three attributes:
                   `exact_recent` the window of recent tokens each query reads exact.
 On qbench models `QBenchAttention` reads them directly; on stock HF models (Llama, GPT-2,
 ...) transformers' attention-function registry routes attention through
-`hf_attention` (an implementation named "qbench"), never by patching their forward.
+`hf_attention` (an implementation named "qbench"), never by patching their forward.  A
+stock module into which an arm was retrofitted (qbench.modeling.llama_arms) also carries
+`qbench_arm_attention`, the function that computes its arm; `hf_attention` hands it the
+(KV-quantized) query, keys and values with the module's hooks and kernel.
 """
 from __future__ import annotations
 
@@ -78,17 +81,15 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     hooks = getattr(module, "qbench_hooks", None)
     kernel = getattr(module, "qbench_kernel", None)
     kv = getattr(module, "qbench_kv", None)
-    if getattr(module, "qbench_arm", None) is not None:  # an arm retrofitted into the model
-        from qbench.modeling.llama_arms import INPUT_KWARG, arm_attention
-
+    arm_attention = getattr(module, "qbench_arm_attention", None)
+    if arm_attention is not None:  # an arm retrofitted into the model (qbench.modeling.llama_arms)
         if kv is not None:  # the cache as stored: per KV head; a value-reading gate sees it too
             if kv.exact_recent:
                 raise NotImplementedError("a KV cache with an exact recent window is not wired into retrofitted "
                                           "arms; use a scheme without a window")
             key, value = kv.quantize(key, value)
 
-        context = arm_attention(module, query, key, value, attention_mask, scaling, hooks, kernel,
-                                kwargs.get(INPUT_KWARG))
+        context = arm_attention(module, query, key, value, attention_mask, scaling, hooks, kernel, kwargs)
         return context.transpose(1, 2).contiguous(), None
     groups = getattr(module, "num_key_value_groups", 1)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -55,11 +55,15 @@ def _pass_input(module, args, kwargs):
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    from qbench.quant.structure import residual_structure
-
-    if residual_structure(model).family != "llama":
-        raise ValueError(f"{type(model).__name__}: the retrofit takes a Llama-family Hugging Face model")
-    return [layer.self_attn for layer in model.model.layers]
+    """Every decoder layer's `self_attn` of a Llama-family HF model (q/k/v/o projections,
+    grouped-query attention); anything else is a clear error."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers or not all(all(hasattr(getattr(layer, "self_attn", None), p) for p in
+                                 ("q_proj", "k_proj", "v_proj", "o_proj", "num_key_value_groups", "config"))
+                             for layer in layers):
+        raise ValueError(f"{type(model).__name__}: the retrofit takes a Llama-family Hugging Face model "
+                         "(model.layers[i].self_attn with q/k/v/o projections)")
+    return [layer.self_attn for layer in layers]
 
 
 def install_arm(model: nn.Module, arm_name: str) -> list[nn.Module]:
@@ -74,6 +78,7 @@ def install_arm(model: nn.Module, arm_name: str) -> list[nn.Module]:
     ref = next(model.parameters())
     for module in modules:
         module.qbench_arm = arm
+        module.qbench_arm_attention = arm_attention  # called by hooks.hf_attention
         if arm.gate_source is not None:
             if arm.gate_source not in ("value", "input"):
                 raise ValueError(f"arm {arm_name}: gate source {arm.gate_source!r} has no retrofit layout")
@@ -111,10 +116,12 @@ def _gate(module: nn.Module, arm: AttentionArm, kv_values: torch.Tensor, x: torc
 
 def arm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, scaling: float | None, hooks, kernel,
-                  x: torch.Tensor | None) -> torch.Tensor:
+                  kwargs: dict) -> torch.Tensor:
     """The arm's attention for one Llama module; q (B, H, T_q, D), k/v (B, H_kv, T_k, D)
-    as the module hands them over.  Returns the context (B, H, T_q, D)."""
+    as the module hands them over; `kwargs` those of the attention call (the input X of an
+    input-gated arm arrives there).  Returns the context (B, H, T_q, D)."""
     arm: AttentionArm = module.qbench_arm
+    x = kwargs.get(INPUT_KWARG)
     groups = getattr(module, "num_key_value_groups", 1)
     t_q = query.shape[-2]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
