@@ -114,6 +114,12 @@ def _clipped(f: Facts):
             verdict(separation(a, s), "higher"))
 
 
+def _retrofit(f: Facts):
+    from qbench.study.retrofit import retrofit_claim
+
+    return retrofit_claim(f.records)
+
+
 CLAIMS = [
     Claim("VGA", "key-side VGA (Eq. 6) lowers attn. on BOS", "1", _mech_claim("bb", "vga", "attn_s", "lower")),
     Claim("VGA", "VGA stops the BOS value drain", "1", _mech_claim("bb", "vga", "val_s_ratio", "higher")),
@@ -121,6 +127,7 @@ CLAIMS = [
           _mech_claim("bb-guo-cpu", "vga_out", "attn_s", "lower")),
     Claim("VGA", "VGA has fewer activation outliers", "2", _outliers),
     Claim("VGA", "VGA loses less under W8A8", "2", _quant_claim("vga", PRIMARY_SCHEME)),
+    Claim("VGA", "gating repairs a pretrained model's outliers by fine-tuning", "r", _retrofit),
     Claim("qbench", "VGA loses less under 4-bit weights", "2", _quant_claim("vga", "w4-rtn-g64")),
     Claim("Guo", "1-layer softmax BB: attn. on BOS -> 1, V_BOS -> 0", "1b", _guo_sink),
     Claim("Gu", "softmax LMs sink; sigmoid attention does not", "3", _sigmoid),

@@ -83,6 +83,14 @@ def gate_dynamics(folder: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _pilot_tokens() -> str:
+    from qbench.retrofit import RECIPES
+
+    r = RECIPES["retrofit-pilot"]
+    return (f"{r.trainable} trained, {r.steps} steps of {r.batch_size} x {r.context} tokens = "
+            f"{r.steps * r.batch_size * r.context:,} tokens, one fine-tune seed")
+
+
 def retrofit_section(records: list[dict], models_dir: Path | None = None) -> str:
     """The section's markdown, or "" when the store holds no retrofitted model."""
     from qbench.paths import models_dir as default_models
@@ -90,7 +98,7 @@ def retrofit_section(records: list[dict], models_dir: Path | None = None) -> str
     models_dir = models_dir or default_models()
     cells = _cells(records)
     models = sorted({m for m, _ in cells if parse(m)}, key=lambda m: (parse(m)["recipe"], parse(m)["arm"], m))
-    lines = ["## Retrofit into SmolLM2", ""]
+    lines = ['## <a id="sr"></a>Retrofit into SmolLM2', ""]
     if not models:
         return ""  # no retrofit in this store: no section
     recipes = sorted({parse(m)["recipe"] for m in models})
@@ -99,8 +107,11 @@ def retrofit_section(records: list[dict], models_dir: Path | None = None) -> str
               f"`softmax` control has the same data order and steps and no new parameter. Relative perplexity "
               f"change (%) against each model's own fp32, protocol `{PROTOCOL}`; `a ± s (n=k)` is the mean and "
               f"sample standard deviation over k calibration draws. **Pilot** rows come from the CPU pilot "
-              f"(gates only, 61k tokens, one fine-tune seed): they check the pipeline and show the gates' "
-              f"dynamics; they are not the experiment, and the decision rule needs two fine-tune seeds.", ""]
+              f"(`retrofit-pilot`: {_pilot_tokens()}): they check the pipeline and show the gates' "
+              f"dynamics; they are not the experiment, and the decision rule needs two fine-tune seeds. "
+              f"Under a gates-only recipe the control has nothing to train, so it is the original model: a gated "
+              f"arm's fp32 change is what its gates learned on in-domain text, and its quantized change is "
+              f"measured against its own fp32.", ""]
     header = ["model", "fp32 ppl", "fp32 vs original %"] + SCHEMES
     rows = [header, ["---"] * len(header)]
     base_ppl = (cells.get((BASE, "fp32")) or [None])[0]
@@ -153,3 +164,31 @@ def retrofit_section(records: list[dict], models_dir: Path | None = None) -> str
         rows = [["model", "steps", "gate at BOS", "gate elsewhere", "lowest layer at BOS"], ["---"] * 5] + dyn
         lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     return "\n".join(lines)
+
+
+def retrofit_claim(records: list[dict]) -> tuple[str, str, str]:
+    """The claims table's row for "gating repairs a pretrained model by fine-tuning":
+    (evidence, n, verdict) for key-side vga against the control, by the decision rule."""
+    cells = _cells(records)
+    probes = _probe(records)
+    arms = {}
+    for (m, scheme), values in cells.items():
+        info = parse(m)
+        if info and scheme == PRIMARY:
+            arms.setdefault(info["arm"], {}).setdefault(info["seed"], []).extend(values)
+    if "vga" not in arms or "softmax" not in arms:
+        return "no retrofit records", "0", "untested"
+    vga = [v for vs in arms["vga"].values() for v in vs]
+    control = [v for vs in arms["softmax"].values() for v in vs]
+    seeds = min(len(arms["vga"]), len(arms["softmax"]))
+    acts = {a: [probes[m]["massive_activation_max"] for m in probes if (parse(m) or {}).get("arm") == a]
+            for a in ("vga", "softmax")}
+    text = (f"SmolLM2 + vga `{PRIMARY}` {statistics.mean(vga):+.0f}% vs control {statistics.mean(control):+.0f}% "
+            f"(ranges {min(vga):+.0f}..{max(vga):+.0f} / {min(control):+.0f}..{max(control):+.0f})")
+    if acts["vga"] and acts["softmax"]:
+        text += f"; massive act. {max(acts['vga']):.0f} vs {max(acts['softmax']):.0f}"
+    rule = decide(vga, control)
+    if seeds < 2:  # the rule needs two fine-tune seeds: a pilot can only be a lead
+        return text + " (CPU pilot, gates only)", f"{seeds} fine-tune seed", \
+            "lead" if rule.startswith("reduces") else "untested"
+    return text, f"{seeds} seeds x draws", "supported" if rule.startswith("reduces") else "not separated"
