@@ -202,7 +202,7 @@ def test_report_aggregates_hand_made_records(tmp_path):
     assert table.loc[("c", "w8a8-pt"), "delta_ppl"] == pytest.approx(3.0)
     summary, report = write_report(store)
     text = report.read_text()
-    assert "## Per scheme: w8a8-pt" in text and "plots/delta_ppl.png" in text and (tmp_path / "plots" / "delta_ppl.png").exists()
+    assert "<summary>Per scheme: w8a8-pt</summary>" in text and "plots/delta_ppl.png" in text  # folded details and (tmp_path / "plots" / "delta_ppl.png").exists()
     assert main(["compare", "--models", "a,b", "--scheme", "w8a8-pt", "--results", str(tmp_path)]) == 0
     assert main(["report", "--results", str(tmp_path), "--format", "html"]) == 0
     assert (tmp_path / "REPORT.html").exists()
