@@ -157,6 +157,23 @@ GATE_SOURCES = (None, "value", "input_head", "input")
 GATE_POSITIONS = (None, "value", "output")
 
 
+def hooked_context(normalise: Callable, scores: torch.Tensor, v: torch.Tensor, module=None, hooks=None,
+                   float_weights: bool = True):
+    """P V with P = normalise(masked scores), the hooks seeing (and replacing) the scores,
+    P (observing P[..., 0]) and the context.  scores (B, H, T_q, T_k), -inf where hidden;
+    v (B, H, T_k, D).  The explicit path of every arm, ours and stock HF modules alike;
+    `float_weights`: normalise in float32 (as transformers' eager attention does)."""
+    if hooks is not None:
+        scores = hooks.scores(scores)
+    probs = normalise(scores.float(), module).to(v.dtype) if float_weights else normalise(scores, module)
+    if hooks is not None:
+        probs = hooks.probs(probs)
+        if hasattr(hooks, "first_column"):
+            hooks.first_column(probs[..., 0])
+    context = probs @ v
+    return hooks.context(context) if hooks is not None else context
+
+
 def weighted_sum(normalise: Callable, q, k, v, module=None, hooks=None, fused_softmax: bool = False):
     """P V with P = normalise(masked scores).  (B, H, T, D)
 
@@ -169,16 +186,7 @@ def weighted_sum(normalise: Callable, q, k, v, module=None, hooks=None, fused_so
         out, first = first_column_sdpa(q, k, v)
         hooks.first_column(first)
         return out
-    scores = causal_scores(q, k)
-    if hooks is not None:
-        scores = hooks.scores(scores)
-    probs = normalise(scores, module)
-    if hooks is not None:
-        probs = hooks.probs(probs)
-        if hasattr(hooks, "first_column"):
-            hooks.first_column(probs[..., 0])
-    context = probs @ v
-    return hooks.context(context) if hooks is not None else context
+    return hooked_context(normalise, causal_scores(q, k), v, module, hooks, float_weights=False)
 
 
 def attend(arm: AttentionArm, q, k, v, gate=None, *, module=None, hooks=None):

@@ -76,7 +76,7 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                  **kwargs):
     """The softmax arm for stock HF attention modules, explicit, with the module's hooks and
     kernel (see the module docstring).  Returns (B, T, H, D) as transformers expects."""
-    from qbench.modeling.attention import ATTENTION_ARMS
+    from qbench.modeling.attention import ATTENTION_ARMS, hooked_context, softmax_weights
 
     hooks = getattr(module, "qbench_hooks", None)
     kernel = getattr(module, "qbench_kernel", None)
@@ -114,16 +114,7 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                                 scaling=scaling, hidden=hidden, hooks=hooks)
         return context.transpose(1, 2).contiguous(), None
     scores = ((query @ key.transpose(-1, -2)) * scaling).masked_fill(hidden, float("-inf"))  # (B, H, T, T)
-    if hooks is not None:
-        scores = hooks.scores(scores)
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    if hooks is not None:
-        probs = hooks.probs(probs)
-        if hasattr(hooks, "first_column"):
-            hooks.first_column(probs[..., 0])
-    context = probs @ value
-    if hooks is not None:
-        context = hooks.context(context)
+    context = hooked_context(softmax_weights, scores, value, module, hooks)
     return context.transpose(1, 2).contiguous(), None  # (B, T, H, D)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from qbench.modeling.attention import ATTENTION_ARMS, AttentionArm
+from qbench.modeling.attention import ATTENTION_ARMS, AttentionArm, hooked_context
 from qbench.modeling.hooks import hidden_keys, install_attention, notify_gate
 
 GATE_SCALE = 2.0  # g = 2 sigmoid(.): exactly 1 with zero weights
@@ -148,16 +148,7 @@ def arm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     if arm.gate_position == "value":
         value = gate * value
     scores = ((query @ key.transpose(-1, -2)) * scaling).masked_fill(hidden, float("-inf"))  # (B, H, T_q, T_k)
-    if hooks is not None:
-        scores = hooks.scores(scores)
-    probs = arm.normalise(scores.float(), module).to(query.dtype)
-    if hooks is not None:
-        probs = hooks.probs(probs)
-        if hasattr(hooks, "first_column"):
-            hooks.first_column(probs[..., 0])
-    context = probs @ value
-    if hooks is not None:
-        context = hooks.context(context)
+    context = hooked_context(arm.normalise, scores, value, module, hooks)
     if arm.gate_position == "output":
         context = gate * context
     return context
