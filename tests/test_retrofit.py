@@ -284,7 +284,8 @@ def test_the_study_section_applies_the_decision_rule_to_the_records(tmp_path):
     records += [ppl("smollm2-rf-pilot-vga-s0", "w8a8-pt", v, i) for i, v in enumerate([42.0, 42.0, 84.0])]
     text = retrofit_section(records, tmp_path)
     assert "| smollm2-rf-pilot-vga-s0 | 21.000 | +5.00 | +166.7 ± 115.5 (n=3) |" in text
-    assert "| pilot | vga | 3 | 3 | not shown" in text  # 84 / 21 = +300% lies above the control's +290%
+    # 84 / 21 = +300% lies above the control's +290%
+    assert "| pilot | vga | 1 | +300.0 / +290.0 (3 vs 3) | not shown" in text
 
 
 @pytest.mark.parametrize("arm", RETROFIT_ARMS)

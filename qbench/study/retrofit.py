@@ -75,6 +75,20 @@ def decide(arm_cells: list[float], control_cells: list[float]) -> str:
     return "not shown (the cells overlap or lie above the control's)"
 
 
+def _extremes(arm: list[float], control: list[float], fmt: str) -> str:
+    if not arm or not control:
+        return "-"
+    return f"{max(arm):{fmt}} / {min(control):{fmt}} ({len(arm)} vs {len(control)})"
+
+
+def _verdict(arm: list[float], control: list[float], seeds: int) -> str:
+    """The rule needs two fine-tune seeds; with fewer, cells that satisfy it are a lead."""
+    found = decide(arm, control)
+    if seeds < 2 and found.startswith("reduces"):
+        return "lead only: every cell below, but 1 fine-tune seed"
+    return found
+
+
 def gate_dynamics(folder: Path) -> list[dict]:
     path = folder / "gate_log.csv"
     if not path.exists():
@@ -133,8 +147,8 @@ def retrofit_section(records: list[dict], models_dir: Path | None = None) -> str
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     lines += ["Decision rule (written before the runs): arm X reduces the W8A8-pt loss only if every X cell lies "
               "below every control cell; the same for the massive activation.", ""]
-    rows = [["recipe", "arm", "W8A8-pt cells", "control cells", "verdict (W8A8-pt)", "massive act. verdict"],
-            ["---"] * 6]
+    rows = [["recipe", "arm", "seeds", "W8A8-pt %: arm max / control min (cells)", "verdict (W8A8-pt)",
+             "massive act.: arm max / control min", "verdict (massive act.)"], ["---"] * 7]
     for recipe in recipes:
         in_recipe = [m for m in models if parse(m)["recipe"] == recipe]
         control = [m for m in in_recipe if parse(m)["arm"] == "softmax"]
@@ -144,8 +158,10 @@ def retrofit_section(records: list[dict], models_dir: Path | None = None) -> str
             ms = [m for m in in_recipe if parse(m)["arm"] == arm]
             arm_cells = [c for m in ms for c in cells.get((m, PRIMARY), [])]
             act = [probes[m]["massive_activation_max"] for m in ms if m in probes]
-            rows.append([recipe, arm, str(len(arm_cells)), str(len(control_cells)), decide(arm_cells, control_cells),
-                         decide(act, control_act)])
+            seeds = min(len({parse(m)["seed"] for m in ms}), len({parse(m)["seed"] for m in control}))
+            rows.append([recipe, arm, str(seeds), _extremes(arm_cells, control_cells, "+.1f"),
+                         _verdict(arm_cells, control_cells, seeds), _extremes(act, control_act, ".6g"),
+                         _verdict(act, control_act, seeds)])
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     dyn = []
     for m in models:
