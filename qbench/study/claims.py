@@ -127,7 +127,7 @@ CLAIMS = [
           _mech_claim("bb-guo-cpu", "vga_out", "attn_s", "lower")),
     Claim("VGA", "VGA has fewer activation outliers", "2", _outliers),
     Claim("VGA", "VGA loses less under W8A8", "2", _quant_claim("vga", PRIMARY_SCHEME)),
-    Claim("VGA", "gating repairs a pretrained model's outliers by fine-tuning", "r", _retrofit),
+    Claim("VGA", "fine-tuned gates repair a pretrained model", "r", _retrofit),
     Claim("qbench", "VGA loses less under 4-bit weights", "2", _quant_claim("vga", "w4-rtn-g64")),
     Claim("Guo", "1-layer softmax BB: attn. on BOS -> 1, V_BOS -> 0", "1b", _guo_sink),
     Claim("Gu", "softmax LMs sink; sigmoid attention does not", "3", _sigmoid),

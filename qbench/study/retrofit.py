@@ -199,12 +199,10 @@ def retrofit_claim(records: list[dict]) -> tuple[str, str, str]:
     seeds = min(len(arms["vga"]), len(arms["softmax"]))
     acts = {a: [probes[m]["massive_activation_max"] for m in probes if (parse(m) or {}).get("arm") == a]
             for a in ("vga", "softmax")}
-    text = (f"SmolLM2 + vga `{PRIMARY}` {statistics.mean(vga):+.0f}% vs control {statistics.mean(control):+.0f}% "
-            f"(ranges {min(vga):+.0f}..{max(vga):+.0f} / {min(control):+.0f}..{max(control):+.0f})")
+    text = f"SmolLM2+vga pt {statistics.mean(vga):+.0f}% vs ctrl {statistics.mean(control):+.0f}%"
     if acts["vga"] and acts["softmax"]:
-        text += f"; massive act. {max(acts['vga']):.0f} vs {max(acts['softmax']):.0f}"
+        text += f"; massive {max(acts['vga']):.0f} vs {max(acts['softmax']):.0f}"
     rule = decide(vga, control)
     if seeds < 2:  # the rule needs two fine-tune seeds: a pilot can only be a lead
-        return text + " (CPU pilot, gates only)", f"{seeds} fine-tune seed", \
-            "lead" if rule.startswith("reduces") else "untested"
-    return text, f"{seeds} seeds x draws", "supported" if rule.startswith("reduces") else "not separated"
+        return text + " (pilot)", f"{seeds} seed", "lead" if rule.startswith("reduces") else "untested"
+    return text, f"{seeds} seeds", "supported" if rule.startswith("reduces") else "not separated"
