@@ -301,7 +301,7 @@ def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, 
     model.to(device).train()
     data = RetrofitData(loaded.tokenizer, recipe.corpus, recipe.context, recipe.batch_size)
     generator = torch.Generator().manual_seed(seed)  # data order: the seed's, whatever the arm
-    probe_batch = RetrofitData.batch(data, torch.Generator().manual_seed(1234))[:2].to(device)
+    probe_batch = data.batch(torch.Generator().manual_seed(1234))[:2].to(device)  # fixed windows for the gate log
     optimizer = _optimizer(model, names, recipe) if names else None
     out.mkdir(parents=True, exist_ok=True)
     meta = {"base": base, "base_checkpoint_hash": ref.checkpoint_hash, "arm": arm, "seed": seed,
