@@ -52,6 +52,7 @@ from gpu_zoo import cmd_fetch, pack  # noqa: E402
 from train_queue import checkpoint_name  # noqa: E402
 
 from qbench.modeling.attention import ATTENTION_ARMS  # noqa: E402
+from qbench.archive import safe_extract  # noqa: E402
 
 # The study's arms: the five of the issue first (the VGA forms, their contrasts, IGA), then
 # the new normalisers.
@@ -81,7 +82,7 @@ def restore(work: Path, folder: str | None) -> list[str]:
     for tar in sorted(Path(folder).glob("*.partial.tar")) if folder and Path(folder).is_dir() else []:
         with tarfile.open(tar) as t:
             name = t.getnames()[0].split("/")[0]
-            t.extractall(work / "ckpt", filter="data")
+            safe_extract(t, work / "ckpt")
         names.append(name)
     return names
 

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_queue import checkpoint_name, done, queue  # noqa: E402
 
 from qbench.modeling.attention import ATTENTION_ARMS  # noqa: E402
+from qbench.archive import safe_extract  # noqa: E402
 
 # every registered arm; runs whose checkpoint is already in models/ are not trained again
 SMALL_ARMS = list(ATTENTION_ARMS)
@@ -175,7 +176,7 @@ def cmd_unpack(args) -> int:
             if (models / name / "model.safetensors").exists():
                 print(f"[keep] {models / name} exists; {tar.name} not unpacked")
                 continue
-            t.extractall(models, filter="data")
+            safe_extract(t, models)
             print(f"[new] {models / name}")
     return 0
 
