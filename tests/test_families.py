@@ -234,3 +234,13 @@ def test_observers_see_what_the_hooks_before_them_made_and_leave_them_in_place(f
     torch.testing.assert_close(half["probs"], torch.softmax(half["scores"].float(), -1))  # P from those scores
     if family == "qbench":  # gated: both the observer and the hooks before it see every layer's gate
         assert half["gates"] == list(range(LAYERS)) and inner[0].gates == [0] and inner[1].gates == [1]
+
+
+def test_windows_start_with_bos_else_eos():
+    from types import SimpleNamespace
+
+    from qbench.modeling.families import first_token_id
+
+    assert first_token_id(SimpleNamespace(bos_token_id=1, eos_token_id=2)) == 1
+    assert first_token_id(SimpleNamespace(bos_token_id=None, eos_token_id=50256)) == 50256  # GPT-2's tokenizer
+    assert first_token_id(SimpleNamespace(bos_token_id=None, eos_token_id=None)) is None

@@ -16,7 +16,8 @@ Three families, each a `Family` record of attribute paths, recognised by having 
           linears; attention and probe sites only: no transform places scales inside a
           fused projection.
 
-Anything else is a clear error naming these.  A new family is one `Family` entry.
+Anything else is a clear error naming these.  A new family is one `Family` entry.  Every
+window starts with `first_token_id(tokenizer)` (BOS, else EOS).
 
 Paths: `layers`, `embeddings`, `final_norm` and `residual_sums` are inside the base model
 (`model.base_model`: `model.model` of a causal LM, `transformer` for GPT-2); the others
@@ -159,6 +160,17 @@ def residual_sums(model: nn.Module) -> list[str]:
         names += [f"{family.layers}.{i}.{s}" for s in (family.attention_residual, family.mlp_residual) if s]
     prefix = _name_of(model, base_model(model))
     return [_join(prefix, name) for name in names]
+
+
+def first_token_id(tokenizer) -> int | None:
+    """The token every evaluated or calibration window starts with (where sinks form):
+    the tokenizer's BOS, else its EOS (GPT-2-style tokenizers have only `<|endoftext|>`),
+    else None."""
+    for attr in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return None
 
 
 # -- the residual stream as the transforms see it ---------------------------------------
