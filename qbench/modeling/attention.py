@@ -14,7 +14,9 @@ An arm (`AttentionArm`) names
 
 `attend()` is the float path of every arm; the low-precision kernel
 (`qbench.quant.lowbit_attention`) composes the same normaliser and gate with integer
-matmuls. Adding an arm is one `AttentionArm` entry (plus its normaliser if new).
+matmuls. Adding an arm is one `AttentionArm` entry (plus its normaliser if new, and the
+learnable tensors that normaliser reads in `NORMALISER_PARAMETERS`: the qbench model and
+the retrofit create them from there).
 
 Shapes: q, k, v are (B, H, T, D); gates are (B, H, T, 1) (one per head per token) or
 (B, H, T, D) (elementwise); the result is the per-head context (B, H, T, D) before the
@@ -268,8 +270,9 @@ def attend_windowed(arm: AttentionArm, q, exact: tuple, quantized: tuple, window
 
 
 def _arms(*arms: AttentionArm) -> dict[str, AttentionArm]:
-    if not set(NORMALISER_PARAMETERS) <= set(NORMALISERS):
-        raise ValueError(f"parameters declared for unknown normalisers: {set(NORMALISER_PARAMETERS) - set(NORMALISERS)}")
+    unknown = set(NORMALISER_PARAMETERS) - set(NORMALISERS)
+    if unknown:
+        raise ValueError(f"parameters declared for unknown normalisers: {sorted(unknown)}")
     for arm in arms:
         if arm.normaliser not in NORMALISERS:
             raise ValueError(f"arm {arm.name}: unknown normaliser {arm.normaliser!r}")
