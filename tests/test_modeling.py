@@ -53,3 +53,24 @@ def test_sequence_longer_than_positions_is_a_clear_error():
     model = QBenchForCausalLM(small_config())
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.zeros(1, 40, dtype=torch.long))
+
+
+def test_arm_parameters_are_declared_by_the_arm_and_keep_their_state_dict_names():
+    """sink_logit is the normaliser's declared parameter: created per query head at its
+    init in a qbench model, at its neutral value in a retrofit, and nowhere else."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qbench.modeling.attention import ATTENTION_ARMS
+    from qbench.modeling.llama_arms import arm_parameter_names, install_arm
+
+    (sink,) = ATTENTION_ARMS["sink_logit"].parameters
+    assert sink.name == "sink_logit" and all(not a.parameters for n, a in ATTENTION_ARMS.items() if n != "sink_logit")
+    state = QBenchForCausalLM(small_config(attention="sink_logit")).state_dict()
+    assert [k for k in state if "sink" in k] == ["model.layers.0.attn.sink_logit", "model.layers.1.attn.sink_logit"]
+    assert all(torch.equal(state[k], torch.full((2,), sink.init)) for k in state if "sink" in k)
+    assert not [k for k in QBenchForCausalLM(small_config(attention="softmax")).state_dict() if "sink" in k]
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    install_arm(llama, "sink_logit")
+    assert arm_parameter_names(llama) == ["model.layers.0.self_attn.sink_logit"]
+    assert torch.equal(llama.model.layers[0].self_attn.sink_logit.data, torch.full((4,), sink.neutral))

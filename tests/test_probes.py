@@ -216,3 +216,32 @@ def test_batched_layer_statistics_equal_the_per_site_definitions():
         if site in ("attn_input", "ffn_input") and big.any():
             assert torch.equal(probe.feature_hits[(0, site)], big.sum(dim=(0, 1)))
     assert probe.count6 == count > 0
+
+
+def test_mechanism_metrics_on_a_llama_model_and_its_retrofit_at_identity():
+    """Through the families module bb_mechanism reads stock models too (grouped-query
+    values): a retrofitted vga gate at its identity init (2 sigmoid(0) = 1) measures what
+    the plain model measures, and the attention implementation is restored."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qbench.modeling.llama_arms import install_arm
+    from qbench.probes.mechanism import bb_mechanism
+
+    def llama():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+
+    tokens = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 1
+    plain = llama()
+    implementation = plain.config._attn_implementation
+    base = bb_mechanism(plain, tokens, lambda x: x % 7 == 0)
+    assert plain.config._attn_implementation == implementation
+    retrofit = llama()
+    install_arm(retrofit, "vga")
+    gated = bb_mechanism(retrofit, tokens, lambda x: x % 7 == 0)
+    assert gated["gate_bos"] == gated["gate_others"] == 1.0
+    for key in ("attn_s", "delta_logit_s", "val_s", "val_s_ratio"):
+        assert gated[key] == pytest.approx(base[key], rel=1e-5), key
+    assert gated["val_s_eff"] == pytest.approx(gated["val_s"], rel=1e-6)

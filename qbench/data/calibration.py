@@ -6,6 +6,7 @@ import torch
 
 from qbench.data.corpus import load_corpus
 from qbench.data.tokens import cached_split_ids, random_windows
+from qbench.modeling.families import first_token_id
 
 
 def calibration_source(corpus_spec: str, tokenizer, window: int, bigram_backcopy: bool = False):
@@ -19,7 +20,7 @@ def calibration_source(corpus_spec: str, tokenizer, window: int, bigram_backcopy
             task = BigramBackcopy("".join(corpus.train))
             return [task.sample(batch_size, window, generator) for _ in range(n_batches)]
         ids = cached_split_ids(corpus, "train", tokenizer)
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [random_windows(ids, batch_size, window, bos, generator) for _ in range(n_batches)]
+        first = first_token_id(tokenizer)
+        return [random_windows(ids, batch_size, window, first, generator) for _ in range(n_batches)]
 
     return batches

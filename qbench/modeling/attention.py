@@ -14,7 +14,9 @@ An arm (`AttentionArm`) names
 
 `attend()` is the float path of every arm; the low-precision kernel
 (`qbench.quant.lowbit_attention`) composes the same normaliser and gate with integer
-matmuls. Adding an arm is one `AttentionArm` entry (plus its normaliser if new).
+matmuls. Adding an arm is one `AttentionArm` entry (plus its normaliser if new, and the
+learnable tensors that normaliser reads in `NORMALISER_PARAMETERS`: the qbench model and
+the retrofit create them from there).
 
 Shapes: q, k, v are (B, H, T, D); gates are (B, H, T, 1) (one per head per token) or
 (B, H, T, D) (elementwise); the result is the per-head context (B, H, T, D) before the
@@ -133,6 +135,34 @@ NORMALISERS: dict[str, Callable] = {
 
 
 @dataclass(frozen=True)
+class ArmParameter:
+    """A learnable tensor a normaliser reads from the attention module (`module.<name>`;
+    the name is its state-dict name too).  `shape(config)` from the model's config; `init`
+    its value when a model is created; `neutral` the value at which the arm computes plain
+    softmax to float32 rounding, where a retrofit into a trained model starts."""
+
+    name: str
+    shape: Callable
+    init: float
+    neutral: float
+
+    def create(self, config, value: float, device=None, dtype=None) -> torch.nn.Parameter:
+        return torch.nn.Parameter(torch.full(self.shape(config), value, device=device, dtype=dtype))
+
+
+def per_query_head(config) -> tuple[int, ...]:
+    return (config.num_attention_heads,)
+
+
+# normaliser -> the parameters it reads.  sink_logit: 0 at init is "off-by-one"
+# (exp(0) = 1 in the denominator); -30 is exp(-30) = 9e-14 of a row whose largest score is
+# 0 (a finite logit cannot be an exact identity; within float32 rounding, still trainable).
+NORMALISER_PARAMETERS: dict[str, tuple[ArmParameter, ...]] = {
+    "sink_logit": (ArmParameter("sink_logit", per_query_head, init=0.0, neutral=-30.0),),
+}
+
+
+@dataclass(frozen=True)
 class AttentionArm:
     name: str
     # key of NORMALISERS
@@ -151,6 +181,11 @@ class AttentionArm:
     @property
     def normalise(self) -> Callable:
         return NORMALISERS[self.normaliser]
+
+    @property
+    def parameters(self) -> tuple[ArmParameter, ...]:
+        """The learnable tensors its normaliser reads (the gate is a module of its own)."""
+        return NORMALISER_PARAMETERS.get(self.normaliser, ())
 
 
 GATE_SOURCES = (None, "value", "input_head", "input")
@@ -235,6 +270,9 @@ def attend_windowed(arm: AttentionArm, q, exact: tuple, quantized: tuple, window
 
 
 def _arms(*arms: AttentionArm) -> dict[str, AttentionArm]:
+    unknown = set(NORMALISER_PARAMETERS) - set(NORMALISERS)
+    if unknown:
+        raise ValueError(f"parameters declared for unknown normalisers: {sorted(unknown)}")
     for arm in arms:
         if arm.normaliser not in NORMALISERS:
             raise ValueError(f"arm {arm.name}: unknown normaliser {arm.normaliser!r}")

@@ -1,5 +1,7 @@
 """The one attention hook protocol: quantizers, the low-precision kernel and the probes all
-attach to attention modules the same way, on qbench models and on stock Hugging Face models.
+attach to attention modules the same way, on qbench models and on stock Hugging Face models
+(which modules those are: qbench.modeling.families).  Observers (the probes) chain after
+the hooks already there through `ObserverHooks` and `observing`.
 
 Every attention module may carry three attributes:
   `qbench_hooks`  an `AttentionHooks` object that sees (and may replace) the scores, the
@@ -18,10 +20,13 @@ stock module into which an arm was retrofitted (qbench.modeling.llama_arms) also
 """
 from __future__ import annotations
 
-from typing import Protocol
+from contextlib import contextmanager
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
+
+from qbench.modeling.families import attention_modules, family_of
 
 IMPLEMENTATION = "qbench"
 
@@ -126,17 +131,79 @@ def _register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, eager_mask)
 
 
-def hf_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The attention modules of a stock HF model: those that hold q/k/v projections."""
-    return [m for m in model.modules()
-            if type(m).__name__.endswith("Attention") and any(hasattr(m, n) for n in ("q_proj", "c_attn", "qkv_proj"))]
-
-
 def install_attention(model: nn.Module) -> list[nn.Module]:
     """Route a stock HF model's attention through `hf_attention`; returns its modules."""
-    modules = hf_attention_modules(model)
-    if not modules:
-        raise NotImplementedError(f"{type(model).__name__}: no attention modules found for the qbench attention")
+    modules = attention_modules(model)
     _register()
     model.set_attn_implementation(IMPLEMENTATION)
     return modules
+
+
+def attention_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer index, attention module) for every attention of a qbench or stock HF model,
+    each ready to take `qbench_hooks` / `qbench_kernel` (stock models are switched to the
+    "qbench" implementation)."""
+    modules = attention_modules(model) if family_of(model).native else install_attention(model)
+    return list(enumerate(modules))
+
+
+# -- observers chained after the hooks already there ------------------------------------
+
+class ObserverHooks(nn.Module):
+    """Hooks that observe and replace nothing, chained after the hooks already on a module
+    (`inner`, a quantizer's, or None): each tensor passes through `inner` first, so an
+    observer of a quantized model sees what it computes.  Subclasses override the
+    `observe_*` methods they need.  An nn.Module because `qbench_hooks` may have held one
+    (a quantizer's) before.  `first_column_only`: the observer needs nothing but P[..., 0]
+    and the gates (only true with no inner hooks: those may need P itself)."""
+
+    def __init__(self, inner=None, first_column_only: bool = False):
+        super().__init__()
+        self.inner = inner
+        self.first_column_only = first_column_only and inner is None
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inner.scores(x) if self.inner is not None else x
+        self.observe_scores(x)
+        return x
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inner.probs(x) if self.inner is not None else x
+        self.observe_probs(x)
+        return x
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.context(x) if self.inner is not None else x
+
+    def first_column(self, x: torch.Tensor) -> None:
+        if self.inner is not None and hasattr(self.inner, "first_column"):
+            self.inner.first_column(x)
+        self.observe_first_column(x)
+
+    def gate(self, layer: int, g: torch.Tensor) -> None:
+        self.observe_gate(layer, g)
+        notify_gate(self.inner, layer, g)
+
+    def observe_scores(self, x: torch.Tensor) -> None: ...  # (B, H, T_q, T_k)
+    def observe_probs(self, x: torch.Tensor) -> None: ...  # (B, H, T_q, T_k)
+    def observe_first_column(self, x: torch.Tensor) -> None: ...  # (B, H, T_q)
+    def observe_gate(self, layer: int, g: torch.Tensor) -> None: ...  # (B, H, T, 1 | D)
+
+
+@contextmanager
+def observing(model: nn.Module, make_observer: Callable[[int, nn.Module, object], ObserverHooks]):
+    """For the `with` block, every attention module carries `make_observer(layer index,
+    module, its hooks until now)`; yields the (index, module) pairs.  Afterwards the hooks
+    are restored, and a stock model's attention implementation too."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    layers = attention_layers(model)  # switches stock HF models to the qbench implementation
+    saved = [(module, getattr(module, "qbench_hooks", None)) for _, module in layers]
+    for (index, module), (_, inner) in zip(layers, saved):
+        module.qbench_hooks = make_observer(index, module, inner)
+    try:
+        yield layers
+    finally:
+        for module, inner in saved:
+            module.qbench_hooks = inner
+        if previous is not None and getattr(model.config, "_attn_implementation", None) != previous:
+            model.set_attn_implementation(previous)

@@ -7,13 +7,14 @@ their forward.  What is added to each `self_attn`:
 
   `qbench_arm`   the `AttentionArm` (its normaliser and gate source/position)
   `qbench_gate`  a `GateLinear` (quantizers leave it in full precision, like every gate)
-  `sink_logit`   one logit per query head (the `sink_logit` normaliser reads it)
+  and the parameters its normaliser declares (`AttentionArm.parameters`: `sink_logit`,
+  one logit per query head)
 
 The retrofit must not change the model at step 0, so the gate is
-`g = 2 * sigmoid(Z W + b)` with W = 0 and b = 0: exactly 1 at init, range (0, 2); the sink
-logit starts at `SINK_INIT` = -30, whose exp is 9e-14 of a row whose largest score is 0
-(a finite logit cannot be an exact identity; -30 is within float32 rounding and still
-trainable).  Layout under grouped-query attention (SmolLM2: 9 query heads, 3 KV heads):
+`g = 2 * sigmoid(Z W + b)` with W = 0 and b = 0: exactly 1 at init, range (0, 2); a
+normaliser's parameters start at their declared `neutral` value (the sink logit at -30,
+whose exp is 9e-14 of a row whose largest score is 0).  Layout under grouped-query
+attention (SmolLM2: 9 query heads, 3 KV heads):
 
   vga      key side, gate from the layer's value projection V (B, T, H_kv * D) -> one gate
            per KV head per token: a token gates its value once, for the 3 query heads that
@@ -29,10 +30,10 @@ import torch
 import torch.nn as nn
 
 from qbench.modeling.attention import ATTENTION_ARMS, AttentionArm, hooked_context
+from qbench.modeling.families import UnsupportedModel, attention_modules, family_of
 from qbench.modeling.hooks import hidden_keys, install_attention, notify_gate
 
 GATE_SCALE = 2.0  # g = 2 sigmoid(.): exactly 1 with zero weights
-SINK_INIT = -30.0
 RETROFIT_ARMS = ("softmax", "vga", "vga_out", "qwen_g1", "vga_x", "sink_logit")
 INPUT_KWARG = "qbench_input"  # the normed layer input, handed to the attention function
 
@@ -54,16 +55,17 @@ def _pass_input(module, args, kwargs):
     return args, kwargs
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Every decoder layer's `self_attn` of a Llama-family HF model (q/k/v/o projections,
-    grouped-query attention); anything else is a clear error."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not layers or not all(all(hasattr(getattr(layer, "self_attn", None), p) for p in
-                                 ("q_proj", "k_proj", "v_proj", "o_proj", "num_key_value_groups", "config"))
-                             for layer in layers):
-        raise ValueError(f"{type(model).__name__}: the retrofit takes a Llama-family Hugging Face model "
-                         "(model.layers[i].self_attn with q/k/v/o projections)")
-    return [layer.self_attn for layer in layers]
+def _retrofit_modules(model: nn.Module) -> list[nn.Module]:
+    """Every decoder layer's attention module of a model whose family takes a retrofit
+    (qbench.modeling.families: stock q/k/v/o attention, grouped-query heads)."""
+    try:
+        family = family_of(model)
+    except UnsupportedModel as err:
+        raise ValueError(f"the retrofit takes a Llama-family Hugging Face model: {err}") from err
+    if not family.retrofit:
+        raise ValueError(f"{type(model).__name__} ({family.name} family): the retrofit takes a Llama-family "
+                         "Hugging Face model (q/k/v/o projections, grouped-query attention)")
+    return attention_modules(model)
 
 
 def install_arm(model: nn.Module, arm_name: str) -> list[nn.Module]:
@@ -74,7 +76,7 @@ def install_arm(model: nn.Module, arm_name: str) -> list[nn.Module]:
     from qbench.modeling.model import GateLinear
 
     arm = ATTENTION_ARMS[arm_name]
-    modules = attention_modules(model)
+    modules = _retrofit_modules(model)
     ref = next(model.parameters())
     for module in modules:
         module.qbench_arm = arm
@@ -88,16 +90,16 @@ def install_arm(model: nn.Module, arm_name: str) -> list[nn.Module]:
             module.qbench_gate = gate.to(device=ref.device, dtype=ref.dtype)
             if arm.gate_source == "input":
                 module._qbench_input_hook = module.register_forward_pre_hook(_pass_input, with_kwargs=True)
-        if arm.normaliser == "sink_logit":
-            module.sink_logit = nn.Parameter(torch.full((module.config.num_attention_heads,), SINK_INIT,
-                                                        device=ref.device, dtype=ref.dtype))
+        for parameter in arm.parameters:  # at the value that leaves the model unchanged
+            setattr(module, parameter.name, parameter.create(module.config, parameter.neutral, ref.device, ref.dtype))
     install_attention(model)
     return modules
 
 
 def arm_parameter_names(model: nn.Module) -> list[str]:
     """The names of the parameters `install_arm` added (what the gates-only fine-tune trains)."""
-    return [n for n, _ in model.named_parameters() if ".qbench_gate." in n or n.endswith(".sink_logit")]
+    added = {f".{p.name}" for arm in ATTENTION_ARMS.values() for p in arm.parameters}
+    return [n for n, _ in model.named_parameters() if ".qbench_gate." in n or n.endswith(tuple(added))]
 
 
 def _gate(module: nn.Module, arm: AttentionArm, kv_values: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from qbench.modeling.attention import ATTENTION_ARMS, attend, attend_windowed
-from qbench.modeling.hooks import install_attention, notify_gate
+from qbench.modeling.hooks import attention_layers, notify_gate  # noqa: F401  attention_layers: re-exported
 from qbench.modeling.config import QBenchConfig
 
 
@@ -50,9 +50,8 @@ class QBenchAttention(nn.Module):
         self.clip_alpha = config.clip_alpha  # read by the clipped-softmax normaliser only
         # sigmoid attention's bias b = -log(n), n the context length (a constant, not a weight)
         self.sigmoid_bias = -math.log(config.max_position_embeddings)
-        if self.arm.normaliser == "sink_logit":
-            # one learnable logit per head in the softmax denominator; 0 = "off-by-one" at init
-            self.sink_logit = nn.Parameter(torch.zeros(config.n_head))
+        for parameter in self.arm.parameters:  # what the normaliser reads (sink_logit's per-head logit)
+            setattr(self, parameter.name, parameter.create(config, parameter.init))
         d = config.d_model
         self.q_proj = nn.Linear(d, d)
         self.k_proj = nn.Linear(d, d)
@@ -163,8 +162,9 @@ class QBenchPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()
-        elif isinstance(module, QBenchAttention) and hasattr(module, "sink_logit"):
-            module.sink_logit.zero_()
+        elif isinstance(module, QBenchAttention):
+            for parameter in module.arm.parameters:
+                getattr(module, parameter.name).fill_(parameter.init)
 
 
 class QBenchModel(QBenchPreTrainedModel):
@@ -231,12 +231,3 @@ class QBenchForCausalLM(QBenchPreTrainedModel):
             )
         return CausalLMOutput(loss=loss, logits=logits)
 
-
-def attention_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """(layer index, attention module) for every attention of a qbench or stock HF model,
-    each ready to take `qbench_hooks` / `qbench_kernel` (stock models are switched to the
-    "qbench" implementation, see qbench.modeling.hooks)."""
-    ours = [m for m in model.modules() if isinstance(m, QBenchAttention)]
-    if ours:
-        return [(m.layer_idx, m) for m in ours]
-    return list(enumerate(install_attention(model)))

@@ -5,59 +5,31 @@ from contextlib import contextmanager
 
 import torch
 
+from qbench.modeling.hooks import ObserverHooks, observing
 from qbench.probes.stats import ActivationProbe, AttentionProbe, GateProbe
 
 
-class ObservingHooks(torch.nn.Module):
-    """Attention hooks that report P[..., 0] and the gates, delegating to the hooks already
-    there (a quantizer's), so probes on a quantized model see quantized probabilities.
-    With no inner hooks only token 0's column is needed: `first_column_only` lets the
-    attention keep its fused path (or the kernel its blocks) and hand over P[..., 0] alone."""
+class SinkObserver(ObserverHooks):
+    """P[..., 0] to the attention probe and the gates to the gate probe, after the hooks
+    already there (a quantizer's), so probes on a quantized model see quantized
+    probabilities.  With no inner hooks only token 0's column is needed: the attention
+    keeps its fused path (or the kernel its blocks) and hands over P[..., 0] alone."""
 
     def __init__(self, inner, on_first_column, on_gate):
-        super().__init__()
-        self.inner, self.on_first_column, self.on_gate = inner, on_first_column, on_gate
-        self.first_column_only = inner is None
-
-    def first_column(self, first):
-        self.on_first_column(first)
-
-    def gate(self, layer, g):
-        self.on_gate(layer, g)
-        if self.inner is not None and hasattr(self.inner, "gate"):
-            self.inner.gate(layer, g)
-
-    def scores(self, x):
-        return self.inner.scores(x) if self.inner is not None else x
-
-    def probs(self, x):
-        return self.inner.probs(x) if self.inner is not None else x
-
-    def context(self, x):
-        return self.inner.context(x) if self.inner is not None else x
+        super().__init__(inner, first_column_only=True)
+        self.observe_first_column, self.observe_gate = on_first_column, on_gate
 
 
 @contextmanager
 def attach_probes(model: torch.nn.Module):
     """Yields (activation, attention, gate) probes; restores the model afterwards."""
-    from qbench.modeling.model import attention_layers
-
     activation, attention, gates = ActivationProbe(model), AttentionProbe(), GateProbe()
-    previous = getattr(model.config, "_attn_implementation", None)
-    layers = attention_layers(model)  # switches stock HF models to the qbench implementation
-    restore = []
-    for index, module in layers:
-        inner = getattr(module, "qbench_hooks", None)
-        restore.append((module, inner))
-        module.qbench_hooks = ObservingHooks(inner, lambda f, i=index: attention.observe_first(i, f), gates.observe)
-    try:
-        with activation:
-            yield activation, attention, gates
-    finally:
-        for module, inner in restore:
-            module.qbench_hooks = inner
-        if getattr(model.config, "_attn_implementation", None) != previous and previous is not None:
-            model.set_attn_implementation(previous)
+
+    def observer(index, module, inner):
+        return SinkObserver(inner, lambda first: attention.observe_first(index, first), gates.observe)
+
+    with observing(model, observer), activation:
+        yield activation, attention, gates
 
 
 @torch.no_grad()

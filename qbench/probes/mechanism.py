@@ -19,39 +19,30 @@ from __future__ import annotations
 
 import torch
 
+from qbench.modeling.families import arm_of, decoder_layers, family_of, layer_points
+from qbench.modeling.hooks import ObserverHooks, observing
 
-class _CaptureHooks(torch.nn.Module):
-    """Attention hooks (qbench.modeling.hooks) that keep one layer's scores, P (or, under a
-    low-precision kernel, P[..., 0]) and gates, after the hooks already there (a
-    quantizer's), so a quantized model's mechanism is measured as it computes."""
 
-    first_column_only = False
+class _Capture(ObserverHooks):
+    """Keeps one layer's scores, P (or, under a low-precision kernel, P[..., 0]) and gates,
+    after the hooks already there (a quantizer's), so a quantized model's mechanism is
+    measured as it computes."""
 
-    def __init__(self, store: dict, layer: int, gates: dict, inner=None):
-        super().__init__()
-        self.store, self.layer, self.gates, self.inner = store, layer, gates, inner
-        self.store.setdefault(layer, {})
+    def __init__(self, inner, store: dict, gates: dict):
+        super().__init__(inner)
+        self.store, self.gates = store, gates
 
-    def gate(self, layer, g):
+    def observe_scores(self, x):
+        self.store["scores"] = x.detach()
+
+    def observe_probs(self, x):
+        self.store["probs"] = x.detach()
+
+    def observe_first_column(self, x):
+        self.store["first"] = x.detach()
+
+    def observe_gate(self, layer, g):
         self.gates[layer] = g.detach()
-        if self.inner is not None and hasattr(self.inner, "gate"):
-            self.inner.gate(layer, g)
-
-    def scores(self, x):
-        x = self.inner.scores(x) if self.inner is not None else x
-        self.store[self.layer]["scores"] = x.detach()
-        return x
-
-    def probs(self, x):
-        x = self.inner.probs(x) if self.inner is not None else x
-        self.store[self.layer]["probs"] = x.detach()
-        return x
-
-    def first_column(self, x):
-        self.store[self.layer]["first"] = x.detach()
-
-    def context(self, x):
-        return self.inner.context(x) if self.inner is not None else x
 
 
 @torch.no_grad()
@@ -59,7 +50,6 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
     """Metrics above for one batch of Bigram-Backcopy sequences (B, T) starting with BOS.
     `tokens` may live anywhere (a fixed CPU sample, say): they go to the model's device."""
     from qbench.device import model_device
-    from qbench.modeling.model import QBenchAttention
 
     device = model_device(model)
     # queries at positions >= 1 whose token is not a trigger (the next token is a bigram draw);
@@ -68,25 +58,25 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
     query_mask[:, 0] = False
     tokens = tokens.to(device)
 
-    attention = [m for m in model.modules() if isinstance(m, QBenchAttention)]
-    if not attention:
-        raise TypeError("bb_mechanism needs a qbench model (QBenchAttention layers)")
+    family, points = family_of(model), layer_points(model)
+    if any(p.value_projection is None for p in points):
+        raise TypeError(f"bb_mechanism needs a separate value projection per layer; {type(model).__name__} "
+                        f"({family.name} family) fuses it into one QKV linear")
     store: dict = {}
     values: dict = {}
     gates: dict = {}
-    saved, hooks = [], []
-    for module in attention:
-        saved.append((module, module.qbench_hooks, module.qbench_kernel))
-        module.qbench_hooks = _CaptureHooks(store, module.layer_idx, gates, module.qbench_hooks)
-        hooks.append(module.v_proj.register_forward_hook(
-            lambda mod, inp, out, i=module.layer_idx: values.__setitem__(i, out.detach())))
+
+    def capture(index, module, inner):
+        return _Capture(inner, store.setdefault(index, {}), gates)
+
+    hooks = [p.value_projection.register_forward_hook(
+        lambda mod, inp, out, i=i: values.__setitem__(i, out.detach())) for i, p in enumerate(points)]
     was_training = model.training
     model.eval()
     try:
-        model(tokens)  # (B, T) on the model's device
+        with observing(model, capture) as layers:
+            model(tokens)  # (B, T) on the model's device
     finally:
-        for module, saved_hooks, kernel in saved:
-            module.qbench_hooks, module.qbench_kernel = saved_hooks, kernel
         for h in hooks:
             h.remove()
         model.train(was_training)
@@ -95,11 +85,11 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
     qm = query_mask[:, None, :].float().to(device)  # (B, 1, T)
     n_q = qm.sum()
     per_layer = []
-    for module in attention:
-        i, h, hd = module.layer_idx, module.n_head, module.head_dim
+    for (i, module), point in zip(layers, points):
         captured = store[i]
         # P[..., 0]: from P, or from the low-precision kernel's first column
-        first = captured["probs"][..., 0] if "probs" in captured else captured["first"]
+        first = captured["probs"][..., 0] if "probs" in captured else captured["first"]  # (B, H, T)
+        h = first.shape[1]
         attn_s = (first.float() * qm).sum() / (n_q * h)
         delta_logit = float("nan")  # the kernel exposes no scores
         if "scores" in captured:
@@ -112,14 +102,15 @@ def bb_mechanism(model, tokens: torch.Tensor, is_trigger) -> dict:
             gap = scores[..., 0] - other_mean
             gap_mask = qm * (n_others > 0).float()
             delta_logit = (gap * gap_mask).sum() / (gap_mask.sum() * h)
-        v = values[i].view(b, t, h, hd).float()
+        v = values[i].view(b, t, point.value_heads, -1).float()  # (B, T, H_kv, D)
         norms = v.norm(dim=-1)  # (B, T, H)
         val_s = norms[:, 0].mean()
         ratio = (norms[:, 0] / norms[:, 1:].mean(dim=1).clamp_min(1e-12)).mean()
         row = {"layer": i, "attn_s": float(attn_s), "delta_logit_s": float(delta_logit),
                "val_s": float(val_s), "val_s_ratio": float(ratio)}
         gate = gates.get(i)
-        if gate is not None and module.arm.gate_position == "value":
+        arm = arm_of(module, family)
+        if gate is not None and arm.gate_position == "value":
             eff = (gate.float().transpose(1, 2) * v).norm(dim=-1)  # (B, T, H)
             row["val_s_eff"] = float(eff[:, 0].mean())
             row["val_s_eff_ratio"] = float((eff[:, 0] / eff[:, 1:].mean(dim=1).clamp_min(1e-12)).mean())
@@ -140,9 +131,8 @@ def residual_peaks(model, tokens: torch.Tensor) -> list[float]:
     """Per layer, the residual-stream peak at BOS: max |h_0| over the median |h| of the
     sequence's hidden states after the layer (all T x d), averaged over sequences."""
     from qbench.device import model_device
-    from qbench.probes.sites import decoder_layers
 
-    _, layers = decoder_layers(model)
+    layers = decoder_layers(model)
     peaks: dict[int, float] = {}
     handles = []
     for index, layer in enumerate(layers):

@@ -172,6 +172,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 def prepare_static(model: nn.Module, scheme) -> dict:
     """Swap modules and attach observers for the w8a8-pt family; returns the sites covered."""
+    from qbench.modeling import families
     from qbench.modeling.model import attention_layers
 
     options = scheme.options
@@ -188,17 +189,17 @@ def prepare_static(model: nn.Module, scheme) -> dict:
                                  options.get("group_size"), True, options.get("weight_range", "minmax"))
         _set_submodule(model, name, StaticQuantLinear(linear, weight, make_quantizer))
         sites["linear inputs/outputs"] += 1
+    residual_sums = set(families.residual_sums(model))  # identity placeholders (qbench models)
     for name, module in list(model.named_modules()):
         if module is head or isinstance(module, (ActivationQuantizer, OutputQuantized)):
             continue
-        leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, nn.Embedding):
             _set_submodule(model, name, OutputQuantized(module, make_quantizer()))
             sites["embeddings"] += 1
         elif _is_norm(module):
             _set_submodule(model, name, OutputQuantized(module, make_quantizer()))
             sites["norm outputs"] += 1
-        elif isinstance(module, nn.Identity) and leaf in ("embed_sum", "attn_residual", "mlp_residual"):
+        elif name in residual_sums:
             _set_submodule(model, name, OutputQuantized(module, make_quantizer()))
             sites["residual sums"] += 1
     for _, module in attention_layers(model):  # ours, or stock HF ones through the registry
