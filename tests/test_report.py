@@ -13,7 +13,7 @@ import yaml
 import qbench.zoo
 from qbench.cli import main
 from qbench.report import comparison_table, headline_matrix, label_checkpoints, matrix_values, write_report
-from qbench.report.facts import facts_from_scheme_json, row_identities, scheme_facts
+from qbench.report.facts import facts_from_scheme_json, scheme_facts
 from qbench.results import ResultStore, cell_key
 
 ZOO = {

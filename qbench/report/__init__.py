@@ -15,11 +15,12 @@ qbench.modeling.
   writer     the report's sections and write_report
 """
 from qbench.report.markdown import compact_markdown, markdown_table
-from qbench.report.matrix import format_cell, headline_matrix, matrix_table, matrix_values, scheme_order
-from qbench.report.records import REFERENCE_SCHEME, EmptyReportError, label_checkpoints, records_frame, select_records
+from qbench.report.matrix import headline_matrix, matrix_table, matrix_values
+from qbench.report.records import REFERENCE_SCHEME, EmptyReportError, label_checkpoints, select_records
 from qbench.report.tables import comparison_table, cross_model_table, format_table
 from qbench.report.writer import write_report
 
+# what the cli, the study, scripts and bench use
 __all__ = ["REFERENCE_SCHEME", "EmptyReportError", "compact_markdown", "comparison_table", "cross_model_table",
-           "format_cell", "format_table", "headline_matrix", "label_checkpoints", "markdown_table", "matrix_table",
-           "matrix_values", "records_frame", "scheme_order", "select_records", "write_report"]
+           "format_table", "headline_matrix", "label_checkpoints", "markdown_table", "matrix_table", "matrix_values",
+           "select_records", "write_report"]

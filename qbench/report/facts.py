@@ -73,11 +73,12 @@ def scheme_group(facts: dict | None) -> int:
 
 
 def scheme_width(facts: dict | None) -> int:
-    """The narrowest weight or activation width, else the KV cache's, else 0."""
+    """The narrowest weight or activation width, else the KV cache's, else 16 (a 16-bit
+    reference such as bf16); 0 for a record without facts."""
     if facts is None:
         return 0
     bits = [b for b in (facts.get("weight_bits"), facts.get("activation_bits")) if b]
-    return min(bits) if bits else facts.get("kv_bits") or 0
+    return min(bits) if bits else facts.get("kv_bits") or 16
 
 
 def scheme_sort_key(name: str, group: int, width: int) -> tuple:
