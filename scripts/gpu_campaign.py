@@ -91,8 +91,7 @@ def pack_partial(work: Path, folder: Path, priority: int) -> Path | None:
     """A stopped run's last saved state as safetensors, with its logs, for the next budget."""
     import tarfile
 
-    from qbench.train import STATE_FILE, load_train_state
-    from qbench.train_state import TRAVEL_FILE, save_state
+    from qbench.train.state import STATE_FILE, TRAVEL_FILE, load_train_state, save_state
 
     if not (folder / STATE_FILE).exists():
         return None

@@ -52,7 +52,8 @@ def main() -> None:
                         help="also rerun finished seed-0 checkpoints that lack a mechanism log (bb)")
     args = parser.parse_args()
     index, count = (int(x) for x in args.worker.split("/"))
-    from qbench.train import MECHANISM_FILE, train
+    from qbench.train import train
+    from qbench.train.logs import MECHANISM_FILE
 
     pending = []
     for preset, arm, seed in queue(args.queue):

@@ -106,7 +106,7 @@ def test_a_stopped_run_travels_as_safetensors_and_resumes_exactly(tmp_path, smal
     import torch
     from safetensors.torch import load_file
 
-    import qbench.train as train_module
+    import qbench.train.loop as train_module
     from qbench.train import PRESETS, train
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_campaign.py"
@@ -120,19 +120,19 @@ def test_a_stopped_run_travels_as_safetensors_and_resumes_exactly(tmp_path, smal
 
     work = tmp_path / "work"
     folder = work / "ckpt" / "bb-guo-vga"
-    original = train_module._atomic_torch_save
+    original = train_module.atomic_torch_save
 
     def save_then_stop(obj, path):
         original(obj, path)
         if obj["step"] == 4:
             raise KeyboardInterrupt
 
-    train_module._atomic_torch_save = save_then_stop
+    train_module.atomic_torch_save = save_then_stop
     try:
         with pytest.raises(KeyboardInterrupt):
             train("vga", preset, seed=0, out=folder, corpus=str(small_corpus), progress=False)
     finally:
-        train_module._atomic_torch_save = original
+        train_module.atomic_torch_save = original
     tar = campaign.pack_partial(work, folder, 3)
     assert tar.name == "03-bb-guo-vga.partial.tar"
     with tarfile.open(tar) as t:
@@ -155,7 +155,7 @@ def test_a_foreign_safetensors_state_is_refused_with_its_name(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from qbench.train_state import load_state
+    from qbench.train.state import load_state
     from qbench.zoo import CheckpointError
 
     path = tmp_path / "train_state.safetensors"

@@ -70,3 +70,20 @@ def test_the_low_precision_kernel_names_no_arm():
     text = (PACKAGE / "quant" / "lowbit_attention.py").read_text().lower()
     for name in set(ATTENTION_ARMS) | set(NORMALISERS):
         assert name.replace("_", " ") not in text and name not in text, name
+
+
+def test_the_report_reads_records_not_the_registries():
+    """The report places a record by what the record says (qbench.report.facts): no
+    qbench.report module imports qbench.quant or qbench.modeling, function-level included."""
+    banned = ("qbench.quant", "qbench.modeling")
+    paths = sorted((PACKAGE / "report").rglob("*.py"))
+    assert paths
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            assert not [n for n in names if n.startswith(banned)], (module_name(path), names)

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from qbench.cli import EXIT_USAGE, main
-from qbench.train import PRESETS, get_preset, learning_rate, normalise_recipe, parse_settings, with_settings
+from qbench.train import PRESETS, get_preset, parse_settings
+from qbench.train.recipes import learning_rate, normalise_recipe, with_settings
 
 
 def test_guo_presets_carry_the_published_recipe():
@@ -71,20 +72,20 @@ def test_bb3_guo_cpu_with_set_steps(tmp_path):
 
 
 def test_resuming_with_another_recipe_names_what_differs(tmp_path, capsys, monkeypatch):
-    import qbench.train as train_module
+    import qbench.train.loop as train_module
 
     out = tmp_path / "run"
     args = ["train", "--preset", "bb-guo-cpu", "--attention", "vga", "--set", "steps=6", "--set", "batch_size=4",
             "--set", "save_every=3", "--out", str(out), "--quiet"]
-    original = train_module._atomic_torch_save
+    original = train_module.atomic_torch_save
 
     def save_then_stop(obj, path):
         original(obj, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "_atomic_torch_save", save_then_stop)
+    monkeypatch.setattr(train_module, "atomic_torch_save", save_then_stop)
     assert main(args) == 130 and (out / "train_state.pt").exists()
-    monkeypatch.setattr(train_module, "_atomic_torch_save", original)
+    monkeypatch.setattr(train_module, "atomic_torch_save", original)
     capsys.readouterr()
     assert main(args[:-3] + ["--set", "lr=1e-3", "--out", str(out), "--quiet"]) == EXIT_USAGE
     err = capsys.readouterr().err

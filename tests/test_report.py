@@ -1,13 +1,19 @@
 """The headline matrix: values equal the per-model tables they summarise, seeds and draws
-fold with the right n, changed checkpoints stay apart, narrowing, escaping, clear messages."""
+fold with the right n, changed checkpoints stay apart, narrowing, escaping, clear messages;
+rows and columns placed by what each record says (its facts), never by the live registries."""
 import json
-import shutil
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 import qbench.zoo
 from qbench.cli import main
 from qbench.report import comparison_table, headline_matrix, label_checkpoints, matrix_values, write_report
+from qbench.report.facts import facts_from_scheme_json, scheme_facts
 from qbench.results import ResultStore, cell_key
 
 ZOO = {
@@ -15,32 +21,57 @@ ZOO = {
     "tiny-a-s1": {"arm": "softmax", "preset": "tiny", "seed": 1, "steps": 10, "checkpoint_hash": "h-a1"},
     "tiny-b": {"arm": "vga", "preset": "tiny", "seed": 0, "steps": 10, "checkpoint_hash": "h-b0"},
 }
+# The part of a scheme's JSON (a record's config.scheme) that the report reads.
+SCHEME_SPECS = {
+    "fp32": {"backend": "reference", "weight_bits": None, "activation_bits": None, "options": {}},
+    "w8a8-pt": {"backend": "static", "weight_bits": 8, "activation_bits": 8, "options": {}},
+    "w8a8-dyn": {"backend": "simulated", "weight_bits": 8, "activation_bits": 8, "options": {}},
+}
 
 
-def put(store, model, scheme, task, metrics, draw=None, checkpoint=None, protocol="p1"):
+def planner_facts(model: str, spec: dict) -> dict:
+    """The `facts` a record written by the planner carries (model facts from the zoo entry)."""
+    entry = ZOO.get(model) or {}
+    return {"model": {"arm": entry.get("arm"), "preset": entry.get("preset")},
+            "scheme": {"backend": spec["backend"], "weight_bits": spec["weight_bits"],
+                       "activation_bits": spec["activation_bits"], "kv_bits": None, "attention_kernel": False}}
+
+
+def put(store, model, scheme, task, metrics, draw=None, checkpoint=None, protocol="p1", facts=True):
+    """A record as the planner writes it (`facts=True`) or as older records are (no facts)."""
+    spec = SCHEME_SPECS.get(scheme, SCHEME_SPECS["w8a8-pt"])
     config = {"model": {"name": model, "checkpoint_hash": checkpoint or ZOO.get(model, {}).get("checkpoint_hash", "x")},
-              "scheme": scheme, "task": task, "protocol": protocol, "calibration_seed": draw}
-    store.put({"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": task,
-               "protocol": protocol, "status": "ok", "metrics": metrics})
+              "scheme": json.dumps({"name": scheme, **spec}, sort_keys=True), "task": task, "protocol": protocol,
+              "calibration_seed": draw}
+    record = {"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": task,
+              "protocol": protocol, "status": "ok", "metrics": metrics}
+    store.put({**record, "facts": planner_facts(model, spec)} if facts else record)
+
+
+def fill(store, facts=True):
+    """Two seeds x three draws of w8a8-pt on the softmax arm, two draws on vga, a task record."""
+    def add(*args, **kwargs):
+        put(store, *args, facts=facts, **kwargs)
+
+    add("tiny-a", "fp32", "ppl", {"ppl": 10.0})
+    add("tiny-a-s1", "fp32", "ppl", {"ppl": 20.0})
+    add("tiny-b", "fp32", "ppl", {"ppl": 40.0})
+    for draw, (a, a1) in enumerate([(10.1, 20.6), (10.3, 20.2), (10.2, 20.4)]):  # 2 seeds x 3 draws
+        add("tiny-a", "w8a8-pt", "ppl", {"ppl": a}, draw)
+        add("tiny-a-s1", "w8a8-pt", "ppl", {"ppl": a1}, draw)
+    add("tiny-b", "w8a8-pt", "ppl", {"ppl": 39.9}, 0)
+    add("tiny-b", "w8a8-pt", "ppl", {"ppl": 40.3}, 1)  # one below fp32, one above: range holds 0
+    add("tiny-a", "w8a8-dyn", "ppl", {"ppl": 10.05})
+    add("tiny-a", "w8a8-dyn", "qbench_agreement", {"accuracy": 0.8, "flip_rate": 0.02})
+    add("tiny-a", "fp32", "probes", {"sink_rate@0.3": 5.0, "max_inf_norm": 6.0, "kurtosis_mean": 3.2,
+                                     "massive_activation_max": 12.0}, protocol="probes")
+    return store
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.setattr(qbench.zoo, "read_zoo", lambda *a, **k: ZOO)
-    store = ResultStore(tmp_path / "store")
-    put(store, "tiny-a", "fp32", "ppl", {"ppl": 10.0})
-    put(store, "tiny-a-s1", "fp32", "ppl", {"ppl": 20.0})
-    put(store, "tiny-b", "fp32", "ppl", {"ppl": 40.0})
-    for draw, (a, a1) in enumerate([(10.1, 20.6), (10.3, 20.2), (10.2, 20.4)]):  # 2 seeds x 3 draws
-        put(store, "tiny-a", "w8a8-pt", "ppl", {"ppl": a}, draw)
-        put(store, "tiny-a-s1", "w8a8-pt", "ppl", {"ppl": a1}, draw)
-    put(store, "tiny-b", "w8a8-pt", "ppl", {"ppl": 39.9}, 0)
-    put(store, "tiny-b", "w8a8-pt", "ppl", {"ppl": 40.3}, 1)  # one below fp32, one above: range holds 0
-    put(store, "tiny-a", "w8a8-dyn", "ppl", {"ppl": 10.05})
-    put(store, "tiny-a", "w8a8-dyn", "qbench_agreement", {"accuracy": 0.8, "flip_rate": 0.02})
-    put(store, "tiny-a", "fp32", "probes", {"sink_rate@0.3": 5.0, "max_inf_norm": 6.0, "kurtosis_mean": 3.2,
-                                            "massive_activation_max": 12.0}, protocol="probes")
-    return store
+    return fill(ResultStore(tmp_path / "store"))
 
 
 def cells_by(store):
@@ -145,3 +176,87 @@ def test_report_writes_atomically_and_keeps_the_old_file_on_failure(store, monke
     assert main(["report", "--results", str(store.root)]) == 5
     assert report.read_text() == before and (store.root / "summary.csv").stat().st_size > 0
     assert not list(store.root.glob(".*.tmp"))
+
+
+def test_records_without_facts_land_where_the_planners_records_do(tmp_path):
+    """Older records (no `facts`: scheme facts from the config's scheme JSON, model facts
+    from the zoo) give the same matrix, cell for cell, as records that carry facts."""
+    with_facts = headline_matrix(matrix_values(fill(ResultStore(tmp_path / "new")).records(), ZOO))
+    without = fill(ResultStore(tmp_path / "old"), facts=False).records()
+    assert not any("facts" in r for r in without)
+    assert headline_matrix(matrix_values(without, ZOO)).equals(with_facts)
+    for r in without:
+        assert scheme_facts(r) == planner_facts(r["model"], SCHEME_SPECS[r["scheme"]])["scheme"]
+
+
+def test_a_records_facts_place_it_not_its_name(tmp_path):
+    """A scheme and a model unknown to every registry are placed by the record's facts: a
+    4-bit scheme joins the 6/4-bit matrix, a model outside the zoo the row of its preset and
+    arm; columns go by group, widest first, then name; rows softmax first, then arms by name."""
+    store = ResultStore(tmp_path / "store")
+    fill(store)
+    spec = {"backend": "made-up", "weight_bits": 4, "activation_bits": None, "options": {}}
+    for model, ppl in (("elsewhere-z", 10.0), ("elsewhere-z", 10.5), ("tiny-a", 10.4)):
+        scheme = "fp32" if ppl == 10.0 else "zz-w4-new"
+        config = {"model": {"name": model, "checkpoint_hash": "z"}, "scheme": f"{scheme}, not a scheme's JSON",
+                  "task": "ppl", "protocol": "p1"}
+        facts = {"model": {"arm": "aaa", "preset": "tiny"} if model == "elsewhere-z" else planner_facts(model, spec)["model"],
+                 "scheme": planner_facts(model, SCHEME_SPECS["fp32"] if scheme == "fp32" else spec)["scheme"]}
+        store.put({"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": "ppl",
+                   "protocol": "p1", "status": "ok", "metrics": {"ppl": ppl}, "facts": facts})
+    cells = headline_matrix(matrix_values(store.records(), ZOO))
+    new = cells[cells.scheme == "zz-w4-new"]
+    assert set(new.group) == {2} and set(new.width) == {4}
+    assert set(zip(new.family, new.arm)) == {("tiny", "aaa"), ("tiny", "softmax")}
+    rows = list(dict.fromkeys(zip(cells.family, cells.arm)))
+    assert rows == [("tiny", "softmax"), ("tiny", "aaa"), ("tiny", "vga")]
+    columns = list(dict.fromkeys(cells.scheme))
+    assert columns == ["w8a8-dyn", "w8a8-pt", "zz-w4-new"]
+
+
+def test_scheme_facts_from_old_records_equal_what_the_planner_writes():
+    """For every committed record, the facts derived from its config's scheme JSON equal the
+    facts of the registered scheme of that name (what the planner writes into new records)."""
+    from qbench.paths import REPO_ROOT
+    from qbench.quant import SCHEMES
+
+    def planner(scheme) -> dict:
+        kv = scheme.kv_cache()
+        return {"backend": scheme.backend, "weight_bits": scheme.weight_bits, "activation_bits": scheme.activation_bits,
+                "kv_bits": kv.bits if kv else None, "attention_kernel": bool(scheme.options.get("attention_kernel"))}
+
+    for scheme in SCHEMES.values():
+        assert facts_from_scheme_json(scheme.to_json()) == planner(scheme), scheme.name
+    seen = set()
+    for path in sorted((REPO_ROOT / "results" / "records").glob("*.json")):
+        record = json.loads(path.read_text())
+        if record["scheme"] in SCHEMES and "facts" not in record:
+            assert scheme_facts(record) == planner(SCHEMES[record["scheme"]]), path.name
+            seen.add(record["scheme"])
+    assert {"fp32", "w8a8-pt", "w8a8-attn", "kv4", "nf4"} <= seen
+
+
+def test_writing_the_report_imports_neither_quant_nor_modeling(tmp_path):
+    """In a fresh interpreter: `qbench report` over a small store loads no qbench.quant
+    module, and no qbench.modeling module beyond what `import qbench` itself loads (the
+    package registers its model type with transformers on import)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "zoo.yaml").write_text(yaml.safe_dump({"models": ZOO}))
+    store = fill(ResultStore(tmp_path / "store"), facts=False)
+    code = """if True:
+        import json, sys
+        import qbench
+        before = {m for m in sys.modules if m.startswith("qbench.modeling")}
+        from qbench.cli import main
+        code = main(["report", "--results", sys.argv[1]])
+        loaded = sorted(m for m in sys.modules if m.startswith(("qbench.quant", "qbench.modeling")) and m not in before)
+        print(json.dumps({"exit": code, "loaded": loaded}))
+    """
+    env = {**os.environ, "QBENCH_MODELS": str(models), "PYTHONPATH": str(Path(qbench.zoo.__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-c", code, str(store.root)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == {"exit": 0, "loaded": []}
+    assert "tiny · softmax" in (store.root / "REPORT.md").read_text()

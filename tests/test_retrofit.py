@@ -200,12 +200,13 @@ def test_the_control_differs_only_in_the_arm(base_folder, small_corpus, tmp_path
 
 def test_an_interrupted_fine_tune_resumes_to_the_same_deltas(base_folder, small_corpus, tmp_path, monkeypatch):
     import qbench.retrofit as rf
+    import qbench.retrofit.loop as loop
     from safetensors.torch import load_file
 
     recipe = _recipe(small_corpus)
     whole = rf.retrofit(str(base_folder), "qwen_g1", recipe, seed=0, out=tmp_path / "whole", progress=False)
     calls = {"n": 0}
-    real = rf.gate_snapshot
+    real = loop.gate_snapshot
 
     def dies_at_step_3(model, batch):
         calls["n"] += 1
@@ -213,11 +214,11 @@ def test_an_interrupted_fine_tune_resumes_to_the_same_deltas(base_folder, small_
             raise KeyboardInterrupt
         return real(model, batch)
 
-    monkeypatch.setattr(rf, "gate_snapshot", dies_at_step_3)
+    monkeypatch.setattr(loop, "gate_snapshot", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         rf.retrofit(str(base_folder), "qwen_g1", recipe, seed=0, out=tmp_path / "cut", progress=False)
     assert (tmp_path / "cut" / rf.STATE_FILE).exists()
-    monkeypatch.setattr(rf, "gate_snapshot", real)
+    monkeypatch.setattr(loop, "gate_snapshot", real)
     again = rf.retrofit(str(base_folder), "qwen_g1", recipe, seed=0, out=tmp_path / "cut", progress=False)
     assert again["data_order_sha256"] == whole["data_order_sha256"]
     a, b = load_file(str(tmp_path / "whole" / rf.DELTAS_FILE)), load_file(str(tmp_path / "cut" / rf.DELTAS_FILE))

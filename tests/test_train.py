@@ -3,7 +3,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qbench.train import get_preset, learning_rate, train
+from qbench.train import get_preset, train
+from qbench.train.recipes import learning_rate
 
 
 def test_smoke_training_loss_falls_and_writes_checkpoint(micro_checkpoint):
@@ -25,9 +26,9 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path, small_corpus, m
     partial = tmp_path / "resumed"
     crash = {"step": 0}
 
-    import qbench.train as train_module
+    import qbench.train.loop as train_module
 
-    original = train_module._atomic_torch_save
+    original = train_module.atomic_torch_save
 
     def save_then_crash(obj, path):
         original(obj, path)
@@ -35,12 +36,12 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path, small_corpus, m
             crash["step"] = 20
             raise KeyboardInterrupt
 
-    train_module._atomic_torch_save = save_then_crash
+    train_module.atomic_torch_save = save_then_crash
     try:
         with pytest.raises(KeyboardInterrupt):
             train("vga", micro_preset, seed=0, out=partial, corpus=str(small_corpus), progress=False)
     finally:
-        train_module._atomic_torch_save = original
+        train_module.atomic_torch_save = original
     assert crash["step"] == 20 and (partial / "train_state.pt").exists()
     train("vga", micro_preset, seed=0, out=partial, corpus=str(small_corpus), progress=False)
     resumed = load_file(partial / "model.safetensors")

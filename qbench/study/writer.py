@@ -7,7 +7,7 @@ from typing import Callable
 
 import pandas as pd
 
-from qbench.report import _markdown, comparison_table, compact_markdown
+from qbench.report import comparison_table, compact_markdown, markdown_table
 from qbench.results import ResultStore, atomic_write_text
 from qbench.study.claims import PRIMARY_ENDPOINT, SPREAD_DEFINITION, claims_table, headline_table
 from qbench.study.facts import Facts
@@ -27,7 +27,7 @@ def _extremes_and_plot(store: ResultStore, full: pd.DataFrame, models: list[str]
     lines = []
     extreme = extreme_token_table(store, models)
     if not extreme.empty:
-        lines += [intro, "", _markdown(extreme), ""]
+        lines += [intro, "", markdown_table(extreme), ""]
     plot = degradation_plot(full, models, schemes, out / "plots" / f"{name}_degradation.png", title)
     if plot is not None:
         lines += [f"![{name} degradation]({plot.relative_to(out)})", ""]
@@ -54,7 +54,7 @@ def more_text_section(short: pd.DataFrame, long: pd.DataFrame, p: StudyPlan) -> 
               "checkpoints measured (`n_seeds`); `rel_delta_% short` is the same checkpoints on the short "
               "protocol (mean over its calibration draws).", ""]
     for name, table in tables:
-        lines += [f"{name}:", "", _markdown(table), ""]
+        lines += [f"{name}:", "", markdown_table(table), ""]
     if not smol_long.empty:
         short_smol = short[(short.model == "smollm2-135m") & (short.status == "ok")].set_index("scheme")
         rows = smol_long[smol_long.scheme.isin(SMOLLM2_LONG_SCHEMES)].copy()
@@ -63,7 +63,7 @@ def more_text_section(short: pd.DataFrame, long: pd.DataFrame, p: StudyPlan) -> 
         columns = ["scheme", "tokens", "ppl", "rel_delta_%", "kl", "top1_agreement", "rel_delta_% short"]
         order = {sc: i for i, sc in enumerate(SMOLLM2_LONG_SCHEMES)}
         rows = rows.sort_values("scheme", key=lambda c: c.map(order))
-        lines += ["SmolLM2-135M:", "", _markdown(rows[columns]), ""]
+        lines += ["SmolLM2-135M:", "", markdown_table(rows[columns]), ""]
     return lines
 
 
@@ -134,7 +134,7 @@ def mechanism_section(ctx: StudyContext) -> list[str]:
               "seeds (`seeds`). Recipe: `bb` preset (1 layer, 1 head, width 256, batch 128, 1,000 steps; "
               "the original used batch 512 and 10,000 steps). With one head, attention on BOS (`attn_s`) is the "
               "sink measure here: sink rate@0.3 would count a head at 0.34 as 100% and one at 0.24 as 0%.", "",
-              _markdown(table), ""]
+              markdown_table(table), ""]
     plot = mechanism_plot(logs, ctx.plots / "mechanism_curves.png")
     lines += [f"![mechanism curves]({plot.relative_to(ctx.out)})", ""]
     zoo = read_zoo()
@@ -160,7 +160,7 @@ def mechanism_section(ctx: StudyContext) -> list[str]:
                   f"Preset `{preset}` ({layers} layer(s), {entry.get('steps', recipe.steps)} steps of batch {recipe.batch_size}; "
                   "`qbench list presets` gives the whole recipe: AdamW betas (0.9, 0.99), weight decay 1e-4, "
                   "constant 3e-4, no warm-up, no clipping). Final values, mean ± std over training seeds; "
-                  f"{published}.", "", _markdown(guo), ""]
+                  f"{published}.", "", markdown_table(guo), ""]
         plot = mechanism_plot(guo_logs, ctx.plots / f"mechanism_curves_{preset}.png")
         if plot is not None:
             lines += [f"![mechanism curves {preset}]({plot.relative_to(ctx.out)})", ""]
@@ -173,9 +173,9 @@ def mechanism_section(ctx: StudyContext) -> list[str]:
                       "training seeds of each checkpoint's mean over calibration draws (`n_draws`). Sink "
                       "attn_s (attention on BOS, the largest over layers) and residual peak (max |h| at BOS over "
                       "the median |h|, the largest over layers) are measured on the model as it computes under "
-                      "the scheme.", "", _markdown(by_arm), "",
+                      "the scheme.", "", markdown_table(by_arm), "",
                       "Per checkpoint: its fp32 extreme-token indicators beside its largest copy-accuracy drop "
-                      "over the schemes above:", "", _markdown(checkpoints), ""]
+                      "over the schemes above:", "", markdown_table(checkpoints), ""]
     return lines
 
 
@@ -231,10 +231,10 @@ def smollm2_section(ctx: StudyContext) -> list[str]:
         smol = smol[smol.scheme.isin(ctx.plan.smollm2_schemes + ["w8a8-attn"])]
         columns = [c for c in ["scheme", "n", "ppl", "ppl_std", "rel_delta_%", "kl", "top1_agreement"] if c in smol]
         lines += [f"Protocol `{smol.protocol.iloc[0]}`; `n` calibration draws, `ppl_std` their sample std.", "",
-                  _markdown(smol[columns]), ""]
+                  markdown_table(smol[columns]), ""]
     probes, share = smollm2_probe_summary(ctx.store)
     if not probes.empty:
-        lines += ["Extreme tokens (probes, 64 windows of T = 64):", "", _markdown(probes), ""]
+        lines += ["Extreme tokens (probes, 64 windows of T = 64):", "", markdown_table(probes), ""]
     if share:
         lines += ["fp32 first-token attention share per layer: "
                   + ", ".join(f"{i}: {v:.2f}" for i, v in enumerate(share)), ""]
@@ -263,8 +263,8 @@ def ptq_section(ctx: StudyContext) -> list[str]:
               "SmoothQuant (alpha 0.5) and the Hadamard rotation are folded into the float model before the named "
               "quantizers; GPTQ / AWQ / HQQ are 4-bit weight-only, compared with round-to-nearest at the same "
               "group size. `w8a8-had` draws are different random Hadamard signs.", "",
-              "8-bit activations:", "", _markdown(ptq[eight]), "", "4-bit weights:", "",
-              _markdown(ptq[["model / arm"] + [c for c in ptq.columns if c not in eight]]), ""]
+              "8-bit activations:", "", markdown_table(ptq[eight]), "", "4-bit weights:", "",
+              markdown_table(ptq[["model / arm"] + [c for c in ptq.columns if c not in eight]]), ""]
     smol = full[(full.model == "smollm2-135m") & (full.status == "ok")
                 & full.scheme.isin(["fp32"] + p.ptq_schemes)].copy()
     if not smol.empty:
@@ -274,7 +274,7 @@ def ptq_section(ctx: StudyContext) -> list[str]:
                                "agreement_acc", "agreement_flip_rate"] if c in smol]
         lines += ["SmolLM2 in detail (`n` calibration draws; `ppl_std` over them; KL and top-1 against fp32 "
                   "on the same tokens; `qbench_agreement` on 200 items at draw 0 where measured):", "",
-                  _markdown(smol[columns]), ""]
+                  markdown_table(smol[columns]), ""]
     sweep = full[(full.model == "smollm2-135m") & (full.status == "ok")
                  & full.scheme.isin(["w8a8-sq-a25", "w8a8-sq", "w8a8-sq-a75", "w8a8-sq-a85"])]
     if len(sweep) > 1:
@@ -345,10 +345,10 @@ def split_table(table: pd.DataFrame, keys: tuple[str, ...] = ("arm", "scheme")) 
     first = [c for c in table.columns if c in keys + ("n_seeds", "n_draws", "fp_ppl", "ppl", "rel_delta_%", "kl",
                                                       "top1_agreement", "ppl_std_draws")]
     rest = [c for c in table.columns if c not in first]
-    out = [_markdown(table[first])]
+    out = [markdown_table(table[first])]
     if rest:
         out += ["", "The same rows: probes measured under the scheme, and the downstream task:", "",
-                _markdown(table[list(keys) + rest])]
+                markdown_table(table[list(keys) + rest])]
     return out
 
 

@@ -1,12 +1,13 @@
-"""A training state that travels between machines as safetensors (no pickle): the model,
-AdamW's moments and step counts, the data generator's and torch's RNG states as tensors;
-the recipe, step, elapsed time and optimizer settings as JSON in the file's metadata.
+"""A run's resume state, in two forms.
 
-`qbench train` keeps writing `train_state.pt` while it runs (read back with torch's
-restricted unpickler); a run stopped on a GPU machine is handed back as
-`train_state.safetensors` (`save_state`; scripts/gpu_campaign.py does it), and a rerun of
-the same command in a folder holding only that file resumes from it (`load_state`),
-bit-for-bit as from the .pt."""
+While it runs, `qbench train` writes `train_state.pt` every `save_every` steps (model,
+optimizer, data-generator and RNG states, step, elapsed time), read back with torch's
+restricted unpickler (`load_train_state`).  A run stopped on a GPU machine is handed back
+as `train_state.safetensors` (`save_state`; scripts/gpu_campaign.py does it; no pickle):
+the model, AdamW's moments and step counts, the generator's and torch's RNG states as
+tensors, the recipe, step, elapsed time and optimizer settings as JSON in the file's
+metadata.  A rerun of the same command in a folder holding only that file resumes from
+it (`load_state`), bit-for-bit as from the .pt."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+STATE_FILE = "train_state.pt"
 TRAVEL_FILE = "train_state.safetensors"
 NEEDED = {"recipe", "model", "optimizer", "generator", "torch_rng", "step", "elapsed"}
 
@@ -72,3 +74,34 @@ def _unflatten(meta: dict, tensors: dict) -> dict:
     return {"recipe": meta["recipe"], "step": meta["step"], "elapsed": meta["elapsed"], "optimizer": state,
             "model": {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
             "generator": tensors["generator"], "torch_rng": tensors["torch_rng"]}
+
+
+def load_train_state(path: Path) -> dict:
+    """The resume state, read with torch's restricted unpickler (`weights_only=True`: tensors,
+    plain containers and numbers only), so a crafted file in --out cannot run code; anything
+    else is a CheckpointError that names the file."""
+    import pickle
+
+    from qbench.zoo import CheckpointError
+
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a plain training state (refused to unpickle it: {first[:200]}); "
+                              "delete it to start this run over") from err
+    if not isinstance(state, dict) or not NEEDED <= set(state):
+        raise CheckpointError(f"{path} is not a qbench training state (missing {sorted(NEEDED - set(state or {}))}); "
+                              "delete it to start this run over")
+    return state
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    from qbench.atomic import temp_path
+
+    tmp = temp_path(path)
+    try:
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,173 @@
+"""The fine-tune: the arm installed into the base, the trainable set trained on the
+corpus, the loss and gate logs written as it goes, the deltas stored at the end."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qbench.retrofit.data import RetrofitData
+from qbench.retrofit.deltas import CONFIG_FILE, save_deltas
+from qbench.retrofit.recipes import RetrofitRecipe, trainable_names
+from qbench.retrofit.state import STATE_FILE, STATE_META, build_optimizer, load_state, lr_factor, save_state
+
+LOG_FILE = "train_log.csv"
+GATE_LOG = "gate_log.csv"
+
+
+@torch.no_grad()
+def gate_snapshot(model, batch: torch.Tensor) -> dict:
+    """Mean gate at the first token vs the other tokens, and the sink logits, over layers."""
+    from qbench.modeling.model import attention_layers
+
+    seen: dict[int, torch.Tensor] = {}
+
+    class _Gates:
+        first_column_only = True
+
+        def scores(self, x): return x
+        def probs(self, x): return x
+        def context(self, x): return x
+        def first_column(self, x): pass
+        def gate(self, layer, g): seen[layer] = g.detach().float()
+
+    layers = attention_layers(model)
+    for _, m in layers:
+        m.qbench_hooks = _Gates()
+    try:
+        model(batch)
+    finally:
+        for _, m in layers:
+            m.qbench_hooks = None
+    out = {}
+    if seen:
+        out["gate_bos"] = float(torch.stack([g[..., 0, :].mean() for g in seen.values()]).mean())
+        out["gate_others"] = float(torch.stack([g[..., 1:, :].mean() for g in seen.values()]).mean())
+        out["gate_bos_min_layer"] = float(min(g[..., 0, :].mean() for g in seen.values()))
+    sinks = [m.sink_logit for _, m in layers if hasattr(m, "sink_logit")]
+    if sinks:
+        out["sink_logit_max"] = float(torch.stack([s.max() for s in sinks]).max())
+    return out
+
+
+def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, *, threads: int | None = None,
+             device: str = "cpu", amp: str | None = None, progress: bool = True) -> dict:
+    """Fine-tunes `arm` into `base` by `recipe`; resumable; returns the retrofit.json facts."""
+    from qbench.atomic import atomic_write_text
+    from qbench.modeling.llama_arms import install_arm
+    from qbench.results import library_versions
+    from qbench.zoo import resolve_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    if amp not in (None, "bf16"):
+        raise ValueError(f"--amp {amp!r}: only bf16 autocast is supported")
+    if amp and device == "cpu":
+        raise ValueError("--amp bf16 is the GPU recipe; the CPU path trains in float32")
+    ref = resolve_model(base)
+    loaded = ref.load()
+    model = loaded.model
+    install_arm(model, arm)
+    names = trainable_names(model, recipe.trainable)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    model.to(device).train()
+    data = RetrofitData(loaded.tokenizer, recipe.corpus, recipe.context, recipe.batch_size)
+    generator = torch.Generator().manual_seed(seed)  # data order: the seed's, whatever the arm
+    probe_batch = data.batch(torch.Generator().manual_seed(1234))[:2].to(device)  # fixed windows for the gate log
+    optimizer = build_optimizer(model, names, recipe) if names else None
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"base": base, "base_checkpoint_hash": ref.checkpoint_hash, "arm": arm, "seed": seed,
+            "recipe": recipe.to_dict(), "trainable": names}
+    start = 0
+    if (out / STATE_FILE).exists():
+        old = json.loads((out / STATE_META).read_text())
+        def what(facts):  # prose (the recipe's description) never blocks a resume
+            return {**facts, "recipe": {k: v for k, v in (facts.get("recipe") or {}).items() if k != "description"}}
+
+        differ = [k for k in ("base", "base_checkpoint_hash", "arm", "seed", "recipe") if what(old).get(k) != what(meta)[k]]
+        if differ:
+            raise ValueError(f"{out} holds a retrofit with other {', '.join(differ)}; choose another --out")
+        start = load_state(out, model, names, optimizer, generator) if optimizer else int(old["step"])
+    elif (out / CONFIG_FILE).exists():
+        raise ValueError(f"{out} already holds a finished retrofit; choose another --out")
+    log_path, gate_path = out / LOG_FILE, out / GATE_LOG
+    for path in (log_path, gate_path):  # rows past the resumed step are written again
+        _truncate(path, start)
+    began, tokens = time.time(), 0
+    # a chained digest of every batch drawn: equal for two runs iff they saw the same data in the same order
+    order = json.loads((out / STATE_META).read_text()).get("data_order", "") if start else ""
+    bar = tqdm(range(start, recipe.steps), desc=f"retrofit {arm} s{seed}", disable=not progress,
+               initial=start, total=recipe.steps)
+    for step in bar:
+        x = data.batch(generator)
+        order = hashlib.sha256(order.encode() + x.numpy().tobytes()).hexdigest()
+        x = x.to(device)
+        if step % recipe.log_every == 0:
+            model.eval()
+            snap = gate_snapshot(model, probe_batch)
+            model.train()
+            _append(gate_path, {"step": step, **snap})
+        if optimizer is None:  # the control of the gates-only recipe: nothing to train, same data
+            continue
+        for group in optimizer.param_groups:
+            peak = {"gates": recipe.lr, "sinks": recipe.sink_lr, "base": recipe.base_lr}[group["name"]]
+            group["lr"] = peak * lr_factor(step, recipe)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss = model(x, labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.grad_clip)
+        optimizer.step()
+        tokens += x.numel()
+        if step % recipe.log_every == 0 or step == recipe.steps - 1:
+            _append(log_path, {"step": step, "loss": round(loss.item(), 5),
+                               "tokens_per_s": round(tokens / max(1e-9, time.time() - began), 1)})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % recipe.save_every == 0 and step + 1 < recipe.steps:
+            save_state(out, model, names, optimizer, generator, step + 1, {**meta, "data_order": order})
+    model.eval()
+    _append(gate_path, {"step": recipe.steps, **gate_snapshot(model, probe_batch)})
+    facts = {**meta, "steps_done": recipe.steps, "data": data.info, "data_order_sha256": order,
+             "device": device, "amp": amp,
+             "threads": torch.get_num_threads(), "seconds": round(time.time() - began, 1),
+             "library_versions": library_versions()}
+    save_deltas(model, names, out, recipe.save_dtype)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(facts, indent=1, default=str))
+    for path in (out / STATE_FILE, out / STATE_META):
+        path.unlink(missing_ok=True)
+    return facts
+
+
+def _truncate(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < step]
+    from qbench.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(",".join(r) + "\n" for r in kept))
+
+
+def _append(path: Path, row: dict) -> None:
+    fields = list(row)
+    new = not path.exists()
+    if not new:
+        with open(path, newline="") as f:
+            fields = next(csv.reader(f), fields)
+        fields += [k for k in row if k not in fields]
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)

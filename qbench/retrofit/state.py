@@ -1,0 +1,81 @@
+"""The optimiser (per-group learning rates, the schedule) and the resume state
+(`retrofit_state.safetensors`: trainable tensors, AdamW moments, generator state; the step
+and the run's facts in `retrofit_state.json`; no pickle)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from qbench.retrofit.recipes import RetrofitRecipe
+
+STATE_FILE = "retrofit_state.safetensors"
+STATE_META = "retrofit_state.json"
+
+
+def build_optimizer(model, names: list[str], recipe: RetrofitRecipe) -> torch.optim.AdamW:
+    """Gates at `lr`, base weights at `base_lr` with weight decay, sink logits at `sink_lr`
+    with eps 1e-30: a sink logit's gradient scales with exp(s_h) (about 1e-15 at the
+    identity init), so with Adam's default eps its update would vanish; with a tiny eps the
+    update is sign-like and the logit can climb to where the sink matters."""
+    params = dict(model.named_parameters())
+    gates = [params[n] for n in names if ".qbench_gate." in n]
+    sinks = [params[n] for n in names if n.endswith(".sink_logit")]
+    base = [params[n] for n in names if ".qbench_gate." not in n and not n.endswith(".sink_logit")]
+    groups = [{"params": gates, "lr": recipe.lr, "weight_decay": 0.0, "name": "gates"},
+              {"params": sinks, "lr": recipe.sink_lr, "weight_decay": 0.0, "eps": 1e-30, "name": "sinks"},
+              {"params": base, "lr": recipe.base_lr, "weight_decay": recipe.weight_decay, "name": "base"}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
+
+
+def lr_factor(step: int, recipe: RetrofitRecipe) -> float:
+    """Linear warm-up, then cosine to 10% of the peak."""
+    if step < recipe.warmup:
+        return (step + 1) / recipe.warmup
+    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_state(out: Path, model, names, optimizer, generator, step: int, meta: dict) -> None:
+    from safetensors.torch import save
+
+    from qbench.atomic import atomic_write_bytes, atomic_write_text
+
+    params = dict(model.named_parameters())
+    tensors = {f"param/{n}": params[n].detach().cpu().contiguous() for n in names}
+    for n in names:
+        st = optimizer.state.get(params[n], {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in st:
+                tensors[f"{key}/{n}"] = torch.as_tensor(st[key]).detach().cpu().reshape(-1 if key == "step" else st[key].shape).contiguous()
+    tensors["generator"] = generator.get_state()
+    atomic_write_bytes(out / STATE_FILE, save(tensors))
+    atomic_write_text(out / STATE_META, json.dumps({**meta, "step": step}, indent=1))
+
+
+def load_state(out: Path, model, names, optimizer, generator) -> int:
+    from safetensors.torch import load_file
+
+    from qbench.zoo import CheckpointError
+
+    try:
+        tensors = load_file(str(out / STATE_FILE))
+        step = int(json.loads((out / STATE_META).read_text())["step"])
+    except Exception as err:
+        raise CheckpointError(f"{out / STATE_FILE} is not a readable retrofit state ({err}); delete it to start over") from err
+    params = dict(model.named_parameters())
+    missing = [n for n in names if f"param/{n}" not in tensors]
+    if missing:
+        raise CheckpointError(f"{out / STATE_FILE} lacks {missing[:3]}: a state of another recipe; delete it")
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(tensors[f"param/{n}"])
+            if f"exp_avg/{n}" in tensors:
+                p = params[n]
+                optimizer.state[p] = {"step": tensors[f"step/{n}"].reshape(()).float(),
+                                      "exp_avg": tensors[f"exp_avg/{n}"].to(p.device),
+                                      "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.device)}
+    generator.set_state(tensors["generator"])
+    return step
