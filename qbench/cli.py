@@ -153,7 +153,7 @@ def _cmd_list(args) -> int:
             print(f"{recipe.name:12s} (qbench retrofit) {recipe.description}\n{'':12s} "
                   + ", ".join(f"{k}={v}" for k, v in values.items()))
     else:
-        from qbench.bench import TASKS
+        from qbench.eval.protocols import TASKS
 
         for name, text in TASKS.items():
             print(f"{name:17s} {text}")
@@ -190,8 +190,8 @@ def _cmd_recheck(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from qbench.sweep import load_suite, run_sweep
-
+    from qbench.plan import load_suite
+    from qbench.sweep import run_sweep
     from qbench.validate import positive_int
 
     workers = positive_int(args.workers, "--workers", maximum=256)

@@ -51,11 +51,24 @@ class ModelRef:
     max_positions: int | None
     loader: object = field(repr=False, default=None)
     _loaded: LoadedModel | None = field(repr=False, default=None)
+    source: str | None = None  # what resolve_model was given (a zoo name or an absolute path)
 
     def load(self) -> LoadedModel:
         if self._loaded is None:
+            if self.loader is None:  # shipped to another process: find it again, unchanged
+                fresh = resolve_model(self.source, verify=False)
+                if fresh.checkpoint_hash != self.checkpoint_hash:
+                    raise CheckpointError(f"model {self.name}: checkpoint hash {fresh.checkpoint_hash} differs from "
+                                          f"{self.checkpoint_hash} when its cells were planned (changed since); "
+                                          "re-run to re-plan")
+                self.loader = fresh.loader
             self._loaded = self.loader()
         return self._loaded
+
+    def __getstate__(self) -> dict:
+        """Pickled (to a sweep worker) without its loader or loaded weights: load() there
+        resolves `source` again and checks the checkpoint hash."""
+        return {**self.__dict__, "loader": None, "_loaded": None}
 
 
 def read_zoo(folder: Path | None = None) -> dict[str, dict]:
@@ -231,6 +244,12 @@ def resolve_model(name_or_path: str, verify: bool = True) -> ModelRef:
     checked and hashed but not loaded.  A zoo model's checkpoint must match the hash in
     models/zoo.yaml (a corrupted or retrained checkpoint is a CheckpointError, exit 3)
     unless `verify` is False or QBENCH_ALLOW_MODIFIED=1 (`qbench bench --allow-modified`)."""
+    ref = _resolve_model(name_or_path, verify)
+    ref.source = name_or_path if name_or_path in read_zoo() else str(Path(name_or_path).resolve())
+    return ref
+
+
+def _resolve_model(name_or_path: str, verify: bool) -> ModelRef:
     zoo = read_zoo()
     if name_or_path in zoo:
         entry = zoo[name_or_path]

@@ -40,9 +40,9 @@ def test_rerun_skips_existing_cells_and_recomputes_corrupt_or_missing(micro_chec
     computed = []
     real_run_cell = bench.run_cell
 
-    def counting_run_cell(loaded, cell, protocol, progress, *rest):
-        computed.append(cell.scheme)
-        return real_run_cell(loaded, cell, protocol, progress, *rest)
+    def counting_run_cell(loaded, planned, progress, *rest):
+        computed.append(planned.cell.scheme.name)
+        return real_run_cell(loaded, planned, progress, *rest)
 
     monkeypatch.setattr(bench, "run_cell", counting_run_cell)
     import qbench.zoo
@@ -66,10 +66,10 @@ def test_interrupted_run_keeps_finished_cells(micro_checkpoint, tmp_path, monkey
     store = ResultStore(tmp_path / "results")
     real_run_cell = bench.run_cell
 
-    def crash_on_second(loaded, cell, protocol, progress, *rest):
-        if cell.scheme == "w8a8-dyn":
+    def crash_on_second(loaded, planned, progress, *rest):
+        if planned.cell.scheme.name == "w8a8-dyn":
             raise KeyboardInterrupt
-        return real_run_cell(loaded, cell, protocol, progress, *rest)
+        return real_run_cell(loaded, planned, progress, *rest)
 
     monkeypatch.setattr(bench, "run_cell", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
