@@ -169,11 +169,14 @@ def run_cells(planned: list[PlannedCell], store: ResultStore, force: bool = Fals
 
         check_schemes_device([p.cell.scheme for p in planned], device)
     records: dict[int, dict] = {}
+    last_use = {id(item.model_ref): index for index, item in enumerate(planned)}
     bar = tqdm(total=len(planned), desc="cells", disable=not progress)
     busy = []  # cells another process is computing: come back to them at the end
     for index, item in enumerate(planned):
         bar.set_postfix_str(f"{item.cell.model} {item.cell.scheme.name} {item.cell.task}")
         record = run_planned(item, store, progress, force, wait=False, device=device)
+        if last_use[id(item.model_ref)] == index:
+            item.model_ref.unload()  # its last cell here: a long plan does not hold every model it ran
         if record is None:
             busy.append(index)
             continue

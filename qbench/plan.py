@@ -54,10 +54,11 @@ def scheme_variants(scheme: Scheme | str, calibration_seeds: list[int] | None) -
 
 
 def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityProtocol,
-                data_hash: str, task_limit: int | None = None) -> dict:
-    """What a cell computes; its hash is the record's key."""
+                data_hash: str, task_limit: int | None = None, spec: dict | None = None) -> dict:
+    """What a cell computes; its hash is the record's key.  `spec`: the task's
+    lm_eval_spec when the caller has it already."""
     if is_lm_eval_task(task):
-        spec = lm_eval_spec(task, task_limit)
+        spec = spec or lm_eval_spec(task, task_limit)
         evaluation = {"task": task, "protocol": spec["protocol"], "items_hash": spec["items_hash"],
                       "limit": spec["limit"]}
     else:
@@ -100,26 +101,40 @@ def expand_models(models: list[str]) -> list[str]:
 
 def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str], limit: int | None = None,
                corpus: str | None = None, calibration_seeds: list[int] | None = None,
-               task_limit: int | None = None, first_token: str | None = None) -> list[PlannedCell]:
+               task_limit: int | None = None, first_token: str | None = None,
+               cache: dict | None = None) -> list[PlannedCell]:
     """Every cell of models x schemes (x calibration seeds) x tasks, keyed; nothing runs.
     Downstream (lm-eval) tasks are left out for Bigram-Backcopy models, whose vocabulary
-    is 48 characters of a synthetic task."""
+    is 48 characters of a synthetic task.  `cache`: model references and data hashes
+    shared by several calls (the stages of one suite)."""
+    cache = {} if cache is None else cache
     models = expand_models(models)
     resolved = [get_scheme(s) if isinstance(s, str) else s for s in schemes]  # fail before any work on a typo
     check_tasks(tasks)
     variants = [v for scheme in resolved for v in scheme_variants(scheme, calibration_seeds)]
     planned = []
     for model_name in models:
-        ref = resolve_model(model_name)  # weights load only if a cell is missing
+        if ("model", model_name) not in cache:
+            cache["model", model_name] = resolve_model(model_name)  # weights load only if a cell is missing
+        ref = cache["model", model_name]
         protocol = resolve_protocol(ref, limit, corpus, first_token)
-        data_hash = protocol_data_hash(protocol)
+        data = ("data", protocol.corpus, protocol.kind, protocol.split)
+        if data not in cache:
+            cache[data] = protocol_data_hash(protocol)
+        data_hash = cache[data]
         model_tasks = tasks
         if protocol.kind == "bigram_backcopy":
             model_tasks = [t for t in tasks if not is_lm_eval_task(t)]
         for scheme in variants:
             for task in model_tasks:
                 cell_protocol = task_protocol(protocol, task)
-                cell = Cell(model_name, scheme, task, cell_config(ref, scheme, task, cell_protocol, data_hash, task_limit))
+                spec = None
+                if is_lm_eval_task(task):  # its items are read once per plan, not once per cell
+                    if ("task", task, task_limit) not in cache:
+                        cache["task", task, task_limit] = lm_eval_spec(task, task_limit)
+                    spec = cache["task", task, task_limit]
+                config = cell_config(ref, scheme, task, cell_protocol, data_hash, task_limit, spec)
+                cell = Cell(model_name, scheme, task, config)
                 planned.append(PlannedCell(cell, cell_protocol, ref, task_limit))
     return planned
 
@@ -250,18 +265,18 @@ def load_suite(path: str | Path) -> Suite:
                         for i, s in enumerate(stages)], resources)
 
 
-def plan_stage(stage: Stage, first_token: str | None = None) -> list[PlannedCell]:
+def plan_stage(stage: Stage, cache: dict | None = None) -> list[PlannedCell]:
     return plan_cells(stage.models, stage.schemes, stage.tasks, stage.limit, stage.corpus, stage.calibration_seeds,
-                      stage.task_limit, first_token)
+                      stage.task_limit, cache=cache)
 
 
 def plan_suite(suite: Suite) -> list[PlannedCell]:
     """Every cell of the suite's stages in order, each key once (models are resolved and
     hashed, not loaded)."""
-    planned, seen = [], set()
+    planned, seen, cache = [], set(), {}
     try:
         for stage in suite.stages:
-            for item in plan_stage(stage):
+            for item in plan_stage(stage, cache):
                 if item.cell.key not in seen:
                     seen.add(item.cell.key)
                     planned.append(item)

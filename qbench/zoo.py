@@ -65,18 +65,36 @@ class ModelRef:
             self._loaded = self.loader()
         return self._loaded
 
+    def unload(self) -> None:
+        """Let the loaded weights go (the next load() loads them again)."""
+        self._loaded = None
+
     def __getstate__(self) -> dict:
         """Pickled (to a sweep worker) without its loader or loaded weights: load() there
         resolves `source` again and checks the checkpoint hash."""
         return {**self.__dict__, "loader": None, "_loaded": None}
 
 
+_ZOO_CACHE: dict[Path, tuple[tuple, dict]] = {}
+
+
 def read_zoo(folder: Path | None = None) -> dict[str, dict]:
+    """models/zoo.yaml's entries (a fresh copy; parsed once per version of the file: a
+    plan resolves every model against it)."""
+    import copy
+
     path = (folder or models_dir()) / ZOO_FILE
-    if not path.exists():
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
         return {}
-    data = yaml.safe_load(path.read_text()) or {}
-    return data.get("models", {})
+    version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    cached = _ZOO_CACHE.get(path)
+    if cached is None or cached[0] != version:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where built: the same values, faster
+        data = yaml.load(path.read_text(), Loader=loader) or {}  # noqa: S506 (a safe loader)
+        cached = _ZOO_CACHE[path] = (version, data.get("models", {}))
+    return copy.deepcopy(cached[1])
 
 
 def write_zoo(entries: dict[str, dict], folder: Path | None = None) -> None:
@@ -244,13 +262,13 @@ def resolve_model(name_or_path: str, verify: bool = True) -> ModelRef:
     checked and hashed but not loaded.  A zoo model's checkpoint must match the hash in
     models/zoo.yaml (a corrupted or retrained checkpoint is a CheckpointError, exit 3)
     unless `verify` is False or QBENCH_ALLOW_MODIFIED=1 (`qbench bench --allow-modified`)."""
-    ref = _resolve_model(name_or_path, verify)
-    ref.source = name_or_path if name_or_path in read_zoo() else str(Path(name_or_path).resolve())
+    zoo = read_zoo()
+    ref = _resolve_model(name_or_path, verify, zoo)
+    ref.source = name_or_path if name_or_path in zoo else str(Path(name_or_path).resolve())
     return ref
 
 
-def _resolve_model(name_or_path: str, verify: bool) -> ModelRef:
-    zoo = read_zoo()
+def _resolve_model(name_or_path: str, verify: bool, zoo: dict) -> ModelRef:
     if name_or_path in zoo:
         entry = zoo[name_or_path]
         source = entry.get("source") or entry["path"]
