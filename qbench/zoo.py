@@ -144,19 +144,29 @@ def _load_gguf(name: str, path: Path, entry: dict) -> LoadedModel:
 
 # Folders of other kinds, found by a marker file and described by their own module (which
 # registers itself, so the zoo imports none of them): marker -> (name, folder, entry) -> ModelRef.
-FOLDER_KINDS: dict[str, object] = {}
+# An entry may name its function as "module:function", imported when a folder of that kind
+# is first met (lm-eval's lazy registration), so `import qbench` needs none of them loaded.
+FOLDER_KINDS: dict[str, object] = {"retrofit.json": "qbench.retrofit:retrofit_ref"}
 
 
 def register_folder_kind(marker: str, make_ref) -> None:
     FOLDER_KINDS[marker] = make_ref
 
 
+def _folder_kind(marker: str):
+    make_ref = FOLDER_KINDS[marker]
+    if isinstance(make_ref, str):
+        module, _, function = make_ref.partition(":")
+        make_ref = FOLDER_KINDS[marker] = getattr(importlib.import_module(module), function)
+    return make_ref
+
+
 def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     """Checks the folder's files and reads its config; the weights stay on disk."""
-    for marker, make_ref in FOLDER_KINDS.items():  # e.g. retrofit.json (qbench.retrofit)
+    for marker in list(FOLDER_KINDS):  # e.g. retrofit.json (qbench.retrofit)
         if (folder / marker).is_file():
-            return make_ref(name, folder, entry)
-    import qbench  # noqa: F401  registers the qbench model type
+            return _folder_kind(marker)(name, folder, entry)
+    import qbench.modeling  # noqa: F401  registers the qbench model type
     from transformers import AutoConfig
 
     if not folder.is_dir():
