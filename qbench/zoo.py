@@ -54,15 +54,19 @@ class ModelRef:
     source: str | None = None  # what resolve_model was given (a zoo name or an absolute path)
 
     def load(self) -> LoadedModel:
+        """The weights this reference was hashed from: resolved again first (the files may
+        have changed since, or this reference was shipped to another process without its
+        loader), and refused unless they still have the hash its cells are keyed by."""
         if self._loaded is None:
-            if self.loader is None:  # shipped to another process: find it again, unchanged
+            loader = self.loader
+            if self.source is not None:
                 fresh = resolve_model(self.source, verify=False)
                 if fresh.checkpoint_hash != self.checkpoint_hash:
                     raise CheckpointError(f"model {self.name}: checkpoint hash {fresh.checkpoint_hash} differs from "
                                           f"{self.checkpoint_hash} when its cells were planned (changed since); "
                                           "re-run to re-plan")
-                self.loader = fresh.loader
-            self._loaded = self.loader()
+                loader = fresh.loader
+            self._loaded = loader()
         return self._loaded
 
     def unload(self) -> None:

@@ -92,6 +92,31 @@ def test_sweep_workers_receive_planned_cells_and_plan_nothing(tmp_path, micro_ch
     assert {p.stem for p in (results / "records").glob("*.json")} == keys
 
 
+def test_a_planned_cell_pickles_and_its_model_refuses_changed_weights(tmp_path, micro_checkpoint):
+    """What a sweep ships: the PlannedCell round-trips through pickle (model reference
+    without its loader, resolved Scheme, protocol); loading re-checks the checkpoint hash
+    the key was made from, so weights changed after planning are refused, not measured."""
+    import pickle
+
+    from qbench.plan import plan_cells
+    from qbench.zoo import CheckpointError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(micro_checkpoint, copy)
+    [planned] = plan_cells([str(copy)], ["w8a8-pt"], ["ppl"], limit=3000, calibration_seeds=[1])
+    shipped = pickle.loads(pickle.dumps(planned))
+    assert shipped.cell.key == planned.cell.key and shipped.cell.scheme == planned.cell.scheme
+    assert shipped.cell.scheme.options["calibration_seed"] == 1 and shipped.protocol == planned.protocol
+    assert shipped.model_ref.load().checkpoint_hash == planned.model_ref.checkpoint_hash
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4096:] = bytes(b ^ 0xFF for b in data[-4096:])  # same size, other weights
+    weights.write_bytes(bytes(data))
+    again = pickle.loads(pickle.dumps(planned))
+    with pytest.raises(CheckpointError, match="changed since"):
+        again.model_ref.load()
+
+
 def test_a_suite_with_stages_plans_each_key_once(tmp_path, micro_checkpoint):
     suite = load_suite(write_suite(tmp_path / "staged.yaml", f"""
 name: staged
