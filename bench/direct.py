@@ -107,21 +107,22 @@ def main() -> int:
     import bitsandbytes  # noqa: F401  imports paid before timing, on both sides
 
     from perf_quant import cpu_name
-    from qbench.bench import plan_cells, run_cell
+    from qbench.bench import run_cell
     from qbench.data import load_corpus
     from qbench.data.tokens import split_text
+    from qbench.plan import plan_cells
     from qbench.zoo import load_model
 
     rows = []
     for name in args.models.split(","):
         loaded = load_model(name)
         [fp_cell] = plan_cells([name], ["fp32"], ["ppl"], args.limit)
-        run_cell(loaded, fp_cell.cell, fp_cell.protocol, False)  # fills the FP reference cache
+        run_cell(loaded, fp_cell, False)  # fills the FP reference cache
         text = split_text(load_corpus(fp_cell.protocol.corpus), fp_cell.protocol.split, args.limit)
         for scheme in args.schemes.split(","):
             [planned] = plan_cells([name], [scheme], ["ppl"], args.limit)
             start = time.perf_counter()
-            record = run_cell(loaded, planned.cell, planned.protocol, False)
+            record = run_cell(loaded, planned, False)
             ours = time.perf_counter() - start
             theirs, ppl = direct_cell(loaded.model, loaded.tokenizer, text, scheme)
             rows.append((name, scheme, ours, theirs, record["metrics"]["ppl"], ppl))

@@ -32,7 +32,7 @@ OUTLIER_MODEL = "small-softmax-3k"
 
 
 def _windows(loaded, n: int, window: int = 64) -> list[torch.Tensor]:
-    from qbench.bench import resolve_protocol, task_protocol
+    from qbench.eval.protocols import resolve_protocol, task_protocol
     from qbench.eval.perplexity import protocol_windows
 
     protocol = task_protocol(resolve_protocol(loaded, None), "probes")

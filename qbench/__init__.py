@@ -16,5 +16,7 @@ import logging  # noqa: E402
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from qbench import modeling  # noqa: E402,F401  registers model_type "qbench" with transformers
-from qbench import retrofit  # noqa: E402,F401  registers retrofit folders (deltas on a base) with the zoo
+# Nothing heavy here: `import qbench` (and so `python -m qbench.cli`) imports neither torch
+# nor transformers, so the CLI's Ctrl-C handling is in place before they load.  The model
+# type "qbench" registers with transformers when qbench.modeling is imported (the zoo does
+# before it reads a checkpoint); retrofit folders are a lazily registered zoo folder kind.

@@ -153,7 +153,7 @@ def _cmd_list(args) -> int:
             print(f"{recipe.name:12s} (qbench retrofit) {recipe.description}\n{'':12s} "
                   + ", ".join(f"{k}={v}" for k, v in values.items()))
     else:
-        from qbench.bench import TASKS
+        from qbench.eval.protocols import TASKS
 
         for name, text in TASKS.items():
             print(f"{name:17s} {text}")
@@ -190,8 +190,8 @@ def _cmd_recheck(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from qbench.sweep import load_suite, run_sweep
-
+    from qbench.plan import load_suite
+    from qbench.sweep import run_sweep
     from qbench.validate import positive_int
 
     workers = positive_int(args.workers, "--workers", maximum=256)
@@ -335,15 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Ctrl-C is handled from here on, before anything heavy: `import qbench` loads neither
+    # torch nor transformers (each command imports what it needs), so an interrupt while
+    # they load is this one line and exit 130 too, not a traceback.
     try:
-        return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError, OSError, ImportError) as err:
-        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
-        if len(message) > 400:  # one short line, whatever the input (a 5,000-character name, a huge YAML)
-            message = message[:300] + f"... ({len(message)} characters)"
-        print(f"qbench {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
-        return exit_code(err)
+        args = build_parser().parse_args(argv)
+        try:
+            return args.func(args)
+        except (KeyError, ValueError, FileNotFoundError, OSError, ImportError) as err:
+            message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+            if len(message) > 400:  # one short line, whatever the input (a 5,000-character name, a huge YAML)
+                message = message[:300] + f"... ({len(message)} characters)"
+            print(f"qbench {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
+            return exit_code(err)
     except KeyboardInterrupt:
         print("interrupted; completed work is kept, rerun the same command to resume", file=sys.stderr)
         return 130

@@ -119,7 +119,7 @@ def sample(records: list[dict], n: int, seed: int = 0, tasks=DEFAULT_TASKS, mode
 
 def replan(record: dict):
     """The planned cell whose key is the record's, or None (the key moved: a stale record)."""
-    from qbench.bench import plan_cells
+    from qbench.plan import plan_cells
 
     config = record["config"]
     protocol = config["evaluation"].get("protocol") or {}
@@ -143,8 +143,7 @@ def recheck_record(record: dict, here: dict | None = None) -> Recheck:
     if planned is None:
         return Recheck(**base, recomputed_ppl=None, drift=math.inf, metric="key", seconds=time.time() - start,
                        status="unplannable")
-    fresh = run_cell(planned.model_ref.load(), planned.cell, planned.protocol, progress=False,
-                     task_limit=planned.task_limit)
+    fresh = run_cell(planned.model_ref.load(), planned, progress=False)
     if fresh.get("status") != "ok":
         return Recheck(**base, recomputed_ppl=None, drift=math.inf, metric=str(fresh.get("error"))[:60],
                        seconds=time.time() - start, status="failed")

@@ -47,7 +47,22 @@ SERIES_METRICS = ("kurtosis_per_layer", "max_inf_norm_per_layer", "first_token_s
 GRID_METRICS = ("first_token_share_per_head",)
 # top-level fields: the type each must have when present (None: may be null)
 OPTIONAL_FIELDS = {"metrics": dict, "quantization": dict, "provenance": dict, "error": str, "traceback": str,
-                   "calibration_seed": int}
+                   "calibration_seed": int, "facts": dict}
+# What a record says about its model and scheme for readers (qbench.plan.cell_facts; not in the key)
+FACT_TYPES = {"model": {"arm": str, "preset": str},
+              "scheme": {"backend": str, "weight_bits": int, "activation_bits": int, "kv_bits": int,
+                         "attention_kernel": bool}}
+
+
+def _facts_problem(facts: dict) -> str | None:
+    for part, fields in FACT_TYPES.items():
+        if not isinstance(facts.get(part), dict):
+            return f"field 'facts.{part}' missing or not an object"
+        for name, kind in fields.items():
+            value = facts[part].get(name)
+            if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                return f"field 'facts.{part}.{name}' is not a {kind.__name__} or null"
+    return None
 
 
 def _is_number(value) -> bool:
@@ -131,6 +146,8 @@ def _validate(record, key: str) -> str | None:
         value = record.get(field)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             return f"field {field!r} is not {'an object' if kind is dict else 'a ' + kind.__name__}"
+    if record.get("facts") is not None and (why := _facts_problem(record["facts"])):
+        return why
     if not isinstance(record.get("config"), dict):
         return "field 'config' missing or not an object"
     model = record["config"].get("model")

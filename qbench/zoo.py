@@ -51,19 +51,54 @@ class ModelRef:
     max_positions: int | None
     loader: object = field(repr=False, default=None)
     _loaded: LoadedModel | None = field(repr=False, default=None)
+    source: str | None = None  # what resolve_model was given (a zoo name or an absolute path)
 
     def load(self) -> LoadedModel:
+        """The weights this reference was hashed from: resolved again first (the files may
+        have changed since, or this reference was shipped to another process without its
+        loader), and refused unless they still have the hash its cells are keyed by."""
         if self._loaded is None:
-            self._loaded = self.loader()
+            loader = self.loader
+            if self.source is not None:
+                fresh = resolve_model(self.source, verify=False)
+                if fresh.checkpoint_hash != self.checkpoint_hash:
+                    raise CheckpointError(f"model {self.name}: checkpoint hash {fresh.checkpoint_hash} differs from "
+                                          f"{self.checkpoint_hash} when its cells were planned (changed since); "
+                                          "re-run to re-plan")
+                loader = fresh.loader
+            self._loaded = loader()
         return self._loaded
+
+    def unload(self) -> None:
+        """Let the loaded weights go (the next load() loads them again)."""
+        self._loaded = None
+
+    def __getstate__(self) -> dict:
+        """Pickled (to a sweep worker) without its loader or loaded weights: load() there
+        resolves `source` again and checks the checkpoint hash."""
+        return {**self.__dict__, "loader": None, "_loaded": None}
+
+
+_ZOO_CACHE: dict[Path, tuple[tuple, dict]] = {}
 
 
 def read_zoo(folder: Path | None = None) -> dict[str, dict]:
+    """models/zoo.yaml's entries (a fresh copy; parsed once per version of the file: a
+    plan resolves every model against it)."""
+    import copy
+
     path = (folder or models_dir()) / ZOO_FILE
-    if not path.exists():
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
         return {}
-    data = yaml.safe_load(path.read_text()) or {}
-    return data.get("models", {})
+    version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    cached = _ZOO_CACHE.get(path)
+    if cached is None or cached[0] != version:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where built: the same values, faster
+        data = yaml.load(path.read_text(), Loader=loader) or {}  # noqa: S506 (a safe loader)
+        cached = _ZOO_CACHE[path] = (version, data.get("models", {}))
+    return copy.deepcopy(cached[1])
 
 
 def write_zoo(entries: dict[str, dict], folder: Path | None = None) -> None:
@@ -113,19 +148,29 @@ def _load_gguf(name: str, path: Path, entry: dict) -> LoadedModel:
 
 # Folders of other kinds, found by a marker file and described by their own module (which
 # registers itself, so the zoo imports none of them): marker -> (name, folder, entry) -> ModelRef.
-FOLDER_KINDS: dict[str, object] = {}
+# An entry may name its function as "module:function", imported when a folder of that kind
+# is first met (lm-eval's lazy registration), so `import qbench` needs none of them loaded.
+FOLDER_KINDS: dict[str, object] = {"retrofit.json": "qbench.retrofit:retrofit_ref"}
 
 
 def register_folder_kind(marker: str, make_ref) -> None:
     FOLDER_KINDS[marker] = make_ref
 
 
+def _folder_kind(marker: str):
+    make_ref = FOLDER_KINDS[marker]
+    if isinstance(make_ref, str):
+        module, _, function = make_ref.partition(":")
+        make_ref = FOLDER_KINDS[marker] = getattr(importlib.import_module(module), function)
+    return make_ref
+
+
 def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     """Checks the folder's files and reads its config; the weights stay on disk."""
-    for marker, make_ref in FOLDER_KINDS.items():  # e.g. retrofit.json (qbench.retrofit)
+    for marker in list(FOLDER_KINDS):  # e.g. retrofit.json (qbench.retrofit)
         if (folder / marker).is_file():
-            return make_ref(name, folder, entry)
-    import qbench  # noqa: F401  registers the qbench model type
+            return _folder_kind(marker)(name, folder, entry)
+    import qbench.modeling  # noqa: F401  registers the qbench model type
     from transformers import AutoConfig
 
     if not folder.is_dir():
@@ -232,6 +277,12 @@ def resolve_model(name_or_path: str, verify: bool = True) -> ModelRef:
     models/zoo.yaml (a corrupted or retrained checkpoint is a CheckpointError, exit 3)
     unless `verify` is False or QBENCH_ALLOW_MODIFIED=1 (`qbench bench --allow-modified`)."""
     zoo = read_zoo()
+    ref = _resolve_model(name_or_path, verify, zoo)
+    ref.source = name_or_path if name_or_path in zoo else str(Path(name_or_path).resolve())
+    return ref
+
+
+def _resolve_model(name_or_path: str, verify: bool, zoo: dict) -> ModelRef:
     if name_or_path in zoo:
         entry = zoo[name_or_path]
         source = entry.get("source") or entry["path"]

@@ -1,8 +1,8 @@
 """Measure every zoo checkpoint and rewrite models/zoo.yaml (`qbench zoo`)."""
 from __future__ import annotations
 
-from qbench.bench import resolve_protocol
 from qbench.eval import evaluate_perplexity
+from qbench.eval.protocols import resolve_protocol
 from qbench.paths import models_dir
 from qbench.retrofit import CONFIG_FILE as RETROFIT_CONFIG, read_retrofit_config
 from qbench.zoo import read_zoo, resolve_model, write_zoo

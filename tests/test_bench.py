@@ -34,15 +34,46 @@ def test_bench_writes_one_record_per_cell_with_provenance(micro_checkpoint, tmp_
     assert math.isfinite(q.ppl) and q.ppl != fp.ppl
 
 
+def test_records_carry_their_model_and_scheme_facts_outside_the_key(micro_checkpoint, tmp_path):
+    """Every record, failed ones too, says what the report needs (arm, preset, backend and
+    bits) without the report importing the registries; the facts are not in the key."""
+    from qbench.bench import failed_record
+    from qbench.plan import plan_cells
+    from qbench.results import cell_key, validate_record
+
+    store = ResultStore(tmp_path / "results")
+    [fp, dyn, attn] = run_bench([str(micro_checkpoint)], ["fp32", "w8a8-dyn", "w8a8-attn"], ["ppl"], store,
+                                limit=LIMIT, progress=False)
+    model = {"arm": "vga", "preset": "micro"}  # from the checkpoint's training info (no zoo entry)
+    assert fp["facts"] == {"model": model, "scheme": {"backend": "reference", "weight_bits": None,
+                                                      "activation_bits": None, "kv_bits": None,
+                                                      "attention_kernel": False}}
+    assert dyn["facts"]["scheme"] == {"backend": "simulated", "weight_bits": 8, "activation_bits": 8,
+                                      "kv_bits": None, "attention_kernel": False}
+    assert attn["facts"]["scheme"]["attention_kernel"] is True
+    assert all(r["key"] == cell_key(r["config"]) and "facts" not in r["config"] for r in (fp, dyn, attn))
+    [planned] = plan_cells([str(micro_checkpoint)], ["w4a8"], ["ppl"], limit=LIMIT, calibration_seeds=[1])
+    failed = failed_record(planned, "WorkerDied: test")
+    assert failed["facts"]["scheme"] == {"backend": "static", "weight_bits": 4, "activation_bits": 8,
+                                         "kv_bits": None, "attention_kernel": False}
+    assert failed["facts"]["model"] == model and validate_record(failed, failed["key"]) is None
+    from qbench.plan import cell_facts
+    from qbench.quant import get_scheme
+
+    assert cell_facts(planned.model_ref, get_scheme("kv4"))["scheme"]["kv_bits"] == 4
+    bad = {**failed, "facts": {**failed["facts"], "scheme": {**failed["facts"]["scheme"], "weight_bits": "4"}}}
+    assert "facts.scheme.weight_bits" in validate_record(bad, bad["key"])
+
+
 def test_rerun_skips_existing_cells_and_recomputes_corrupt_or_missing(micro_checkpoint, tmp_path, monkeypatch):
     store = ResultStore(tmp_path / "results")
     first = run_bench([str(micro_checkpoint)], ["fp32", "w8a8-dyn"], ["ppl"], store, limit=LIMIT, progress=False)
     computed = []
     real_run_cell = bench.run_cell
 
-    def counting_run_cell(loaded, cell, protocol, progress, *rest):
-        computed.append(cell.scheme)
-        return real_run_cell(loaded, cell, protocol, progress, *rest)
+    def counting_run_cell(loaded, planned, progress, *rest):
+        computed.append(planned.cell.scheme.name)
+        return real_run_cell(loaded, planned, progress, *rest)
 
     monkeypatch.setattr(bench, "run_cell", counting_run_cell)
     import qbench.zoo
@@ -66,10 +97,10 @@ def test_interrupted_run_keeps_finished_cells(micro_checkpoint, tmp_path, monkey
     store = ResultStore(tmp_path / "results")
     real_run_cell = bench.run_cell
 
-    def crash_on_second(loaded, cell, protocol, progress, *rest):
-        if cell.scheme == "w8a8-dyn":
+    def crash_on_second(loaded, planned, progress, *rest):
+        if planned.cell.scheme.name == "w8a8-dyn":
             raise KeyboardInterrupt
-        return real_run_cell(loaded, cell, protocol, progress, *rest)
+        return real_run_cell(loaded, planned, progress, *rest)
 
     monkeypatch.setattr(bench, "run_cell", crash_on_second)
     with pytest.raises(KeyboardInterrupt):

@@ -294,7 +294,7 @@ def test_bench_prints_delta_against_the_stored_fp32_record(micro_checkpoint, tmp
 
 
 def test_blimp_task_limit_is_honoured(tmp_path):
-    from qbench.bench import lm_eval_spec
+    from qbench.eval.protocols import lm_eval_spec
     from qbench.eval.lm_eval_tasks import blimp_dir
 
     if not blimp_dir().is_dir():
@@ -305,7 +305,7 @@ def test_blimp_task_limit_is_honoured(tmp_path):
 
 
 def test_first_token_is_a_protocol_parameter(micro_checkpoint):
-    from qbench.bench import resolve_protocol
+    from qbench.eval.protocols import resolve_protocol
     from qbench.eval.perplexity import protocol_windows
     from qbench.zoo import load_model
 

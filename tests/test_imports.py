@@ -87,3 +87,22 @@ def test_the_report_reads_records_not_the_registries():
             else:
                 continue
             assert not [n for n in names if n.startswith(banned)], (module_name(path), names)
+
+
+def test_the_runner_is_not_a_library():
+    """Protocols and the task catalogue belong to eval, planning to qbench.plan: nothing
+    but the CLI, the study runner and the sweep imports the bench (eval, the zoo refresh
+    and the planner least of all)."""
+    graph = imports()
+    users = {name for name, targets in graph.items() if "qbench.bench" in targets}
+    assert users <= {"qbench.cli", "qbench.sweep", "qbench.recheck", "qbench.study.plan"}, users
+    assert "qbench.bench" not in graph["qbench.plan"]
+
+
+def test_import_qbench_is_light():
+    """qbench/__init__.py imports no qbench module and nothing heavy: the CLI's Ctrl-C
+    handling must be in place before torch loads (tests/test_interrupt.py runs it)."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert names <= {"os", "logging"}, names

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import qbench  # noqa: F401  registers the model type
+import qbench.modeling  # noqa: F401  registers the model type
 from qbench.modeling import QBenchConfig, QBenchForCausalLM
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qbench.bench import plan_cells
+from qbench.plan import plan_cells
 from qbench.paths import REPO_ROOT
 
 RECORDS = REPO_ROOT / "results" / "records"

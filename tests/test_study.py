@@ -184,3 +184,42 @@ def test_committed_study_opens_with_the_claims_and_headline():
     assert max(len(line) for line in headline if line.startswith("|")) <= 120
     assert max(len(line) for line in claims if line.startswith("|")) <= 180
     assert "all six arms" not in text.lower()
+
+
+def test_the_study_suite_plans_the_cells_the_committed_study_counts():
+    """The study's plan is suites/study.yaml, read by the one planner.  STUDY.md was written
+    from the old hand-coded plan: planning the suite finds the same cells, the same held
+    ones and the same missing ones, stage by stage, as the sentence it printed (a record
+    migration that re-keys cells and records alike leaves the sentence unchanged)."""
+    import re
+
+    from qbench.paths import REPO_ROOT
+    from qbench.study.plan import coverage
+
+    committed = (REPO_ROOT / "results" / "STUDY.md").read_text()
+    found = coverage(ResultStore(REPO_ROOT / "results"))
+    assert found.planned > found.held > 0
+    assert re.sub(r"\s+", " ", found.sentence()) in re.sub(r"\s+", " ", committed)
+
+
+def test_the_study_suite_stages_keep_their_invariants():
+    """What the old plan computed in code is data now: the other draws are exactly the
+    calibrated tiny schemes; the PTQ stage has a column label for every scheme; the quick
+    suite is two BB models at 4,000 characters."""
+    from qbench.plan import plan_suite
+    from qbench.quant import get_scheme
+    from qbench.study.plan import PTQ_COLUMNS, plan, study_suite
+
+    suite = study_suite(False)
+    tiny, draws = suite.stage("tiny"), suite.stage("tiny other draws")
+    assert draws.schemes == [s for s in tiny.schemes if "calibration_seed" in get_scheme(s).options]
+    assert [scheme for _, scheme in PTQ_COLUMNS] == suite.stage("ptq").schemes
+    full = plan(False)
+    assert full.calibration_seeds == [0, 1, 2] and full.tiny_tasks == ["ppl", "probes"] and full.task_limit == 500
+    quick = plan(True)
+    assert (quick.tiny_models, quick.limit, quick.calibration_seeds) == (["bb-softmax", "bb-vga"], 4000, [0, 1])
+    cells = [(p.cell.model, p.cell.scheme.name, p.cell.scheme.options.get("calibration_seed"))
+             for p in plan_suite(study_suite(True))]
+    assert cells == [(m, s, d) for m in ("bb-softmax", "bb-vga") for s, d in
+                     (("fp32", None), ("w8a8-dyn", None), ("w8a8-pt", 0))] + \
+        [("bb-softmax", "w8a8-pt", 1), ("bb-vga", "w8a8-pt", 1)]

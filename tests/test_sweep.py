@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from qbench.results import ResultStore
-from qbench.sweep import SuiteError, expand, load_suite, run_sweep
+from qbench.plan import SuiteError, load_suite, plan_suite
+from qbench.sweep import run_sweep
 
 
 def write_suite(path: Path, text: str) -> Path:
@@ -44,7 +45,7 @@ def test_suite_typos_and_unknown_names_are_specific_errors(tmp_path, micro_check
         load_suite(write_suite(tmp_path / "c.yaml", "models: [x]\n"))
     suite = load_suite(write_suite(tmp_path / "d.yaml", f"models: [{micro_checkpoint}]\nschemes: [w8a8-dynn]\n"))
     with pytest.raises(SuiteError, match="suite .d.: unknown scheme .w8a8-dynn.; did you mean .w8a8-dyn."):
-        expand(suite)
+        plan_suite(suite)
     suite = load_suite(micro_suite(tmp_path, micro_checkpoint))
     with pytest.raises(SuiteError, match="unknown executor 'rey'; did you mean 'ray'"):
         run_sweep(suite, str(tmp_path / "r"), executor="rey")
@@ -59,6 +60,87 @@ def test_local_sweep_runs_only_missing_cells(tmp_path, micro_checkpoint):
     victim.unlink()
     second = run_sweep(suite, str(results), progress=False)
     assert second["already_recorded"] == 2 and second["computed"] == 1
+
+
+def test_sweep_workers_receive_planned_cells_and_plan_nothing(tmp_path, micro_checkpoint, monkeypatch):
+    """The parent plans once; each spawned worker gets the PlannedCell itself (its planning
+    entry points raise there) and the records are those of the planned keys."""
+    import qbench.plan
+    import qbench.sweep
+    import sweep_guard
+
+    suite = load_suite(micro_suite(tmp_path, micro_checkpoint))
+    calls = []
+    real_plan_suite = qbench.plan.plan_suite
+
+    def counting(s):
+        calls.append(s.name)
+        return real_plan_suite(s)
+
+    monkeypatch.setattr(qbench.sweep, "plan_suite", counting)
+    monkeypatch.setattr(qbench.sweep, "_worker_init", sweep_guard.no_planning_worker)
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    monkeypatch.setenv("QBENCH_SWEEP_GUARD_DIR", str(guard))
+    results = tmp_path / "results"
+    summary = qbench.sweep.run_sweep(suite, str(results), workers=2, progress=False)
+    assert calls == ["micro"]  # planned once, in the parent
+    assert summary == {**summary, "cells": 3, "computed": 3, "failed": 0}
+    received = {p.name.split("-", 1)[1]: p.read_text() for p in guard.iterdir()}
+    keys = {p.cell.key for p in real_plan_suite(suite)}
+    assert set(received) == keys and set(received.values()) == {"qbench.plan.PlannedCell"}
+    assert {p.stem for p in (results / "records").glob("*.json")} == keys
+
+
+def test_a_planned_cell_pickles_and_its_model_refuses_changed_weights(tmp_path, micro_checkpoint):
+    """What a sweep ships: the PlannedCell round-trips through pickle (model reference
+    without its loader, resolved Scheme, protocol); loading re-checks the checkpoint hash
+    the key was made from, so weights changed after planning are refused, not measured."""
+    import pickle
+
+    from qbench.plan import plan_cells
+    from qbench.zoo import CheckpointError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(micro_checkpoint, copy)
+    [planned] = plan_cells([str(copy)], ["w8a8-pt"], ["ppl"], limit=3000, calibration_seeds=[1])
+    shipped = pickle.loads(pickle.dumps(planned))
+    assert shipped.cell.key == planned.cell.key and shipped.cell.scheme == planned.cell.scheme
+    assert shipped.cell.scheme.options["calibration_seed"] == 1 and shipped.protocol == planned.protocol
+    assert shipped.model_ref.load().checkpoint_hash == planned.model_ref.checkpoint_hash
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4096:] = bytes(b ^ 0xFF for b in data[-4096:])  # same size, other weights
+    weights.write_bytes(bytes(data))
+    again = pickle.loads(pickle.dumps(planned))
+    with pytest.raises(CheckpointError, match="changed since"):
+        again.model_ref.load()
+
+
+def test_a_suite_with_stages_plans_each_key_once(tmp_path, micro_checkpoint):
+    suite = load_suite(write_suite(tmp_path / "staged.yaml", f"""
+name: staged
+limit: 3000
+models: [{micro_checkpoint}]
+stages:
+  - name: first
+    schemes: [fp32, w8a8-pt]
+    calibration_seeds: [0]
+  - name: more draws
+    schemes: [fp32, w8a8-pt]
+    calibration_seeds: [0, 1]
+  - name: whole split
+    schemes: [fp32]
+    limit: null
+"""))
+    assert [s.name for s in suite.stages] == ["first", "more draws", "whole split"]
+    assert suite.stage("whole split").limit is None and suite.stage("first").limit == 3000
+    planned = plan_suite(suite)
+    described = [(p.cell.scheme.name, p.cell.scheme.options.get("calibration_seed"), p.protocol.max_chars)
+                 for p in planned]
+    assert described == [("fp32", None, 3000), ("w8a8-pt", 0, 3000), ("w8a8-pt", 1, 3000), ("fp32", None, None)]
+    with pytest.raises(SuiteError, match="stage 2: unknown key 'schemse'"):
+        load_suite(write_suite(tmp_path / "bad.yaml", "models: [x]\nschemes: [fp32]\nstages: [{}, {schemse: [a]}]\n"))
 
 
 def _free_port() -> int:
@@ -123,7 +205,7 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_the_local_executor(tmp_p
     assert len(attempts) >= 2  # the killed cell ran again on another worker
     assert summary["cells"] == 3 and summary["failed"] == 0
     records = {p.stem for p in (results / "records").glob("*.json")}
-    assert records == {s.key for s in expand(suite)}  # every cell exactly once (one file per key)
+    assert records == {p.cell.key for p in plan_suite(suite)}  # every cell exactly once (one file per key)
     monkeypatch.delenv("QBENCH_SWEEP_PID_DIR")
     local = tmp_path / "local-results"
     run_sweep(suite, str(local), progress=False)

@@ -23,16 +23,16 @@ class QBenchLM(HFLM):
 
     def __init__(self, model: str, scheme: str = "fp32", calibration_seed: int | None = None,
                  batch_size: int | str = 16, **kwargs):
-        import dataclasses
-
-        from qbench.bench import resolve_protocol
         from qbench.data.calibration import calibration_source
-        from qbench.quant import get_scheme, quantize
-        from qbench.zoo import load_model
-
         from qbench.device import place, resolve_device
+        from qbench.plan import plan_cells
+        from qbench.quant import quantize
 
-        loaded = load_model(str(model))
+        # the planner resolves the model (checked and hashed), the scheme (at this calibration
+        # draw) and the model's own protocol, exactly as a `qbench bench` cell would
+        seeds = [int(calibration_seed)] if calibration_seed is not None else None
+        [planned] = plan_cells([str(model)], [scheme], ["ppl"], calibration_seeds=seeds)
+        loaded, resolved, protocol = planned.model_ref.load(), planned.cell.scheme, planned.protocol
         # lm-eval's --device (or device= in model_args): the model, its quantizers and the
         # batches go there; HFLM then reads the device from the model.  lm-eval asks for
         # cuda by default; like its own HFLM, qbench then uses the CPU where CUDA is absent.
@@ -45,10 +45,6 @@ class QBenchLM(HFLM):
             warnings.warn(f"lm-eval asked for device {device!r}; no CUDA device here, running on the CPU")
             device = "cpu"
         place(loaded.model, resolve_device(device))
-        resolved = get_scheme(scheme)
-        if calibration_seed is not None and "calibration_seed" in resolved.options:
-            resolved = dataclasses.replace(resolved, options={**resolved.options, "calibration_seed": int(calibration_seed)})
-        protocol = resolve_protocol(loaded, None)
         calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,
                                          bigram_backcopy=protocol.kind == "bigram_backcopy")
         self.qbench_quantization = quantize(loaded.model, resolved, calibration)

@@ -1,0 +1,285 @@
+"""The one planner: (models, schemes, tasks, seeds, limits) -> fully resolved cells, and a
+suite file (suites/*.yaml, the study's included) -> the same cells.
+
+A `PlannedCell` holds everything a run needs: the model reference (checked and hashed,
+not loaded), the resolved `Scheme` object (calibration seed set), the protocol and the
+limits.  It is picklable, so the bench runs it here, a sweep ships it as it is to a local
+worker or a Ray task, and nothing downstream looks a name up again."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+import qbench
+from qbench.eval.perplexity import PerplexityProtocol
+from qbench.eval.protocols import (check_tasks, is_lm_eval_task, lm_eval_spec, protocol_data_hash, resolve_protocol,
+                                   task_protocol)
+from qbench.quant import Scheme, get_scheme
+from qbench.registry import closest
+from qbench.results import cell_key
+from qbench.zoo import ModelRef, read_zoo, resolve_model
+
+# -- cells ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    model: str
+    scheme: Scheme  # resolved: the calibration seed of this draw is in its options
+    task: str
+    config: dict
+
+    @property
+    def key(self) -> str:
+        return cell_key(self.config)
+
+
+@dataclass
+class PlannedCell:
+    """A cell with everything needed to run it: picklable, so executors can ship it."""
+    cell: Cell
+    protocol: PerplexityProtocol
+    model_ref: ModelRef
+    task_limit: int | None = None
+
+
+def scheme_variants(scheme: Scheme | str, calibration_seeds: list[int] | None) -> list[Scheme]:
+    """The scheme, or one variant per calibration seed for calibrated schemes."""
+    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    if not calibration_seeds or "calibration_seed" not in scheme.options:
+        return [scheme]
+    return [replace(scheme, options={**scheme.options, "calibration_seed": seed}) for seed in calibration_seeds]
+
+
+def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityProtocol,
+                data_hash: str, task_limit: int | None = None, spec: dict | None = None) -> dict:
+    """What a cell computes; its hash is the record's key.  `spec`: the task's
+    lm_eval_spec when the caller has it already."""
+    if is_lm_eval_task(task):
+        spec = spec or lm_eval_spec(task, task_limit)
+        evaluation = {"task": task, "protocol": spec["protocol"], "items_hash": spec["items_hash"],
+                      "limit": spec["limit"]}
+    else:
+        evaluation = {"task": task, "protocol": protocol.to_dict()}
+    return {
+        "model": {"name": ref.name, "checkpoint_hash": ref.checkpoint_hash},
+        "scheme": scheme.to_json(), "scheme_hash": scheme.hash(),
+        "evaluation": evaluation,
+        "data_hash": data_hash,
+        "seeds": {"evaluation": protocol.seed, "calibration": scheme.options.get("calibration_seed")},
+        "qbench_version": qbench.__version__,
+    }
+
+
+def cell_facts(ref: ModelRef, scheme: Scheme) -> dict:
+    """What a record says about its model and scheme for the report (not part of the key):
+    the report reads these instead of the live registries."""
+    training = ref.info.get("training") or {}
+    kv_cache = scheme.options.get("kv_cache") or {}
+    return {"model": {"arm": ref.info.get("arm") or training.get("attention"),
+                      "preset": ref.info.get("preset") or training.get("preset")},
+            "scheme": {"backend": scheme.backend, "weight_bits": scheme.weight_bits,
+                       "activation_bits": scheme.activation_bits, "kv_bits": kv_cache.get("bits"),
+                       "attention_kernel": bool(scheme.options.get("attention_kernel"))}}
+
+
+def expand_models(models: list[str]) -> list[str]:
+    """'all' -> every zoo model; 'preset:NAME' -> the zoo models of that preset (in zoo order)."""
+    zoo = None
+    out = []
+    for name in models:
+        if name == "all" or name.startswith("preset:"):
+            zoo = read_zoo() if zoo is None else zoo
+            preset = name.removeprefix("preset:")
+            out += [m for m, entry in zoo.items() if name == "all" or entry.get("preset") == preset]
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str], limit: int | None = None,
+               corpus: str | None = None, calibration_seeds: list[int] | None = None,
+               task_limit: int | None = None, first_token: str | None = None,
+               cache: dict | None = None) -> list[PlannedCell]:
+    """Every cell of models x schemes (x calibration seeds) x tasks, keyed; nothing runs.
+    Downstream (lm-eval) tasks are left out for Bigram-Backcopy models, whose vocabulary
+    is 48 characters of a synthetic task.  `cache`: model references and data hashes
+    shared by several calls (the stages of one suite)."""
+    cache = {} if cache is None else cache
+    models = expand_models(models)
+    resolved = [get_scheme(s) if isinstance(s, str) else s for s in schemes]  # fail before any work on a typo
+    check_tasks(tasks)
+    variants = [v for scheme in resolved for v in scheme_variants(scheme, calibration_seeds)]
+    planned = []
+    for model_name in models:
+        if ("model", model_name) not in cache:
+            cache["model", model_name] = resolve_model(model_name)  # weights load only if a cell is missing
+        ref = cache["model", model_name]
+        protocol = resolve_protocol(ref, limit, corpus, first_token)
+        data = ("data", protocol.corpus, protocol.kind, protocol.split)
+        if data not in cache:
+            cache[data] = protocol_data_hash(protocol)
+        data_hash = cache[data]
+        model_tasks = tasks
+        if protocol.kind == "bigram_backcopy":
+            model_tasks = [t for t in tasks if not is_lm_eval_task(t)]
+        for scheme in variants:
+            for task in model_tasks:
+                cell_protocol = task_protocol(protocol, task)
+                spec = None
+                if is_lm_eval_task(task):  # its items are read once per plan, not once per cell
+                    if ("task", task, task_limit) not in cache:
+                        cache["task", task, task_limit] = lm_eval_spec(task, task_limit)
+                    spec = cache["task", task, task_limit]
+                config = cell_config(ref, scheme, task, cell_protocol, data_hash, task_limit, spec)
+                cell = Cell(model_name, scheme, task, config)
+                planned.append(PlannedCell(cell, cell_protocol, ref, task_limit))
+    return planned
+
+
+# -- suite files ------------------------------------------------------------------------------
+
+STAGE_KEYS = {"name", "models", "schemes", "tasks", "calibration_seeds", "limit", "task_limit", "corpus"}
+SUITE_KEYS = STAGE_KEYS | {"resources", "stages"}
+MAX_SUITE_BYTES = 1 << 20
+
+
+class SuiteError(ValueError):
+    """The suite file is missing, unreadable or names something that does not exist."""
+
+
+@dataclass
+class Stage:
+    """One grid of a suite: models x schemes (x calibration seeds) x tasks."""
+    name: str
+    models: list[str]
+    schemes: list[str]
+    tasks: list[str] = field(default_factory=lambda: ["ppl"])
+    calibration_seeds: list[int] | None = None
+    limit: int | None = None
+    task_limit: int | None = None
+    corpus: str | None = None
+
+
+@dataclass
+class Suite:
+    """A suite file: one grid (its top-level keys) or several `stages` run in order, each
+    taking the top-level keys as defaults."""
+    name: str
+    stages: list[Stage]
+    resources: dict = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"suite {self.name!r} has no stage {name!r}{closest(name, [s.name for s in self.stages])}")
+
+
+class _SuiteLoader(yaml.SafeLoader):
+    """safe_load without aliases: a suite file is a few lists of names, and `*name`
+    references are how a small file expands to billions of strings ("billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a suite file "
+                                              "(write the entries out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _suite_text(path: Path) -> str:
+    """The suite file's text: a regular file of at most MAX_SUITE_BYTES."""
+    from qbench.data.corpus import read_regular_file
+
+    try:
+        data = read_regular_file(path, MAX_SUITE_BYTES)
+    except FileNotFoundError:
+        raise SuiteError(f"suite file {path} does not exist") from None
+    except OSError as err:
+        raise SuiteError(f"suite file {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SuiteError(f"suite file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _names(data: dict, key: str, where: str) -> list[str]:
+    values = data[key] if isinstance(data[key], list) else [data[key]]
+    for index, value in enumerate(values):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise SuiteError(f"{where}: `{key}` entry {index + 1} is a {type(value).__name__}, not a name")
+    return [str(v) for v in values]
+
+
+def _stage(data: dict, defaults: dict, name: str, where: str) -> Stage:
+    """One stage from its own keys over the suite's (a key given as null overrides too)."""
+    from qbench.validate import UsageError, positive_int, seed_list
+
+    unknown = sorted(set(data) - STAGE_KEYS)
+    if unknown:
+        raise SuiteError(f"{where}: unknown key {unknown[0]!r}{closest(unknown[0], STAGE_KEYS)}")
+    merged = {**defaults, **data}
+    for key in ("models", "schemes"):
+        if not merged.get(key):
+            raise SuiteError(f"{where}: `{key}` must list at least one entry")
+    seeds = merged.get("calibration_seeds")
+    try:
+        return Stage(name=str(merged.get("name", name))[:200], models=_names(merged, "models", where),
+                     schemes=_names(merged, "schemes", where),
+                     tasks=_names({"tasks": merged.get("tasks", ["ppl"])}, "tasks", where),
+                     calibration_seeds=seed_list(seeds if isinstance(seeds, list) else [seeds], "calibration_seeds")
+                     if seeds is not None else None,
+                     limit=positive_int(merged.get("limit"), "limit"),
+                     task_limit=positive_int(merged.get("task_limit"), "task_limit"), corpus=merged.get("corpus"))
+    except UsageError as err:
+        raise SuiteError(f"{where}: {err}") from err
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    text = _suite_text(path)
+    try:
+        data = yaml.load(text, Loader=_SuiteLoader)  # noqa: S506 (a SafeLoader without aliases)
+    except yaml.YAMLError as err:
+        raise SuiteError(f"suite file {path} is not valid YAML: {' '.join(str(err).split())[:300]}") from err
+    if not isinstance(data, dict):
+        raise SuiteError(f"suite file {path} must be a mapping with keys {sorted(SUITE_KEYS)}")
+    unknown = sorted(set(data) - SUITE_KEYS)
+    if unknown:
+        raise SuiteError(f"suite file {path}: unknown key {unknown[0]!r}{closest(unknown[0], SUITE_KEYS)}")
+    resources = {"num_cpus": 1, "num_gpus": 0, **(data.get("resources") or {})}
+    bad = sorted(set(resources) - {"num_cpus", "num_gpus", "memory"})
+    if bad:
+        raise SuiteError(f"suite file {path}: unknown resource {bad[0]!r} (use num_cpus, num_gpus, memory)")
+    name = str(data.get("name", path.stem))[:200]
+    defaults = {k: v for k, v in data.items() if k in STAGE_KEYS - {"name"}}
+    if "stages" not in data:
+        return Suite(name, [_stage(defaults, {}, name, f"suite file {path}")], resources)
+    stages = data["stages"]
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise SuiteError(f"suite file {path}: `stages` must be a list of mappings (each a grid)")
+    return Suite(name, [_stage(s, defaults, f"stage {i + 1}", f"suite file {path}, stage {s.get('name', i + 1)}")
+                        for i, s in enumerate(stages)], resources)
+
+
+def plan_stage(stage: Stage, cache: dict | None = None) -> list[PlannedCell]:
+    return plan_cells(stage.models, stage.schemes, stage.tasks, stage.limit, stage.corpus, stage.calibration_seeds,
+                      stage.task_limit, cache=cache)
+
+
+def plan_suite(suite: Suite) -> list[PlannedCell]:
+    """Every cell of the suite's stages in order, each key once (models are resolved and
+    hashed, not loaded)."""
+    planned, seen, cache = [], set(), {}
+    try:
+        for stage in suite.stages:
+            for item in plan_stage(stage, cache):
+                if item.cell.key not in seen:
+                    seen.add(item.cell.key)
+                    planned.append(item)
+    except KeyError as err:
+        raise SuiteError(f"suite {suite.name!r}: {err.args[0] if err.args else err}") from err
+    return planned
