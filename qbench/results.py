@@ -156,6 +156,14 @@ def cell_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
 
 
+def record_order(record: dict) -> tuple:
+    """A record's place in a listing: model, scheme, task, protocol, calibration seed, then
+    the canonical config (the key's content, whatever the key's form)."""
+    seed = record.get("calibration_seed")
+    return (record["model"], record["scheme"], record["task"], record["protocol"], seed is not None, seed or 0,
+            json.dumps(record["config"], sort_keys=True, separators=(",", ":")))
+
+
 def library_versions() -> dict[str, str | None]:
     versions = {}
     for name in TRACKED_LIBRARIES:
@@ -351,13 +359,15 @@ class ResultStore:
         return StoreLock(self.records_dir / ".locks" / f"{key}.lock")
 
     def records(self) -> list[dict]:
-        """Every valid record; corrupt files are skipped (see `corrupt()`)."""
+        """Every valid record; corrupt files are skipped (see `corrupt()`).  In the order of
+        what they measure, not of their keys: a re-keyed store (`qbench migrate`) gives the
+        same tables, down to the rounding of sums over seeds."""
         out = []
         for path in sorted(self.records_dir.glob("*.json")):
             record = self.get(path.stem)
             if record is not None:
                 out.append(record)
-        return out
+        return sorted(out, key=record_order)
 
     def corrupt(self) -> list[Path]:
         """Invalid record files still in the store (not yet quarantined; nothing is moved)."""

@@ -45,6 +45,10 @@ def _check(scheme) -> None:
     if method != "rtn":  # GPTQ, AWQ and HQQ fit asymmetric grids per group
         require(scheme, scheme.weight_granularity == "group", f"{method} quantizes weights in groups")
         require(scheme, options.get("symmetric", False) is False, f"{method} fits asymmetric grids: symmetric=False")
+    if method == "gptq":  # lazy batches hold whole groups
+        block, group = options.get("block_size", 128), options.get("group_size")
+        require(scheme, isinstance(block, int) and isinstance(group, int) and block % group == 0,
+                f"GPTQ's block_size {block!r} must be a multiple of its group_size {group!r}")
     if method in CALIBRATED:
         missing = sorted(CALIBRATION_OPTIONS - set(options))
         require(scheme, not missing, f"{method} is calibrated: it needs option(s) {missing}")
