@@ -1,10 +1,12 @@
 """Migrate a result store to today's key: `qbench migrate --results DIR`.
 
 Since issue 25 a scheme's part of a cell key is what computes (Scheme.key_json): its name
-and description are prose, outside the key.  Records stored before hold the whole scheme
-JSON in config.scheme, so their keys are recomputed here: config.scheme loses the prose,
-config.scheme_hash and the key follow, and the record keeps its old key in
-`migrated_from`.  Metrics, provenance and everything else are untouched.
+and description are prose, outside the key, and options that computed nothing left the
+scheme (GPTQ's lazy-batch width, `block_size`: the same weights for any width).  Records
+stored before hold the old scheme JSON in config.scheme, so their keys are recomputed
+here: config.scheme loses the prose and those options, config.scheme_hash and the key
+follow, and the record keeps its old key in `migrated_from`.  Metrics, provenance and
+everything else are untouched.
 
 Atomic per record (the new file is written by rename before the old one is removed; a
 run killed in between leaves the old file, which the next run then just removes) and
@@ -18,10 +20,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qbench.quant.handlers import PROSE_FIELDS
 from qbench.quant.scheme import key_json
 from qbench.results import ResultStore, cell_key, read_record_bytes, validate_record
 
 SCHEME_HASH_CHARS = 16  # as Scheme.hash()
+# options that never changed a result, by options["method"]: dropped from stored schemes
+DROPPED_OPTIONS = {"gptq": ("block_size",)}
 
 
 @dataclass
@@ -57,13 +62,23 @@ def _stored_scheme(record: dict) -> dict | None:
     return scheme if isinstance(scheme, dict) else None
 
 
+def todays_scheme(fields: dict) -> dict:
+    """A stored scheme's fields in today's form: no prose, no options that compute nothing."""
+    fields = {k: v for k, v in fields.items() if k not in PROSE_FIELDS}
+    options = fields.get("options")
+    if isinstance(options, dict):
+        dropped = DROPPED_OPTIONS.get(options.get("method"), ())
+        fields["options"] = {k: v for k, v in options.items() if k not in dropped}
+    return fields
+
+
 def migrate_record(record: dict) -> dict:
     """The record under today's key (a new dict; the argument is not changed).  Raises
     ValueError with a one-line reason when it cannot be migrated."""
     scheme = _stored_scheme(record)
     if scheme is None:
         raise ValueError("config.scheme is not the JSON of a scheme")
-    new_scheme = key_json(scheme)
+    new_scheme = key_json(todays_scheme(scheme))
     config = {**record["config"], "scheme": new_scheme,
               "scheme_hash": hashlib.sha256(new_scheme.encode()).hexdigest()[:SCHEME_HASH_CHARS]}
     key = cell_key(config)
@@ -71,9 +86,9 @@ def migrate_record(record: dict) -> dict:
 
 
 def is_current(record: dict) -> bool:
-    """Already in today's form: the stored scheme carries no prose."""
+    """Already in today's form (see todays_scheme)."""
     scheme = _stored_scheme(record)
-    return scheme is not None and not {"name", "description"} & scheme.keys()
+    return scheme is not None and todays_scheme(scheme) == scheme
 
 
 def migrate_store(results: Path | str) -> MigrationReport:

@@ -158,10 +158,11 @@ def cell_key(config: dict) -> str:
 
 def record_order(record: dict) -> tuple:
     """A record's place in a listing: model, scheme, task, protocol, calibration seed, then
-    the canonical config (the key's content, whatever the key's form)."""
+    the rest of its config (without the scheme's stored form, which a migration changes)."""
     seed = record.get("calibration_seed")
+    rest = {k: v for k, v in record["config"].items() if k not in ("scheme", "scheme_hash")}
     return (record["model"], record["scheme"], record["task"], record["protocol"], seed is not None, seed or 0,
-            json.dumps(record["config"], sort_keys=True, separators=(",", ":")))
+            json.dumps(rest, sort_keys=True, separators=(",", ":")), record["key"])
 
 
 def library_versions() -> dict[str, str | None]:

@@ -21,6 +21,7 @@ METHOD_FIELDS = {"int8": (8, "per_channel", 8, "per_token"), "4bit": (4, "group"
 METHOD_OPTIONS = {"int8": {"threshold"}, "4bit": {"quant_type", "compute_dtype", "group_size"}}
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+CPU_BLOCKSIZE = 64
 
 
 def _import_bnb():
@@ -74,8 +75,9 @@ def _check(scheme) -> None:
         require(scheme, options["quant_type"] in QUANT_TYPES, f"quant_type {options['quant_type']!r} not in {QUANT_TYPES}")
         require(scheme, options.get("compute_dtype", "float32") in COMPUTE_DTYPES,
                 f"compute_dtype {options.get('compute_dtype')!r} not in {COMPUTE_DTYPES}")
-        require(scheme, options["group_size"] in (32, 64, 128, 256, 512, 1024, 2048, 4096),
-                f"bitsandbytes 4-bit blocks are a power of two in 32..4096, not {options['group_size']!r}")
+        require(scheme, options["group_size"] == CPU_BLOCKSIZE,
+                f"bitsandbytes 4-bit runs blocks of {CPU_BLOCKSIZE} on CPU (other sizes fail in its CPU GEMM), "
+                f"not {options['group_size']!r}")
 
 
 @register("backend", "bitsandbytes", fields=("weight_bits", "weight_granularity", "activation_bits",

@@ -220,8 +220,7 @@ for _g in (128, 64):
     register(Scheme(f"w4-gptq-g{_g}", "weight_only",
                     f"GPTQ 4-bit weights, asymmetric, groups of {_g} (damping 0.01)",
                     weight_bits=4, weight_granularity="group",
-                    options={"method": "gptq", "group_size": _g, "symmetric": False, "block_size": 128,
-                             "percdamp": 0.01, **_CAL}))
+                    options={"method": "gptq", "group_size": _g, "symmetric": False, "percdamp": 0.01, **_CAL}))
     register(Scheme(f"w4-awq-g{_g}", "weight_only",
                     f"AWQ 4-bit weights (torchao's scale search, 20-point grid), asymmetric, groups of {_g}",
                     weight_bits=4, weight_granularity="group",

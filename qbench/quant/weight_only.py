@@ -13,11 +13,14 @@ from qbench.quant.surgery import quantizable_linears, set_submodule
 # the options each weight method reads (besides "method"); group_size with granularity "group"
 METHOD_OPTIONS = {
     "rtn": {"group_size", "symmetric", "weight_range"},
-    "gptq": {"group_size", "symmetric", "block_size", "percdamp", *CALIBRATION_OPTIONS},
+    "gptq": {"group_size", "symmetric", "percdamp", *CALIBRATION_OPTIONS},
     "awq": {"group_size", "symmetric", "grid", *CALIBRATION_OPTIONS},
     "hqq": {"group_size"},
 }
 CALIBRATED = ("gptq", "awq")
+# GPTQ's lazy batch width: how many columns are updated at once, the same result for any width
+# (exact in float64), so a speed knob and not part of the scheme
+GPTQ_BLOCK = 128
 
 
 class WeightOnlyLinear(nn.Module):
@@ -45,10 +48,10 @@ def _check(scheme) -> None:
     if method != "rtn":  # GPTQ, AWQ and HQQ fit asymmetric grids per group
         require(scheme, scheme.weight_granularity == "group", f"{method} quantizes weights in groups")
         require(scheme, options.get("symmetric", False) is False, f"{method} fits asymmetric grids: symmetric=False")
-    if method == "gptq":  # lazy batches hold whole groups
-        block, group = options.get("block_size", 128), options.get("group_size")
-        require(scheme, isinstance(block, int) and isinstance(group, int) and block % group == 0,
-                f"GPTQ's block_size {block!r} must be a multiple of its group_size {group!r}")
+    if method == "gptq":  # its lazy batches (GPTQ_BLOCK columns) hold whole groups
+        group = options.get("group_size")
+        require(scheme, isinstance(group, int) and GPTQ_BLOCK % group == 0,
+                f"GPTQ's group_size {group!r} must divide its lazy-batch width {GPTQ_BLOCK}")
     if method in CALIBRATED:
         missing = sorted(CALIBRATION_OPTIONS - set(options))
         require(scheme, not missing, f"{method} is calibrated: it needs option(s) {missing}")
@@ -77,7 +80,7 @@ def prepare_weight_only(model: nn.Module, scheme, calibration=None) -> dict:
 
         hessians, facts["calibration_tokens"] = collect_hessians(model, linears, batches)
         weights = {name: gptq_quantize(linear.weight, hessians.pop(name), scheme.weight_bits,
-                                       options["group_size"], options.get("block_size", 128),
+                                       options["group_size"], GPTQ_BLOCK,
                                        options.get("percdamp", 0.01)) for name, linear in linears}
     elif method == "awq":
         from qbench.quant.awq import awq_weights
