@@ -20,8 +20,11 @@ from qbench.quant.surgery import quantizable_linears, set_submodule
 METHOD_FIELDS = {"int8": (8, "per_channel", 8, "per_token"), "4bit": (4, "group", None, None)}
 METHOD_OPTIONS = {"int8": {"threshold"}, "4bit": {"quant_type", "compute_dtype", "group_size"}}
 QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# bitsandbytes' packed CPU GEMM computes in the input's dtype whatever compute_dtype says:
+# only float32 (the input's dtype here) is what runs
+COMPUTE_DTYPES = ("float32",)
 CPU_BLOCKSIZE = 64
+CPU_ROW_PACK = 32  # its CPU GEMM packs the weight's rows in blocks of 32 (an assert deep inside otherwise)
 
 
 def _import_bnb():
@@ -50,6 +53,9 @@ def four_bit_linear(linear: nn.Linear, quant_type: str, compute_dtype: torch.dty
     if linear.in_features % blocksize:
         raise ValueError(f"bitsandbytes 4-bit on CPU needs in_features divisible by its block size {blocksize}, "
                          f"got {linear.in_features}")
+    if linear.weight.device.type == "cpu" and linear.out_features % CPU_ROW_PACK:
+        raise ValueError(f"bitsandbytes 4-bit on CPU packs output rows by {CPU_ROW_PACK}: out_features "
+                         f"{linear.out_features} is not a multiple (a headwise gate? leave quantize_gates off)")
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=compute_dtype, quant_type=quant_type, compress_statistics=False)
     layer.weight = bnb.nn.Params4bit(linear.weight.detach().float().clone(), requires_grad=False,
