@@ -33,6 +33,41 @@ class WeightOnlyLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def _rtn(model, linears, scheme, batches) -> tuple[dict, dict]:
+    options = scheme.options
+    return {name: quantize_weight(linear.weight, scheme.weight_bits, scheme.weight_granularity,
+                                  options.get("group_size"), options.get("symmetric", False),
+                                  options.get("weight_range", "minmax")) for name, linear in linears}, {}
+
+
+def _gptq(model, linears, scheme, batches) -> tuple[dict, dict]:
+    from qbench.quant.gptq import collect_hessians, gptq_quantize
+
+    hessians, tokens = collect_hessians(model, linears, batches)
+    return {name: gptq_quantize(linear.weight, hessians.pop(name), scheme.weight_bits, scheme.options["group_size"],
+                                GPTQ_BLOCK, scheme.options.get("percdamp", 0.01))
+            for name, linear in linears}, {"calibration_tokens": tokens}
+
+
+def _awq(model, linears, scheme, batches) -> tuple[dict, dict]:
+    from qbench.quant.awq import awq_weights
+
+    weights, tokens = awq_weights(model, linears, batches, scheme.weight_bits, scheme.options["group_size"],
+                                  scheme.options.get("grid", 20))
+    return weights, {"calibration_tokens": tokens}
+
+
+def _hqq(model, linears, scheme, batches) -> tuple[dict, dict]:
+    from qbench.quant.hqq import hqq_weight
+
+    return {name: hqq_weight(linear.weight, scheme.weight_bits, scheme.options["group_size"])
+            for name, linear in linears}, {}
+
+
+# method -> (model, linears, scheme, calibration batches or None) -> (name -> weight, facts)
+WEIGHT_METHODS = {"rtn": _rtn, "gptq": _gptq, "awq": _awq, "hqq": _hqq}
+
+
 def _check(scheme) -> None:
     options = scheme.options
     method = options.get("method", "rtn")
@@ -75,27 +110,8 @@ def prepare_weight_only(model: nn.Module, scheme, calibration=None) -> dict:
     facts = {"quantized_linears": len(linears), "sites": ["linear weights"]}
     if method != "rtn":
         facts["weight_method"] = method
-    if method == "gptq":
-        from qbench.quant.gptq import collect_hessians, gptq_quantize
-
-        hessians, facts["calibration_tokens"] = collect_hessians(model, linears, batches)
-        weights = {name: gptq_quantize(linear.weight, hessians.pop(name), scheme.weight_bits,
-                                       options["group_size"], GPTQ_BLOCK,
-                                       options.get("percdamp", 0.01)) for name, linear in linears}
-    elif method == "awq":
-        from qbench.quant.awq import awq_weights
-
-        weights, facts["calibration_tokens"] = awq_weights(model, linears, batches, scheme.weight_bits,
-                                                           options["group_size"], options.get("grid", 20))
-    elif method == "hqq":
-        from qbench.quant.hqq import hqq_weight
-
-        weights = {name: hqq_weight(linear.weight, scheme.weight_bits, options["group_size"])
-                   for name, linear in linears}
-    else:
-        weights = {name: quantize_weight(linear.weight, scheme.weight_bits, scheme.weight_granularity,
-                                         options.get("group_size"), options.get("symmetric", False),
-                                         options.get("weight_range", "minmax")) for name, linear in linears}
+    weights, method_facts = WEIGHT_METHODS[method](model, linears, scheme, batches)
+    facts.update(method_facts)
     for name, linear in linears:
         set_submodule(model, name, WeightOnlyLinear(linear, weights[name]))
     return facts
