@@ -331,7 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="test text limit in characters (default: the zoo's)")
     p.add_argument("--force", action="store_true", help="re-measure entries whose checkpoint did not change")
     p.set_defaults(func=_cmd_zoo)
+
+    p = sub.add_parser("migrate", help="re-key a result store's records to today's cell key (atomic, idempotent)")
+    p.add_argument("--results", default="results", help="the result store (default: results)")
+    p.set_defaults(func=_cmd_migrate)
     return parser
+
+
+def _cmd_migrate(args) -> int:
+    from qbench.migration import migrate_store
+
+    report = migrate_store(args.results)
+    for name, why in report.quarantined:
+        print(f"quarantined {name}: {why}", file=sys.stderr)
+    print(report.summary())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

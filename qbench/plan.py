@@ -65,7 +65,7 @@ def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityPr
         evaluation = {"task": task, "protocol": protocol.to_dict()}
     return {
         "model": {"name": ref.name, "checkpoint_hash": ref.checkpoint_hash},
-        "scheme": scheme.to_json(), "scheme_hash": scheme.hash(),
+        "scheme": scheme.key_json(), "scheme_hash": scheme.hash(),
         "evaluation": evaluation,
         "data_hash": data_hash,
         "seeds": {"evaluation": protocol.seed, "calibration": scheme.options.get("calibration_seed")},

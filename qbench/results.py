@@ -173,6 +173,15 @@ def cell_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
 
 
+def record_order(record: dict) -> tuple:
+    """A record's place in a listing: model, scheme, task, protocol, calibration seed, then
+    the rest of its config (without the scheme's stored form, which a migration changes)."""
+    seed = record.get("calibration_seed")
+    rest = {k: v for k, v in record["config"].items() if k not in ("scheme", "scheme_hash")}
+    return (record["model"], record["scheme"], record["task"], record["protocol"], seed is not None, seed or 0,
+            json.dumps(rest, sort_keys=True, separators=(",", ":")), record["key"])
+
+
 def library_versions() -> dict[str, str | None]:
     versions = {}
     for name in TRACKED_LIBRARIES:
@@ -368,13 +377,15 @@ class ResultStore:
         return StoreLock(self.records_dir / ".locks" / f"{key}.lock")
 
     def records(self) -> list[dict]:
-        """Every valid record; corrupt files are skipped (see `corrupt()`)."""
+        """Every valid record; corrupt files are skipped (see `corrupt()`).  In the order of
+        what they measure, not of their keys: a re-keyed store (`qbench migrate`) gives the
+        same tables, down to the rounding of sums over seeds."""
         out = []
         for path in sorted(self.records_dir.glob("*.json")):
             record = self.get(path.stem)
             if record is not None:
                 out.append(record)
-        return out
+        return sorted(out, key=record_order)
 
     def corrupt(self) -> list[Path]:
         """Invalid record files still in the store (not yet quarantined; nothing is moved)."""

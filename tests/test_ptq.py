@@ -216,7 +216,7 @@ def test_gptq_is_the_papers_algorithm():
 def test_gptq_without_input_correlation_is_rtn():
     """H = c I: the inverse factor is diagonal, no error is propagated, GPTQ = RTN."""
     from qbench.quant.gptq import gptq_quantize
-    from qbench.quant.static import quantize_weight
+    from qbench.quant.grid import quantize_weight
 
     torch.manual_seed(0)
     w = torch.randn(16, 256)
@@ -228,7 +228,7 @@ def test_gptq_without_input_correlation_is_rtn():
 
 def test_gptq_reconstructs_layer_outputs_better_than_rtn():
     from qbench.quant.gptq import gptq_quantize
-    from qbench.quant.static import quantize_weight
+    from qbench.quant.grid import quantize_weight
 
     torch.manual_seed(1)
     w = torch.randn(64, 256, dtype=torch.float64)
@@ -246,7 +246,7 @@ def test_awq_never_does_worse_than_rtn_on_its_calibration_data():
     """The grid contains r = 0 (s = 1, i.e. RTN), so the chosen scales' output error on the
     calibration inputs is at most RTN's; with a few salient channels it is clearly lower."""
     from qbench.quant.awq import awq_weights
-    from qbench.quant.static import quantize_weight
+    from qbench.quant.grid import quantize_weight
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 32, bias=False)
@@ -271,7 +271,7 @@ def test_awq_never_does_worse_than_rtn_on_its_calibration_data():
 
 def test_hqq_weights_lie_on_a_4bit_affine_grid_per_group():
     from qbench.quant.hqq import hqq_weight
-    from qbench.quant.static import quantize_weight
+    from qbench.quant.grid import quantize_weight
 
     torch.manual_seed(0)
     w = torch.randn(32, 256)
@@ -347,9 +347,9 @@ def test_a_group_size_that_does_not_divide_a_layer_fails_before_calibrating():
     from qbench.quant.weight_only import prepare_weight_only
 
     model = _random_model("softmax")  # width 64: groups of 128 cannot fit
-    # batches=None: had the check come after calibration, the error would be "pass calibration batches"
+    # no calibration: had the check come after calibration, the error would be "pass calibration batches"
     with pytest.raises(ValueError, match="groups of 128 do not divide the input width"):
-        prepare_weight_only(model, get_scheme("w4-gptq-g128"), batches=None)
+        prepare_weight_only(model, get_scheme("w4-gptq-g128"), calibration=None)
 
 
 @pytest.mark.parametrize("family", ["qbench", "llama"])

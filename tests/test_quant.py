@@ -76,7 +76,7 @@ def test_unknown_scheme_suggests_the_closest():
 
 @pytest.mark.parametrize("group", [16, 32])
 def test_asymmetric_group_rtn_error_is_at_most_half_a_step(group):
-    from qbench.quant.static import quantize_weight
+    from qbench.quant.grid import quantize_weight
 
     torch.manual_seed(0)
     w = torch.randn(16, 64) + 0.3

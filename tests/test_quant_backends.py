@@ -6,7 +6,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qbench.modeling import QBenchConfig, QBenchForCausalLM
 from qbench.quant import quantize
-from qbench.quant.static import ActivationQuantizer, affine_params, quantize_weight
+from qbench.quant.grid import affine_params, quantize_weight
+from qbench.quant.static import ActivationQuantizer
 
 N_LAYER = 2
 

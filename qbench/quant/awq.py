@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from qbench.quant.observe import observe
-from qbench.quant.static import quantize_weight
+from qbench.quant.grid import quantize_weight
 
 
 def _torchao():

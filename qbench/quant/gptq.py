@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from qbench.quant.static import affine_params, fake_quantize_affine
+from qbench.quant.grid import affine_params, fake_quantize_affine
 
 
 def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from qbench.quant.handlers import register
+
 AXES = ("token", "channel")
 FP16_BYTES = 2  # the exact window, and each group's scale and minimum, are stored in fp16
 
@@ -168,3 +170,16 @@ def install_kv_cache(model: torch.nn.Module, spec: KVCacheSpec) -> dict:
         facts["kv_cache_bytes_per_token"] = round(per_head * kv_heads * len(layers), 2)
         facts["kv_cache_fp16_bytes_per_token"] = 2 * head_dim * FP16_BYTES * kv_heads * len(layers)
     return facts
+
+
+def _check(scheme) -> None:
+    try:
+        KVCacheSpec.from_options(scheme.options["kv_cache"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"scheme {scheme.name!r}: kv_cache {scheme.options['kv_cache']!r}: {err}") from None
+
+
+@register("addon", "kv_cache", check=_check)
+def apply_kv_cache(model: torch.nn.Module, scheme, calibration=None) -> dict:
+    """Keys and values as they enter the cache, after any weight/activation scheme."""
+    return install_kv_cache(model, KVCacheSpec.from_options(scheme.options["kv_cache"]))

@@ -6,7 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from qbench.quant.simulated import quantizable_linears
+from qbench.quant.handlers import CALIBRATION_OPTIONS, calibration_batches, register, require, require_options
+from qbench.quant.surgery import quantizable_linears
+
+# quanto qtype -> the bits it stores; qint4 weights are quantized in groups of 128 (quanto's fixed size)
+QTYPE_BITS = {"qint8": 8, "qint4": 4, "qfloat8": 8}
+QINT4_GROUP = 128
 
 
 def _import_quanto():
@@ -17,6 +22,32 @@ def _import_quanto():
     return quanto
 
 
+def _check(scheme) -> None:
+    options = scheme.options
+    weights, activations = options.get("weights"), options.get("activations")
+    require(scheme, weights in QTYPE_BITS, f"quanto weights {weights!r} is not one of {list(QTYPE_BITS)}")
+    require(scheme, scheme.weight_bits == QTYPE_BITS[weights], f"quanto {weights} weights are {QTYPE_BITS[weights]}-bit, "
+            f"not weight_bits={scheme.weight_bits!r}")
+    granularity = "group" if weights == "qint4" else "per_channel"
+    require(scheme, scheme.weight_granularity == granularity, f"quanto quantizes {weights} weights {granularity}")
+    require(scheme, options.get("group_size") == (QINT4_GROUP if weights == "qint4" else None),
+            f"quanto's group size is {QINT4_GROUP} for qint4 weights and none otherwise")
+    if activations is None:
+        require(scheme, (scheme.activation_bits, scheme.activation_granularity, scheme.activation_static)
+                == (None, None, False), "activations are not quantized (no options['activations'])")
+        require(scheme, not CALIBRATION_OPTIONS & set(options), "nothing is calibrated without quantized activations")
+        return
+    require(scheme, activations in QTYPE_BITS and activations != "qint4",
+            f"quanto activations {activations!r} is not qint8 or qfloat8")
+    require(scheme, (scheme.activation_bits, scheme.activation_granularity, scheme.activation_static)
+            == (8, "per_tensor", True), "quanto calibrates 8-bit static per-tensor activations: "
+            "activation_bits=8, activation_granularity='per_tensor', activation_static=True")
+    require_options(scheme, CALIBRATION_OPTIONS, "calibrated activations")
+
+
+@register("backend", "quanto", fields=("weight_bits", "weight_granularity", "activation_bits", "activation_granularity",
+                                       "activation_static", "quantize_gates"),
+          options=("weights", "activations", "group_size", *CALIBRATION_OPTIONS), check=_check)
 def apply_quanto(model: nn.Module, scheme, calibration=None) -> dict:
     quanto = _import_quanto()
     options = scheme.options
@@ -28,10 +59,7 @@ def apply_quanto(model: nn.Module, scheme, calibration=None) -> dict:
     quanto.quantize(model, weights=weights, activations=activations, exclude=exclude or None)
     facts = {}
     if activations is not None:
-        if calibration is None:
-            raise ValueError(f"scheme {scheme.name!r} quantizes activations: pass calibration batches")
-        batches = calibration(options["calibration_batches"], options["calibration_seed"],
-                              options["calibration_batch_size"])
+        batches = calibration_batches(scheme, calibration)
         with torch.no_grad(), quanto.Calibration():
             for batch in batches:
                 model(input_ids=batch)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from qbench.quant.simulated import _set_submodule
+from qbench.quant.handlers import register
+from qbench.quant.surgery import set_submodule
 from qbench.quant.structure import residual_structure
 
 
@@ -115,11 +116,11 @@ def fold_norms(model: nn.Module) -> dict:
                 bias_add = reader.weight.detach() @ beta.detach().to(reader.weight.dtype)
                 if reader.bias is None:
                     reader = _linear_with_bias(reader)
-                    _set_submodule(model, name, reader)
+                    set_submodule(model, name, reader)
                 reader.bias.add_(bias_add.to(reader.bias.dtype))
             reader.weight.mul_(gamma.view(1, -1).to(reader.weight.dtype))
         eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-6
-        _set_submodule(model, norm_name, WeightlessRMSNorm(eps))
+        set_submodule(model, norm_name, WeightlessRMSNorm(eps))
     return {"folded_norms": len(groups), "mean_free_stream": s.layer_norm}
 
 
@@ -145,7 +146,7 @@ def rotate(model: nn.Module, seed: int = 0) -> dict:
     for name, reader in readers:
         if isinstance(reader, HeadwiseGate):
             reader = RotatedHeadwiseGate.from_headwise(reader)
-            _set_submodule(model, name, reader)
+            set_submodule(model, name, reader)
         w = reader.weight
         w.copy_((w.double() @ q.to(w.device)).to(w.dtype))
     for group in s.groups:
@@ -155,3 +156,9 @@ def rotate(model: nn.Module, seed: int = 0) -> dict:
             writer.bias.copy_((q.t().to(writer.bias.device) @ writer.bias.double()).to(writer.bias.dtype))
     return {**facts, "transform": "hadamard", "rotation": "randomized Hadamard (torchao spinquant)",
             "rotation_seed": seed, "width": d}
+
+
+@register("transform", "hadamard", options=("calibration_seed",))
+def apply_hadamard(model: nn.Module, scheme, calibration=None) -> dict:
+    # the draw seed seeds the Hadamard signs: --calibration-seeds gives independent rotations
+    return rotate(model, seed=scheme.options.get("calibration_seed", 0))

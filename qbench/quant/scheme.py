@@ -1,42 +1,57 @@
 """Quantization schemes as data: frozen dataclasses with a version, a JSON round trip and a
-stable hash (part of every result key), and a registry that names them."""
+stable hash of what computes (part of every result key), and a registry that names them.
+
+Every field is read by the backend (or transform, or add-on) the scheme names, or the
+scheme is refused when it is defined (qbench.quant.handlers.check_scheme).  The name and
+the description are prose: outside the key, so rewording one moves no record."""
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from qbench.quant.handlers import PROSE_FIELDS, check_scheme
 from qbench.registry import closest
 
 
 @dataclass(frozen=True)
 class Scheme:
     name: str
-    # "reference" (no quantization), "simulated" (dynamic, qbench's own), "static"
-    # (Bondarenko protocol, calibrated), "weight_only", "bitsandbytes", "quanto"
+    # a registered backend (qbench.quant.handlers.MODULES): "reference" (no quantization),
+    # "simulated" (dynamic, qbench's own), "static" (Bondarenko protocol, calibrated),
+    # "weight_only", "bitsandbytes", "quanto"
     backend: str
     description: str
     weight_bits: int | None = None
     weight_granularity: str | None = None  # "per_channel" | "per_tensor" | "group"
     activation_bits: int | None = None
     activation_granularity: str | None = None  # "per_token" | "per_tensor"
-    activation_static: bool = False
+    activation_static: bool = False  # ranges calibrated once (static) or measured per call (dynamic)
     dtype: str = "float32"  # the compute dtype of everything left unquantized
     int8_matmul: bool = False  # real int8 x int8 -> int32 matmuls instead of fake quantization
     quantize_gates: bool = False
-    version: int = 1
-    options: dict = field(default_factory=dict)
+    version: int = 1  # of the backend's algorithm; each backend lists the versions it implements
+    options: dict = field(default_factory=dict)  # backend, transform and add-on parameters
+
+    def __post_init__(self):
+        check_scheme(self)
 
     def to_json(self) -> str:
+        """Everything, prose included (the round trip)."""
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "Scheme":
         return cls(**json.loads(text))
 
+    def key_json(self) -> str:
+        """What computes: the canonical JSON without the name and the description (the
+        scheme part of a result key)."""
+        return key_json(asdict(self))
+
     def hash(self) -> str:
-        """Stable across processes and machines: sha256 of the canonical JSON."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """Stable across processes and machines: sha256 of the key JSON."""
+        return hashlib.sha256(self.key_json().encode()).hexdigest()[:16]
 
     def __hash__(self) -> int:  # options is a dict: hash by the canonical JSON instead
         return hash(self.to_json())
@@ -67,12 +82,22 @@ class Scheme:
         return KVCacheSpec.from_options(options) if options else None
 
 
+def key_json(fields: dict) -> str:
+    """The key JSON of a scheme given as a dict of its fields (a record's stored form too)."""
+    return json.dumps({k: v for k, v in fields.items() if k not in PROSE_FIELDS}, sort_keys=True,
+                      separators=(",", ":"))
+
+
 SCHEMES: dict[str, Scheme] = {}
 
 
 def register(scheme: Scheme) -> Scheme:
     if scheme.name in SCHEMES:
         raise ValueError(f"scheme {scheme.name!r} is registered twice")
+    same = [other.name for other in SCHEMES.values() if other.key_json() == scheme.key_json()]
+    if same:
+        raise ValueError(f"scheme {scheme.name!r} computes what {same[0]!r} computes (same key); "
+                         "give it a field or option that differs, or use the existing one")
     SCHEMES[scheme.name] = scheme
     return scheme
 
@@ -195,8 +220,7 @@ for _g in (128, 64):
     register(Scheme(f"w4-gptq-g{_g}", "weight_only",
                     f"GPTQ 4-bit weights, asymmetric, groups of {_g} (damping 0.01)",
                     weight_bits=4, weight_granularity="group",
-                    options={"method": "gptq", "group_size": _g, "symmetric": False, "block_size": 128,
-                             "percdamp": 0.01, **_CAL}))
+                    options={"method": "gptq", "group_size": _g, "symmetric": False, "percdamp": 0.01, **_CAL}))
     register(Scheme(f"w4-awq-g{_g}", "weight_only",
                     f"AWQ 4-bit weights (torchao's scale search, 20-point grid), asymmetric, groups of {_g}",
                     weight_bits=4, weight_granularity="group",

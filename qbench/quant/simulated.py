@@ -1,12 +1,18 @@
-"""qbench's own quantizers: uniform symmetric int grids, simulated (fake-quant in float) or
-computed for real with int8 x int8 -> int32 matmuls."""
+"""The simulated backend, qbench's own dynamic quantizers: uniform symmetric int grids,
+simulated (fake-quant in float) or computed for real with int8 x int8 -> int32 matmuls;
+optionally the low-precision attention kernel (options["attention_kernel"])."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qbench.modeling.model import GateLinear
+from qbench.quant.handlers import register, require
+from qbench.quant.surgery import quantizable_linears, set_submodule
+
+# the axis each granularity reduces over for one scale: weights (out, in), activations (N, in)
+WEIGHT_SCALE_DIM = {"per_channel": 1, "per_tensor": None}
+ACTIVATION_SCALE_DIM = {"per_token": 1, "per_tensor": None}
 
 
 def symmetric_scale(x: torch.Tensor, bits: int, dim: int | None) -> torch.Tensor:
@@ -28,7 +34,8 @@ def fake_quantize_symmetric(x: torch.Tensor, bits: int, dim: int | None) -> torc
 
 
 class DynamicQuantLinear(nn.Module):
-    """W8A8 dynamic: per-output-channel weights (quantized once), per-token activations.
+    """W8A8 dynamic: weights quantized once (per output channel or per tensor), activations
+    at every call (per token or per tensor).
 
     Simulated: y = Q(x) Q(W)^T + b in float.  Real: the int8 codes are multiplied by the
     machine's int8 GEMM (qbench.quant.int8_gemm: fbgemm / x86 engine, oneDNN _int_mm, or the
@@ -36,16 +43,21 @@ class DynamicQuantLinear(nn.Module):
     give the same numbers up to float rounding of the accumulation."""
 
     def __init__(self, linear: nn.Linear, weight_bits: int, activation_bits: int, int8_matmul: bool,
-                 kernel: str | None = None):
+                 kernel: str | None = None, weight_granularity: str = "per_channel",
+                 activation_granularity: str = "per_token"):
         super().__init__()
         if int8_matmul and (weight_bits != 8 or activation_bits != 8):
             raise ValueError("the real int8 path needs 8-bit weights and activations")
+        if weight_granularity not in WEIGHT_SCALE_DIM or activation_granularity not in ACTIVATION_SCALE_DIM:
+            raise ValueError(f"dynamic quantization: weights {list(WEIGHT_SCALE_DIM)}, activations "
+                             f"{list(ACTIVATION_SCALE_DIM)}; got {weight_granularity!r}, {activation_granularity!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_bits, self.activation_bits, self.int8_matmul = weight_bits, activation_bits, int8_matmul
+        self.weight_granularity, self.activation_granularity = weight_granularity, activation_granularity
         weight = linear.weight.detach().float()
-        scale = symmetric_scale(weight, weight_bits, dim=1)  # (out, 1)
+        scale = symmetric_scale(weight, weight_bits, dim=WEIGHT_SCALE_DIM[weight_granularity])  # (out, 1) or ()
         codes = quantize_symmetric(weight, scale, weight_bits)
-        self.register_buffer("weight_scale", scale.squeeze(1))  # (out,)
+        self.register_buffer("weight_scale", scale.reshape(-1).expand(self.out_features).clone())  # (out,)
         if int8_matmul:
             from qbench.quant.int8_gemm import Int8Gemm, choose
 
@@ -53,13 +65,14 @@ class DynamicQuantLinear(nn.Module):
             self.kernel = kernel or choose(shape=(self.in_features, self.out_features))
             self.gemm = Int8Gemm(self.kernel, self.weight_codes, self.weight_scale)
         else:
-            self.register_buffer("weight", codes * scale)  # dequantized, (out, in)
+            self.register_buffer("weight", codes * self.weight_scale.unsqueeze(1))  # dequantized, (out, in)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (..., in)
         x2 = x.reshape(-1, shape[-1]).float()
-        x_scale = symmetric_scale(x2, self.activation_bits, dim=1)  # (N, 1): one per token
+        # (N, 1): one per token, or (): one for the whole call
+        x_scale = symmetric_scale(x2, self.activation_bits, dim=ACTIVATION_SCALE_DIM[self.activation_granularity])
         x_codes = quantize_symmetric(x2, x_scale, self.activation_bits)
         if self.int8_matmul:
             y = self.gemm(x_codes) * x_scale  # (N, out): X_q W_q^T s_w, then the per-token scales
@@ -71,26 +84,33 @@ class DynamicQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         path = f"int8 matmul ({self.kernel})" if self.int8_matmul else "simulated"
-        return f"{self.in_features}->{self.out_features}, W{self.weight_bits}A{self.activation_bits} {path}"
+        return (f"{self.in_features}->{self.out_features}, W{self.weight_bits} {self.weight_granularity} "
+                f"A{self.activation_bits} {self.activation_granularity} {path}")
 
 
-def quantizable_linears(model: nn.Module, quantize_gates: bool = False) -> list[tuple[str, nn.Linear]]:
-    """Every nn.Linear except the LM head (kept in full precision, as in Bondarenko's
-    protocol) and, unless asked, the attention gates."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [
-        (name, module) for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head
-        and (quantize_gates or not isinstance(module, GateLinear))
-    ]
+def _check(scheme) -> None:
+    for what, bits in (("weight_bits", scheme.weight_bits), ("activation_bits", scheme.activation_bits)):
+        require(scheme, isinstance(bits, int) and 2 <= bits <= 8, f"{what} must be an int in 2..8, got {bits!r}")
+    require(scheme, scheme.weight_granularity in WEIGHT_SCALE_DIM,
+            f"weight_granularity {scheme.weight_granularity!r} is not one of {list(WEIGHT_SCALE_DIM)}")
+    require(scheme, scheme.activation_granularity in ACTIVATION_SCALE_DIM,
+            f"activation_granularity {scheme.activation_granularity!r} is not one of {list(ACTIVATION_SCALE_DIM)}")
+    require(scheme, not scheme.int8_matmul or (scheme.weight_bits, scheme.activation_bits) == (8, 8),
+            "int8_matmul needs 8-bit weights and activations")
+    kernel = scheme.options.get("attention_kernel")
+    if kernel is not None:
+        from qbench.quant.lowbit_attention import LowBitAttention
+
+        try:
+            LowBitAttention(**kernel)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"scheme {scheme.name!r}: attention_kernel {kernel!r}: {err}") from None
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def apply_dynamic(model: nn.Module, scheme) -> dict:
+@register("backend", "simulated", fields=("weight_bits", "weight_granularity", "activation_bits",
+                                          "activation_granularity", "int8_matmul", "quantize_gates"),
+          options=("attention_kernel",), check=_check, follow_device=True)
+def apply_dynamic(model: nn.Module, scheme, calibration=None) -> dict:
     linears = quantizable_linears(model, scheme.quantize_gates)
     kernels = {}
     if scheme.int8_matmul:
@@ -102,12 +122,18 @@ def apply_dynamic(model: nn.Module, scheme) -> dict:
             # the engines are CPU kernels; elsewhere the same integers through the exact fp32 GEMM
             kernels[shape] = choose(shape=shape) if model_device(model).type == "cpu" else "fp32-exact"
     for name, linear in linears:
-        _set_submodule(model, name, DynamicQuantLinear(
+        set_submodule(model, name, DynamicQuantLinear(
             linear, scheme.weight_bits, scheme.activation_bits, scheme.int8_matmul,
-            kernels.get((linear.in_features, linear.out_features))))
+            kernels.get((linear.in_features, linear.out_features)), scheme.weight_granularity,
+            scheme.activation_granularity))
     facts = {"quantized_linears": len(linears)}
     if kernels:
         used = sorted(set(kernels.values()))
         facts["int8_kernel"] = used[0] if len(used) == 1 else "+".join(used)
         facts["int8_kernel_by_shape"] = {f"{i}x{o}": k for (i, o), k in sorted(kernels.items())}
+    kernel_options = scheme.options.get("attention_kernel")
+    if kernel_options:
+        from qbench.quant.lowbit_attention import LowBitAttention, install_kernel
+
+        facts["lowbit_attention_modules"] = install_kernel(model, LowBitAttention(**kernel_options))
     return facts

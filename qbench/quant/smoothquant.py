@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from qbench.quant.handlers import CALIBRATION_OPTIONS, calibration_batches, register, require, require_options
 from qbench.quant.structure import is_gate, residual_structure
 
 
@@ -75,3 +76,16 @@ def smooth(model: nn.Module, batches, alpha: float = 0.5) -> dict:
     return {"transform": "smoothquant", "alpha": alpha, "smoothed_norms": len(structure.groups),
             "largest_norm_output_before": round(max(largest), 4),
             "largest_norm_output_after": round(max(smoothed), 4)}  # on the calibration draw
+
+
+def _check(scheme) -> None:
+    alpha = scheme.options["transform"].get("alpha", 0.5)
+    require(scheme, isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0, f"SmoothQuant alpha {alpha!r} is not in [0, 1]")
+    require_options(scheme, CALIBRATION_OPTIONS, "SmoothQuant (calibrated)")
+
+
+@register("transform", "smoothquant", options=CALIBRATION_OPTIONS, transform_keys=("method", "alpha"), check=_check)
+def apply_smoothquant(model: nn.Module, scheme, calibration=None) -> dict:
+    batches = calibration_batches(scheme, calibration)
+    facts = smooth(model, batches, scheme.options["transform"].get("alpha", 0.5))
+    return {**facts, "transform_calibration_tokens": sum(b.numel() for b in batches)}

@@ -14,53 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qbench.quant.simulated import _set_submodule, quantizable_linears
+from qbench.quant.grid import WEIGHT_GRANULARITIES, WEIGHT_RANGES, affine_params, fake_quantize_affine, quantize_weight
+from qbench.quant.handlers import CALIBRATION_OPTIONS, calibration_batches, register, require, require_options
+from qbench.quant.surgery import quantizable_linears, set_submodule
 
-
-def fake_quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    return scale * (torch.clamp(torch.round(x / scale) + zero_point, 0, 2**bits - 1) - zero_point)
-
-
-def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point of an asymmetric grid covering [lo, hi] (and 0)."""
-    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
-    return scale, torch.round(-lo / scale)
-
-
-def quantize_weight(weight: torch.Tensor, bits: int, granularity: str, group_size: int | None = None,
-                    symmetric: bool = True, range_method: str = "minmax") -> torch.Tensor:
-    """Fake-quantized weight (out, in): per_tensor | per_channel | group (along `in`)."""
-    w = weight.detach().float()
-    out_features, in_features = w.shape
-    if granularity == "group":
-        if in_features % group_size:
-            raise ValueError(f"in_features={in_features} is not a multiple of group size {group_size}")
-        rows = w.reshape(-1, group_size)
-    elif granularity == "per_channel":
-        rows = w
-    elif granularity == "per_tensor":
-        rows = w.reshape(1, -1)
-    else:
-        raise ValueError(f"unknown weight granularity {granularity!r}")
-    candidates = [1.0] if range_method == "minmax" else torch.linspace(0.3, 1.0, 36).tolist()
-    best, best_error = None, None
-    for ratio in candidates:  # "mse": grid search of the clipping ratio, per row
-        if symmetric:
-            qmax = 2 ** (bits - 1) - 1
-            scale = (rows.abs().amax(dim=1, keepdim=True) * ratio).clamp_min(1e-8) / qmax
-            q = torch.clamp(torch.round(rows / scale), -qmax, qmax) * scale
-        else:
-            scale, zero = affine_params(rows.amin(dim=1, keepdim=True) * ratio,
-                                        rows.amax(dim=1, keepdim=True) * ratio, bits)
-            q = fake_quantize_affine(rows, scale, zero, bits)
-        error = (q - rows).pow(2).sum(dim=1, keepdim=True)
-        if best is None:
-            best, best_error = q, error
-        else:
-            better = error < best_error
-            best, best_error = torch.where(better, q, best), torch.minimum(error, best_error)
-    return best.reshape(out_features, in_features)
+ACTIVATION_RANGES = ("minmax", "percentile")
 
 
 class ActivationQuantizer(nn.Module):
@@ -123,16 +81,6 @@ class StaticQuantLinear(nn.Module):
         return self.output_quantizer(F.linear(self.input_quantizer(x), self.weight, self.bias))
 
 
-class WeightOnlyLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, weight: torch.Tensor):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
 class OutputQuantized(nn.Module):
     """Any module (an embedding, a norm, an identity placeholder) whose output is quantized."""
 
@@ -187,20 +135,20 @@ def prepare_static(model: nn.Module, scheme) -> dict:
     for name, linear in quantizable_linears(model, scheme.quantize_gates):
         weight = quantize_weight(linear.weight, scheme.weight_bits, scheme.weight_granularity,
                                  options.get("group_size"), True, options.get("weight_range", "minmax"))
-        _set_submodule(model, name, StaticQuantLinear(linear, weight, make_quantizer))
+        set_submodule(model, name, StaticQuantLinear(linear, weight, make_quantizer))
         sites["linear inputs/outputs"] += 1
     residual_sums = set(families.residual_sums(model))  # identity placeholders (qbench models)
     for name, module in list(model.named_modules()):
         if module is head or isinstance(module, (ActivationQuantizer, OutputQuantized)):
             continue
         if isinstance(module, nn.Embedding):
-            _set_submodule(model, name, OutputQuantized(module, make_quantizer()))
+            set_submodule(model, name, OutputQuantized(module, make_quantizer()))
             sites["embeddings"] += 1
         elif _is_norm(module):
-            _set_submodule(model, name, OutputQuantized(module, make_quantizer()))
+            set_submodule(model, name, OutputQuantized(module, make_quantizer()))
             sites["norm outputs"] += 1
         elif name in residual_sums:
-            _set_submodule(model, name, OutputQuantized(module, make_quantizer()))
+            set_submodule(model, name, OutputQuantized(module, make_quantizer()))
             sites["residual sums"] += 1
     for _, module in attention_layers(model):  # ours, or stock HF ones through the registry
         module.qbench_hooks = AttentionQuantSites(make_quantizer)
@@ -213,6 +161,43 @@ def set_calibrating(model: nn.Module, calibrating: bool) -> int:
     for q in quantizers:
         q.calibrating = calibrating
     return len(quantizers)
+
+
+def _check(scheme) -> None:
+    options = scheme.options
+    for what, bits in (("weight_bits", scheme.weight_bits), ("activation_bits", scheme.activation_bits)):
+        require(scheme, isinstance(bits, int) and 2 <= bits <= 8, f"{what} must be an int in 2..8, got {bits!r}")
+    require(scheme, scheme.weight_granularity in WEIGHT_GRANULARITIES,
+            f"weight_granularity {scheme.weight_granularity!r} is not one of {WEIGHT_GRANULARITIES}")
+    require(scheme, (scheme.weight_granularity == "group") == ("group_size" in options),
+            "options['group_size'] goes with weight_granularity 'group', and only with it")
+    require(scheme, scheme.activation_static and scheme.activation_granularity == "per_tensor",
+            "the static protocol quantizes activations statically per tensor: activation_static=True, "
+            "activation_granularity='per_tensor'")
+    require(scheme, options.get("weight_range", "minmax") in WEIGHT_RANGES,
+            f"weight_range {options.get('weight_range')!r} is not one of {WEIGHT_RANGES}")
+    estimator = options.get("activation_range", "minmax")
+    require(scheme, estimator in ACTIVATION_RANGES, f"activation_range {estimator!r} is not one of {ACTIVATION_RANGES}")
+    require(scheme, ("percentile" in options) == (estimator == "percentile"),
+            "options['percentile'] goes with activation_range 'percentile', and only with it")
+    require(scheme, 0.0 <= options.get("momentum", 0.9) < 1.0, f"momentum {options.get('momentum')!r} is not in [0, 1)")
+    require_options(scheme, CALIBRATION_OPTIONS, "the static protocol (calibrated)")
+
+
+@register("backend", "static", fields=("weight_bits", "weight_granularity", "activation_bits", "activation_granularity",
+                                       "activation_static", "quantize_gates"),
+          options=("momentum", "weight_range", "activation_range", "percentile", "group_size", *CALIBRATION_OPTIONS),
+          check=_check, follow_device=True)
+def apply_static(model: nn.Module, scheme, calibration=None) -> dict:
+    """prepare, run the scheme's calibration draw, freeze."""
+    from qbench.device import model_device
+
+    if calibration is None:
+        raise ValueError(f"scheme {scheme.name!r} is calibrated: pass calibration batches")
+    device = model_device(model)
+    facts = prepare_static(model, scheme)
+    model.to(device)  # the new quantizers join the model's device before calibrating
+    return {**facts, **calibrate_and_freeze(model, calibration_batches(scheme, calibration))}
 
 
 @torch.no_grad()

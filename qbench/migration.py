@@ -1,0 +1,132 @@
+"""Migrate a result store to today's key: `qbench migrate --results DIR`.
+
+Since issue 25 a scheme's part of a cell key is what computes (Scheme.key_json): its name
+and description are prose, outside the key, and options that computed nothing left the
+scheme (GPTQ's lazy-batch width, `block_size`: the same weights for any width).  Records
+stored before hold the old scheme JSON in config.scheme, so their keys are recomputed
+here: config.scheme loses the prose and those options, config.scheme_hash and the key
+follow, and the record keeps its old key in `migrated_from`.  Metrics, provenance and
+everything else are untouched.
+
+Atomic per record (the new file is written by rename before the old one is removed; a
+run killed in between leaves the old file, which the next run then just removes) and
+idempotent (a record already in today's form is left alone).  A file that cannot be read
+as a record, or whose key does not match its content, is quarantined with a one-line
+reason, never guessed at."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qbench.quant.handlers import PROSE_FIELDS
+from qbench.quant.scheme import key_json
+from qbench.results import ResultStore, cell_key, read_record_bytes, validate_record
+
+SCHEME_HASH_CHARS = 16  # as Scheme.hash()
+# options that never changed a result, by options["method"]: dropped from stored schemes
+DROPPED_OPTIONS = {"gptq": ("block_size",)}
+
+
+@dataclass
+class MigrationReport:
+    migrated: list[tuple[str, str]] = field(default_factory=list)  # (old key, new key)
+    current: int = 0  # already in today's form
+    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (file name, why)
+
+    def summary(self) -> str:
+        return (f"{len(self.migrated)} record(s) migrated, {self.current} already current, "
+                f"{len(self.quarantined)} quarantined")
+
+
+def _load(path: Path) -> tuple[dict | None, str | None]:
+    data, why = read_record_bytes(path)
+    if why is not None:
+        return None, why
+    try:
+        record = json.loads(data)
+    except (RecursionError, UnicodeDecodeError, ValueError) as err:
+        return None, f"not valid JSON ({type(err).__name__})"
+    return (record, None) if isinstance(record, dict) else (None, "not a JSON object")
+
+
+def _stored_scheme(record: dict) -> dict | None:
+    """config.scheme as a dict of fields, or None when it is not one."""
+    config = record.get("config")
+    text = config.get("scheme") if isinstance(config, dict) else None
+    try:
+        scheme = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return scheme if isinstance(scheme, dict) else None
+
+
+def todays_scheme(fields: dict) -> dict:
+    """A stored scheme's fields in today's form: no prose, no options that compute nothing."""
+    fields = {k: v for k, v in fields.items() if k not in PROSE_FIELDS}
+    options = fields.get("options")
+    if isinstance(options, dict):
+        dropped = DROPPED_OPTIONS.get(options.get("method"), ())
+        fields["options"] = {k: v for k, v in options.items() if k not in dropped}
+    return fields
+
+
+def migrate_record(record: dict) -> dict:
+    """The record under today's key (a new dict; the argument is not changed).  Raises
+    ValueError with a one-line reason when it cannot be migrated."""
+    scheme = _stored_scheme(record)
+    if scheme is None:
+        raise ValueError("config.scheme is not the JSON of a scheme")
+    new_scheme = key_json(todays_scheme(scheme))
+    config = {**record["config"], "scheme": new_scheme,
+              "scheme_hash": hashlib.sha256(new_scheme.encode()).hexdigest()[:SCHEME_HASH_CHARS]}
+    key = cell_key(config)
+    return {**record, "key": key, "config": config, "migrated_from": record["key"]}
+
+
+def is_current(record: dict) -> bool:
+    """Already in today's form (see todays_scheme)."""
+    scheme = _stored_scheme(record)
+    return scheme is not None and todays_scheme(scheme) == scheme
+
+
+def migrate_store(results: Path | str) -> MigrationReport:
+    """Migrate every record of the store at `results` (its records/ folder) in place."""
+    store = ResultStore(Path(results))
+    report = MigrationReport()
+    for path in sorted(store.records_dir.glob("*.json")):
+        record, why = _load(path)
+        if record is None:
+            _quarantine(store, path, why, report)
+            continue
+        if (why := validate_record(record, path.stem)) is not None:
+            _quarantine(store, path, why, report)
+            continue
+        if is_current(record):
+            report.current += 1
+            continue
+        try:
+            new = migrate_record(record)
+        except ValueError as err:
+            _quarantine(store, path, str(err), report)
+            continue
+        if (why := validate_record(new, new["key"])) is not None:
+            _quarantine(store, path, f"migrated, it would not be valid: {why}", report)
+            continue
+        target = store.path(new["key"])
+        if target.exists():
+            held, _ = _load(target)
+            if held != new:  # another record computes the same cell: keep the first, set this one aside
+                _quarantine(store, path, f"its new key {new['key']} is held by another record", report)
+                continue
+        else:
+            store.put(new)
+        path.unlink()
+        report.migrated.append((path.stem, new["key"]))
+    return report
+
+
+def _quarantine(store: ResultStore, path: Path, why: str, report: MigrationReport) -> None:
+    store.quarantine(path, why)
+    report.quarantined.append((path.name, why))
