@@ -150,7 +150,7 @@ def _load_gguf(name: str, path: Path, entry: dict) -> LoadedModel:
 # registers itself, so the zoo imports none of them): marker -> (name, folder, entry) -> ModelRef.
 # An entry may name its function as "module:function", imported when a folder of that kind
 # is first met (lm-eval's lazy registration), so `import qbench` needs none of them loaded.
-FOLDER_KINDS: dict[str, object] = {"retrofit.json": "qbench.retrofit:retrofit_ref"}
+FOLDER_KINDS: dict[str, object] = {"retrofit.json": "qbench.retrofit.deltas:retrofit_ref"}
 
 
 def register_folder_kind(marker: str, make_ref) -> None:

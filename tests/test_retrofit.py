@@ -322,3 +322,21 @@ def test_the_low_precision_kernel_composes_the_retrofitted_arm(arm):
             attn.qbench_gate.bias.copy_(torch.tensor([-1e4, 0.0]))
         _logits(model, ids)
         assert seen["gate"].shape == (2, 2, 24, 1) and seen["gate"][:, 0].max().item() == 0.0
+
+
+def test_a_committed_retrofit_resolves_by_zoo_name_in_a_fresh_interpreter():
+    """The zoo registers the retrofit folder kind lazily ("module:function"): a process that
+    imported nothing of qbench.retrofit still resolves a retrofit by name, on its base."""
+    import subprocess
+    import sys
+
+    from qbench.zoo import read_zoo
+
+    names = [n for n, e in read_zoo().items() if e.get("base")]
+    if not names:
+        pytest.skip("no retrofit in the zoo")
+    code = ("import sys; from qbench.zoo import resolve_model; r = resolve_model(sys.argv[1]); "
+            "print(r.name, r.checkpoint_hash)")
+    done = subprocess.run([sys.executable, "-c", code, names[0]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [names[0], read_zoo()[names[0]]["checkpoint_hash"]]
