@@ -217,16 +217,17 @@ def test_a_records_facts_place_it_not_its_name(tmp_path):
 def test_scheme_facts_from_old_records_equal_what_the_planner_writes():
     """For every committed record, the facts derived from its config's scheme JSON equal the
     facts of the registered scheme of that name (what the planner writes into new records)."""
+    from types import SimpleNamespace
+
     from qbench.paths import REPO_ROOT
+    from qbench.plan import cell_facts
     from qbench.quant import SCHEMES
 
     def planner(scheme) -> dict:
-        kv = scheme.kv_cache()
-        return {"backend": scheme.backend, "weight_bits": scheme.weight_bits, "activation_bits": scheme.activation_bits,
-                "kv_bits": kv.bits if kv else None, "attention_kernel": bool(scheme.options.get("attention_kernel"))}
+        return cell_facts(SimpleNamespace(info={}), scheme)["scheme"]
 
     for scheme in SCHEMES.values():
-        assert facts_from_scheme_json(scheme.to_json()) == planner(scheme), scheme.name
+        assert facts_from_scheme_json(scheme.key_json()) == planner(scheme), scheme.name
     seen = set()
     for path in sorted((REPO_ROOT / "results" / "records").glob("*.json")):
         record = json.loads(path.read_text())
@@ -237,9 +238,8 @@ def test_scheme_facts_from_old_records_equal_what_the_planner_writes():
 
 
 def test_writing_the_report_imports_neither_quant_nor_modeling(tmp_path):
-    """In a fresh interpreter: `qbench report` over a small store loads no qbench.quant
-    module, and no qbench.modeling module beyond what `import qbench` itself loads (the
-    package registers its model type with transformers on import)."""
+    """In a fresh interpreter: `qbench report` over a small store loads no qbench.quant and
+    no qbench.modeling module (`import qbench` itself loads neither)."""
     models = tmp_path / "models"
     models.mkdir()
     (models / "zoo.yaml").write_text(yaml.safe_dump({"models": ZOO}))
@@ -248,6 +248,7 @@ def test_writing_the_report_imports_neither_quant_nor_modeling(tmp_path):
         import json, sys
         import qbench
         before = {m for m in sys.modules if m.startswith("qbench.modeling")}
+        assert not before, before
         from qbench.cli import main
         code = main(["report", "--results", sys.argv[1]])
         loaded = sorted(m for m in sys.modules if m.startswith(("qbench.quant", "qbench.modeling")) and m not in before)
