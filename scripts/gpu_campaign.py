@@ -119,6 +119,11 @@ def cmd_run(args) -> int:
     start = time.time()
     deadline = start + args.budget
     pending = queue((0,) if args.dry_run else (0, 1))
+    if args.arms:
+        unknown = set(args.arms.split(",")) - set(ARMS)
+        if unknown:
+            raise SystemExit(f"--arms: unknown {', '.join(sorted(unknown))} (campaign arms: {', '.join(ARMS)})")
+        pending = [run for run in pending if run[1] in args.arms.split(",")]
     resumed = restore(work, args.resume)
     if resumed:  # runs handed back unfinished go first
         pending = sorted(pending, key=lambda run: checkpoint_name(*run) not in resumed)
@@ -256,6 +261,7 @@ def main() -> int:
     p.add_argument("--cells", default=CELL_SCHEMES, help="schemes of the BB cells measured on each finished checkpoint")
     p.add_argument("--resume", default=None, help="folder of *.partial.tar handed back by an earlier budget")
     p.add_argument("--dry-run", action="store_true", help="CPU, seed 0 only, 2 steps of batch 4 per run")
+    p.add_argument("--arms", default=None, help="only these arms (comma-separated; default: every campaign arm)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("fetch")
     p.add_argument("--work", required=True)

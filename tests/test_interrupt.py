@@ -26,6 +26,13 @@ sys.meta_path.insert(0, _StallTorch())
 '''
 
 
+def _default_sigint():
+    """As a shell starts a foreground command: SIGINT at its default.  A pytest-xdist worker
+    ignores SIGINT, and an ignored SIGINT is inherited; Python then installs no
+    KeyboardInterrupt handler at all and the signal would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_import_qbench_loads_neither_torch_nor_transformers():
     code = "import sys, qbench; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -38,7 +45,7 @@ def test_ctrl_c_while_importing_torch_exits_130_with_one_line(tmp_path):
     stalled = tmp_path / "stalled"
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO_ROOT}", "QBENCH_TEST_STALLED": str(stalled)}
     proc = subprocess.Popen([sys.executable, "-m", "qbench.cli", "list", "schemes"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     deadline = time.time() + 120
     while not stalled.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -23,27 +23,16 @@ GATE_LOG = "gate_log.csv"
 @torch.no_grad()
 def gate_snapshot(model, batch: torch.Tensor) -> dict:
     """Mean gate at the first token vs the other tokens, and the sink logits, over layers."""
-    from qbench.modeling.model import attention_layers
+    from qbench.modeling.hooks import ObserverHooks, observing
 
     seen: dict[int, torch.Tensor] = {}
 
-    class _Gates:
-        first_column_only = True
+    class _Gates(ObserverHooks):
+        def observe_gate(self, layer: int, g: torch.Tensor) -> None:
+            seen[layer] = g.detach().float()
 
-        def scores(self, x): return x
-        def probs(self, x): return x
-        def context(self, x): return x
-        def first_column(self, x): pass
-        def gate(self, layer, g): seen[layer] = g.detach().float()
-
-    layers = attention_layers(model)
-    for _, m in layers:
-        m.qbench_hooks = _Gates()
-    try:
+    with observing(model, lambda index, module, inner: _Gates(inner, first_column_only=True)) as layers:
         model(batch)
-    finally:
-        for _, m in layers:
-            m.qbench_hooks = None
     out = {}
     if seen:
         out["gate_bos"] = float(torch.stack([g[..., 0, :].mean() for g in seen.values()]).mean())

@@ -101,17 +101,19 @@ def trainable_groups(spec: str) -> tuple[bool, range | None]:
 
 
 def trainable_names(model: torch.nn.Module, spec: str) -> list[str]:
+    from qbench.modeling.families import decoder_layers
     from qbench.modeling.llama_arms import arm_parameter_names
 
     norms, layers = trainable_groups(spec)
     names = set(arm_parameter_names(model))
-    n_layers = len(model.model.layers)
+    blocks = decoder_layers(model)
+    n_layers = len(blocks)
     if layers is not None and layers.stop > n_layers:
         raise ValueError(f"trainable {spec}: the model has {n_layers} layers (0-{n_layers - 1})")
-    for name, _ in model.named_parameters():
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    for name in name_of.values():
         if norms and name.endswith("norm.weight"):
             names.add(name)
-        found = re.match(r"model\.layers\.(\d+)\.", name)
-        if layers is not None and found and int(found[1]) in layers:
-            names.add(name)
+    for index in layers if layers is not None else ():
+        names.update(name_of[id(p)] for p in blocks[index].parameters())
     return sorted(names)
