@@ -78,7 +78,7 @@ def test_gpu_campaign_dry_run_trains_packs_and_hands_back(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     arms = ["softmax", "vga"]
     done = subprocess.run([sys.executable, str(script), "--dry-run", "--work", str(work), "--out", str(out),
-                           "--budget", "900", "--arms", ",".join(arms)], capture_output=True, text=True, timeout=1200)
+                           "--budget", "900", "--arms", ",".join(arms), "--parallel", "2"], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     spec = importlib.util.spec_from_file_location("gpu_campaign", script)
     campaign = importlib.util.module_from_spec(spec)

@@ -112,7 +112,7 @@ def test_bb_protocol_reports_the_copy_circuit_and_per_layer_mechanism(tmp_path):
     from qbench.results import ResultStore
 
     out = tmp_path / "bb2"
-    assert main(["train", "--preset", "bb-guo-cpu", "--attention", "vga", "--set", "steps=30", "--set", "batch_size=16",
+    assert main(["train", "--preset", "bb-guo-cpu", "--attention", "vga", "--set", "steps=10", "--set", "batch_size=8",
                  "--set", "n_layer=2", "--set", "lr=3e-3", "--out", str(out), "--quiet"]) == 0
     header = next(csv.reader(open(out / "mechanism_log.csv")))
     assert "attn_s_l0" in header and "attn_s_l1" in header and header[1] == "attn_s"
