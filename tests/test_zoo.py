@@ -59,22 +59,10 @@ def test_tiny_arms_share_data_seed_steps_and_recipe():
     assert _same_recipe(TRAINED[:3])
 
 
-def _one_per_preset_and_arm() -> list[str]:
-    """The first checkpoint of each (preset, arm): every code path a zoo checkpoint takes (its
-    architecture and arm).  The other seeds run the same code on other weights, and
-    test_every_checkpoint_folder_is_listed_with_its_seed checks every checkpoint's weights by
-    hash, so their perplexity follows from these."""
-    chosen = {}
-    for name, entry in ZOO.items():
-        if name != "smollm2-135m" and "base" not in entry:
-            chosen.setdefault((entry.get("preset"), entry.get("arm")), name)
-    return list(chosen.values())
-
-
 # SmolLM2 and the retrofits built on it (entries with a `base`): the slow tests below
-@pytest.mark.parametrize("name", _one_per_preset_and_arm())
+@pytest.mark.parametrize("name", [n for n in ZOO if n != "smollm2-135m" and "base" not in ZOO[n]])
 def test_zoo_checkpoint_reproduces_its_test_perplexity(name):
-    """Each (preset, arm) through today's arm registry, hooks and kernel-free float path."""
+    """Every checkpoint, through today's arm registry, hooks and kernel-free float path."""
     entry = ZOO[name]
     loaded = load_model(name)
     assert loaded.checkpoint_hash == entry["checkpoint_hash"]
