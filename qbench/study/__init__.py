@@ -1,7 +1,7 @@
 """The study (`make study`, `qbench study`): results/STUDY.md from the result store and the
 checkpoints' mechanism logs; `qbench study --compute` first runs the plan's missing cells.
 
-- plan.py: the cells the study measures, `run_study`
+- plan.py: reads the study's suite file (suites/study.yaml, through qbench.plan), `run_study`
 - mechanism.py: part 1, Bigram-Backcopy curves and the copy circuit under quantization
 - tables.py: parts 2-5, the quantization tables and plots
 - published.py: the papers' numbers; claims.py: the claims table and the headline per arm
