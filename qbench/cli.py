@@ -339,8 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_migrate(args) -> int:
-    from qbench.migration import migrate_store
+    from pathlib import Path
 
+    from qbench.migration import migrate_store
+    from qbench.results import ResultStore
+
+    if not (Path(args.results) / "records").is_dir():  # a typo'd path is not an empty store
+        raise FileNotFoundError(f"no result store at {args.results} (it has no records/ folder)")
+    ResultStore(args.results).check_writable()  # exit 5 before touching a record
     report = migrate_store(args.results)
     for name, why in report.quarantined:
         print(f"quarantined {name}: {why}", file=sys.stderr)

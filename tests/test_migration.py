@@ -96,3 +96,15 @@ def test_listings_do_not_depend_on_the_keys(tmp_path):
                 for r in new_store.records()]
     assert identity == [(r["model"], r["scheme"], r["task"], r["protocol"], r.get("calibration_seed"))
                         for r in old_store.records()]
+
+
+def test_migrate_refuses_a_path_that_is_not_a_store_and_a_store_it_cannot_write(tmp_path, capsys):
+    assert main(["migrate", "--results", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no result store" in err[0]
+    assert not (tmp_path / "typo").exists()  # nothing created on a typo
+    store = ResultStore(tmp_path / "store")
+    store.records_dir.mkdir(parents=True)
+    (store.records_dir / ".locks").write_text("a file where the lock folder belongs")
+    assert main(["migrate", "--results", str(store.root)]) == 5
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
