@@ -24,11 +24,17 @@ from qbench.zoo import LoadedModel
 
 
 def evaluate_task(model, tokenizer, task: str, protocol: PerplexityProtocol, progress: bool,
-                  reference: FPReference | None = None, task_limit: int | None = None) -> dict:
+                  reference: FPReference | None = None, task_limit: int | None = None,
+                  planned_items_hash: str | None = None) -> dict:
     if task == "ppl":
         return evaluate_perplexity(model, tokenizer, protocol, progress=progress, reference=reference)
     if is_lm_eval_task(task):
         spec = lm_eval_spec(task, task_limit)
+        if planned_items_hash is not None and spec["items_hash"] != planned_items_hash:
+            from qbench.eval.lm_eval_tasks import TaskDataError
+
+            raise TaskDataError(f"task {task}: its items changed after the cell was planned (items hash "
+                                f"{spec['items_hash']}, planned {planned_items_hash}); run the command again")
 
         def run(m):
             return run_lm_eval(m, tokenizer, spec["tasks"], limit=spec["limit"])
@@ -76,7 +82,8 @@ def run_cell(loaded: LoadedModel, planned: PlannedCell, progress: bool, device=N
     start = time.time()
     record = _record_head(planned)
     try:
-        model = loaded.model if scheme.name == "fp32" else copy.deepcopy(loaded.model)
+        in_place = scheme.backend == "reference" and scheme.dtype == "float32" and not scheme.options
+        model = loaded.model if in_place else copy.deepcopy(loaded.model)  # fp32 evaluates the loaded model
         calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,
                                          bigram_backcopy=protocol.kind == "bigram_backcopy")
         record["quantization"] = quantize(model, scheme, calibration)
@@ -85,7 +92,8 @@ def run_cell(loaded: LoadedModel, planned: PlannedCell, progress: bool, device=N
         if model is loaded.model and not is_lm_eval_task(cell.task):
             reference = None  # nothing to compare the fp32 row against
         record["metrics"] = evaluate_task(model, loaded.tokenizer, cell.task, protocol, progress, reference,
-                                          task_limit=planned.task_limit)
+                                          task_limit=planned.task_limit,
+                                          planned_items_hash=cell.config["evaluation"].get("items_hash"))
         record["status"] = "ok"
     except (ArithmeticError, NotImplementedError, RuntimeError, ValueError) as err:
         # ArithmeticError: NonFiniteError and any overflow in a metric, a failed cell, not a crash

@@ -145,7 +145,13 @@ def run_local(cells: list[PlannedCell], results_dir: str, workers: int = 1, prog
     from tqdm.auto import tqdm
 
     if workers <= 1:
-        return [run_planned_cell(c, results_dir, threads) for c in tqdm(cells, desc="cells", disable=not progress)]
+        last_use = {id(c.model_ref): index for index, c in enumerate(cells)}
+        out = []
+        for index, cell in enumerate(tqdm(cells, desc="cells", disable=not progress)):
+            out.append(run_planned_cell(cell, results_dir, threads))
+            if last_use[id(cell.model_ref)] == index:
+                cell.model_ref.unload()  # its last cell: a long suite does not hold every model it ran
+        return out
     import multiprocessing as mp
     import shutil
     import signal
@@ -235,6 +241,8 @@ def run_ray(cells: list[PlannedCell], results_dir: str, address: str | None = No
         raise ImportError("the ray executor needs the `ray` package: pip install 'ray==2.60.0'") from err
     from tqdm.auto import tqdm
 
+    from qbench.zoo import CheckpointError
+
     resources = {"num_cpus": 1, "num_gpus": 0, **(resources or {})}
     started_here = not ray.is_initialized()
     if started_here:
@@ -246,7 +254,7 @@ def run_ray(cells: list[PlannedCell], results_dir: str, address: str | None = No
         results_dir = str(Path(results_dir).resolve())
         threads = max(1, int(resources.get("num_cpus", 1)))
         pending = {task.remote(c, results_dir, threads): c for c in cells}
-        out, failures = [], []
+        out, failures, checkpoint_errors = [], [], []
         bar = tqdm(total=len(pending), desc="cells (ray)", disable=not progress)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -254,12 +262,17 @@ def run_ray(cells: list[PlannedCell], results_dir: str, address: str | None = No
             try:
                 out.append(ray.get(done[0]))
             except Exception as err:  # the cell failed on every attempt
-                failures.append(f"{_name(cell)}: {type(err).__name__}: {err}")
+                cause = getattr(err, "cause", None)  # a RayTaskError carries the worker's exception
+                if isinstance(cause, CheckpointError):  # weights changed after planning: exit 3, as locally
+                    checkpoint_errors.append(cause)
+                failures.append(f"{_name(cell)}: {type(cause or err).__name__}: {cause or err}")
             bar.update(1)
         bar.close()
     finally:
         if started_here:
             ray.shutdown()
+    if checkpoint_errors:
+        raise checkpoint_errors[0]
     if failures:
         raise RuntimeError(f"{len(failures)} cell(s) failed after {max_retries} retries:\n" + "\n".join(failures))
     return out

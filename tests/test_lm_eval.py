@@ -66,3 +66,20 @@ def test_bench_records_blimp_accuracy_and_flip_rate(blimp_folder, micro_checkpoi
     assert 0 <= blimp[1]["metrics"]["flip_rate"] <= 1 and blimp[1]["metrics"]["items"] == 12
     table = comparison_table(records).set_index("scheme")
     assert table.loc["fp32", "blimp_flip_rate"] == 0.0
+
+
+def test_task_items_changed_after_planning_are_refused_not_recorded(micro_checkpoint, tmp_path, monkeypatch):
+    """A planned lm-eval cell is keyed by its items' hash: if the items differ when it runs
+    (a task file changed under a sweep), the cell stops with the data error (exit 4) instead
+    of recording other items under the planned key."""
+    import qbench.bench as bench
+    from qbench.plan import plan_cells
+    from qbench.results import ResultStore
+
+    planned = plan_cells([str(micro_checkpoint)], ["fp32"], ["qbench_cloze"], task_limit=4)
+    original = bench.lm_eval_spec
+    monkeypatch.setattr(bench, "lm_eval_spec", lambda task, limit: {**original(task, limit), "items_hash": "changed"})
+    store = ResultStore(tmp_path / "results")
+    with pytest.raises(TaskDataError, match="changed after the cell was planned"):
+        bench.run_cells(planned, store, progress=False)
+    assert store.get(planned[0].cell.key) is None

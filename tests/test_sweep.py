@@ -213,3 +213,26 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_the_local_executor(tmp_p
     for key in records:
         a, b = ray_store.get(key), local_store.get(key)
         assert a["metrics"] == b["metrics"]  # same seeds, one thread each: bit for bit
+
+
+def test_a_one_process_sweep_lets_each_model_go_after_its_last_cell(tmp_path, micro_checkpoint, monkeypatch):
+    """`--workers 1` runs cells in this process: a model is loaded for its first missing cell
+    and released after its last, so a `models: all` suite never holds the whole zoo."""
+    import qbench.sweep as sweep
+    from qbench.plan import plan_cells
+
+    copy = tmp_path / "copy"
+    shutil.copytree(micro_checkpoint, copy)
+    planned = plan_cells([str(micro_checkpoint), str(copy)], ["fp32", "w8a8-dyn"], ["ppl"], limit=2000)
+    held = []
+    original = sweep.run_planned_cell
+
+    def watch(cell, results_dir, threads=1):
+        out = original(cell, results_dir, threads)
+        held.append(sum(ref._loaded is not None for ref in {id(p.model_ref): p.model_ref for p in planned}.values()))
+        return out
+
+    monkeypatch.setattr(sweep, "run_planned_cell", watch)
+    sweep.run_local(planned, str(tmp_path / "results"), workers=1, progress=False)
+    assert held == [1, 1, 1, 1]  # never both models at once (the first is let go before the copy loads)
+    assert all(p.model_ref._loaded is None for p in planned)
