@@ -173,9 +173,11 @@ def run_cells(planned: list[PlannedCell], store: ResultStore, force: bool = Fals
     """Run every planned cell the store lacks in this process; returns all their records.
     Cells another process is computing are waited for at the end."""
     if device is not None and str(device) != "cpu":  # before any model is loaded
-        from qbench.device import check_schemes_device
+        import torch
 
-        check_schemes_device([p.cell.scheme for p in planned], device)
+        from qbench.quant.handlers import check_devices
+
+        check_devices([p.cell.scheme for p in planned], torch.device(device))
     records: dict[int, dict] = {}
     last_use = {id(item.model_ref): index for index, item in enumerate(planned)}
     bar = tqdm(total=len(planned), desc="cells", disable=not progress)

@@ -88,19 +88,31 @@ def test_bb_training_with_mechanism_log_runs_on_simulated_cuda(fake_cuda, tmp_pa
 
 
 def test_unsupported_device_or_missing_package_is_refused_before_work(monkeypatch):
-    from qbench.device import BACKEND_DEVICES, check_schemes_device
+    """Each handler declares its devices and package where it is registered; a scheme whose
+    transform, backend or add-on cannot run on the device, or lacks its package, is refused."""
+    import dataclasses
+
+    from qbench.quant.handlers import REGISTRY, check_devices, get_handler
     from qbench.quant.scheme import get_scheme
     from qbench.validate import UsageError
 
-    declared = {scheme.backend for scheme in SCHEMES.values()}
-    assert declared <= set(BACKEND_DEVICES), "every backend declares its devices"
-    check_schemes_device([get_scheme("w8a8-dyn"), get_scheme("w4-gptq-g64")], torch.device("cuda"))
-    monkeypatch.setitem(BACKEND_DEVICES, "simulated", (("cpu",), None))
+    check_devices([get_scheme("w8a8-dyn"), get_scheme("w4-gptq-g64"), get_scheme("w8a8-sq"),
+                   get_scheme("kv4")], torch.device("cuda"))
+    check_devices([get_scheme(n) for n in SCHEMES], torch.device("cpu"))  # every scheme runs on the CPU
+    simulated = get_handler("backend", "simulated")
+    monkeypatch.setitem(REGISTRY["backend"], "simulated", dataclasses.replace(simulated, devices=("cpu",)))
     with pytest.raises(UsageError, match="w8a8-dyn .simulated runs on cpu"):
-        check_schemes_device([get_scheme("w8a8-dyn")], torch.device("cuda"))
-    monkeypatch.setitem(BACKEND_DEVICES, "bitsandbytes", (("cpu", "cuda"), "no_such_package_qbench"))
+        check_devices([get_scheme("w8a8-dyn")], torch.device("cuda"))
+    kv = get_handler("addon", "kv_cache")
+    monkeypatch.setitem(REGISTRY["addon"], "kv_cache", dataclasses.replace(kv, devices=("cpu",)))
+    with pytest.raises(UsageError, match="kv4 .kv_cache runs on cpu"):
+        check_devices([get_scheme("kv4")], torch.device("cuda"))
+    bnb = get_handler("backend", "bitsandbytes")
+    monkeypatch.setitem(REGISTRY["backend"], "bitsandbytes", dataclasses.replace(bnb, package="no_such_package_qbench"))
     with pytest.raises(UsageError, match="nf4 .needs the no_such_package_qbench package"):
-        check_schemes_device([get_scheme("nf4")], torch.device("cuda"))
+        check_devices([get_scheme("nf4")], torch.device("cuda"))
+    weight_only = get_handler("backend", "weight_only")
+    assert weight_only.needs(get_scheme("w4-hqq-g64")) == "hqq" and weight_only.needs(get_scheme("w4-gptq-g64")) is None
 
 
 @pytest.mark.parametrize("scheme", [n for n, s in SCHEMES.items() if s.backend in OWN_BACKENDS])

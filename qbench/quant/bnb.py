@@ -88,7 +88,8 @@ def _check(scheme) -> None:
 
 @register("backend", "bitsandbytes", fields=("weight_bits", "weight_granularity", "activation_bits",
                                              "activation_granularity", "quantize_gates"),
-          options=("method", *set().union(*METHOD_OPTIONS.values())), check=_check)
+          options=("method", *set().union(*METHOD_OPTIONS.values())), check=_check,
+          devices=("cpu", "cuda"), package="bitsandbytes")
 def apply_bitsandbytes(model: nn.Module, scheme, calibration=None) -> dict:
     options = scheme.options
     linears = quantizable_linears(model, scheme.quantize_gates)

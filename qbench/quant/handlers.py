@@ -52,7 +52,10 @@ class Handler:
     fields: Scheme fields it honours (the others must keep their defaults; backends only).
     options: scheme.options keys it honours (a transform: also the keys of its own dict,
     in `transform_keys`).  check(scheme) raises ValueError on values it cannot honour.
-    follow_device: quantizer state created on the CPU is moved to the model's device after."""
+    follow_device: quantizer state created on the CPU is moved to the model's device after.
+    devices: the device types it runs on (checked before any model loads; CPU only until
+    someone has run it on a GPU).  package: what it needs beyond torch, a module name or
+    package(scheme) -> name | None (e.g. one weight method needs a package of its own)."""
     kind: str
     name: str
     apply: Callable
@@ -62,6 +65,11 @@ class Handler:
     check: Callable | None = None
     versions: tuple[int, ...] = (1,)
     follow_device: bool = False
+    devices: tuple[str, ...] = ("cpu",)
+    package: str | Callable | None = None
+
+    def needs(self, scheme) -> str | None:
+        return self.package(scheme) if callable(self.package) else self.package
 
 
 REGISTRY: dict[str, dict[str, Handler]] = {kind: {} for kind in KINDS}
@@ -69,7 +77,8 @@ REGISTRY: dict[str, dict[str, Handler]] = {kind: {} for kind in KINDS}
 
 def register(kind: str, name: str, *, fields: Iterable[str] = (), options: Iterable[str] = (),
              transform_keys: Iterable[str] = ("method",), check: Callable | None = None,
-             versions: tuple[int, ...] = (1,), follow_device: bool = False):
+             versions: tuple[int, ...] = (1,), follow_device: bool = False,
+             devices: Iterable[str] = ("cpu",), package: str | Callable | None = None):
     """Decorator: register `apply` as the handler `name` of `kind`."""
     if kind not in KINDS:
         raise ValueError(f"unknown handler kind {kind!r}; one of {KINDS}")
@@ -78,7 +87,8 @@ def register(kind: str, name: str, *, fields: Iterable[str] = (), options: Itera
         if name in REGISTRY[kind]:
             raise ValueError(f"{kind} {name!r} is registered twice")
         REGISTRY[kind][name] = Handler(kind, name, apply, frozenset(fields), frozenset(options),
-                                       frozenset(transform_keys), check, tuple(versions), follow_device)
+                                       frozenset(transform_keys), check, tuple(versions), follow_device,
+                                       tuple(devices), package)
         return apply
     return decorate
 
@@ -152,6 +162,36 @@ def read_by_others(scheme) -> set[str]:
         if handler.kind != "backend":
             others |= handler.options | ({handler.name} if handler.kind == "addon" else set())
     return others
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def check_devices(schemes, device: torch.device) -> None:
+    """A UsageError (exit 2) naming every scheme that cannot run on `device` here (a handler
+    not declared for the device type, or a package it needs missing), before any work."""
+    from qbench.validate import UsageError
+
+    problems = []
+    for scheme in schemes:
+        for handler in scheme_handlers(scheme):
+            package = handler.needs(scheme)
+            if device.type not in handler.devices:
+                problems.append(f"{scheme.name} ({handler.name} runs on {', '.join(handler.devices)})")
+            elif package and not _installed(package):
+                problems.append(f"{scheme.name} (needs the {package.split('.')[0]} package, not installed here)")
+            else:
+                continue
+            break
+    if problems:
+        raise UsageError(f"--device {device}: cannot run {'; '.join(problems)}; drop these schemes or install "
+                         "the package (scripts/device_bundle.py carries them to a GPU machine)")
 
 
 def calibration_batches(scheme, calibration: CalibrationSource | None) -> list[torch.Tensor]:

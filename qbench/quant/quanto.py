@@ -47,7 +47,8 @@ def _check(scheme) -> None:
 
 @register("backend", "quanto", fields=("weight_bits", "weight_granularity", "activation_bits", "activation_granularity",
                                        "activation_static", "quantize_gates"),
-          options=("weights", "activations", "group_size", *CALIBRATION_OPTIONS), check=_check)
+          options=("weights", "activations", "group_size", *CALIBRATION_OPTIONS), check=_check,
+          devices=("cpu", "cuda"), package="optimum.quanto")
 def apply_quanto(model: nn.Module, scheme, calibration=None) -> dict:
     quanto = _import_quanto()
     options = scheme.options

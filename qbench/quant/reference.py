@@ -12,7 +12,7 @@ def _check(scheme) -> None:
     require(scheme, scheme.dtype in DTYPES, f"dtype {scheme.dtype!r} is not one of {DTYPES}")
 
 
-@register("backend", "reference", fields=("dtype",), check=_check)
+@register("backend", "reference", fields=("dtype",), check=_check, devices=("cpu", "cuda"))
 def apply_reference(model: torch.nn.Module, scheme, calibration=None) -> dict:
     model.to(getattr(torch, scheme.dtype))
     return {"quantized_linears": 0}

@@ -158,7 +158,7 @@ def rotate(model: nn.Module, seed: int = 0) -> dict:
             "rotation_seed": seed, "width": d}
 
 
-@register("transform", "hadamard", options=("calibration_seed",))
+@register("transform", "hadamard", options=("calibration_seed",), devices=("cpu", "cuda"))
 def apply_hadamard(model: nn.Module, scheme, calibration=None) -> dict:
     # the draw seed seeds the Hadamard signs: --calibration-seeds gives independent rotations
     return rotate(model, seed=scheme.options.get("calibration_seed", 0))

@@ -84,7 +84,8 @@ def _check(scheme) -> None:
     require_options(scheme, CALIBRATION_OPTIONS, "SmoothQuant (calibrated)")
 
 
-@register("transform", "smoothquant", options=CALIBRATION_OPTIONS, transform_keys=("method", "alpha"), check=_check)
+@register("transform", "smoothquant", options=CALIBRATION_OPTIONS, transform_keys=("method", "alpha"), check=_check,
+          devices=("cpu", "cuda"))
 def apply_smoothquant(model: nn.Module, scheme, calibration=None) -> dict:
     batches = calibration_batches(scheme, calibration)
     facts = smooth(model, batches, scheme.options["transform"].get("alpha", 0.5))

@@ -95,7 +95,9 @@ def _check(scheme) -> None:
 
 
 @register("backend", "weight_only", fields=("weight_bits", "weight_granularity", "quantize_gates"),
-          options=set().union(*METHOD_OPTIONS.values()) | {"method"}, check=_check, follow_device=True)
+          options=set().union(*METHOD_OPTIONS.values()) | {"method"}, check=_check, follow_device=True,
+          devices=("cpu", "cuda"),  # RTN, GPTQ, AWQ in torch; HQQ's fit runs on the CPU
+          package=lambda scheme: "hqq" if scheme.options.get("method") == "hqq" else None)
 def prepare_weight_only(model: nn.Module, scheme, calibration=None) -> dict:
     """Weight-only schemes: round-to-nearest, or GPTQ / AWQ (calibrated) / HQQ weights."""
     options = scheme.options
