@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qbench.facts import model_facts_from_zoo, scheme_facts_from_json
 from qbench.quant.handlers import PROSE_FIELDS
 from qbench.quant.scheme import key_json
 from qbench.results import ResultStore, cell_key, read_record_bytes, validate_record
@@ -33,11 +34,12 @@ DROPPED_OPTIONS = {"gptq": ("block_size",)}
 class MigrationReport:
     migrated: list[tuple[str, str]] = field(default_factory=list)  # (old key, new key)
     current: int = 0  # already in today's form
+    facts_added: int = 0  # current records that got their facts
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (file name, why)
 
     def summary(self) -> str:
-        return (f"{len(self.migrated)} record(s) migrated, {self.current} already current, "
-                f"{len(self.quarantined)} quarantined")
+        return (f"{len(self.migrated)} record(s) migrated, {self.current} already current "
+                f"({self.facts_added} given their facts), {len(self.quarantined)} quarantined")
 
 
 def _load(path: Path) -> tuple[dict | None, str | None]:
@@ -91,8 +93,27 @@ def is_current(record: dict) -> bool:
     return scheme is not None and todays_scheme(scheme) == scheme
 
 
-def migrate_store(results: Path | str) -> MigrationReport:
-    """Migrate every record of the store at `results` (its records/ folder) in place."""
+def with_facts(record: dict, zoo: dict) -> dict:
+    """The record with `facts` (qbench.facts) where it lacks them and its model is in the zoo:
+    scheme facts from its config's scheme JSON, model facts from the zoo entry.  A model
+    outside the zoo keeps no facts (its checkpoint is not read here); the report then
+    derives what it can, as before.  Facts are outside the key."""
+    if record.get("facts") is not None:
+        return record
+    model = model_facts_from_zoo(record["model"], zoo)
+    scheme = scheme_facts_from_json(record["config"].get("scheme"))
+    if model is None or scheme is None:
+        return record
+    return {**record, "facts": {"model": model, "scheme": scheme}}
+
+
+def migrate_store(results: Path | str, zoo: dict | None = None) -> MigrationReport:
+    """Migrate every record of the store at `results` (its records/ folder) in place; add
+    facts to those that lack them (`zoo`: default, models/zoo.yaml)."""
+    if zoo is None:
+        from qbench.zoo import read_zoo
+
+        zoo = read_zoo()
     store = ResultStore(Path(results))
     report = MigrationReport()
     for path in sorted(store.records_dir.glob("*.json")):
@@ -105,9 +126,12 @@ def migrate_store(results: Path | str) -> MigrationReport:
             continue
         if is_current(record):
             report.current += 1
+            if (completed := with_facts(record, zoo)) is not record:
+                store.put(completed)  # same key: an atomic rewrite of the same file
+                report.facts_added += 1
             continue
         try:
-            new = migrate_record(record)
+            new = with_facts(migrate_record(record), zoo)
         except ValueError as err:
             _quarantine(store, path, str(err), report)
             continue

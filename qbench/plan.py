@@ -17,6 +17,7 @@ from qbench.eval.perplexity import PerplexityProtocol
 from qbench.eval.protocols import (check_tasks, is_lm_eval_task, lm_eval_spec, protocol_data_hash, resolve_protocol,
                                    task_protocol)
 from qbench.quant import Scheme, get_scheme
+from qbench.facts import model_facts_from_info, scheme_facts_from_json
 from qbench.registry import closest
 from qbench.results import cell_key
 from qbench.zoo import ModelRef, read_zoo, resolve_model
@@ -74,15 +75,9 @@ def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityPr
 
 
 def cell_facts(ref: ModelRef, scheme: Scheme) -> dict:
-    """What a record says about its model and scheme for the report (not part of the key):
-    the report reads these instead of the live registries."""
-    training = ref.info.get("training") or {}
-    kv_cache = scheme.options.get("kv_cache") or {}
-    return {"model": {"arm": ref.info.get("arm") or training.get("attention"),
-                      "preset": ref.info.get("preset") or training.get("preset")},
-            "scheme": {"backend": scheme.backend, "weight_bits": scheme.weight_bits,
-                       "activation_bits": scheme.activation_bits, "kv_bits": kv_cache.get("bits"),
-                       "attention_kernel": bool(scheme.options.get("attention_kernel"))}}
+    """What a record says about its model and scheme for the report (qbench.facts; not part
+    of the key): the report reads these instead of the live registries."""
+    return {"model": model_facts_from_info(ref.info), "scheme": scheme_facts_from_json(scheme.key_json())}
 
 
 def expand_models(models: list[str]) -> list[str]:

@@ -45,7 +45,7 @@ def test_old_records_get_todays_keys_and_keep_the_old_one(tmp_path, capsys):
     old = [old_form(r) for r in today]
     store = store_with(tmp_path, old)
     assert main(["migrate", "--results", str(tmp_path)]) == 0
-    assert "3 record(s) migrated, 0 already current, 0 quarantined" in capsys.readouterr().out
+    assert "3 record(s) migrated, 0 already current (0 given their facts), 0 quarantined" in capsys.readouterr().out
     for before, expected in zip(old, today):
         migrated = store.get(expected["key"])
         assert migrated is not None and not store.path(before["key"]).exists()
@@ -108,3 +108,29 @@ def test_migrate_refuses_a_path_that_is_not_a_store_and_a_store_it_cannot_write(
     (store.records_dir / ".locks").write_text("a file where the lock folder belongs")
     assert main(["migrate", "--results", str(store.root)]) == 5
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_records_without_facts_get_the_facts_the_report_derives(tmp_path):
+    """A record in today's form but without `facts` gets them (key and file name unchanged,
+    nothing else touched), equal to what the report derives for it; a model outside the zoo
+    keeps none; a second run changes nothing."""
+    from qbench.report.facts import model_facts, scheme_facts
+    from qbench.zoo import read_zoo
+
+    zoo = read_zoo()
+    today = committed_records()
+    bare = [{k: v for k, v in r.items() if k != "facts"} for r in today]
+    outside = {**bare[0], "model": "not-in-the-zoo"}
+    outside["config"] = {**outside["config"], "model": {**outside["config"]["model"], "name": "not-in-the-zoo"}}
+    outside["key"] = cell_key(outside["config"])
+    store = store_with(tmp_path, bare + [outside])
+    report = migrate_store(tmp_path, zoo)
+    assert (len(report.migrated), report.current, report.facts_added, report.quarantined) == (0, 4, 3, [])
+    for before in bare:
+        after = store.get(before["key"])
+        assert {k: v for k, v in after.items() if k != "facts"} == before
+        assert after["facts"] == {"model": model_facts(before, zoo), "scheme": scheme_facts(before)}
+    assert "facts" not in store.get(outside["key"])
+    files = {p.name: p.read_text() for p in store.records_dir.glob("*.json")}
+    assert migrate_store(tmp_path, zoo).facts_added == 0
+    assert files == {p.name: p.read_text() for p in store.records_dir.glob("*.json")}

@@ -13,7 +13,7 @@ import yaml
 import qbench.zoo
 from qbench.cli import main
 from qbench.report import comparison_table, headline_matrix, label_checkpoints, matrix_values, write_report
-from qbench.report.facts import facts_from_scheme_json, scheme_facts
+from qbench.report.facts import scheme_facts
 from qbench.results import ResultStore, cell_key
 
 ZOO = {
@@ -214,27 +214,31 @@ def test_a_records_facts_place_it_not_its_name(tmp_path):
     assert columns == ["w8a8-dyn", "w8a8-pt", "zz-w4-new"]
 
 
-def test_scheme_facts_from_old_records_equal_what_the_planner_writes():
-    """For every committed record, the facts derived from its config's scheme JSON equal the
-    facts of the registered scheme of that name (what the planner writes into new records)."""
-    from types import SimpleNamespace
-
+def test_committed_records_carry_the_facts_the_planner_writes():
+    """Every committed record carries facts (`qbench migrate` derived them for the older ones
+    from the scheme JSON in their config and the zoo), equal to what the planner writes from
+    the registered scheme object of that name and the model's resolved reference; and the
+    report's own derivation for a record without facts gives the same."""
     from qbench.paths import REPO_ROOT
     from qbench.plan import cell_facts
     from qbench.quant import SCHEMES
+    from qbench.report.facts import model_facts
+    from qbench.zoo import read_zoo, resolve_model
 
-    def planner(scheme) -> dict:
-        return cell_facts(SimpleNamespace(info={}), scheme)["scheme"]
-
-    for scheme in SCHEMES.values():
-        assert facts_from_scheme_json(scheme.key_json()) == planner(scheme), scheme.name
-    seen = set()
+    zoo, refs, seen = read_zoo(), {}, set()
     for path in sorted((REPO_ROOT / "results" / "records").glob("*.json")):
         record = json.loads(path.read_text())
-        if record["scheme"] in SCHEMES and "facts" not in record:
-            assert scheme_facts(record) == planner(SCHEMES[record["scheme"]]), path.name
-            seen.add(record["scheme"])
-    assert {"fp32", "w8a8-pt", "w8a8-attn", "kv4", "nf4"} <= seen
+        assert "facts" in record, path.name
+        bare = {k: v for k, v in record.items() if k != "facts"}
+        assert {"model": model_facts(bare, zoo), "scheme": scheme_facts(bare)} == record["facts"], path.name
+        name = record["model"].split("@", 1)[0]
+        if record["scheme"] in SCHEMES and name not in seen:  # one record per model: resolving hashes weights
+            refs[name] = refs.get(name) or resolve_model(name)
+            assert cell_facts(refs[name], SCHEMES[record["scheme"]]) == record["facts"], path.name
+            seen.add(name)
+        if record["scheme"] in SCHEMES:
+            assert cell_facts(refs[name], SCHEMES[record["scheme"]])["scheme"] == record["facts"]["scheme"], path.name
+    assert len(seen) > 40
 
 
 def test_writing_the_report_imports_neither_quant_nor_modeling(tmp_path):

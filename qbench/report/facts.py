@@ -22,33 +22,17 @@ Order of the matrix (stated in its legend):
 """
 from __future__ import annotations
 
-import json
+from qbench.facts import model_facts_from_zoo, scheme_facts_from_json
 
 FAMILY_ORDER = ["tiny", "small", "bb", "pretrained"]
 BASELINE_ARM = "softmax"
 REFERENCE_GROUP, EIGHT_BIT_GROUP, LOW_BIT_GROUP, KERNEL_GROUP, UNKNOWN_GROUP = range(5)
 
 
-def facts_from_scheme_json(spec) -> dict | None:
-    """Scheme facts from a scheme's JSON (a string or its parsed dict); None when `spec` is
-    not a scheme (e.g. a bare name)."""
-    if isinstance(spec, str):
-        try:
-            spec = json.loads(spec)
-        except ValueError:
-            return None
-    if not isinstance(spec, dict) or "backend" not in spec:
-        return None
-    options = spec.get("options") or {}
-    return {"backend": spec["backend"], "weight_bits": spec.get("weight_bits"),
-            "activation_bits": spec.get("activation_bits"), "kv_bits": (options.get("kv_cache") or {}).get("bits"),
-            "attention_kernel": bool(options.get("attention_kernel"))}
-
-
 def scheme_facts(record: dict) -> dict | None:
     """The record's `facts.scheme`, else derived from its config's scheme JSON."""
     facts = (record.get("facts") or {}).get("scheme")
-    return facts if facts is not None else facts_from_scheme_json((record.get("config") or {}).get("scheme"))
+    return facts if facts is not None else scheme_facts_from_json((record.get("config") or {}).get("scheme"))
 
 
 def model_facts(record: dict, zoo: dict) -> dict | None:
@@ -56,8 +40,7 @@ def model_facts(record: dict, zoo: dict) -> dict | None:
     facts = (record.get("facts") or {}).get("model")
     if facts is not None:
         return facts
-    entry = zoo.get(record["model"].split("@", 1)[0])
-    return {"arm": entry.get("arm"), "preset": entry.get("preset")} if entry else None
+    return model_facts_from_zoo(record["model"], zoo)
 
 
 def scheme_group(facts: dict | None) -> int:
