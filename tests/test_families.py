@@ -239,7 +239,7 @@ def test_observers_see_what_the_hooks_before_them_made_and_leave_them_in_place(f
 def test_windows_start_with_bos_else_eos():
     from types import SimpleNamespace
 
-    from qbench.modeling.families import first_token_id
+    from qbench.data.tokens import first_token_id
 
     assert first_token_id(SimpleNamespace(bos_token_id=1, eos_token_id=2)) == 1
     assert first_token_id(SimpleNamespace(bos_token_id=None, eos_token_id=50256)) == 50256  # GPT-2's tokenizer

@@ -34,6 +34,9 @@ def test_layering():
             assert not {t for t in targets if t.startswith(("qbench.quant", "qbench.probes"))}, name
         if name.startswith("qbench.probes"):
             assert not {t for t in targets if t.startswith("qbench.quant")}, name
+        if name.startswith("qbench.data"):  # the bottom floor: corpora and tokens know no model
+            assert not {t for t in targets if t.startswith(("qbench.modeling", "qbench.quant", "qbench.probes",
+                                                            "qbench.eval", "qbench.plan", "qbench.bench"))}, name
 
 
 def test_no_import_circles():

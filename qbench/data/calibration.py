@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from qbench.data.corpus import load_corpus
-from qbench.data.tokens import cached_split_ids, random_windows
-from qbench.modeling.families import first_token_id
+from qbench.data.tokens import cached_split_ids, first_token_id, random_windows
 
 
 def calibration_source(corpus_spec: str, tokenizer, window: int, bigram_backcopy: bool = False):

@@ -63,3 +63,14 @@ def random_windows(ids: np.ndarray, batch_size: int, context: int, bos_id: int,
     stream = torch.from_numpy(ids.astype(np.int64))
     body = torch.stack([stream[s: s + n] for s in starts.tolist()])
     return torch.cat([torch.full((batch_size, 1), bos_id, dtype=torch.long), body], dim=1)
+
+
+def first_token_id(tokenizer) -> int | None:
+    """The token every evaluated or calibration window starts with (where sinks form):
+    the tokenizer's BOS, else its EOS (GPT-2-style tokenizers have only `<|endoftext|>`),
+    else None."""
+    for attr in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return None

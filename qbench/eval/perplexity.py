@@ -84,7 +84,7 @@ def _bos_id(tokenizer, first_token: str | None = None) -> int | None:
         if token_id is None or token_id == getattr(tokenizer, "unk_token_id", None) and first_token != tokenizer.unk_token:
             raise ValueError(f"first token {first_token!r} is not a token of this tokenizer")
         return int(token_id)
-    from qbench.modeling.families import first_token_id
+    from qbench.data.tokens import first_token_id
 
     return first_token_id(tokenizer)
 

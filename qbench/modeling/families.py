@@ -17,7 +17,7 @@ Three families, each a `Family` record of attribute paths, recognised by having 
           fused projection.
 
 Anything else is a clear error naming these.  A new family is one `Family` entry.  Every
-window starts with `first_token_id(tokenizer)` (BOS, else EOS).
+window starts with `qbench.data.tokens.first_token_id(tokenizer)` (BOS, else EOS).
 
 Paths: `layers`, `embeddings`, `final_norm` and `residual_sums` are inside the base model
 (`model.base_model`: `model.model` of a causal LM, `transformer` for GPT-2); the others
@@ -160,17 +160,6 @@ def residual_sums(model: nn.Module) -> list[str]:
         names += [f"{family.layers}.{i}.{s}" for s in (family.attention_residual, family.mlp_residual) if s]
     prefix = _name_of(model, base_model(model))
     return [_join(prefix, name) for name in names]
-
-
-def first_token_id(tokenizer) -> int | None:
-    """The token every evaluated or calibration window starts with (where sinks form):
-    the tokenizer's BOS, else its EOS (GPT-2-style tokenizers have only `<|endoftext|>`),
-    else None."""
-    for attr in ("bos_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return None
 
 
 # -- the residual stream as the transforms see it ---------------------------------------
