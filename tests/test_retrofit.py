@@ -340,3 +340,25 @@ def test_a_committed_retrofit_resolves_by_zoo_name_in_a_fresh_interpreter():
     done = subprocess.run([sys.executable, "-c", code, names[0]], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [names[0], read_zoo()[names[0]]["checkpoint_hash"]]
+
+
+def test_the_optimizer_groups_come_from_what_each_arm_declares(small_corpus, monkeypatch):
+    """A sink logit trains at `sink_lr` with the Adam epsilon it declares (1e-30, else its
+    exp(s)-scaled gradient gives no update); a parameter another normaliser declares would get
+    its own group the same way, never the base weights' decay and learning rate."""
+    from qbench.modeling import attention
+    from qbench.retrofit.recipes import trainable_names
+    from qbench.retrofit.state import build_optimizer
+
+    recipe = _recipe(small_corpus, trainable="arm+norms")
+    model = _llama()
+    install_arm(model, "sink_logit")
+    groups = {g["name"]: g for g in build_optimizer(model, trainable_names(model, "arm+norms"), recipe).param_groups}
+    sink = groups["arm:sink_logit"]
+    assert sink["eps"] == 1e-30 and sink["lr"] == recipe.sink_lr and sink["weight_decay"] == 0.0
+    assert len(sink["params"]) == model.config.num_hidden_layers
+    assert all(p.dim() == 1 for p in groups["base"]["params"])  # the norms only
+    declared = attention.ArmParameter("sink_logit", attention.per_query_head, init=0.0, neutral=-30.0, adam_eps=1e-20)
+    monkeypatch.setitem(attention.NORMALISER_PARAMETERS, "sink_logit", (declared,))
+    groups = {g["name"]: g for g in build_optimizer(model, trainable_names(model, "arm+norms"), recipe).param_groups}
+    assert groups["arm:sink_logit"]["eps"] == 1e-20

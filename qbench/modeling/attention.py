@@ -139,12 +139,15 @@ class ArmParameter:
     """A learnable tensor a normaliser reads from the attention module (`module.<name>`;
     the name is its state-dict name too).  `shape(config)` from the model's config; `init`
     its value when a model is created; `neutral` the value at which the arm computes plain
-    softmax to float32 rounding, where a retrofit into a trained model starts."""
+    softmax to float32 rounding, where a retrofit into a trained model starts.  `adam_eps`:
+    the Adam epsilon a fine-tune gives it (a sink logit's gradient scales with exp(s), about
+    1e-15 at the neutral value, so with the default 1e-8 its update would vanish)."""
 
     name: str
     shape: Callable
     init: float
     neutral: float
+    adam_eps: float = 1e-8
 
     def create(self, config, value: float, device=None, dtype=None) -> torch.nn.Parameter:
         return torch.nn.Parameter(torch.full(self.shape(config), value, device=device, dtype=dtype))
@@ -158,7 +161,7 @@ def per_query_head(config) -> tuple[int, ...]:
 # (exp(0) = 1 in the denominator); -30 is exp(-30) = 9e-14 of a row whose largest score is
 # 0 (a finite logit cannot be an exact identity; within float32 rounding, still trainable).
 NORMALISER_PARAMETERS: dict[str, tuple[ArmParameter, ...]] = {
-    "sink_logit": (ArmParameter("sink_logit", per_query_head, init=0.0, neutral=-30.0),),
+    "sink_logit": (ArmParameter("sink_logit", per_query_head, init=0.0, neutral=-30.0, adam_eps=1e-30),),
 }
 
 

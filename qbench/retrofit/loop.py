@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from qbench.retrofit.data import RetrofitData
 from qbench.retrofit.deltas import CONFIG_FILE, save_deltas
 from qbench.retrofit.recipes import RetrofitRecipe, trainable_names
-from qbench.retrofit.state import STATE_FILE, STATE_META, build_optimizer, load_state, lr_factor, save_state
+from qbench.retrofit.state import (STATE_FILE, STATE_META, arm_parameters, build_optimizer, group_peak_lr, load_state,
+                                   lr_factor, save_state)
 
 LOG_FILE = "train_log.csv"
 GATE_LOG = "gate_log.csv"
@@ -38,9 +39,10 @@ def gate_snapshot(model, batch: torch.Tensor) -> dict:
         out["gate_bos"] = float(torch.stack([g[..., 0, :].mean() for g in seen.values()]).mean())
         out["gate_others"] = float(torch.stack([g[..., 1:, :].mean() for g in seen.values()]).mean())
         out["gate_bos_min_layer"] = float(min(g[..., 0, :].mean() for g in seen.values()))
-    sinks = [m.sink_logit for _, m in layers if hasattr(m, "sink_logit")]
-    if sinks:
-        out["sink_logit_max"] = float(torch.stack([s.max() for s in sinks]).max())
+    for name in arm_parameters():  # each declared arm parameter's largest value (sink logits)
+        values = [getattr(m, name) for _, m in layers if isinstance(getattr(m, name, None), torch.Tensor)]
+        if values:
+            out[f"{name}_max"] = float(torch.stack([v.max() for v in values]).max())
     return out
 
 
@@ -105,7 +107,7 @@ def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, 
         if optimizer is None:  # the control of the gates-only recipe: nothing to train, same data
             continue
         for group in optimizer.param_groups:
-            peak = {"gates": recipe.lr, "sinks": recipe.sink_lr, "base": recipe.base_lr}[group["name"]]
+            peak = group_peak_lr(group["name"], recipe)
             group["lr"] = peak * lr_factor(step, recipe)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16"):
             loss = model(x, labels=x).loss

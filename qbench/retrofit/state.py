@@ -15,18 +15,30 @@ STATE_FILE = "retrofit_state.safetensors"
 STATE_META = "retrofit_state.json"
 
 
+def arm_parameters() -> dict:
+    """Every parameter an arm declares (qbench.modeling.attention.NORMALISER_PARAMETERS), by name."""
+    from qbench.modeling.attention import NORMALISER_PARAMETERS
+
+    return {p.name: p for declared in NORMALISER_PARAMETERS.values() for p in declared}
+
+
+def group_peak_lr(name: str, recipe: RetrofitRecipe) -> float:
+    return recipe.lr if name == "gates" else recipe.base_lr if name == "base" else recipe.sink_lr
+
+
 def build_optimizer(model, names: list[str], recipe: RetrofitRecipe) -> torch.optim.AdamW:
-    """Gates at `lr`, base weights at `base_lr` with weight decay, sink logits at `sink_lr`
-    with eps 1e-30: a sink logit's gradient scales with exp(s_h) (about 1e-15 at the
-    identity init), so with Adam's default eps its update would vanish; with a tiny eps the
-    update is sign-like and the logit can climb to where the sink matters."""
-    params = dict(model.named_parameters())
+    """Gates at `lr`, base weights at `base_lr` with weight decay, and each parameter an arm
+    declares (a sink logit) at `sink_lr` with the Adam epsilon it declares (1e-30 for a sink
+    logit: its update is then sign-like and the logit can climb to where the sink matters)."""
+    params, declared = dict(model.named_parameters()), arm_parameters()
     gates = [params[n] for n in names if ".qbench_gate." in n]
-    sinks = [params[n] for n in names if n.endswith(".sink_logit")]
-    base = [params[n] for n in names if ".qbench_gate." not in n and not n.endswith(".sink_logit")]
-    groups = [{"params": gates, "lr": recipe.lr, "weight_decay": 0.0, "name": "gates"},
-              {"params": sinks, "lr": recipe.sink_lr, "weight_decay": 0.0, "eps": 1e-30, "name": "sinks"},
-              {"params": base, "lr": recipe.base_lr, "weight_decay": recipe.weight_decay, "name": "base"}]
+    groups = [{"params": gates, "lr": recipe.lr, "weight_decay": 0.0, "name": "gates"}]
+    for pname, spec in declared.items():
+        members = [params[n] for n in names if n.rsplit(".", 1)[-1] == pname]
+        groups.append({"params": members, "lr": recipe.sink_lr, "weight_decay": 0.0, "eps": spec.adam_eps,
+                       "name": f"arm:{pname}"})
+    base = [params[n] for n in names if ".qbench_gate." not in n and n.rsplit(".", 1)[-1] not in declared]
+    groups.append({"params": base, "lr": recipe.base_lr, "weight_decay": recipe.weight_decay, "name": "base"})
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, 0.95))
 
 
