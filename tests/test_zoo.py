@@ -86,7 +86,7 @@ def test_smollm2_loads_from_its_package_and_reproduces_its_perplexity():
 def test_smollm2_probes_show_its_known_extreme_tokens():
     """REFERENCE.md section 5: 40-60% of attention on token 0 in layers 12-28 and a massive
     activation of about 23,000 in one residual channel at the first token."""
-    from qbench.eval.protocols import PROBE_SEQUENCES, resolve_protocol, task_protocol
+    from qbench.eval.protocols import resolve_protocol, task_protocol
     from qbench.eval.perplexity import protocol_windows
     from qbench.probes import run_probes
 

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from qbench.modeling.attention import ATTENTION_ARMS, attend, attend_windowed
-from qbench.modeling.hooks import attention_layers, notify_gate  # noqa: F401  attention_layers: re-exported
+from qbench.modeling.hooks import notify_gate
 from qbench.modeling.config import QBenchConfig
 
 

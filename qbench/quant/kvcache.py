@@ -154,7 +154,7 @@ class KVCacheQuantizer:
 def install_kv_cache(model: torch.nn.Module, spec: KVCacheSpec) -> dict:
     """Attach the quantizer to every attention module (qbench models directly, stock HF
     models through the attention registry); returns facts for the record."""
-    from qbench.modeling.model import attention_layers
+    from qbench.modeling.hooks import attention_layers
 
     layers = attention_layers(model)
     quantizer = KVCacheQuantizer(spec)

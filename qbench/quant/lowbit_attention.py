@@ -161,7 +161,7 @@ class LowBitAttention:
 def install_kernel(model: torch.nn.Module, kernel: LowBitAttention) -> int:
     """Attach the kernel to every attention module (ours directly, stock HF ones through the
     attention registry)."""
-    from qbench.modeling.model import attention_layers
+    from qbench.modeling.hooks import attention_layers
 
     layers = attention_layers(model)
     for _, module in layers:

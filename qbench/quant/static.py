@@ -121,7 +121,7 @@ def _is_norm(module: nn.Module) -> bool:
 def prepare_static(model: nn.Module, scheme) -> dict:
     """Swap modules and attach observers for the w8a8-pt family; returns the sites covered."""
     from qbench.modeling import families
-    from qbench.modeling.model import attention_layers
+    from qbench.modeling.hooks import attention_layers
 
     options = scheme.options
 
