@@ -534,7 +534,7 @@ def test_one_killed_worker_loses_at_most_its_cell(micro_checkpoint, tmp_path):
     pids, log = tmp_path / "pids", tmp_path / "computed.log"
     pids.mkdir()
     proc = qbench("sweep", str(suite), "--workers", "2", "--results", str(tmp_path / "store"), "--quiet",
-                  env={"QBENCH_SWEEP_PID_DIR": str(pids), "QBENCH_SWEEP_TEST_DELAY": "2",
+                  env={"QBENCH_SWEEP_PID_DIR": str(pids), "QBENCH_SWEEP_TEST_DELAY": "5",
                        "QBENCH_CACHE": str(tmp_path / "cache"), "QBENCH_COMPUTE_LOG": str(log)},
                   start_new_session=True)
 
@@ -545,13 +545,24 @@ def test_one_killed_worker_loses_at_most_its_cell(micro_checkpoint, tmp_path):
             if found:
                 return found
             time.sleep(0.1)
-        pytest.fail("timed out")
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"timed out; pid files {sorted(p.name for p in pids.iterdir())}; sweep stderr: {err[-3000:]}")
 
-    first = wait_for(lambda: sorted(pids.iterdir()))[0]
-    victim_key, victim_pid = first.name.rsplit("-", 1)
+    def running_cell(pid: str) -> str:
+        """The cell a worker was running when it was killed: its newest pid file (a starved
+        test may kill it after it finished the cell it was first seen on)."""
+        files = [p for p in pids.iterdir() if p.name.endswith(f"-{pid}")]
+        return max(files, key=lambda p: p.stat().st_mtime_ns).name.rsplit("-", 1)[0]
+
+    victim_pid = wait_for(lambda: sorted(pids.iterdir()))[0].name.rsplit("-", 1)[1]
     os.kill(int(victim_pid), signal.SIGKILL)  # once: the cell is retried
-    retry = wait_for(lambda: [p for p in pids.iterdir() if p.name.startswith(victim_key + "-") and p != first])[0]
-    os.kill(int(retry.name.rsplit("-", 1)[1]), signal.SIGKILL)  # twice: recorded as failed
+    victim_key = running_cell(victim_pid)
+    retry = wait_for(lambda: [p for p in pids.iterdir() if p.name.startswith(victim_key + "-")
+                              and not p.name.endswith(f"-{victim_pid}")])[0]
+    retry_pid = retry.name.rsplit("-", 1)[1]
+    os.kill(int(retry_pid), signal.SIGKILL)  # twice: recorded as failed
+    assert running_cell(retry_pid) == victim_key
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err[-3000:]  # a failed cell recorded, the others ran
     assert "Traceback" not in err and "BrokenProcessPool" not in err
