@@ -76,14 +76,13 @@ def _worker_init(parent: int) -> None:
 def _stop_workers(pool) -> None:
     """Cancel every queued cell and end the running ones (their records are never half
     written: the store writes atomically, and a cell's lock dies with its process)."""
-    import signal
-
     # the process list first: shutdown() drops the executor's reference to it
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
-        if process.is_alive():
-            os.kill(process.pid, signal.SIGTERM)
+        # terminate(), not os.kill(pid): the executor's manager thread may reap a worker that
+        # died meanwhile (killed from outside), and a reaped pid is ESRCH, or someone else's
+        process.terminate()
     deadline = time.time() + 5
     for process in processes:
         process.join(max(0.0, deadline - time.time()))

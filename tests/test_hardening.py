@@ -524,6 +524,27 @@ def test_a_corpus_that_is_not_a_regular_file(micro_checkpoint, tmp_path, capsys,
     assert len(err.splitlines()) == 1 and "not a regular file" in err
 
 
+def test_stopping_workers_survives_one_already_reaped():
+    """CI, stop 28: `sweep --workers 2` exited 2 with "[Errno 3] No such process" after a
+    worker was killed: the pool's stop sent SIGTERM by pid to a worker that had died and been
+    reaped meanwhile (the executor's manager thread reaps too).  Reproduced deterministically:
+    one worker killed and reaped behind the pool's back, then the pool stopped."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from qbench.sweep import _stop_workers
+
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn"))
+    assert list(pool.map(abs, [-1, -2])) == [1, 2]  # both workers started
+    victim, other = list(pool._processes.values())
+    os.kill(victim.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):  # the executor's manager thread may reap it first
+        os.waitpid(victim.pid, 0)
+    victim._popen.returncode = None  # the race's window: reaped, its Process object not yet told
+    _stop_workers(pool)  # raised ProcessLookupError before
+    assert not other.is_alive() and other.exitcode == -signal.SIGTERM
+
+
 def test_one_killed_worker_loses_at_most_its_cell(micro_checkpoint, tmp_path):
     """Issue 24.4: kill -9 of one `sweep --workers 2` worker gave BrokenProcessPool, exit 1,
     and no other cell ran.  Now: pool rebuilt, cell retried; a cell whose worker dies twice
