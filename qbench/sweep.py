@@ -88,6 +88,12 @@ def _stop_workers(pool) -> None:
         process.join(max(0.0, deadline - time.time()))
         if process.is_alive():
             process.kill()
+    # The manager thread reaps them too, and a worker it has reaped reads as alive here (exit
+    # code None) until that thread, waiting for the GIL, records its exit code: wait for every
+    # exit code (bounded), so the caller can tell which worker died of what.
+    deadline = time.time() + 5
+    while any(process.exitcode is None for process in processes) and time.time() < deadline:
+        time.sleep(0.02)
 
 
 def _pool_run(planned: PlannedCell, results_dir: str, running_dir: str, threads: int) -> dict:

@@ -528,7 +528,10 @@ def test_stopping_workers_survives_one_already_reaped():
     """CI, stop 28: `sweep --workers 2` exited 2 with "[Errno 3] No such process" after a
     worker was killed: the pool's stop sent SIGTERM by pid to a worker that had died and been
     reaped meanwhile (the executor's manager thread reaps too).  Reproduced deterministically:
-    one worker killed and reaped behind the pool's back, then the pool stopped."""
+    one worker killed and reaped behind the pool's back, then the pool stopped.  The other
+    worker's exit code must be known when the stop returns (the executor's manager thread reaps
+    workers too; reading too early saw a reaped worker as alive, exit code None, 3 in 30 runs),
+    since the sweep charges the dead cell by exit code."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
