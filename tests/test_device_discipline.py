@@ -27,6 +27,10 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "simulated cuda")
+    # torch's own accelerator queries (Adam's graph-capture check calls current_stream()) would
+    # initialise a real CUDA runtime on a CUDA build of torch (PyPI's, on Pythons without the
+    # CPU wheel): answer them as a CPU build does, no accelerator
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
     with SimulatedCuda() as sim:
         yield sim
 
