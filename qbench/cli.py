@@ -54,17 +54,15 @@ def _cmd_bench(args) -> int:
     limit = positive_int(args.limit, "--limit")
     task_limit = positive_int(args.task_limit, "--task-limit")
     seeds = seed_list(args.calibration_seeds, "--calibration-seeds")
-    if args.allow_modified:
-        import os
-
-        os.environ["QBENCH_ALLOW_MODIFIED"] = "1"
     from qbench.device import resolve_device
+    from qbench.zoo import allowing_modified
 
     device = resolve_device(args.device)
     store = ResultStore(args.results)
-    records = run_bench(models, schemes, tasks, store, limit=limit, force=args.force, progress=not args.quiet,
-                        corpus=args.corpus, calibration_seeds=seeds, task_limit=task_limit,
-                        first_token=args.first_token, device=device)
+    with allowing_modified(args.allow_modified):
+        records = run_bench(models, schemes, tasks, store, limit=limit, force=args.force, progress=not args.quiet,
+                            corpus=args.corpus, calibration_seeds=seeds, task_limit=task_limit,
+                            first_token=args.first_token, device=device)
     # delta-ppl against the fp32 record of the same model and protocol, from this call or the store
     have = {(r["model"], r["protocol"]) for r in records if r["scheme"] == "fp32" and r["task"] == "ppl"}
     wanted = {(r["model"], r["protocol"]) for r in records if r["task"] == "ppl"} - have

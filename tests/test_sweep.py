@@ -185,7 +185,7 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_the_local_executor(tmp_p
         while time.time() < deadline and not killed:
             files = sorted(pid_dir.iterdir())
             if files:
-                pid = int(files[0].read_text())
+                pid = int(files[0].name.rsplit("-", 1)[1])  # the name: its content may not be written yet
                 os.kill(pid, signal.SIGKILL)
                 killed.append(files[0].name)
                 return

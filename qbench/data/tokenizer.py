@@ -1,6 +1,8 @@
 """Byte-level BPE trained on a corpus' training split, wrapped for transformers."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -61,5 +63,18 @@ def cached_bpe_tokenizer(documents: list[str], vocab_size: int, data_hash: str) 
     if (folder / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(folder)
     tokenizer = train_bpe_tokenizer(documents, vocab_size)
-    tokenizer.save_pretrained(folder)
+    # saved beside, then renamed into place: a trainer sharing the cache never loads a folder
+    # that is still being written (tokenizer.json there, tokenizer_config.json not yet)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        tokenizer.save_pretrained(staging)
+        if folder.exists() and not (folder / "tokenizer.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a partial folder left by an older version
+        try:
+            staging.rename(folder)
+        except OSError:  # another process put the same tokenizer (same data, same size) there first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return tokenizer
