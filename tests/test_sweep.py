@@ -150,7 +150,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_cluster(tmp_path):
+def ray_cluster(tmp_path, monkeypatch):
     """A head node and one extra worker node on this machine, one CPU each."""
     pytest.importorskip("ray")
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -162,7 +162,7 @@ def ray_cluster(tmp_path):
     try:
         subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
                         *common], check=True, env=env, capture_output=True, timeout=180)
-        os.environ["RAY_AUTH_MODE"] = "disabled"
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for this test's driver only
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
