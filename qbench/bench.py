@@ -16,7 +16,7 @@ from qbench.eval.lm_eval_tasks import run_lm_eval, task_metrics
 from qbench.eval.perplexity import protocol_windows
 from qbench.eval.protocols import PROBE_SEQUENCES, is_lm_eval_task, lm_eval_spec
 from qbench.eval.reference import FPReference
-from qbench.plan import PlannedCell, cell_facts, plan_cells
+from qbench.plan import PlannedCell, cell_facts, last_uses, plan_cells
 from qbench.probes import run_probes
 from qbench.quant import quantize
 from qbench.results import ResultStore, git_sha, library_versions, machine, validate_record
@@ -159,12 +159,15 @@ def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False
 def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: ResultStore,
               limit: int | None = None, force: bool = False, progress: bool = True,
               corpus: str | None = None, calibration_seeds: list[int] | None = None,
-              task_limit: int | None = None, first_token: str | None = None, device=None) -> list[dict]:
+              task_limit: int | None = None, first_token: str | None = None, device=None,
+              verify: bool = True) -> list[dict]:
     """Run every missing cell of models x schemes (x calibration seeds) x tasks in this
     process; returns all their records.  `task_limit` caps the items of each lm-eval task
-    (BLiMP: fixed at BLIMP_ITEMS_PER_SUBTASK per subtask)."""
+    (BLiMP: fixed at BLIMP_ITEMS_PER_SUBTASK per subtask); `verify=False` accepts modified
+    zoo checkpoints (plan_cells)."""
     store.check_writable()
-    planned = plan_cells(models, schemes, tasks, limit, corpus, calibration_seeds, task_limit, first_token)
+    planned = plan_cells(models, schemes, tasks, limit, corpus, calibration_seeds, task_limit, first_token,
+                         verify=verify)
     return run_cells(planned, store, force, progress, device)
 
 
@@ -179,14 +182,14 @@ def run_cells(planned: list[PlannedCell], store: ResultStore, force: bool = Fals
 
         check_devices([p.cell.scheme for p in planned], torch.device(device))
     records: dict[int, dict] = {}
-    last_use = {id(item.model_ref): index for index, item in enumerate(planned)}
+    last = last_uses(planned)
     bar = tqdm(total=len(planned), desc="cells", disable=not progress)
     busy = []  # cells another process is computing: come back to them at the end
     for index, item in enumerate(planned):
         bar.set_postfix_str(f"{item.cell.model} {item.cell.scheme.name} {item.cell.task}")
         record = run_planned(item, store, progress, force, wait=False, device=device)
-        if last_use[id(item.model_ref)] == index:
-            item.model_ref.unload()  # its last cell here: a long plan does not hold every model it ran
+        if index in last:
+            item.model_ref.unload()
         if record is None:
             busy.append(index)
             continue

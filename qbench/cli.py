@@ -55,14 +55,12 @@ def _cmd_bench(args) -> int:
     task_limit = positive_int(args.task_limit, "--task-limit")
     seeds = seed_list(args.calibration_seeds, "--calibration-seeds")
     from qbench.device import resolve_device
-    from qbench.zoo import allowing_modified
 
     device = resolve_device(args.device)
     store = ResultStore(args.results)
-    with allowing_modified(args.allow_modified):
-        records = run_bench(models, schemes, tasks, store, limit=limit, force=args.force, progress=not args.quiet,
-                            corpus=args.corpus, calibration_seeds=seeds, task_limit=task_limit,
-                            first_token=args.first_token, device=device)
+    records = run_bench(models, schemes, tasks, store, limit=limit, force=args.force, progress=not args.quiet,
+                        corpus=args.corpus, calibration_seeds=seeds, task_limit=task_limit,
+                        first_token=args.first_token, device=device, verify=not args.allow_modified)
     # delta-ppl against the fp32 record of the same model and protocol, from this call or the store
     have = {(r["model"], r["protocol"]) for r in records if r["scheme"] == "fp32" and r["task"] == "ppl"}
     wanted = {(r["model"], r["protocol"]) for r in records if r["task"] == "ppl"} - have

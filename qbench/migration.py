@@ -15,17 +15,15 @@ as a record, or whose key does not match its content, is quarantined with a one-
 reason, never guessed at."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qbench.facts import model_facts_from_zoo, scheme_facts_from_json
 from qbench.quant.handlers import PROSE_FIELDS
-from qbench.quant.scheme import key_json
-from qbench.results import ResultStore, cell_key, read_record_bytes, validate_record
+from qbench.quant.scheme import key_json, scheme_hash
+from qbench.results import ResultStore, cell_key, validate_record
 
-SCHEME_HASH_CHARS = 16  # as Scheme.hash()
 # options that never changed a result, by options["method"]: dropped from stored schemes
 DROPPED_OPTIONS = {"gptq": ("block_size",)}
 
@@ -40,17 +38,6 @@ class MigrationReport:
     def summary(self) -> str:
         return (f"{len(self.migrated)} record(s) migrated, {self.current} already current "
                 f"({self.facts_added} given their facts), {len(self.quarantined)} quarantined")
-
-
-def _load(path: Path) -> tuple[dict | None, str | None]:
-    data, why = read_record_bytes(path)
-    if why is not None:
-        return None, why
-    try:
-        record = json.loads(data)
-    except (RecursionError, UnicodeDecodeError, ValueError) as err:
-        return None, f"not valid JSON ({type(err).__name__})"
-    return (record, None) if isinstance(record, dict) else (None, "not a JSON object")
 
 
 def _stored_scheme(record: dict) -> dict | None:
@@ -82,7 +69,7 @@ def migrate_record(record: dict) -> dict:
         raise ValueError("config.scheme is not the JSON of a scheme")
     new_scheme = key_json(todays_scheme(scheme))
     config = {**record["config"], "scheme": new_scheme,
-              "scheme_hash": hashlib.sha256(new_scheme.encode()).hexdigest()[:SCHEME_HASH_CHARS]}
+              "scheme_hash": scheme_hash(new_scheme)}
     key = cell_key(config)
     return {**record, "key": key, "config": config, "migrated_from": record["key"]}
 
@@ -117,11 +104,8 @@ def migrate_store(results: Path | str, zoo: dict | None = None) -> MigrationRepo
     store = ResultStore(Path(results))
     report = MigrationReport()
     for path in sorted(store.records_dir.glob("*.json")):
-        record, why = _load(path)
+        record, why = store.read_file(path)  # parsed and validated, as every reader of the store does
         if record is None:
-            _quarantine(store, path, why, report)
-            continue
-        if (why := validate_record(record, path.stem)) is not None:
             _quarantine(store, path, why, report)
             continue
         if is_current(record):
@@ -140,7 +124,7 @@ def migrate_store(results: Path | str, zoo: dict | None = None) -> MigrationRepo
             continue
         target = store.path(new["key"])
         if target.exists():
-            held, _ = _load(target)
+            held, _ = store.read_file(target)
             if held != new:  # another record computes the same cell: keep the first, set this one aside
                 _quarantine(store, path, f"its new key {new['key']} is held by another record", report)
                 continue

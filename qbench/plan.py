@@ -46,6 +46,12 @@ class PlannedCell:
     task_limit: int | None = None
 
 
+def last_uses(cells: list[PlannedCell]) -> set[int]:
+    """The indices of the cells after which each planned model is used no more (a runner
+    unloads it there: a long plan does not hold every model it ran)."""
+    return set({id(cell.model_ref): index for index, cell in enumerate(cells)}.values())
+
+
 def scheme_variants(scheme: Scheme | str, calibration_seeds: list[int] | None) -> list[Scheme]:
     """The scheme, or one variant per calibration seed for calibrated schemes."""
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
@@ -97,11 +103,12 @@ def expand_models(models: list[str]) -> list[str]:
 def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str], limit: int | None = None,
                corpus: str | None = None, calibration_seeds: list[int] | None = None,
                task_limit: int | None = None, first_token: str | None = None,
-               cache: dict | None = None) -> list[PlannedCell]:
+               cache: dict | None = None, verify: bool = True) -> list[PlannedCell]:
     """Every cell of models x schemes (x calibration seeds) x tasks, keyed; nothing runs.
     Downstream (lm-eval) tasks are left out for Bigram-Backcopy models, whose vocabulary
     is 48 characters of a synthetic task.  `cache`: model references and data hashes
-    shared by several calls (the stages of one suite)."""
+    shared by several calls (the stages of one suite).  `verify=False`: zoo models whose
+    checkpoint differs from models/zoo.yaml's hash are accepted (`--allow-modified`)."""
     cache = {} if cache is None else cache
     models = expand_models(models)
     resolved = [get_scheme(s) if isinstance(s, str) else s for s in schemes]  # fail before any work on a typo
@@ -110,7 +117,7 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
     planned = []
     for model_name in models:
         if ("model", model_name) not in cache:
-            cache["model", model_name] = resolve_model(model_name)  # weights load only if a cell is missing
+            cache["model", model_name] = resolve_model(model_name, verify=verify)  # weights load only if a cell is missing
         ref = cache["model", model_name]
         protocol = resolve_protocol(ref, limit, corpus, first_token)
         data = ("data", protocol.corpus, protocol.kind, protocol.split)

@@ -303,7 +303,7 @@ class ResultStore:
     def path(self, key: str) -> Path:
         return self.records_dir / f"{key}.json"
 
-    def _read(self, path: Path) -> tuple[dict | None, str | None]:
+    def read_file(self, path: Path) -> tuple[dict | None, str | None]:
         """(record, None) if the file holds a valid record, else (None, why)."""
         data, why = read_record_bytes(path)
         if why is not None:
@@ -323,7 +323,7 @@ class ResultStore:
         path = self.path(key)
         if not os.path.lexists(path):  # lexists: a dangling symlink is still quarantined
             return None
-        record, why = self._read(path)
+        record, why = self.read_file(path)
         if why is not None and why != "missing":
             self.quarantine(path, why)
         return record
@@ -390,5 +390,5 @@ class ResultStore:
 
     def corrupt(self) -> list[Path]:
         """Invalid record files still in the store (not yet quarantined; nothing is moved)."""
-        return [p for p in sorted(self.records_dir.glob("*.json")) if self._read(p)[1] not in (None, "missing")]
+        return [p for p in sorted(self.records_dir.glob("*.json")) if self.read_file(p)[1] not in (None, "missing")]
 

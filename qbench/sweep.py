@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from qbench.plan import PlannedCell, Suite, SuiteError, plan_suite
+from qbench.plan import PlannedCell, Suite, SuiteError, last_uses, plan_suite
 from qbench.registry import closest
 
 EXECUTORS = ("local", "ray")
@@ -150,12 +150,12 @@ def run_local(cells: list[PlannedCell], results_dir: str, workers: int = 1, prog
     from tqdm.auto import tqdm
 
     if workers <= 1:
-        last_use = {id(c.model_ref): index for index, c in enumerate(cells)}
+        last = last_uses(cells)
         out = []
         for index, cell in enumerate(tqdm(cells, desc="cells", disable=not progress)):
             out.append(run_planned_cell(cell, results_dir, threads))
-            if last_use[id(cell.model_ref)] == index:
-                cell.model_ref.unload()  # its last cell: a long suite does not hold every model it ran
+            if index in last:
+                cell.model_ref.unload()
         return out
     import multiprocessing as mp
     import shutil

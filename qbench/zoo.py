@@ -6,7 +6,6 @@ Face causal LM folder works too: pass its path.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -147,10 +146,10 @@ def _load_gguf(name: str, path: Path, entry: dict) -> LoadedModel:
     return LoadedModel(name, model.eval(), tokenizer, file_hash([path]), entry)
 
 
-# Folders of other kinds, found by a marker file and described by their own module (which
-# registers itself, so the zoo imports none of them): marker -> (name, folder, entry) -> ModelRef.
-# An entry may name its function as "module:function", imported when a folder of that kind
-# is first met (lm-eval's lazy registration), so `import qbench` needs none of them loaded.
+# Folders of other kinds, found by a marker file and described by their own module:
+# marker -> (name, folder, entry) -> ModelRef.  An entry may name its function as
+# "module:function", imported when a folder of that kind is first met (lm-eval's lazy
+# registration), so `import qbench` needs none of them loaded; register_folder_kind adds one.
 FOLDER_KINDS: dict[str, object] = {"retrofit.json": "qbench.retrofit.deltas:retrofit_ref"}
 
 
@@ -270,22 +269,6 @@ def _check_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path} is truncated or padded: header promises {8 + header_len + end} bytes, "
                               f"file has {size}")
     return header
-
-
-@contextlib.contextmanager
-def allowing_modified(allow: bool):
-    """`qbench bench --allow-modified` for one call only: `main()` called as a library (or
-    by a test) must not leave zoo checksum checks off for the rest of the process."""
-    previous = os.environ.get("QBENCH_ALLOW_MODIFIED")
-    if allow:
-        os.environ["QBENCH_ALLOW_MODIFIED"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("QBENCH_ALLOW_MODIFIED", None)
-        else:
-            os.environ["QBENCH_ALLOW_MODIFIED"] = previous
 
 
 def resolve_model(name_or_path: str, verify: bool = True) -> ModelRef:

@@ -93,7 +93,7 @@ def _check(poisoned: list, commands: list[list[str]]):
     with tempfile.TemporaryDirectory() as folder:
         store = ResultStore(Path(folder) / "results")
         paths = _write(store, poisoned)
-        verdicts = {p.name: store._read(p)[1] for p in paths}  # never raises
+        verdicts = {p.name: store.read_file(p)[1] for p in paths}  # never raises
         assert all(why is None or (isinstance(why, str) and "\n" not in why and len(why) < 400)
                    for why in verdicts.values())
         # what `bench` reads: each cell's record, then the stored fp32 rows for its delta table

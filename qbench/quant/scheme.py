@@ -51,7 +51,7 @@ class Scheme:
 
     def hash(self) -> str:
         """Stable across processes and machines: sha256 of the key JSON."""
-        return hashlib.sha256(self.key_json().encode()).hexdigest()[:16]
+        return scheme_hash(self.key_json())
 
     def __hash__(self) -> int:  # options is a dict: hash by the canonical JSON instead
         return hash(self.to_json())
@@ -86,6 +86,11 @@ def key_json(fields: dict) -> str:
     """The key JSON of a scheme given as a dict of its fields (a record's stored form too)."""
     return json.dumps({k: v for k, v in fields.items() if k not in PROSE_FIELDS}, sort_keys=True,
                       separators=(",", ":"))
+
+
+def scheme_hash(key_json_text: str) -> str:
+    """A record's scheme_hash: the first 16 hex digits of the key JSON's sha256."""
+    return hashlib.sha256(key_json_text.encode()).hexdigest()[:16]
 
 
 SCHEMES: dict[str, Scheme] = {}
