@@ -3,6 +3,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The real int8 path's quantize / rescale passes run eager in tests (the compiled ones are
+# the same numbers, checked in test_int8_gemm.py once; compiling costs seconds per process).
+os.environ.setdefault("QBENCH_INT8_FUSION", "eager")
 # Under pytest-xdist (`make test`: one worker per core) each worker and every process it
 # starts computes on one thread: two workers of two threads each on two cores oversubscribe,
 # and OpenMP's spinning threads then slow a test many times over.

@@ -30,7 +30,8 @@ import warnings
 
 import torch
 
-CANDIDATES = ("fbgemm", "x86", "onednn", "fp32-exact")
+CANDIDATES = ("onednn-qlinear", "onednn-qlinear-u8", "fbgemm", "x86", "onednn", "fp32-exact")
+QLINEAR = ("onednn-qlinear", "onednn-qlinear-u8")
 EXACT_FP32_K = 1024
 _choice: str | None = None
 
@@ -47,8 +48,9 @@ def cpu_signature() -> dict:
     except OSError:
         pass
     relevant = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni", "fma"))
+    # the candidate list is part of the key: a cache written before a kernel existed is not reused
     return {"cpu": model, "flags": relevant, "capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "candidates": list(CANDIDATES)}
 
 
 def _signature_key(signature: dict) -> str:
@@ -56,14 +58,23 @@ def _signature_key(signature: dict) -> str:
 
 
 class Int8Gemm:
-    """One layer's int8 weights prepared for one kernel; `__call__(x_codes) -> acc * s_w`
-    as float32 (N, out), x_codes a float tensor of int8 codes (N, in)."""
+    """One layer's int8 weights prepared (packed once) for one kernel; `__call__(x_codes) ->
+    acc * s_w` as float32 (N, out).  x_codes (N, in) are the int8 codes, best given already
+    in `input_dtype` with `zero_point` added (what the kernel reads: int8, uint8 + 128, or
+    float codes); codes of another dtype are converted first (one more pass)."""
 
     def __init__(self, kernel: str, weight_codes: torch.Tensor, weight_scale: torch.Tensor):
         self.kernel = kernel
-        self.weight_scale = weight_scale.float()
+        self.weight_scale = weight_scale.float().contiguous()
         self.out_features, self.in_features = weight_codes.shape
-        if kernel in ("fbgemm", "x86"):
+        self.input_dtype, self.zero_point = torch.int8, 0
+        if kernel in QLINEAR:
+            if kernel == "onednn-qlinear-u8":
+                self.input_dtype, self.zero_point = torch.uint8, 128
+            self.packed = torch.ops.onednn.qlinear_prepack(weight_codes.to(torch.int8).contiguous(), None)
+            self.weight_zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+        elif kernel in ("fbgemm", "x86"):
+            self.input_dtype = torch.float32
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch deprecates quantized tensor creation, not the kernels
                 with _engine(kernel):
@@ -78,16 +89,23 @@ class Int8Gemm:
         elif kernel == "onednn":
             self.weight_t = weight_codes.to(torch.int8).t()  # column-major right operand: oneDNN's fast layout
         elif kernel == "fp32-exact":
+            self.input_dtype = torch.float32
             self.weight_t = weight_codes.float().t().contiguous()
         else:
             raise ValueError(f"unknown int8 kernel {kernel!r}; choose one of {CANDIDATES}")
 
     def __call__(self, x_codes: torch.Tensor) -> torch.Tensor:
+        if x_codes.dtype != self.input_dtype:
+            x_codes = (x_codes.to(torch.int16) + self.zero_point if self.zero_point else x_codes).to(self.input_dtype)
+        if self.kernel in QLINEAR:
+            return torch.ops.onednn.qlinear_pointwise(
+                x_codes.contiguous(), 1.0, self.zero_point, self.packed, self.weight_scale, self.weight_zero_points,
+                None, 1.0, 0, torch.float32, "none", [], "")
         if self.kernel in ("fbgemm", "x86"):
             with _engine(self.kernel):
                 return torch.ops.quantized.linear_dynamic(torch.cat([x_codes, self.pad]), self.packed, False)[:-1]
         if self.kernel == "onednn":
-            return torch._int_mm(x_codes.to(torch.int8), self.weight_t).float() * self.weight_scale
+            return torch._int_mm(x_codes, self.weight_t).float() * self.weight_scale
         acc = None
         for start in range(0, self.in_features, EXACT_FP32_K):
             part = x_codes[:, start:start + EXACT_FP32_K] @ self.weight_t[start:start + EXACT_FP32_K]
@@ -112,6 +130,8 @@ class _engine:
 def available(kernel: str) -> bool:
     if kernel in ("fbgemm", "x86"):
         return kernel in torch.backends.quantized.supported_engines
+    if kernel in QLINEAR:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
     return True
 
 
@@ -138,13 +158,24 @@ def exactness_error(kernel: str, n_in: int = 1600, n_out: int = 48, tokens: int 
 EXACT_TOLERANCE = 4 * 2.0**-24
 
 
+# A kernel that is exact but falls back to a reference loop (oneDNN's s8 x s8 qlinear
+# without AMX took 6.2 s for 256 rows) is not timed at full size: one 64-row call of each
+# shape first, and a kernel slower than this per call is dropped from the choice.
+PROBE_ROWS, PROBE_LIMIT_S = 64, 0.25
+
+
 def _time(kernel: str, shapes, tokens: int, repeats: int) -> float:
     total = 0.0
     for n_in, n_out in shapes:
         generator = torch.Generator().manual_seed(1)
         w = torch.randint(-127, 128, (n_out, n_in), generator=generator).to(torch.int8)
         gemm = Int8Gemm(kernel, w, torch.full((n_out,), 0.01))
-        x = torch.randint(-127, 128, (tokens, n_in), generator=generator).float()
+        x = torch.randint(-127, 128, (tokens, n_in), generator=generator).to(torch.int16)
+        x = (x + gemm.zero_point).to(gemm.input_dtype)  # the codes as the kernel reads them
+        start = time.perf_counter()
+        gemm(x[:PROBE_ROWS])
+        if time.perf_counter() - start > PROBE_LIMIT_S:
+            return float("inf")
         gemm(x)
         times = []
         for _ in range(repeats):
@@ -172,8 +203,11 @@ def measure(tokens: int = 512, repeats: int = 5, shapes=None) -> dict:
             out[kernel] = {"available": False, "error_message": f"{type(err).__name__}: {str(err)[:200]}"}
             continue
         exact = error <= EXACT_TOLERANCE
+        seconds = _time(kernel, shapes, tokens, repeats) if exact else None
         out[kernel] = {"available": True, "exact": exact, "max_rel_error": error,
-                       "seconds": _time(kernel, shapes, tokens, repeats) if exact else None}
+                       "seconds": seconds if seconds != float("inf") else None}
+        if seconds == float("inf"):
+            out[kernel]["too_slow"] = f"one {PROBE_ROWS}-row call took over {PROBE_LIMIT_S} s (a reference loop)"
     return out
 
 
@@ -207,7 +241,7 @@ def choose(refresh: bool = False, shape: tuple[int, int] | None = None) -> str:
         entry = cached.get(key)
         if entry is None or refresh:
             measured = measure()
-            timed = {k: v["seconds"] for k, v in measured.items() if v.get("exact")}
+            timed = {k: v["seconds"] for k, v in measured.items() if v.get("exact") and v.get("seconds")}
             entry = {"signature": signature, "kernel": min(timed, key=timed.get), "candidates": measured,
                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             cached[key] = entry
@@ -235,9 +269,11 @@ def _choose_for_shape(shape: tuple[int, int], refresh: bool) -> str:
         shapes = entry.setdefault("by_shape", {})
         label = f"{shape[0]}x{shape[1]}"
         if label not in shapes or refresh:
-            exact = [k for k, v in entry.get("candidates", {}).items() if v.get("exact")] or ["fp32-exact"]
+            exact = [k for k, v in entry.get("candidates", {}).items()
+                     if v.get("exact") and v.get("seconds")] or ["fp32-exact"]
             timed = {k: _time(k, [shape], 512, 5) for k in exact}
-            shapes[label] = {"kernel": min(timed, key=timed.get), "seconds": timed}
+            shapes[label] = {"kernel": min(timed, key=timed.get),
+                             "seconds": {k: (v if v != float("inf") else None) for k, v in timed.items()}}
             atomic_write_text(path, json.dumps(cached, indent=1))
     _by_shape[shape] = shapes[label]["kernel"]
     return _by_shape[shape]

@@ -71,14 +71,20 @@ class DynamicQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (..., in)
         x2 = x.reshape(-1, shape[-1]).float()
-        # (N, 1): one per token, or (): one for the whole call
-        x_scale = symmetric_scale(x2, self.activation_bits, dim=ACTIVATION_SCALE_DIM[self.activation_granularity])
-        x_codes = quantize_symmetric(x2, x_scale, self.activation_bits)
         if self.int8_matmul:
-            y = self.gemm(x_codes) * x_scale  # (N, out): X_q W_q^T s_w, then the per-token scales
-            if self.bias is not None:
-                y = y + self.bias
+            from qbench.quant.int8_fused import quantizer, rescaler
+
+            # the simulated path's float operations, fused where exact: codes in the dtype the
+            # kernel reads, scale (N, 1) per token or () per call
+            quantize_rows, _ = quantizer(self.activation_granularity == "per_token", self.gemm.zero_point,
+                                         self.gemm.input_dtype)
+            rescale, _ = rescaler(self.bias is not None)
+            x_codes, x_scale = quantize_rows(x2)
+            y = rescale(self.gemm(x_codes), x_scale, self.bias)  # (N, out): (X_q W_q^T s_w) s_x + b
         else:
+            # (N, 1): one per token, or (): one for the whole call
+            x_scale = symmetric_scale(x2, self.activation_bits, dim=ACTIVATION_SCALE_DIM[self.activation_granularity])
+            x_codes = quantize_symmetric(x2, x_scale, self.activation_bits)
             y = F.linear(x_codes * x_scale, self.weight, self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
@@ -86,6 +92,17 @@ class DynamicQuantLinear(nn.Module):
         path = f"int8 matmul ({self.kernel})" if self.int8_matmul else "simulated"
         return (f"{self.in_features}->{self.out_features}, W{self.weight_bits} {self.weight_granularity} "
                 f"A{self.activation_bits} {self.activation_granularity} {path}")
+
+
+def _fusion_used(model: nn.Module) -> str:
+    """Which quantize / rescale passes the model's int8 layers run (compiled where exact):
+    decided now, on one layer's specialisation, the same for every layer of the model."""
+    from qbench.quant.int8_fused import quantizer, rescaler
+
+    layer = next(m for m in model.modules() if isinstance(m, DynamicQuantLinear) and m.int8_matmul)
+    modes = {quantizer(layer.activation_granularity == "per_token", layer.gemm.zero_point,
+                       layer.gemm.input_dtype)[1], rescaler(layer.bias is not None)[1]}
+    return " + ".join(sorted(modes))
 
 
 def _check(scheme) -> None:
@@ -132,6 +149,7 @@ def apply_dynamic(model: nn.Module, scheme, calibration=None) -> dict:
         used = sorted(set(kernels.values()))
         facts["int8_kernel"] = used[0] if len(used) == 1 else "+".join(used)
         facts["int8_kernel_by_shape"] = {f"{i}x{o}": k for (i, o), k in sorted(kernels.items())}
+        facts["int8_fusion"] = _fusion_used(model)  # quantize and rescale passes: compiled or eager (why)
     kernel_options = scheme.options.get("attention_kernel")
     if kernel_options:
         from qbench.quant.lowbit_attention import LowBitAttention, install_kernel

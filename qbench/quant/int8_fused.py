@@ -1,0 +1,118 @@
+"""The passes around the real int8 GEMM: per-token activation quantization before it and
+the per-token rescale plus bias after it, fused by torch.compile where that reproduces the
+eager arithmetic bit for bit.
+
+Eager, each is three to four passes over the activations with fresh buffers (at SmolLM2's
+shapes they cost as much as the int8 GEMM itself); inductor's C++ code does each in one
+vectorised pass.  The compiled functions are the same float operations (IEEE division,
+round-half-even, no contraction into FMAs), so the codes, scales and outputs are identical
+to the eager ones; that is checked once per process on adversarial rows (ties at .5,
+zero rows, +-max), and any mismatch or compile failure falls back to eager.
+QBENCH_INT8_FUSION=eager|compiled forces one; cells record which ran (`int8_fusion`).
+
+torch.compile is the maintained route (no hand-written C++ to build and keep): a custom
+kernel would save only the compile time, about 5-10 s on the first call of a process.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+QMAX = 127
+MODES = ("compiled", "eager")
+
+
+def quantize_rows(x: torch.Tensor, per_token: bool, zero_point: int, dtype: torch.dtype):
+    """x (N, K) float32 -> codes (N, K) in `dtype` (+ zero_point), scale (N, 1) or ():
+    the same operations as qbench.quant.simulated.symmetric_scale / quantize_symmetric."""
+    amax = x.abs().amax(dim=1, keepdim=True) if per_token else x.abs().amax()
+    scale = amax.clamp_min(1e-8) / QMAX
+    codes = torch.clamp(torch.round(x / scale), -QMAX, QMAX)
+    if zero_point:
+        codes = codes + zero_point
+    return codes.to(dtype), scale
+
+
+def rescale(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(acc s_w) s_x + b, in this order (as the simulated path rounds it)."""
+    y = y * scale
+    return y if bias is None else y + bias
+
+
+def _adversarial_rows() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 200, generator=generator) * 3
+    x[0] = 0.0  # a zero row: the clamp_min floor
+    x[1, :] = torch.arange(200) * 0.5 - 50  # exact halves after scaling: ties round to even
+    x[1, 0] = 127.0
+    x[2] *= 1e6
+    x[3, ::3] = -x[3].abs().max()
+    return x
+
+
+def quantize_mismatch(candidate, per_token: bool, zero_point: int, dtype: torch.dtype) -> str | None:
+    """None when `candidate` gives quantize_rows' codes and scales bit for bit on adversarial
+    rows of two shapes (the second exercises a compiled function's dynamic-shape code)."""
+    x = _adversarial_rows()
+    ties = (torch.arange(-254, 255) * 0.5).reshape(1, -1)  # max 127: scale exactly 1, every .5 a tie
+    for rows in (x, x[:5, :64], ties):
+        want, got = quantize_rows(rows, per_token, zero_point, dtype), candidate(rows)
+        if not (torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])):
+            return f"quantization differs from eager (per_token={per_token}, zero point {zero_point}, {dtype})"
+    return None
+
+
+def rescale_mismatch(candidate, with_bias: bool) -> str | None:
+    x = _adversarial_rows()
+    for rows in (x, x[:5, :64]):
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / QMAX
+        bias = torch.linspace(-3, 3, rows.shape[1]) if with_bias else None
+        if not torch.equal(rescale(rows * 0.37, scale, bias), candidate(rows * 0.37, scale, bias)):
+            return "rescale differs from eager"
+    return None
+
+
+def _mode() -> str:
+    forced = os.environ.get("QBENCH_INT8_FUSION", "compiled")
+    if forced not in MODES:
+        raise ValueError(f"QBENCH_INT8_FUSION={forced!r}: choose one of {MODES}")
+    return forced
+
+
+_cache: dict = {}
+
+
+def _compiled(key, build, check) -> tuple:
+    """(function, mode) for one specialisation: compiled and checked once per process."""
+    if key not in _cache:
+        try:
+            fn = torch.compile(build(), fullgraph=True, dynamic=None)
+            with torch.no_grad():
+                reason = check(fn)
+        except Exception as err:  # noqa: BLE001  no compiler, an inductor bug: the eager passes still work
+            reason = f"torch.compile failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+        _cache[key] = (fn, "compiled") if reason is None else (None, f"eager ({reason})")
+    return _cache[key]
+
+
+def quantizer(per_token: bool, zero_point: int, dtype: torch.dtype) -> tuple:
+    """(x -> (codes, scale), mode): compiled when exact here, else the eager passes."""
+    eager = functools.partial(quantize_rows, per_token=per_token, zero_point=zero_point, dtype=dtype)
+    if _mode() == "eager":
+        return eager, "eager"
+    fn, mode = _compiled(("quantize", per_token, zero_point, dtype),
+                         lambda: functools.partial(quantize_rows, per_token=per_token, zero_point=zero_point,
+                                                   dtype=dtype),
+                         lambda fn: quantize_mismatch(fn, per_token, zero_point, dtype))
+    return (fn or eager), mode
+
+
+def rescaler(with_bias: bool) -> tuple:
+    """((y, scale, bias) -> y s + b, mode)."""
+    if _mode() == "eager":
+        return rescale, "eager"
+    fn, mode = _compiled(("rescale", with_bias), lambda: functools.partial(rescale),
+                         lambda fn: rescale_mismatch(fn, with_bias))
+    return (fn or rescale), mode
