@@ -1,28 +1,42 @@
-"""Speed of the quantized paths relative to fp32, measured in the same run (`make perf`).
+"""Speed of the quantized paths, measured in the same run (`make perf`), at 1 and 2 threads.
 
-Prints, as throughput ratios (fp32 time / path time; > 1 means faster than fp32):
-  - the real int8 W8A8 linear under every exact int8 kernel (qbench.quant.int8_gemm:
-    fbgemm / x86 engines, oneDNN _int_mm, the exact fp32 fallback) and the simulated one,
-    at the tiny zoo's and SmolLM2-135M's linear shapes;
-  - whole-model forwards (tiny-vga, smollm2-135m) under the real int8 scheme
-    (w8a8-dyn-int8, the machine's chosen kernel) against fp32;
-  - the low-precision attention kernel vs fp32 eager attention at T = 256 and 1024;
-  - bitsandbytes (LLM.int8, NF4) and optimum-quanto (qint8 W8A8) linears.
-Timings are medians of repeated runs after a warm-up; the CPU and thread count are printed
-because the int8 results depend on the instruction set (AVX-512 VNNI / AMX or not).
+Every row is a path timed against two baselines measured right before it on the same
+input: the fp32 linear (or forward) and its bf16 twin (the baseline users of AMX / AVX-512
+BF16 machines compare against).  Ratios are throughput, baseline time / path time (> 1:
+faster).  Rows:
+  - linears at SmolLM2-135M's four shapes and the tiny zoo's two (2,048 rows): qbench's real
+    int8 W8A8 layer (the kernel and fused passes a cell runs here, and every other exact
+    kernel), the simulated layer, optimum-quanto's W8A8, torchao's int8 dynamic W8A8,
+    bitsandbytes LLM.int8 and NF4, and the machine's int8 ceiling: the packed int8 GEMM
+    alone on ready codes (no activation quantization, no rescale);
+  - whole forwards (tiny-vga, smollm2-135m) in bf16 and under w8a8-dyn-int8;
+  - the low-precision attention kernel against fp32 eager attention at T = 256 and 1024;
+  - one whole perplexity cell (smollm2-135m, w8a8-dyn-int8) against a bare fp32 forward over
+    the same windows.
+Timings are medians after a warm-up.  The CPU model, its int8/bf16 flags and the kernels
+torch dispatches to are printed and written, because int8 speed depends on them.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+LINEAR_SHAPES = {"smollm2 576->576": (576, 576), "smollm2 576->192": (576, 192),
+                 "smollm2 576->1536": (576, 1536), "smollm2 1536->576": (1536, 576),
+                 "tiny 256->1024": (256, 1024), "tiny 1024->256": (1024, 256)}
+
 
 def median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -38,35 +52,7 @@ def cpu_name() -> str:
         return "unknown"
 
 
-def linear_rows(tokens: int, repeats: int):
-    from qbench.quant.bnb import four_bit_linear, int8_linear
-    from qbench.quant.simulated import DynamicQuantLinear
-
-    shapes = {"tiny 256->1024": (256, 1024), "tiny 1024->256": (1024, 256),
-              "smollm2 576->1536": (576, 1536), "smollm2 1536->576": (1536, 576)}
-    from qbench.quant.int8_gemm import CANDIDATES, EXACT_TOLERANCE, available, exactness_error
-
-    kernels = [k for k in CANDIDATES if available(k) and exactness_error(k) <= EXACT_TOLERANCE]
-    for label, (n_in, n_out) in shapes.items():
-        torch.manual_seed(0)
-        linear = torch.nn.Linear(n_in, n_out).eval()
-        x = torch.randn(tokens, n_in)
-        with torch.no_grad():
-            fp32 = median_seconds(lambda: linear(x), repeats)
-            paths = {
-                **{f"w8a8 int8 {k}": DynamicQuantLinear(linear, 8, 8, int8_matmul=True, kernel=k) for k in kernels},
-                "w8a8 simulated": DynamicQuantLinear(linear, 8, 8, int8_matmul=False),
-                "bnb llm-int8": int8_linear(linear, 6.0),
-                "bnb nf4": four_bit_linear(linear, "nf4", torch.float32),
-            }
-            for name, module in paths.items():
-                yield label, name, fp32, median_seconds(lambda: module(x), repeats)
-            yield label, "quanto w8a8", fp32, median_seconds(_quanto_linear(linear, x), repeats)
-
-
-def _quanto_linear(linear, x):
-    import copy
-
+def _quanto(linear, x):
     import optimum.quanto as quanto
 
     model = torch.nn.Sequential(copy.deepcopy(linear))
@@ -74,7 +60,76 @@ def _quanto_linear(linear, x):
     with torch.no_grad(), quanto.Calibration():
         model(x)
     quanto.freeze(model)
-    return lambda: model(x)
+    return model
+
+
+def _torchao(linear):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    model = torch.nn.Sequential(copy.deepcopy(linear))
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    return model
+
+
+def linear_rows(tokens: int, repeats: int):
+    from qbench.quant.bnb import four_bit_linear, int8_linear
+    from qbench.quant.int8_fused import quantize_rows
+    from qbench.quant.int8_gemm import CANDIDATES, EXACT_TOLERANCE, available, choose, exactness_error
+    from qbench.quant.simulated import DynamicQuantLinear
+
+    kernels = [k for k in CANDIDATES if available(k) and exactness_error(k) <= EXACT_TOLERANCE]
+    for label, (n_in, n_out) in LINEAR_SHAPES.items():
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(n_in, n_out).eval()
+        x = torch.randn(tokens, n_in)
+        bf16, x_bf16 = copy.deepcopy(linear).bfloat16(), x.bfloat16()
+        with torch.no_grad():
+            chosen = DynamicQuantLinear(linear, 8, 8, int8_matmul=True)  # what a cell runs here
+            codes, _ = quantize_rows(x, True, chosen.gemm.zero_point, chosen.gemm.input_dtype)
+            paths = {f"qbench int8 ({chosen.kernel}, as a cell runs)": chosen,
+                     **{f"qbench int8 {k}": DynamicQuantLinear(linear, 8, 8, int8_matmul=True, kernel=k)
+                        for k in kernels if k != chosen.kernel},
+                     f"int8 GEMM alone ({chosen.kernel}: the ceiling)": lambda _x: chosen.gemm(codes),
+                     "qbench simulated w8a8": DynamicQuantLinear(linear, 8, 8, int8_matmul=False),
+                     "optimum-quanto w8a8": _quanto(linear, x),
+                     "torchao int8 dynamic": _torchao(linear),
+                     "bnb llm-int8": int8_linear(linear, 6.0),
+                     "bnb nf4": four_bit_linear(linear, "nf4", torch.float32)}
+            for name, module in paths.items():
+                fp32 = median_seconds(lambda: linear(x), repeats)  # baselines beside each path: drift cancels
+                half = median_seconds(lambda: bf16(x_bf16), repeats)
+                yield label, name, fp32, half, median_seconds(lambda: module(x), repeats)
+    del choose
+
+
+def model_rows(repeats: int, names):
+    """Whole forwards: fp32 against bf16 and the real int8 scheme (the kernel chosen here)."""
+    from qbench.quant import quantize
+    from qbench.zoo import load_model
+
+    for name, batch in names:
+        try:
+            loaded = load_model(name)
+        except Exception as err:  # noqa: BLE001  a missing package model is reported, not fatal
+            print(f"skip {name}: {err}")
+            continue
+        model = loaded.model.eval()
+        x = torch.randint(3, model.config.vocab_size, batch)
+        half = copy.deepcopy(model).bfloat16()
+        quantized = copy.deepcopy(model)
+        facts = quantize(quantized, "w8a8-dyn-int8")
+        r = max(3, repeats // 2)
+        with torch.no_grad():
+            fp32 = median_seconds(lambda: model(input_ids=x), r)
+            bf16 = median_seconds(lambda: half(input_ids=x), r)
+            int8 = median_seconds(lambda: quantized(input_ids=x), r)
+            head = model.get_output_embeddings()
+            hidden = torch.randn(*batch, head.in_features)
+            head_s = median_seconds(lambda: head(hidden), r)
+        label = f"{name} forward {batch[0]}x{batch[1]}"
+        yield label, "bf16 forward", fp32, bf16, bf16
+        yield label, f"w8a8-dyn-int8 ({facts['int8_kernel']}, {facts.get('int8_fusion')})", fp32, bf16, int8
+        yield label, "its fp32 LM head alone (left in fp32 by the scheme)", fp32, bf16, head_s
 
 
 def attention_rows(repeats: int):
@@ -96,56 +151,87 @@ def attention_rows(repeats: int):
             with torch.no_grad():
                 module.qbench_hooks, module.qbench_kernel = Eager(), None
                 eager = median_seconds(lambda: module(x), repeats)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    half = median_seconds(lambda: module(x), repeats)
                 module.qbench_hooks, module.qbench_kernel = None, LowBitAttention()
                 kernel = median_seconds(lambda: module(x), repeats)
-            yield f"attention T={t} {arm}", "lowbit kernel", eager, kernel
+            yield f"attention T={t} {arm}", "lowbit kernel (vs fp32 eager)", eager, half, kernel
 
 
-def model_rows(repeats: int):
-    """Whole forwards: fp32 against the real int8 scheme (the kernel this machine chose)."""
-    import copy
+def cell_rows(model_name: str = "smollm2-135m", limit: int = 20000):
+    """One real w8a8-dyn-int8 perplexity cell (fresh store; its fp32 reference cell ran
+    first, as in any campaign) against a bare fp32 forward over the same windows."""
+    import tempfile
 
-    from qbench.quant import quantize
-    from qbench.zoo import load_model
+    from qbench.bench import run_cells
+    from qbench.eval.perplexity import protocol_windows
+    from qbench.plan import plan_cells
+    from qbench.results import ResultStore
 
-    for name, batch in (("tiny-vga", (8, 256)), ("smollm2-135m", (4, 512))):
-        try:
-            loaded = load_model(name)
-        except Exception as err:  # noqa: BLE001  a missing package model is reported, not fatal
-            print(f"skip {name}: {err}")
-            continue
-        x = torch.randint(3, loaded.model.config.vocab_size, batch)
-        quantized = copy.deepcopy(loaded.model)
-        facts = quantize(quantized, "w8a8-dyn-int8")
-        with torch.no_grad():
-            fp32 = median_seconds(lambda: loaded.model(input_ids=x), max(3, repeats // 2))
-            int8 = median_seconds(lambda: quantized(input_ids=x), max(3, repeats // 2))
-        yield f"{name} forward {batch[0]}x{batch[1]}", f"w8a8-dyn-int8 ({facts['int8_kernel']})", fp32, int8
+    try:
+        cells = plan_cells([model_name], ["fp32", "w8a8-dyn-int8"], ["ppl"], limit=limit)
+        loaded = cells[0].model_ref.load()
+    except Exception as err:  # noqa: BLE001  a missing package model is reported, not fatal
+        print(f"skip the cell row: {err}")
+        return
+    windows, _, _ = protocol_windows(cells[0].protocol, loaded.tokenizer)
+    with torch.no_grad():
+        start = time.perf_counter()
+        batch = getattr(cells[0].protocol, "batch_size", 8)
+        for i in range(0, len(windows), batch):  # the cell's batching: equal-length windows together
+            group = windows[i:i + batch]
+            for length in dict.fromkeys(len(w) for w in group):
+                loaded.model(input_ids=torch.stack([w for w in group if len(w) == length]))
+        bare = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        store = ResultStore(Path(folder))
+        run_cells(cells[:1], store, progress=False)
+        start = time.perf_counter()
+        run_cells(cells[1:], store, progress=False)
+        cell = time.perf_counter() - start
+    yield (f"{model_name} ppl cell, {len(windows)} windows", "whole w8a8-dyn-int8 cell vs bare fp32 forward",
+           bare, None, cell)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048, help="rows of the linear inputs")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", default="1,2", help="thread counts, each measured in this run")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: linear,model,attention,cell")
     parser.add_argument("--out", default="results/PERF_QUANT.md")
     args = parser.parse_args()
     from qbench.quant.int8_gemm import cpu_signature
 
+    skip = set(filter(None, args.skip.split(",")))
     flags = " ".join(cpu_signature()["flags"])
-    header = (f"CPU: {cpu_name()} (flags: {flags}); torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    header = (f"CPU: {cpu_name()} (flags: {flags}); torch {torch.__version__}; "
               f"{torch.backends.cpu.get_cpu_capability()} kernels")
-    lines = ["# Quantized-path speed vs fp32 (same run)", "", header, "",
-             "| shape | path | fp32 ms | path ms | throughput vs fp32 |", "|---|---|---:|---:|---:|"]
+    lines = ["# Quantized-path speed (same run)", "", header, "",
+             "Throughput ratios: baseline time / path time (> 1 is faster). fp32 and bf16 baselines are "
+             "measured beside every row. The ceiling row is the packed int8 GEMM alone on ready codes.", "",
+             "| threads | shape | path | fp32 ms | bf16 ms | path ms | vs fp32 | vs bf16 |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
     print(header)
-    rows = []
-    for row in [*linear_rows(args.tokens, args.repeats), *model_rows(args.repeats), *attention_rows(args.repeats)]:
-        rows.append(row)
-        label, name, reference, seconds = row
-        print(f"{label:28s} {name:26s} fp32 {reference * 1e3:8.2f} ms  path {seconds * 1e3:8.2f} ms  "
-              f"ratio {reference / seconds:6.2f}x", flush=True)
-    for label, name, reference, seconds in rows:
-        ratio = reference / seconds
-        lines.append(f"| {label} | {name} | {reference * 1e3:.2f} | {seconds * 1e3:.2f} | {ratio:.2f}x |")
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        parts = []
+        if "linear" not in skip:
+            parts.append(linear_rows(args.tokens, args.repeats))
+        if "model" not in skip:
+            parts.append(model_rows(args.repeats, (("tiny-vga", (8, 256)), ("smollm2-135m", (4, 512)))))
+        if "attention" not in skip:
+            parts.append(attention_rows(args.repeats))
+        if "cell" not in skip and threads == 1:
+            parts.append(cell_rows())
+        for part in parts:
+            for label, name, fp32, bf16, seconds in part:
+                half = f"{bf16 * 1e3:.2f}" if bf16 else "-"
+                vs_half = f"{bf16 / seconds:.2f}x" if bf16 else "-"
+                line = (f"| {threads} | {label} | {name} | {fp32 * 1e3:.2f} | {half} | {seconds * 1e3:.2f} | "
+                        f"{fp32 / seconds:.2f}x | {vs_half} |")
+                print(line, flush=True)
+                lines.append(line)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     from sections import keep_sections  # bench/direct.py's section stays
 

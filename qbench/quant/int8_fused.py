@@ -88,7 +88,9 @@ def _compiled(key, build, check) -> tuple:
     """(function, mode) for one specialisation: compiled and checked once per process."""
     if key not in _cache:
         try:
-            fn = torch.compile(build(), fullgraph=True, dynamic=None)
+            # dynamic shapes: one graph serves every layer width and token count (the recompile
+            # limit is per code object, shared by all specialisations of a function)
+            fn = torch.compile(build(), fullgraph=True, dynamic=True)
             with torch.no_grad():
                 reason = check(fn)
         except Exception as err:  # noqa: BLE001  no compiler, an inductor bug: the eager passes still work

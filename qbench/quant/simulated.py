@@ -80,7 +80,8 @@ class DynamicQuantLinear(nn.Module):
                                          self.gemm.input_dtype)
             rescale, _ = rescaler(self.bias is not None)
             x_codes, x_scale = quantize_rows(x2)
-            y = rescale(self.gemm(x_codes), x_scale, self.bias)  # (N, out): (X_q W_q^T s_w) s_x + b
+            bias = None if self.bias is None else self.bias.detach()  # a Parameter would pin its shape in the graph
+            y = rescale(self.gemm(x_codes), x_scale, bias)  # (N, out): (X_q W_q^T s_w) s_x + b
         else:
             # (N, 1): one per token, or (): one for the whole call
             x_scale = symmetric_scale(x2, self.activation_bits, dim=ACTIVATION_SCALE_DIM[self.activation_granularity])
