@@ -99,6 +99,15 @@ def _compiled(key, build, check) -> tuple:
     return _cache[key]
 
 
+def fused(name: str, eager, check) -> tuple:
+    """(function, mode) for any elementwise block: `eager` compiled where `check(candidate)`
+    (None = bit-equal to eager) holds here, else `eager` itself."""
+    if _mode() == "eager":
+        return eager, "eager"
+    fn, mode = _compiled((name,), lambda: eager, check)
+    return (fn or eager), mode
+
+
 def quantizer(per_token: bool, zero_point: int, dtype: torch.dtype) -> tuple:
     """(x -> (codes, scale), mode): compiled when exact here, else the eager passes."""
     eager = functools.partial(quantize_rows, per_token=per_token, zero_point=zero_point, dtype=dtype)

@@ -68,6 +68,84 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# The elementwise passes over each score block, written once in eager torch and fused by
+# torch.compile where bit-equal (qbench.quant.int8_fused): at T = 1024 they were more than
+# half the kernel's time as separate passes (int32 -> float, the outer product of scales,
+# two multiplies, the mask; the four passes that quantize P; the context's rescale).
+
+def score_block(acc: torch.Tensor, q_scale: torch.Tensor, k_scale_row: torch.Tensor, scaling: float,
+                hidden: torch.Tensor) -> torch.Tensor:
+    """int32 Q K^T (B, H, Tq, Tk) -> float scores s_q s_k / sqrt(d), hidden keys at -inf."""
+    scores = acc.float() * (q_scale * k_scale_row) * scaling
+    return scores.masked_fill(hidden, float("-inf"))
+
+
+def prob_codes(p: torch.Tensor) -> torch.Tensor:
+    """P in [0, 1] -> uint8 codes round(255 p) shifted by -128 into int8 (exact)."""
+    return (p * 255.0).round().sub(128).to(torch.int8)
+
+
+def context_block(acc: torch.Tensor, column_sums: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
+    """int32 P' V + 128 colsum(V) -> (P V) in float: / 255, * s_v."""
+    return (acc + 128 * column_sums).float() / 255.0 * v_scale
+
+
+def _check_blocks() -> dict:
+    from qbench.quant.int8_fused import fused
+
+    def check(eager, make):
+        def run(candidate):
+            for shape in ((1, 2, 5, 7), (2, 3, 16, 33)):
+                args = make(shape)
+                if not torch.equal(eager(*args), candidate(*args)):
+                    return f"{eager.__name__} differs from eager"
+            return None
+        return run
+
+    g = torch.Generator().manual_seed(0)
+
+    def scores_args(shape):
+        b, h, tq, tk = shape
+        acc = torch.randint(-2**20, 2**20, shape, generator=g, dtype=torch.int32)
+        hidden = torch.triu(torch.ones(tq, tk, dtype=torch.bool), diagonal=1)
+        return acc, torch.rand(b, h, tq, 1, generator=g), torch.rand(b, h, 1, tk, generator=g), 0.125, hidden
+
+    def probs_args(shape):
+        p = torch.rand(shape, generator=g)
+        p.view(-1)[:4] = torch.tensor([0.5 / 255, 1.5 / 255, 1.0, 0.0])  # ties and ends
+        return (p,)
+
+    def context_args(shape):
+        b, h, tq, d = shape
+        acc = torch.randint(-2**22, 2**22, shape, generator=g, dtype=torch.int32)
+        return acc, torch.randint(-2**14, 2**14, (b, h, 1, d), generator=g, dtype=torch.int32), torch.rand(b, h, 1, d, generator=g)
+
+    return {name: fused(f"attention {name}", fn, check(fn, make))[0]
+            for name, fn, make in (("scores", score_block, scores_args), ("probs", prob_codes, probs_args),
+                                   ("context", context_block, context_args))}
+
+
+def _codes(dim):
+    """int8_codes over `dim`, fused where bit-equal (one pass instead of six)."""
+    from qbench.quant.int8_fused import fused
+
+    eager = _CODES.setdefault(dim, lambda x: int8_codes(x, dim))
+
+    def check(candidate):
+        g = torch.Generator().manual_seed(0)
+        for shape in ((1, 2, 5, 8), (2, 3, 17, 64)):
+            x = torch.randn(shape, generator=g) * 5
+            x[..., 0, :] = 0.0
+            want, got = eager(x), candidate(x)
+            if not (torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])):
+                return f"int8 codes over {dim} differ from eager"
+        return None
+    return fused(f"attention codes {dim}", eager, check)[0]
+
+
+_CODES: dict = {}
+
+
 def quantize_probs(p: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "int8":
         return torch.round(p * 255.0)  # codes 0..255, scale 1/255
@@ -94,11 +172,11 @@ class LowBitAttention:
 
     def _quantize_qk(self, x: torch.Tensor):
         """(B, H, T, D): per token, or one scale per (sequence, head)."""
-        return int8_codes(x, dim=-1 if self.qkv_granularity == "token" else (-2, -1))
+        return _codes(-1 if self.qkv_granularity == "token" else (-2, -1))(x)
 
     def _quantize_v(self, v: torch.Tensor):
         """(B, H, T, D): per channel within each (sequence, head), or one per (sequence, head)."""
-        return int8_codes(v, dim=-2 if self.qkv_granularity == "token" else (-2, -1))
+        return _codes(-2 if self.qkv_granularity == "token" else (-2, -1))(v)
 
     def weighted_sum(self, q: torch.Tensor, k: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
                      normalise, module, scaling: float, hidden: torch.Tensor | None,
@@ -118,20 +196,18 @@ class LowBitAttention:
             hidden = future_mask(t_q, t_k, q.device)
         out = torch.empty(*q.shape[:-1], v_codes.shape[-1], dtype=torch.float32, device=q.device)
         first = [] if hooks is not None else None
+        blocks = _check_blocks()
         for start in range(0, t_q, self.query_chunk):
             stop = min(start + self.query_chunk, t_q)
             qs = q_scale[..., start:stop, :] if q_scale.shape[-2] == t_q else q_scale  # per token or per head
-            # in-place where possible: the same float operations, fewer temporaries
-            scores = int_matmul(q_codes[..., start:stop, :], k_t).float()
-            scores.mul_(qs * k_scale_row).mul_(scaling)
-            scores.masked_fill_(hidden[..., start:stop, :], float("-inf"))
+            scores = blocks["scores"](int_matmul(q_codes[..., start:stop, :], k_t), qs, k_scale_row, scaling,
+                                      hidden[..., start:stop, :])
             p = normalise(scores, module)
             if first is not None:
                 first.append(p[..., 0].clone())
             if self.probs == "int8":
-                shifted = p.mul_(255.0).round_().sub_(128).to(torch.int8)  # uint8 codes 0..255 as int8, exact shift
-                acc = int_matmul(shifted, v_codes).add_(column_sums, alpha=128).float()
-                out[..., start:stop, :] = acc.div_(255.0).mul_(v_scale)
+                shifted = blocks["probs"](p)  # uint8 codes 0..255 as int8, exact shift
+                out[..., start:stop, :] = blocks["context"](int_matmul(shifted, v_codes), column_sums, v_scale)
             else:  # fp8 P: products exact in fp32
                 out[..., start:stop, :] = quantize_probs(p, self.probs) @ (v_codes.float() * v_scale)
         if first is not None and hasattr(hooks, "first_column"):
