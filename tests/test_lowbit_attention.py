@@ -229,3 +229,26 @@ def test_int_matmul_is_exact_on_every_path(k, monkeypatch):
     for units in (True, False):
         monkeypatch.setattr(kernel, "INT8_UNITS", units)
         assert torch.equal(kernel.int_matmul(a, b).long(), exact)
+
+
+@pytest.mark.slow
+def test_the_compiled_kernel_blocks_give_the_eager_kernel_bit_for_bit(monkeypatch):
+    """QBENCH_INT8_FUSION=compiled (the default outside tests) fuses the kernel's elementwise
+    blocks; every block passes its exactness check here and the kernel's output is unchanged."""
+    from qbench.modeling import QBenchConfig
+    from qbench.modeling.model import QBenchAttention
+    from qbench.quant import int8_fused
+    from qbench.quant.lowbit_attention import LowBitAttention
+
+    torch.manual_seed(0)
+    module = QBenchAttention(QBenchConfig(d_model=64, n_head=2, attention="vga", max_position_embeddings=80), 0).eval()
+    module.qbench_hooks, module.qbench_kernel = None, LowBitAttention(query_chunk=32)
+    x = torch.randn(2, 80, 64)
+    monkeypatch.setenv("QBENCH_INT8_FUSION", "eager")
+    with torch.no_grad():
+        eager = module(x)
+        monkeypatch.setenv("QBENCH_INT8_FUSION", "compiled")
+        monkeypatch.setattr(int8_fused, "_cache", {})
+        compiled = module(x)
+    assert all(mode == "compiled" for _, mode in int8_fused._cache.values()), int8_fused._cache
+    assert len(int8_fused._cache) >= 4 and torch.equal(compiled, eager)
