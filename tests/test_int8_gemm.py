@@ -98,8 +98,8 @@ def test_u8_and_qlinear_kernels_read_codes_in_their_own_dtype():
 
 
 def test_the_fusion_check_catches_a_pass_that_rounds_differently():
-    """The per-process check that guards the compiled passes: the eager functions pass it,
-    a quantizer off by one code at a tie and a rescale fused into an FMA do not."""
+    """The per-process check that guards the compiled quantizer: the eager function passes it,
+    a quantizer off by one code at a tie does not."""
     from functools import partial
 
     from qbench.quant import int8_fused
@@ -113,10 +113,25 @@ def test_the_fusion_check_catches_a_pass_that_rounds_differently():
             ties = (x / scale - torch.trunc(x / scale)).abs() == 0.5
             return torch.where(ties, codes + torch.sign(x).to(codes.dtype), codes), scale
         assert int8_fused.quantize_mismatch(half_up, per_token, zero_point, dtype) is not None
-    for with_bias in (True, False):
-        assert int8_fused.rescale_mismatch(int8_fused.rescale, with_bias) is None
-    fma = lambda y, s, b: torch.addcmul(b, y, s) if b is not None else (y.double() * s).float() * (1 + 2**-22)  # noqa: E731
-    assert int8_fused.rescale_mismatch(fma, True) is not None or int8_fused.rescale_mismatch(fma, False) is not None
+
+
+def test_an_input_read_by_several_layers_is_quantized_once_and_never_stale():
+    from qbench.quant.int8_fused import SharedCodes
+
+    calls = []
+    shared = SharedCodes()
+    quantize = lambda x: calls.append(1) or (x * 2, x.sum())  # noqa: E731
+    x = torch.randn(4, 8)
+    first = shared.get(x, ("a",), quantize)
+    assert shared.get(x, ("a",), quantize) is first and len(calls) == 1  # q, k, v: one quantization
+    assert shared.get(x.view(4, 8), ("a",), quantize) is first  # a view of the same storage, unchanged
+    shared.get(x, ("b",), quantize)  # another quantizer
+    assert len(calls) == 2
+    x.add_(1.0)  # changed in place: the version counter moves
+    assert torch.equal(shared.get(x, ("b",), quantize)[0], x * 2) and len(calls) == 3
+    y = x.clone()  # equal values, another tensor
+    shared.get(y, ("b",), quantize)
+    assert len(calls) == 4
 
 
 @pytest.mark.slow
@@ -128,7 +143,6 @@ def test_compiled_quantize_and_rescale_equal_eager_bit_for_bit(monkeypatch):
     monkeypatch.setenv("QBENCH_INT8_FUSION", "compiled")
     monkeypatch.setattr(int8_fused, "_cache", {})
     assert int8_fused.quantizer(True, 0, torch.int8)[1] == "compiled"
-    assert int8_fused.rescaler(True)[1] == "compiled"
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)
     x = torch.randn(3, 11, 96) * 3

@@ -72,16 +72,16 @@ class DynamicQuantLinear(nn.Module):
         shape = x.shape  # (..., in)
         x2 = x.reshape(-1, shape[-1]).float()
         if self.int8_matmul:
-            from qbench.quant.int8_fused import quantizer, rescaler
+            from qbench.quant.int8_fused import quantizer, shared_codes
 
             # the simulated path's float operations, fused where exact: codes in the dtype the
-            # kernel reads, scale (N, 1) per token or () per call
-            quantize_rows, _ = quantizer(self.activation_granularity == "per_token", self.gemm.zero_point,
-                                         self.gemm.input_dtype)
-            rescale, _ = rescaler(self.bias is not None)
-            x_codes, x_scale = quantize_rows(x2)
-            bias = None if self.bias is None else self.bias.detach()  # a Parameter would pin its shape in the graph
-            y = rescale(self.gemm(x_codes), x_scale, bias)  # (N, out): (X_q W_q^T s_w) s_x + b
+            # kernel reads, scale (N, 1) per token or () per call; one quantization per input
+            # tensor (q, k, v read the same one)
+            spec = (self.activation_granularity == "per_token", self.gemm.zero_point, self.gemm.input_dtype)
+            x_codes, x_scale = shared_codes.get(x2, spec, quantizer(*spec)[0])
+            y = self.gemm(x_codes).mul_(x_scale)  # (N, out): (X_q W_q^T s_w) s_x, in place on the GEMM's output
+            if self.bias is not None:
+                y = y.add_(self.bias)
         else:
             # (N, 1): one per token, or (): one for the whole call
             x_scale = symmetric_scale(x2, self.activation_bits, dim=ACTIVATION_SCALE_DIM[self.activation_granularity])
@@ -98,12 +98,10 @@ class DynamicQuantLinear(nn.Module):
 def _fusion_used(model: nn.Module) -> str:
     """Which quantize / rescale passes the model's int8 layers run (compiled where exact):
     decided now, on one layer's specialisation, the same for every layer of the model."""
-    from qbench.quant.int8_fused import quantizer, rescaler
+    from qbench.quant.int8_fused import quantizer
 
     layer = next(m for m in model.modules() if isinstance(m, DynamicQuantLinear) and m.int8_matmul)
-    modes = {quantizer(layer.activation_granularity == "per_token", layer.gemm.zero_point,
-                       layer.gemm.input_dtype)[1], rescaler(layer.bias is not None)[1]}
-    return " + ".join(sorted(modes))
+    return quantizer(layer.activation_granularity == "per_token", layer.gemm.zero_point, layer.gemm.input_dtype)[1]
 
 
 def _check(scheme) -> None:
