@@ -73,8 +73,8 @@ def _torchao(linear):
 
 def linear_rows(tokens: int, repeats: int):
     from qbench.quant.bnb import four_bit_linear, int8_linear
-    from qbench.quant.int8_fused import quantize_rows
-    from qbench.quant.int8_gemm import CANDIDATES, EXACT_TOLERANCE, available, choose, exactness_error
+    from qbench.quant.int8_fused import quantize_rows, shared_codes
+    from qbench.quant.int8_gemm import CANDIDATES, EXACT_TOLERANCE, available, exactness_error
     from qbench.quant.simulated import DynamicQuantLinear
 
     kernels = [k for k in CANDIDATES if available(k) and exactness_error(k) <= EXACT_TOLERANCE]
@@ -98,8 +98,9 @@ def linear_rows(tokens: int, repeats: int):
             for name, module in paths.items():
                 fp32 = median_seconds(lambda: linear(x), repeats)  # baselines beside each path: drift cancels
                 half = median_seconds(lambda: bf16(x_bf16), repeats)
-                yield label, name, fp32, half, median_seconds(lambda: module(x), repeats)
-    del choose
+                # every call quantizes its input: the cache that lets q, k and v share one
+                # quantization would otherwise serve the repeated x from the call before
+                yield label, name, fp32, half, median_seconds(lambda: (shared_codes.clear(), module(x))[1], repeats)
 
 
 def model_rows(repeats: int, names):

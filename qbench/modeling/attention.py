@@ -44,9 +44,10 @@ def causal_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=32)
 def future_mask(t_q: int, t_k: int, device: torch.device) -> torch.Tensor:
     """True where query i may not see key j (j > i + t_k - t_q: the queries are the last
-    t_q positions); cached per shape."""
+    t_q positions); cached per shape: callers only read it."""
     return ~torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
 
 
