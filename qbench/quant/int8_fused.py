@@ -84,19 +84,20 @@ def _compiled(key, build, check) -> tuple:
     return _cache[key]
 
 
-def fused(name: str, eager, check) -> tuple:
+def fused(name: str, eager, check, device: torch.device | str = "cpu") -> tuple:
     """(function, mode) for any elementwise block: `eager` compiled where `check(candidate)`
-    (None = bit-equal to eager) holds here, else `eager` itself."""
-    if _mode() == "eager":
+    (None = bit-equal to eager) holds here, else `eager` itself.  CPU only: the check runs
+    on the CPU, and a GPU compiler's division need not be IEEE's."""
+    if _mode() == "eager" or torch.device(device).type != "cpu":
         return eager, "eager"
     fn, mode = _compiled((name,), lambda: eager, check)
     return (fn or eager), mode
 
 
-def quantizer(per_token: bool, zero_point: int, dtype: torch.dtype) -> tuple:
+def quantizer(per_token: bool, zero_point: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple:
     """(x -> (codes, scale), mode): compiled when exact here, else the eager passes."""
     eager = functools.partial(quantize_rows, per_token=per_token, zero_point=zero_point, dtype=dtype)
-    if _mode() == "eager":
+    if _mode() == "eager" or torch.device(device).type != "cpu":
         return eager, "eager"
     fn, mode = _compiled(("quantize", per_token, zero_point, dtype),
                          lambda: functools.partial(quantize_rows, per_token=per_token, zero_point=zero_point,

@@ -90,7 +90,7 @@ def context_block(acc: torch.Tensor, column_sums: torch.Tensor, v_scale: torch.T
     return (acc + 128 * column_sums).float() / 255.0 * v_scale
 
 
-def _check_blocks() -> dict:
+def _check_blocks(device) -> dict:
     from qbench.quant.int8_fused import fused
 
     def check(eager, make):
@@ -120,12 +120,12 @@ def _check_blocks() -> dict:
         acc = torch.randint(-2**22, 2**22, shape, generator=g, dtype=torch.int32)
         return acc, torch.randint(-2**14, 2**14, (b, h, 1, d), generator=g, dtype=torch.int32), torch.rand(b, h, 1, d, generator=g)
 
-    return {name: fused(f"attention {name}", fn, check(fn, make))[0]
+    return {name: fused(f"attention {name}", fn, check(fn, make), device)[0]
             for name, fn, make in (("scores", score_block, scores_args), ("probs", prob_codes, probs_args),
                                    ("context", context_block, context_args))}
 
 
-def _codes(dim):
+def _codes(dim, device):
     """int8_codes over `dim`, fused where bit-equal (one pass instead of six)."""
     from qbench.quant.int8_fused import fused
 
@@ -140,7 +140,7 @@ def _codes(dim):
             if not (torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])):
                 return f"int8 codes over {dim} differ from eager"
         return None
-    return fused(f"attention codes {dim}", eager, check)[0]
+    return fused(f"attention codes {dim}", eager, check, device)[0]
 
 
 _CODES: dict = {}
@@ -172,11 +172,11 @@ class LowBitAttention:
 
     def _quantize_qk(self, x: torch.Tensor):
         """(B, H, T, D): per token, or one scale per (sequence, head)."""
-        return _codes(-1 if self.qkv_granularity == "token" else (-2, -1))(x)
+        return _codes(-1 if self.qkv_granularity == "token" else (-2, -1), x.device)(x)
 
     def _quantize_v(self, v: torch.Tensor):
         """(B, H, T, D): per channel within each (sequence, head), or one per (sequence, head)."""
-        return _codes(-2 if self.qkv_granularity == "token" else (-2, -1))(v)
+        return _codes(-2 if self.qkv_granularity == "token" else (-2, -1), v.device)(v)
 
     def weighted_sum(self, q: torch.Tensor, k: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
                      normalise, module, scaling: float, hidden: torch.Tensor | None,
@@ -196,7 +196,7 @@ class LowBitAttention:
             hidden = future_mask(t_q, t_k, q.device)
         out = torch.empty(*q.shape[:-1], v_codes.shape[-1], dtype=torch.float32, device=q.device)
         first = [] if hooks is not None else None
-        blocks = _check_blocks()
+        blocks = _check_blocks(q.device)
         for start in range(0, t_q, self.query_chunk):
             stop = min(start + self.query_chunk, t_q)
             qs = q_scale[..., start:stop, :] if q_scale.shape[-2] == t_q else q_scale  # per token or per head

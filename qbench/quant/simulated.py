@@ -78,7 +78,7 @@ class DynamicQuantLinear(nn.Module):
             # kernel reads, scale (N, 1) per token or () per call; one quantization per input
             # tensor (q, k, v read the same one)
             spec = (self.activation_granularity == "per_token", self.gemm.zero_point, self.gemm.input_dtype)
-            x_codes, x_scale = shared_codes.get(x2, spec, quantizer(*spec)[0])
+            x_codes, x_scale = shared_codes.get(x2, spec, quantizer(*spec, device=x2.device)[0])
             y = self.gemm(x_codes).mul_(x_scale)  # (N, out): (X_q W_q^T s_w) s_x, in place on the GEMM's output
             if self.bias is not None:
                 y = y.add_(self.bias)
@@ -101,7 +101,8 @@ def _fusion_used(model: nn.Module) -> str:
     from qbench.quant.int8_fused import quantizer
 
     layer = next(m for m in model.modules() if isinstance(m, DynamicQuantLinear) and m.int8_matmul)
-    return quantizer(layer.activation_granularity == "per_token", layer.gemm.zero_point, layer.gemm.input_dtype)[1]
+    return quantizer(layer.activation_granularity == "per_token", layer.gemm.zero_point, layer.gemm.input_dtype,
+                     device=layer.weight_codes.device)[1]
 
 
 def _check(scheme) -> None:
