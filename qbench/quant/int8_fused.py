@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 import torch
 
@@ -69,13 +70,26 @@ def _mode() -> str:
 _cache: dict = {}
 
 
+def _own_code(fn, key):
+    """A copy of `fn` (or of a partial's function) with a code object of its own: dynamo keeps
+    compiled graphs and its recompile limit per code object, so every specialisation (and
+    every thread count it meets) gets its own budget instead of sharing one."""
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    name = "_".join(str(part) for part in (inner.__name__, *key)).replace(".", "_").replace(" ", "_")
+    code = inner.__code__.replace(co_name=name[:100])
+    copy = types.FunctionType(code, inner.__globals__, name[:100], inner.__defaults__, inner.__closure__)
+    copy.__kwdefaults__ = inner.__kwdefaults__
+    return functools.partial(copy, *fn.args, **fn.keywords) if isinstance(fn, functools.partial) else copy
+
+
 def _compiled(key, build, check) -> tuple:
-    """(function, mode) for one specialisation: compiled and checked once per process."""
+    """(function, mode) for one specialisation: compiled and checked once per process.
+    Not fullgraph: should dynamo ever give up on a frame (its recompile limit), that call
+    runs the same operations eagerly instead of failing the cell."""
     if key not in _cache:
         try:
-            # dynamic shapes: one graph serves every layer width and token count (the recompile
-            # limit is per code object, shared by all specialisations of a function)
-            fn = torch.compile(build(), fullgraph=True, dynamic=True)
+            # dynamic shapes: one graph serves every layer width and token count
+            fn = torch.compile(_own_code(build(), key), dynamic=True)
             with torch.no_grad():
                 reason = check(fn)
         except Exception as err:  # noqa: BLE001  no compiler, an inductor bug: the eager passes still work
