@@ -101,6 +101,9 @@ def linear_rows(tokens: int, repeats: int):
                 # every call quantizes its input: the cache that lets q, k and v share one
                 # quantization would otherwise serve the repeated x from the call before
                 yield label, name, fp32, half, median_seconds(lambda: (shared_codes.clear(), module(x))[1], repeats)
+            if label.startswith("smollm2 576->"):  # q/k/v and gate/up: siblings read one input
+                shared = f"qbench int8 ({chosen.kernel}), input quantized by a sibling layer (as in the model)"
+                yield label, shared, fp32, half, median_seconds(lambda: chosen(x), repeats)
 
 
 def model_rows(repeats: int, names):
