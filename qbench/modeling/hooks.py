@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 
-from qbench.modeling.families import attention_modules, family_of
+from qbench.modeling.families import UnsupportedModel, attention_modules, family_of
 
 IMPLEMENTATION = "qbench"
 
@@ -172,7 +172,13 @@ def _register() -> None:
 
 
 def install_attention(model: nn.Module) -> list[nn.Module]:
-    """Route a stock HF model's attention through `hf_attention`; returns its modules."""
+    """Route a stock HF model's attention through `hf_attention`; returns its modules.
+    UnsupportedModel where the family's attention does not go through transformers'
+    interface (routing it would silently change nothing)."""
+    family = family_of(model)
+    why = family.refusal("attention")
+    if why is not None:
+        raise UnsupportedModel(f"{type(model).__name__} ({family.name} family): {why}")
     modules = attention_modules(model)
     _register()
     model.set_attn_implementation(IMPLEMENTATION)
