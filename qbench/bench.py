@@ -147,7 +147,10 @@ def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False
         return None
     try:
         record = None if force else store.get(key)  # written while we waited
-        if record is None:
+        if record is None and planned.refused is not None:  # refused at planning: the model never loads
+            record = failed_record(planned, f"UnsupportedModel: refused at planning: {planned.refused}")
+            store.put(record)
+        elif record is None:
             record = run_cell(planned.model_ref.load(), planned, progress, device)
             store.put(schema_checked(record))
             _log_computed(key)

@@ -17,6 +17,7 @@ from qbench.eval.perplexity import PerplexityProtocol
 from qbench.eval.protocols import (check_tasks, is_lm_eval_task, lm_eval_spec, protocol_data_hash, resolve_protocol,
                                    task_protocol)
 from qbench.quant import Scheme, get_scheme
+from qbench.quant.support import planning_refusal
 from qbench.facts import model_facts_from_info, scheme_facts_from_json
 from qbench.registry import closest
 from qbench.results import cell_key
@@ -44,6 +45,9 @@ class PlannedCell:
     protocol: PerplexityProtocol
     model_ref: ModelRef
     task_limit: int | None = None
+    # why the model's layout cannot take this scheme or task (qbench.quant.support), decided
+    # from its config before any weights load; the runner records it as a failed cell
+    refused: str | None = None
 
 
 def last_uses(cells: list[PlannedCell]) -> set[int]:
@@ -137,7 +141,8 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
                     spec = cache["task", task, task_limit]
                 config = cell_config(ref, scheme, task, cell_protocol, data_hash, task_limit, spec)
                 cell = Cell(model_name, scheme, task, config)
-                planned.append(PlannedCell(cell, cell_protocol, ref, task_limit))
+                planned.append(PlannedCell(cell, cell_protocol, ref, task_limit,
+                                           planning_refusal(ref.model_config, scheme, task)))
     return planned
 
 

@@ -52,6 +52,9 @@ class ModelRef:
     loader: object = field(repr=False, default=None)
     _loaded: LoadedModel | None = field(repr=False, default=None)
     source: str | None = None  # what resolve_model was given (a zoo name or an absolute path)
+    # its config.json as a dict (None: not read before loading, e.g. GGUF): the planner refuses
+    # schemes the layout cannot take from it (qbench.quant.support), before any weights load
+    model_config: dict | None = None
 
     def load(self) -> LoadedModel:
         """The weights this reference was hashed from: resolved again first (the files may
@@ -195,7 +198,7 @@ def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     info.setdefault("training", getattr(config, "qbench_training", None))
     checkpoint_hash = file_hash(weights + [config_path])
     return ModelRef(name, checkpoint_hash, info, getattr(config, "max_position_embeddings", None),
-                    lambda: _load_folder(name, folder, config, info, checkpoint_hash))
+                    lambda: _load_folder(name, folder, config, info, checkpoint_hash), model_config=config.to_dict())
 
 
 def _load_folder(name: str, folder: Path, config, info: dict, checkpoint_hash: str) -> LoadedModel:

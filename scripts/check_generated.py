@@ -2,7 +2,8 @@
 
 Regenerates, into a temporary folder and without computing any cell, STUDY.md (from the
 records and the checkpoints' mechanism logs), the README's generated results text,
-REPORT.md and summary.csv, and compares them with the committed ones; the plots must be the
+REPORT.md and summary.csv, and the README's family x scheme table (qbench.quant.support,
+from the families' data and the schemes' needs), and compares them with the committed ones; the plots must be the
 same set of files (PNG bytes depend on the matplotlib build, so only names are compared).
 Exit 1 with a unified diff of what differs; `make study && make report` fixes it.
 """
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from qbench.paths import REPO_ROOT, models_dir
+from qbench.quant import support
 from qbench.report import write_report
 from qbench.results import ResultStore
 from qbench.study import write_study
@@ -41,6 +43,8 @@ def main() -> int:
         readme = (REPO_ROOT / "README.md").read_text()
         problems += compare("README.md (generated results text)", readme,
                             render_readme(readme, Facts(store.records(), models_dir())))
+        problems += compare("README.md (family x scheme table; python -m qbench.quant.support --write-readme)",
+                            readme, support.render_readme(readme))
         summary, report = write_report(store, out)
         problems += compare("results/REPORT.md", (RESULTS / "REPORT.md").read_text(), report.read_text())
         problems += compare("results/summary.csv", (RESULTS / "summary.csv").read_text(), summary.read_text())

@@ -57,7 +57,7 @@ def test_qbench_family_points_at_the_qbench_modules():
                                                   ("iga", True)])
 def test_qbench_structure_lists_every_norm_its_readers_and_writer(arm, gate_reads_input):
     model = _qbench(arm)
-    s = residual_structure(model)
+    s = residual_structure(model, "smoothquant")
     assert s.family == "qbench" and s.layer_norm
     assert [n for n, _ in s.embeddings] == ["model.embed_tokens", "model.embed_positions"]
     assert s.final_norm == ("model.final_norm", model.model.final_norm) and s.head == ("lm_head", model.lm_head)
@@ -65,11 +65,11 @@ def test_qbench_structure_lists_every_norm_its_readers_and_writer(arm, gate_read
                                           for n in ("attn_norm", "mlp_norm")]
     for group in s.groups:  # every name points at the module handed out with it
         assert model.get_submodule(group.name) is group.norm
-        assert all(model.get_submodule(n) is m for n, m in group.readers + [group.writer])
+        assert all(model.get_submodule(n) is m for n, m in group.readers + group.writers)
     attn = s.groups[0]
     assert [n.rsplit(".", 1)[1] for n, _ in attn.readers] == ["q_proj", "k_proj", "v_proj"] + (
         ["gate_proj"] if gate_reads_input else [])
-    assert attn.writer[0] == "model.layers.0.attn.o_proj"
+    assert [n for n, _ in attn.writers] == ["model.layers.0.attn.o_proj"]
     assert [n for n, _ in s.groups[1].readers] == ["model.layers.0.mlp.fc1"]
 
 
@@ -89,7 +89,7 @@ def test_llama_family_points_at_the_llama_modules(arm):
         assert points.attention_residual is None and points.layer is layer
         assert points.value_projection is layer.self_attn.v_proj and points.value_heads == 2  # the KV heads
     assert residual_sums(model) == []
-    s = residual_structure(model)
+    s = residual_structure(model, "rotation")
     assert s.family == "llama" and not s.layer_norm
     assert [n for n, _ in s.embeddings] == ["model.embed_tokens"]
     assert s.final_norm == ("model.norm", model.model.norm) and s.head == ("lm_head", model.lm_head)
@@ -98,12 +98,12 @@ def test_llama_family_points_at_the_llama_modules(arm):
     assert [n.rsplit(".", 1)[1] for n, _ in attn.readers] == ["q_proj", "k_proj", "v_proj"] + (
         ["qbench_gate"] if arm == "qwen_g1" else [])  # a gate from the normed input reads the norm
     assert [n for n, _ in mlp.readers] == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
-    assert mlp.writer == ("model.layers.0.mlp.down_proj", layers[0].mlp.down_proj)
+    assert mlp.writers == [("model.layers.0.mlp.down_proj", layers[0].mlp.down_proj)]
     for group in s.groups:
         assert all(model.get_submodule(n) is m for n, m in [(group.name, group.norm)] + group.readers)
 
 
-def test_gpt2_family_has_probe_points_but_no_residual_transforms():
+def test_gpt2_family_has_probe_points_and_transforms_once_its_conv1d_are_linears():
     model = _gpt2()
     assert family_of(model).name == "gpt2"
     layers = list(model.transformer.h)
@@ -112,12 +112,20 @@ def test_gpt2_family_has_probe_points_but_no_residual_transforms():
         assert (points.attention_input, points.attention_output, points.mlp_input, points.mlp_output) == (
             layer.ln_1, layer.attn.c_proj, layer.ln_2, layer.mlp.c_proj)
         assert points.value_projection is None and points.value_heads == 0  # fused into c_attn
-    with pytest.raises(UnsupportedModel, match="gpt2 family"):
-        residual_structure(model)
+    with pytest.raises(UnsupportedModel, match="Conv1D"):
+        residual_structure(model, "rotation")
+    from qbench.quant import linearize_conv1d
+
+    linearize_conv1d(model)
+    s = residual_structure(model, "rotation")
+    assert [n for n, _ in s.groups[0].readers] == ["transformer.h.0.attn.c_attn"] and s.layer_norm
+    assert [n for n, _ in s.embeddings] == ["transformer.wte", "transformer.wpe"]
 
 
-def test_an_unknown_model_is_a_clear_error_naming_the_families():
-    with pytest.raises(UnsupportedModel, match=", ".join(FAMILIES)):
+def test_an_unknown_model_is_a_clear_error_naming_the_model_types():
+    from qbench.modeling.families import MODEL_TYPES
+
+    with pytest.raises(UnsupportedModel, match=", ".join(sorted(MODEL_TYPES))):
         family_of(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
@@ -129,13 +137,17 @@ _DEFINES_A_LAYOUT = {"qbench/modeling/families.py", "qbench/modeling/model.py", 
 # What an attention module exposes to the hooks and arms (q/k/v/o projections, its arm),
 # and names that are also fields of the families' own records: not a layout choice.
 # `norm` (Llama's final norm) is every tensor's `.norm()` too.
-_INTERFACE = {"q_proj", "k_proj", "v_proj", "o_proj", "arm", "layers", "attn", "mlp", "final_norm", "norm"}
+# `attention` (GPT-NeoX's module) is the concept's name everywhere; `decoder` (OPT's) a tokenizer's too.
+_INTERFACE = {"q_proj", "k_proj", "v_proj", "o_proj", "arm", "layers", "attn", "mlp", "final_norm", "norm",
+              "attention", "decoder"}
 
 
 def _layout_names() -> set[str]:
     names = set()
     for family in FAMILIES.values():
-        for value in vars(family).values():
+        for key, value in vars(family).items():
+            if key in ("name", "model_types", "refuses", "config_refusals"):  # identity and reasons, not paths
+                continue
             for path in value if isinstance(value, tuple) else (value,):
                 if isinstance(path, str):
                     names.update(path.split("."))

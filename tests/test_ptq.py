@@ -170,8 +170,11 @@ def test_unsupported_models_get_a_clear_error():
     from qbench.quant.structure import UnsupportedModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
-    with pytest.raises(UnsupportedModel, match="neither a qbench model nor a Llama-family"):
+    with pytest.raises(UnsupportedModel, match="Conv1D .*linearize_conv1d"):  # quantize() linearizes first
         rotate(model)
+    with pytest.raises(UnsupportedModel, match=r"model type 'bert'.* none of the described layouts"):
+        rotate(torch.nn.Module.__new__(type("Bert", (torch.nn.Module,), {"config": type("C", (), {
+            "model_type": "bert"})()})))
 
 
 # GPTQ ---------------------------------------------------------------------------------------

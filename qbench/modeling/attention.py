@@ -181,10 +181,14 @@ class AttentionArm:
     description: str
     # sigmoid of the gate bias at init (None: ungated)
     gate_init: float | None = None
+    # Gemma2's score soft-capping, c tanh(S / c) before the normaliser (None: none); set per
+    # call by hooks.hf_attention from transformers' `softcap` argument
+    softcap: float | None = None
 
     @property
     def normalise(self) -> Callable:
-        return NORMALISERS[self.normaliser]
+        normalise = NORMALISERS[self.normaliser]
+        return normalise if self.softcap is None else functools.partial(capped, normalise, self.softcap)
 
     @property
     def parameters(self) -> tuple[ArmParameter, ...]:
@@ -194,6 +198,12 @@ class AttentionArm:
 
 GATE_SOURCES = (None, "value", "input_head", "input")
 GATE_POSITIONS = (None, "value", "output")
+
+
+def capped(normalise: Callable, cap: float, scores: torch.Tensor, module=None) -> torch.Tensor:
+    """normalise(c tanh(S / c)) on the visible scores; hidden ones stay -inf (transformers
+    caps before adding its mask: the same weights)."""
+    return normalise(torch.where(torch.isinf(scores), scores, torch.tanh(scores / cap) * cap), module)
 
 
 def hooked_context(normalise: Callable, scores: torch.Tensor, v: torch.Tensor, module=None, hooks=None,
@@ -232,7 +242,8 @@ def attend(arm: AttentionArm, q, k, v, gate=None, *, module=None, hooks=None):
     """Every arm's float attention: gate V (key side) or O (query side) around P V."""
     if arm.gate_position == "value":
         v = gate * v
-    context = weighted_sum(arm.normalise, q, k, v, module, hooks, fused_softmax=arm.normaliser == "softmax")
+    context = weighted_sum(arm.normalise, q, k, v, module, hooks,
+                           fused_softmax=arm.normaliser == "softmax" and arm.softcap is None)
     if arm.gate_position == "output":
         context = gate * context
     return context

@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 
-from qbench.modeling.families import attention_modules, family_of
+from qbench.modeling.families import UnsupportedModel, attention_modules, family_of
 
 IMPLEMENTATION = "qbench"
 
@@ -76,29 +76,69 @@ def hidden_keys(attention_mask: torch.Tensor | None, t_q: int, t_k: int, device)
     return hidden if hidden.dim() == 4 else hidden[:, None]
 
 
+# arguments of transformers' attention interface that carry nothing qbench computes
+# differently (positions and cache bookkeeping; the mask carries causality)
+_IGNORED = {"position_ids", "cache_position", "is_causal", "output_attentions", "use_cache", "past_key_values",
+            "position_embeddings", "layer_idx", "head_mask", "sliding_window"}
+
+
+def interface_arguments(query, key, scaling, dropout, attention_mask, kwargs) -> tuple[float, float | None,
+                                                                                     torch.Tensor]:
+    """(scaling, softcap, hidden) from the arguments transformers' attention interface
+    passes: every one is honoured or refused here.  `hidden` (B or 1, 1, T_q, T_k): True
+    where a key is hidden, from the mask and the sliding window (query i sees key j only
+    while i - j < window, as transformers' sliding-window mask)."""
+    if dropout:
+        raise NotImplementedError(f"attention dropout {dropout} (a model in training mode): qbench's attention "
+                                  "computes the eval-mode forward; call model.eval()")
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"attention with learned sinks ({name}) is not computed by qbench's "
+                                      "attention; this model's attention cannot be routed through it")
+    softcap = kwargs.get("softcap")
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    t_q, t_k = query.shape[-2], key.shape[-2]
+    hidden = hidden_keys(attention_mask, t_q, t_k, query.device)
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        rows = torch.arange(t_q, device=query.device)[:, None] + (t_k - t_q)  # the queries' positions
+        hidden = hidden | ((rows - torch.arange(t_k, device=query.device)[None, :]) >= window)
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and not k.startswith("qbench_")
+                     and k not in _IGNORED | {"softcap", "s_aux", "sinks"})  # qbench_*: a retrofit's own
+    if unknown:
+        raise NotImplementedError(f"transformers passed attention argument(s) {unknown} that qbench's attention "
+                                  "does not know; it refuses rather than compute another model")
+    return scaling, softcap, hidden
+
+
 def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                  **kwargs):
     """The softmax arm for stock HF attention modules, explicit, with the module's hooks and
     kernel (see the module docstring).  Returns (B, T, H, D) as transformers expects."""
-    from qbench.modeling.attention import ATTENTION_ARMS, hooked_context, softmax_weights
+    from dataclasses import replace
 
+    from qbench.modeling.attention import ATTENTION_ARMS, hooked_context
+
+    scaling, softcap, hidden = interface_arguments(query, key, scaling, dropout, attention_mask, kwargs)
     hooks = getattr(module, "qbench_hooks", None)
     kernel = getattr(module, "qbench_kernel", None)
     kv = getattr(module, "qbench_kv", None)
     arm_attention = getattr(module, "qbench_arm_attention", None)
     if arm_attention is not None:  # an arm retrofitted into the model (qbench.modeling.llama_arms)
+        if softcap is not None:
+            raise NotImplementedError("a retrofitted arm does not compose with soft-capped attention scores")
         if kv is not None:  # the cache as stored: per KV head; a value-reading gate sees it too
             if kv.exact_recent:
                 raise NotImplementedError("a KV cache with an exact recent window is not wired into retrofitted "
                                           "arms; use a scheme without a window")
             key, value = kv.quantize(key, value)
 
-        context = arm_attention(module, query, key, value, attention_mask, scaling, hooks, kernel, kwargs)
+        context = arm_attention(module, query, key, value, ~hidden, scaling, hooks, kernel, kwargs)
         return context.transpose(1, 2).contiguous(), None
+    # softmax, soft-capped where the model caps: one arm for the float, windowed and kernel paths
+    arm = replace(ATTENTION_ARMS["softmax"], softcap=softcap)
     groups = getattr(module, "num_key_value_groups", 1)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    hidden = hidden_keys(attention_mask, query.shape[-2], key.shape[-2], query.device)
     if kv is not None:  # quantized per KV head, as the cache stores them (before the GQA repeat)
         key_q, value_q = kv.quantize(key, value)
         if kv.exact_recent:
@@ -109,17 +149,17 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
 
             exact = (_repeat_kv(key, groups), _repeat_kv(value, groups), None)
             quantized = (_repeat_kv(key_q, groups), _repeat_kv(value_q, groups), None)
-            context = attend_windowed(ATTENTION_ARMS["softmax"], query, exact, quantized, kv.exact_recent,
+            context = attend_windowed(arm, query, exact, quantized, kv.exact_recent,
                                       module=module, hooks=hooks, hidden=hidden, scaling=scaling)
             return context.transpose(1, 2).contiguous(), None
         key, value = key_q, value_q
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # (B, H, T, D)
     if kernel is not None:
-        context = kernel.attend(query, key, value, arm=ATTENTION_ARMS["softmax"], module=module, gate_fn=None,
+        context = kernel.attend(query, key, value, arm=arm, module=module, gate_fn=None,
                                 scaling=scaling, hidden=hidden, hooks=hooks)
         return context.transpose(1, 2).contiguous(), None
     scores = ((query @ key.transpose(-1, -2)) * scaling).masked_fill(hidden, float("-inf"))  # (B, H, T, T)
-    context = hooked_context(softmax_weights, scores, value, module, hooks)
+    context = hooked_context(arm.normalise, scores, value, module, hooks)
     return context.transpose(1, 2).contiguous(), None  # (B, T, H, D)
 
 
@@ -132,7 +172,13 @@ def _register() -> None:
 
 
 def install_attention(model: nn.Module) -> list[nn.Module]:
-    """Route a stock HF model's attention through `hf_attention`; returns its modules."""
+    """Route a stock HF model's attention through `hf_attention`; returns its modules.
+    UnsupportedModel where the family's attention does not go through transformers'
+    interface (routing it would silently change nothing)."""
+    family = family_of(model)
+    why = family.refusal("attention")
+    if why is not None:
+        raise UnsupportedModel(f"{type(model).__name__} ({family.name} family): {why}")
     modules = attention_modules(model)
     _register()
     model.set_attn_implementation(IMPLEMENTATION)

@@ -67,9 +67,15 @@ class Handler:
     follow_device: bool = False
     devices: tuple[str, ...] = ("cpu",)
     package: str | Callable | None = None
+    # what it needs of the model's layout (qbench.modeling.families.NEEDS), or
+    # requires(scheme) -> those; the planner refuses a family that lacks one (qbench.quant.support)
+    requires: tuple[str, ...] | Callable = ()
 
     def needs(self, scheme) -> str | None:
         return self.package(scheme) if callable(self.package) else self.package
+
+    def layout_needs(self, scheme) -> tuple[str, ...]:
+        return tuple(self.requires(scheme)) if callable(self.requires) else self.requires
 
 
 REGISTRY: dict[str, dict[str, Handler]] = {kind: {} for kind in KINDS}
@@ -78,7 +84,8 @@ REGISTRY: dict[str, dict[str, Handler]] = {kind: {} for kind in KINDS}
 def register(kind: str, name: str, *, fields: Iterable[str] = (), options: Iterable[str] = (),
              transform_keys: Iterable[str] = ("method",), check: Callable | None = None,
              versions: tuple[int, ...] = (1,), follow_device: bool = False,
-             devices: Iterable[str] = ("cpu",), package: str | Callable | None = None):
+             devices: Iterable[str] = ("cpu",), package: str | Callable | None = None,
+             requires: tuple[str, ...] | Callable = ()):
     """Decorator: register `apply` as the handler `name` of `kind`."""
     if kind not in KINDS:
         raise ValueError(f"unknown handler kind {kind!r}; one of {KINDS}")
@@ -88,7 +95,7 @@ def register(kind: str, name: str, *, fields: Iterable[str] = (), options: Itera
             raise ValueError(f"{kind} {name!r} is registered twice")
         REGISTRY[kind][name] = Handler(kind, name, apply, frozenset(fields), frozenset(options),
                                        frozenset(transform_keys), check, tuple(versions), follow_device,
-                                       tuple(devices), package)
+                                       tuple(devices), package, requires)
         return apply
     return decorate
 

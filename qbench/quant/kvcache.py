@@ -179,7 +179,7 @@ def _check(scheme) -> None:
         raise ValueError(f"scheme {scheme.name!r}: kv_cache {scheme.options['kv_cache']!r}: {err}") from None
 
 
-@register("addon", "kv_cache", check=_check, devices=("cpu", "cuda"))
+@register("addon", "kv_cache", check=_check, devices=("cpu", "cuda"), requires=("attention",))
 def apply_kv_cache(model: torch.nn.Module, scheme, calibration=None) -> dict:
     """Keys and values as they enter the cache, after any weight/activation scheme."""
     return install_kv_cache(model, KVCacheSpec.from_options(scheme.options["kv_cache"]))

@@ -86,7 +86,7 @@ def fold_norms(model: nn.Module) -> dict:
     """Steps 1: norms into their readers (and, for LayerNorm models, the mean-free stream)."""
     from qbench.modeling.model import HeadwiseGate
 
-    s = residual_structure(model)
+    s = residual_structure(model, "rotation")
     head_name, head = s.head
     if head.weight is model.get_input_embeddings().weight:  # tied: the head gets its own copy
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
@@ -95,15 +95,14 @@ def fold_norms(model: nn.Module) -> dict:
     if s.layer_norm:
         for _, emb in s.embeddings:
             emb.weight.sub_(emb.weight.mean(dim=1, keepdim=True))
-        for group in s.groups:
-            _, writer = group.writer
+        for _, writer in (w for group in s.groups for w in group.writers):
             writer.weight.sub_(writer.weight.mean(dim=0, keepdim=True))
             if writer.bias is not None:
                 writer.bias.sub_(writer.bias.mean())
     groups = [(g.norm, g.readers) for g in s.groups] + [(s.final_norm[1], [s.head])]
     norm_names = [g.name for g in s.groups] + [s.final_norm[0]]
     for (norm, readers), norm_name in zip(groups, norm_names):
-        gamma = norm.weight.detach()
+        gamma = s.scale(norm)  # Gemma's norms scale by 1 + w
         beta = getattr(norm, "bias", None)
         for name, reader in readers:
             if isinstance(reader, HeadwiseGate):
@@ -134,7 +133,7 @@ def rotate(model: nn.Module, seed: int = 0) -> dict:
     from qbench.modeling.model import HeadwiseGate
 
     facts = fold_norms(model)
-    s = residual_structure(model)
+    s = residual_structure(model, "rotation")
     d = s.embeddings[0][1].weight.shape[1]
     try:
         q = random_hadamard_matrix(d, "cpu", seed=seed).double()
@@ -149,8 +148,7 @@ def rotate(model: nn.Module, seed: int = 0) -> dict:
             set_submodule(model, name, reader)
         w = reader.weight
         w.copy_((w.double() @ q.to(w.device)).to(w.dtype))
-    for group in s.groups:
-        _, writer = group.writer
+    for _, writer in (w for group in s.groups for w in group.writers):
         writer.weight.copy_((q.t().to(writer.weight.device) @ writer.weight.double()).to(writer.weight.dtype))
         if writer.bias is not None:
             writer.bias.copy_((q.t().to(writer.bias.device) @ writer.bias.double()).to(writer.bias.dtype))
@@ -158,7 +156,7 @@ def rotate(model: nn.Module, seed: int = 0) -> dict:
             "rotation_seed": seed, "width": d}
 
 
-@register("transform", "hadamard", options=("calibration_seed",), devices=("cpu", "cuda"))
+@register("transform", "hadamard", options=("calibration_seed",), devices=("cpu", "cuda"), requires=("rotation",))
 def apply_hadamard(model: nn.Module, scheme, calibration=None) -> dict:
     # the draw seed seeds the Hadamard signs: --calibration-seeds gives independent rotations
     return rotate(model, seed=scheme.options.get("calibration_seed", 0))

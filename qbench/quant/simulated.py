@@ -127,7 +127,8 @@ def _check(scheme) -> None:
 @register("backend", "simulated", fields=("weight_bits", "weight_granularity", "activation_bits",
                                           "activation_granularity", "int8_matmul", "quantize_gates"),
           options=("attention_kernel",), check=_check, follow_device=True,
-          devices=("cpu", "cuda"))  # torch ops; int8 GEMMs via torch._int_mm
+          devices=("cpu", "cuda"),  # torch ops; int8 GEMMs via torch._int_mm
+          requires=lambda scheme: ("attention",) if scheme.options.get("attention_kernel") else ())
 def apply_dynamic(model: nn.Module, scheme, calibration=None) -> dict:
     linears = quantizable_linears(model, scheme.quantize_gates)
     kernels = {}

@@ -5,7 +5,7 @@ a_j = max|X_j| and weight maxima w_j = max over the (non-gate) readers of max_i 
 
     s_j = max(a_j^alpha / w_j^(1 - alpha), 1e-5)                       (the released smooth_ln_fcs)
 
-and the norm's weight (and bias) are divided by s while every reader's input columns are
+and the norm's scale (its weight; Gemma's 1 + w) and bias are divided by s while every reader's input columns are
 multiplied by s: in float the model is unchanged; the norm output, which the quantizers
 see, has its outlier channels shrunk.  Gates are rescaled to stay equal but are not part
 of w_j (they stay in full precision).
@@ -61,13 +61,14 @@ def smooth(model: nn.Module, batches, alpha: float = 0.5) -> dict:
     """Fold SmoothQuant scales into every norm -> readers group of `model` (in place)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
-    structure = residual_structure(model)
+    structure = residual_structure(model, "smoothquant")
     maxima = activation_maxima(model, {g.name: g.norm for g in structure.groups}, batches)
     largest, smoothed = [], []
     for group in structure.groups:
         scales = smoothing_scales(maxima[group.name], [r for _, r in group.readers], alpha)
         smoothed.append(float((maxima[group.name].float() / scales).max()))
-        group.norm.weight.div_(scales.to(group.norm.weight.dtype))
+        # the norm's scale (Gemma's 1 + w, else w) divided by s
+        structure.set_scale(group.norm, structure.scale(group.norm) / scales.to(group.norm.weight.dtype))
         if getattr(group.norm, "bias", None) is not None:
             group.norm.bias.div_(scales.to(group.norm.bias.dtype))
         for _, reader in group.readers:
@@ -85,7 +86,7 @@ def _check(scheme) -> None:
 
 
 @register("transform", "smoothquant", options=CALIBRATION_OPTIONS, transform_keys=("method", "alpha"), check=_check,
-          devices=("cpu", "cuda"))
+          devices=("cpu", "cuda"), requires=("smoothquant",))
 def apply_smoothquant(model: nn.Module, scheme, calibration=None) -> dict:
     batches = calibration_batches(scheme, calibration)
     facts = smooth(model, batches, scheme.options["transform"].get("alpha", 0.5))

@@ -187,7 +187,7 @@ def _check(scheme) -> None:
 @register("backend", "static", fields=("weight_bits", "weight_granularity", "activation_bits", "activation_granularity",
                                        "activation_static", "quantize_gates"),
           options=("momentum", "weight_range", "activation_range", "percentile", "group_size", *CALIBRATION_OPTIONS),
-          check=_check, follow_device=True, devices=("cpu", "cuda"))
+          check=_check, follow_device=True, devices=("cpu", "cuda"), requires=("attention",))
 def apply_static(model: nn.Module, scheme, calibration=None) -> dict:
     """prepare, run the scheme's calibration draw, freeze."""
     from qbench.device import model_device

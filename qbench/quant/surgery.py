@@ -32,7 +32,7 @@ def linearize_conv1d(model: nn.Module) -> int:
 
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, Conv1D)]
     for name, conv in convs:
-        linear = nn.Linear(conv.weight.shape[0], conv.nf, device=conv.weight.device)
+        linear = nn.Linear(conv.weight.shape[0], conv.nf, device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             linear.weight.copy_(conv.weight.t())
             linear.bias.copy_(conv.bias)
