@@ -39,7 +39,7 @@ def _schemes(suite: Suite, name: str) -> list[str]:
 
 def _models(suite: Suite, name: str) -> list[str]:
     stage = _stage(suite, name)
-    return expand_models(stage.models) if stage else []
+    return stage.model_names() if stage else []
 
 
 _FULL = study_suite(False)
