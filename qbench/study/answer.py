@@ -29,13 +29,12 @@ def answer(facts: Facts) -> str:
     try:
         _, (w8, *_) = _row(facts, "VGA loses less under W8A8")
         vga, soft = facts.value(f"prel:tiny:vga:{PRIMARY_SCHEME}"), facts.value(f"prel:tiny:softmax:{PRIMARY_SCHEME}")
-        first = (f"**Does VGA make a model more quantizable? Not shown at CPU scale.** On the primary endpoint "
-                 f"(`{PRIMARY_SCHEME}`, whole test split) tiny VGA loses {vga} against softmax's {soft}: "
-                 f"*{w8.label}* ({MEANING[w8.label]}; {_units(w8)}).")
-        if w8.label == "supported":
-            first = first.replace("Not shown at CPU scale", "Yes, at CPU scale, under per-tensor W8A8")
-        elif w8.label == "contradicted":
-            first = first.replace("Not shown at CPU scale", "No: at CPU scale it loses more")
+        head = {"supported": "Yes at CPU scale, by a small margin", "contradicted": "No: at CPU scale it loses more",
+                "not shown": "Not shown at CPU scale", "insufficient": "Not decided yet",
+                "untested": "Not measured yet"}[w8.label]
+        first = (f"**Does VGA make a model more quantizable? {head}.** On the primary endpoint (`{PRIMARY_SCHEME}`, "
+                 f"whole test split) tiny VGA loses {vga} against softmax's {soft}: *{w8.label}*, "
+                 f"{MEANING[w8.label]} ({_units(w8)}).")
     except MissingValue as err:
         first = f"**Does VGA make a model more quantizable?** The primary endpoint is not computed yet ({err})."
     try:

@@ -76,6 +76,13 @@ def span(s: dict, unit: str = "", signed: bool = False, digits: int = 3) -> str:
     return f"{number(s['min'], signed, digits)}{unit} to {number(s['max'], signed, digits)}{unit}"
 
 
+def _sum_or_nan(cell, reference, fp_ppl) -> float:
+    """100 (|cell's move| + |its fp32's move|) / fp32 ppl: how far `rel` moves by arithmetic."""
+    if cell is None or reference is None or pd.isna(cell) or pd.isna(reference) or not fp_ppl:
+        return float("nan")
+    return 100.0 * (cell + reference) / fp_ppl
+
+
 def sensitivity_of(record: dict, metric: str) -> float | None:
     """|metric recomputed under perturbed arithmetic - metric| of a record, in the metric's
     units (None if not measured); see qbench/sensitivity.py."""
@@ -125,7 +132,7 @@ class Facts:
         frame["rel"] = 100.0 * (frame.ppl - frame.fp_ppl) / frame.fp_ppl
         # how far `rel` can move by arithmetic alone: the cell's ppl and its fp32's, each moved by its sensitivity
         fp_sens = frame[frame.scheme == REFERENCE_SCHEME].groupby(["model", "protocol"]).ppl_sensitivity.max()
-        frame["rel_sensitivity"] = [100.0 * (s + fp_sens.get((m, p), float("nan"))) / f if f else float("nan")
+        frame["rel_sensitivity"] = [_sum_or_nan(s, fp_sens.get((m, p)), f)
                                     for s, m, p, f in zip(frame.ppl_sensitivity, frame.model, frame.protocol,
                                                           frame.fp_ppl)]
         return frame
@@ -197,7 +204,7 @@ class Facts:
         """`a-b` calibration draws per checkpoint (the fewest and most)."""
         frame = self.long if long else self.cells
         cells = frame[(frame.group == group) & (frame.scheme == scheme) & (frame.arm == arm)]
-        counts = cells.groupby("model").draw.count()
+        counts = cells.groupby("model").size()  # an uncalibrated scheme: one cell, draw None
         if counts.empty:
             return "0"
         return str(counts.min()) if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
