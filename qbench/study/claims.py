@@ -101,9 +101,9 @@ def _quant_claim(arm: str, scheme: str, predicted: str = "lower"):
         a, s = _values(f.primary("tiny", arm, scheme)), _values(f.primary("tiny", "softmax", scheme))
         qa, qs = _values(f.per_checkpoint("tiny", arm, scheme)), _values(f.per_checkpoint("tiny", "softmax", scheme))
         sa, ss = _values(f.per_checkpoint("small", arm, scheme)), _values(f.per_checkpoint("small", "softmax", scheme))
-        text = (f"tiny `{scheme}` {arm} {_c(stats(a), '%', True)} vs {_c(stats(s), '%', True)} (whole split, "
-                f"{f.draws_of('tiny', arm, scheme)} draws); quick {_c(stats(qa), '%', True)} vs "
-                f"{_c(stats(qs), '%', True)}")
+        draws = f.draws_of("tiny", arm, scheme)
+        text = (f"tiny `{scheme}` {arm} {_c(stats(a), '%', True)} vs {_c(stats(s), '%', True)} ({draws} "
+                f"draw{'' if draws == '1' else 's'}); 20k {_c(stats(qa), '%', True)} vs {_c(stats(qs), '%', True)}")
         scopes = [Evidence(a, s, predicted, "tiny", sensitivity=f.sensitivity("tiny", [arm, "softmax"], scheme))]
         if sa and ss:
             text += f"; small {_c(stats(sa), '%', True)} vs {_c(stats(ss), '%', True)}"
@@ -212,8 +212,8 @@ def claims_table(facts: Facts) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-HEADLINE_SCHEMES = [("pt % whole", PRIMARY_SCHEME, True), ("pt % 20k", PRIMARY_SCHEME, False),
-                    ("W4 % whole", "w4-rtn-g64", True)]
+HEADLINE_SCHEMES = [("W8A8-pt %", PRIMARY_SCHEME, True), ("20k", PRIMARY_SCHEME, False),
+                    ("W4 g64 %", "w4-rtn-g64", True)]
 
 
 def _compact(s: dict, signed: bool = True) -> str:

@@ -364,6 +364,13 @@ class Facts:
         """{prelspan:GROUP:ARM:SCHEME}: smallest to largest checkpoint on the whole test split."""
         return span(stats(self.primary(group, arm, scheme)), "%", signed=True)
 
+    def _v_klrange(self, group, scheme, selector=None):
+        """{klrange:GROUP:SCHEME[:ARMS or -ARMS]}: smallest to largest single checkpoint's
+        KL(P_fp || P_q) x 1000 on the short protocol, over the selected arms."""
+        cells = self.cells[(self.cells.group == group) & (self.cells.scheme == scheme)
+                           & self.cells.arm.isin(self._arms_filter(group, selector))]
+        return span(stats(1000.0 * cells.groupby("model").kl.mean()), digits=3)
+
     def _v_relmax(self, group, scheme):
         """{relmax:GROUP:SCHEME}: the largest single checkpoint's change (short protocol) and its name."""
         per = self.cells[(self.cells.group == group) & (self.cells.scheme == scheme)].groupby("model").rel.mean()

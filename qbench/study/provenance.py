@@ -78,7 +78,7 @@ def provenance_table(models_dir: Path, groups: dict[str, list[tuple[str, str, in
             rows.setdefault(key, {}).setdefault(arm, []).append(seed)
     out = []
     for (group, device, precision, stored, epochs), arms in rows.items():
-        who = ", ".join(f"{arm} s{'/'.join(str(s) for s in sorted(seeds))}" for arm, seeds in arms.items())
-        out.append({"group": group, "trained on": device, "training precision": precision, "stored": stored,
-                    "epochs": epochs, "checkpoints (arm, seeds)": who})
+        who = ", ".join(f"{arm} {','.join(str(s) for s in sorted(seeds))}" for arm, seeds in arms.items())
+        out.append({"group": group, "device": device, "training": precision, "stored": stored,
+                    "epochs": epochs, "arms and seeds": who})
     return pd.DataFrame(out)

@@ -121,9 +121,8 @@ def headline_section(ctx: StudyContext) -> list[str]:
         return []
     return ["## Headline per arm", "",
             "`n` training seeds; fp32 perplexity; relative perplexity change (%) under `w8a8-pt` on the whole "
-            "test split (`pt % whole`, the primary endpoint: mean over 3 calibration draws per seed), on the first "
-            "20,000 characters (`pt % 20k`, the quick check) and under 4-bit weights (RTN, groups of 64) on the "
-            "whole split; fp32 extreme-token indicators (`sink %` = sink rate@0.3, `inf-norm` = max inf-norm, "
+            "test split (the primary endpoint: mean over 3 calibration draws per seed), on the first 20,000 "
+            "characters (`20k`, the quick check) and under 4-bit weights (RTN, groups of 64) on the whole split; fp32 extreme-token indicators (`sink %` = sink rate@0.3, `inf-norm` = max inf-norm, "
             "`kurt. max` = largest kurtosis over tracked tensors); `vs softmax`: the verdict of the rule above on "
             "\"the arm loses less than softmax\" on the whole split (W8A8-pt / W4). `a±b` = mean ± sample std "
             "over seeds (SmolLM2: over calibration draws).",
@@ -146,7 +145,7 @@ def provenance_lines(ctx: StudyContext) -> list[str]:
     return ["Provenance per checkpoint (model cards; stored dtype from the safetensors header; epochs = training "
             "tokens over the training split's tokens). Arms whose seeds differ in device or stored dtype compare "
             "checkpoints of different arithmetic histories; SmolLM2 is the published GGUF.", "",
-            markdown_table(table), ""]
+            compact_markdown(table), ""]
 
 
 def mechanism_section(ctx: StudyContext) -> list[str]:
