@@ -197,7 +197,9 @@ def _cmd_sensitivity(args) -> int:
     stages = [name.strip() for name in args.stages.split(",") if name.strip()]
     keys = {p.cell.key for p in plan_suite(Suite(suite.name, [suite.stage(n) for n in stages], suite.resources))}
     store = ResultStore(args.results)
-    records = sorted((r for r in store.records() if r["key"] in keys), key=lambda r: (r["model"], r["scheme"]))
+    models = {m.strip() for m in args.models.split(",")} if args.models else None
+    records = sorted((r for r in store.records() if r["key"] in keys and (models is None or r["model"] in models)),
+                     key=lambda r: (r["model"], r["scheme"]))
     results = measure(store, records, args.perturbation, force=args.force)
     print(f"{sum(r.status == 'ok' for r in results)} of {len(results)} cells measured "
           f"({len(records) - len(results)} held a sensitivity already)")
@@ -329,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturbation", default="isa", choices=["isa", "threads"],
                    help="isa: the next lower kernel ISA level (AVX512 -> AVX2); threads: twice the record's threads")
     p.add_argument("--results", default="results")
+    p.add_argument("--models", default=None, help="only these models' cells, comma-separated (default: all)")
     p.add_argument("--force", action="store_true", help="remeasure cells that hold a sensitivity already")
     p.set_defaults(func=_cmd_sensitivity)
 

@@ -95,34 +95,39 @@ def _child(keys: list[str], results: str) -> int:
 
 def measure(store: ResultStore, records: list[dict], kind: str = "isa", force: bool = False,
             echo=print) -> list[Measured]:
-    """Recompute `records` (ppl cells) under the perturbation and store each one's move."""
-    todo = [r for r in records if r.get("task") == "ppl" and r.get("status") == "ok"
-            and (force or not r.get("sensitivity"))]
+    """Recompute `records` (ppl cells) under the perturbation and store each one's move as
+    the child reports it (an interrupted run keeps what it measured)."""
+    todo = {r["key"]: r for r in records if r.get("task") == "ppl" and r.get("status") == "ok"
+            and (force or not r.get("sensitivity"))}
     if not todo:
         return []
-    env, what = perturbed_environment(kind, todo[0])
+    env, what = perturbed_environment(kind, next(iter(todo.values())))
     echo(f"sensitivity of {len(todo)} cell(s) under {what}")
-    child = subprocess.run([sys.executable, "-m", "qbench.sensitivity", "--child", str(store.root),
-                            *[r["key"] for r in todo]], env={**os.environ, **env}, capture_output=True, text=True)
-    lines = [json.loads(x) for x in child.stdout.splitlines() if x.startswith("{")]
-    if child.returncode != 0 and not lines:
-        raise RuntimeError(f"the perturbed process failed: {child.stderr.strip().splitlines()[-1:]}")
-    by_key = {line["key"]: line for line in lines}
     out = []
-    for record in todo:
-        found = by_key.get(record["key"])
-        status = "ok" if found and found.get("status") == "ok" else "failed"
-        if status == "ok":
-            with store.lock(record["key"]):
-                current = store.get(record["key"]) or record
-                current["sensitivity"] = {"perturbation": what, "kernels": found["kernels"],
-                                          "metrics": found["metrics"]}
-                store.put(current)
-            record = current
-        result = Measured(record["key"], record["model"], record["scheme"], record.get("calibration_seed"),
-                          relative_sensitivity(record), status)
-        echo(result.line())
-        out.append(result)
+    with subprocess.Popen([sys.executable, "-m", "qbench.sensitivity", "--child", str(store.root), *todo],
+                          env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True) as child:
+        for line in child.stdout:
+            if not line.startswith("{"):
+                continue
+            found = json.loads(line)
+            record = todo.pop(found["key"], None)
+            if record is None:
+                continue
+            if found.get("status") == "ok":
+                with store.lock(record["key"]):
+                    record = store.get(record["key"]) or record
+                    record["sensitivity"] = {"perturbation": what, "kernels": found["kernels"],
+                                             "metrics": found["metrics"]}
+                    store.put(record)
+            result = Measured(record["key"], record["model"], record["scheme"], record.get("calibration_seed"),
+                              relative_sensitivity(record) if found.get("status") == "ok" else None,
+                              "ok" if found.get("status") == "ok" else "failed")
+            echo(result.line())
+            out.append(result)
+    for record in todo.values():  # the child stopped before these
+        out.append(Measured(record["key"], record["model"], record["scheme"], record.get("calibration_seed"),
+                            None, "failed"))
     return out
 
 
