@@ -27,3 +27,4 @@ def test_the_facts_read_a_cells_sensitivity_in_percentage_points():
     assert math.isclose(sensitivity_of(record, "ppl"), 0.22)
     assert math.isclose(_sum_or_nan(0.22, 0.0, 110.0), 0.2)  # 100 x 0.22 / 110 points of rel
     assert math.isnan(_sum_or_nan(None, 0.1, 110.0))
+

@@ -173,6 +173,9 @@ def test_committed_study_opens_with_the_claims_and_headline():
     text = (REPO_ROOT / "results" / "STUDY.md").read_text()
     lines = text.splitlines()
     first = "\n".join(lines[:40])
+    answer = "\n".join(lines[:12])  # the answer is on the first screen, its verdict by the rule's words
+    assert "Does VGA make a model more quantizable?" in answer and "primary endpoint" in answer
+    assert any(f"*{label}*" in answer for label in ("supported", "contradicted", "not shown", "insufficient"))
     assert "## The claims against our evidence" in first and "| VGA |" in first
     assert "Primary endpoint:" in first and "sample standard deviation" in first  # ± is defined
     assert "The store holds" in first

@@ -33,8 +33,8 @@ def answer(facts: Facts) -> str:
                 "not shown": "Not shown at CPU scale", "insufficient": "Not decided yet",
                 "untested": "Not measured yet"}[w8.label]
         first = (f"**Does VGA make a model more quantizable? {head}.** On the primary endpoint (`{PRIMARY_SCHEME}`, "
-                 f"whole test split) tiny VGA loses {vga} against softmax's {soft}: *{w8.label}*, "
-                 f"{MEANING[w8.label]} ({_units(w8)}).")
+                 f"whole test split) tiny VGA loses {vga} against softmax's {soft}: *{w8.label}* "
+                 f"({_units(w8)}; {MEANING[w8.label]}).")
     except MissingValue as err:
         first = f"**Does VGA make a model more quantizable?** The primary endpoint is not computed yet ({err})."
     try:
@@ -50,11 +50,15 @@ def answer(facts: Facts) -> str:
     try:
         _, (attn, *_) = _row(facts, "key-side VGA (Eq. 6) lowers attn. on BOS")
         _, (drain, *_) = _row(facts, "VGA stops the BOS value drain")
-        third = (f"Mechanistically key-side VGA does not remove the sink: on Bigram-Backcopy it attends to BOS "
+        against = attn.difference > 0 and drain.difference < 0
+        third = (f"Mechanistically, on Bigram-Backcopy key-side VGA attends to BOS "
                  f"{facts.value('mech:bb:vga:attn_s')} against softmax's {facts.value('mech:bb:softmax:attn_s')} "
-                 f"and closes BOS's gate instead (gated BOS value {facts.value('mech:bb:vga:val_s_eff_ratio')} "
-                 f"of the others'), directions that point against the paper but stay *{attn.label}* / "
-                 f"*{drain.label}* under the rule ({_units(attn)}).")
+                 f"with a gated BOS value of {facts.value('mech:bb:vga:val_s_eff_ratio')} of the others' "
+                 f"(softmax {facts.value('mech:bb:softmax:val_s_ratio')}): "
+                 + ("both point against the paper (the sink stays and the gate closes at BOS)" if against
+                    else "not both in the paper's direction" if not (attn.difference < 0 and drain.difference > 0)
+                    else "both in the paper's direction")
+                 + f", *{attn.label}* / *{drain.label}* under the rule ({_units(attn)}).")
     except MissingValue as err:
         third = f"The mechanism runs are incomplete ({err})."
     return " ".join([first, second, third])

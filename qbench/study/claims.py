@@ -18,7 +18,7 @@ from qbench.study.verdict import Evidence, Verdict, verdict
 # The primary endpoint, stated once and used by the headline table and the claims.
 PRIMARY_SCHEME = "w8a8-pt"
 PRIMARY_ENDPOINT = ("relative perplexity change (%) under `w8a8-pt` (Bondarenko's per-tensor static W8A8) against the "
-                    "same checkpoint's fp32, on the whole SOTU test split (about 100,000 tokens); per checkpoint the "
+                    "same checkpoint's fp32, on the whole SOTU test split; per checkpoint the "
                     "mean over its 3 calibration draws, then over training seeds. The first 20,000 characters of the "
                     "test split (sections 2-4) are the quick check")
 SPREAD_DEFINITION = ("`a ± b (n)`: mean ± sample standard deviation over the n units named (training seeds, each "
