@@ -237,6 +237,12 @@ def _stage(data: dict, defaults: dict, name: str, where: str) -> Stage:
         if not merged.get(key):
             raise SuiteError(f"{where}: `{key}` must list at least one entry")
     seeds = merged.get("calibration_seeds")
+    if merged.get("arms") is not None:
+        from qbench.modeling.attention import ATTENTION_ARMS
+
+        for arm in _names(merged, "arms", where):
+            if arm not in ATTENTION_ARMS:
+                raise SuiteError(f"{where}: unknown arm {arm!r} in `arms`{closest(arm, list(ATTENTION_ARMS))}")
     try:
         return Stage(name=str(merged.get("name", name))[:200], models=_names(merged, "models", where),
                      schemes=_names(merged, "schemes", where),

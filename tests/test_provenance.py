@@ -1,4 +1,6 @@
 """How each checkpoint was trained, read from its folder for STUDY.md's headline caption."""
+
+
 def test_provenance_reads_the_card_and_the_safetensors_header(tmp_path):
     import json
     import struct

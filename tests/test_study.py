@@ -219,6 +219,15 @@ def test_the_study_suite_stages_keep_their_invariants():
     tiny, draws = suite.stage("tiny"), suite.stage("tiny other draws")
     assert draws.schemes == [s for s in tiny.schemes if "calibration_seed" in get_scheme(s).options]
     assert [scheme for _, scheme in PTQ_COLUMNS] == suite.stage("ptq").schemes
+    # the primary endpoint: the whole split, every draw, only the arms named (the zoo's `arm`)
+    from qbench.zoo import read_zoo
+
+    primary = suite.stage("primary")
+    assert primary.limit is None and primary.calibration_seeds == [0, 1, 2] and "w8a8-pt" in primary.schemes
+    zoo = read_zoo()
+    assert primary.model_names() == [m for m, e in zoo.items() if e.get("preset") == "tiny"
+                                     and e.get("arm") in ("softmax", "vga")]
+    assert suite.stages[0] is primary  # computed first
     full = plan(False)
     assert full.calibration_seeds == [0, 1, 2] and full.tiny_tasks == ["ppl", "probes"] and full.task_limit == 500
     quick = plan(True)

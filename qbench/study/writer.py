@@ -108,8 +108,10 @@ def claims_section(ctx: StudyContext) -> list[str]:
     if ctx.quick:
         return []
     table = claims_table(ctx.facts)
+    judged = sum(cell.count(label) for cell in table.verdict for label in ("supported", "contradicted", "not shown"))
     return ["## The claims against our evidence", "",
-            f"The rule (`qbench/study/verdict.py`, applied by code to every row): {RULE_TEXT}. " + chance_sentence(),
+            f"The rule (`qbench/study/verdict.py`, applied by code to every row): {RULE_TEXT}. " + chance_sentence()
+            + f" This table judges {judged} scope(s) (the others are insufficient or untested).",
             "", compact_markdown(table), ""]
 
 
