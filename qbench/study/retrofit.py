@@ -82,10 +82,11 @@ def _extremes(arm: list[float], control: list[float], fmt: str) -> str:
 
 
 def _verdict(arm: list[float], control: list[float], seeds: int) -> str:
-    """The rule needs two fine-tune seeds; with fewer, cells that satisfy it are a lead."""
+    """The rule needs two fine-tune seeds; with fewer, cells that satisfy it are insufficient
+    (the study's verdict, qbench/study/verdict.py, needs four)."""
     found = decide(arm, control)
     if seeds < 2 and found.startswith("reduces"):
-        return "lead only: every cell below, but 1 fine-tune seed"
+        return "insufficient: every cell below, but 1 fine-tune seed"
     return found
 
 
