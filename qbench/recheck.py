@@ -52,13 +52,24 @@ def tolerance(record: dict, here: dict | None = None) -> tuple[float, str]:
     """(tolerance, why) for one record recomputed on this machine: the kernel rule below,
     raised to the cell's own arithmetic sensitivity where `qbench sensitivity` measured it
     (a chaotic cell moves by more than any float32 bound; qbench/sensitivity.py)."""
-    from qbench.sensitivity import relative_sensitivity
-
     tol, why = _kernel_tolerance(record, here)
     own = relative_sensitivity(record)
     if own is not None and own > tol:
         return own, f"the cell's sensitivity ({record['sensitivity'].get('perturbation')}); {why}"
     return tol, why
+
+
+SENSITIVITY_METRICS = ("ppl", "word_ppl", "byte_ppl")
+
+
+def relative_sensitivity(record: dict) -> float | None:
+    """The largest relative move |perturbed - recorded| / |recorded| over SENSITIVITY_METRICS of a
+    record's stored sensitivity (`qbench sensitivity`, qbench/sensitivity.py), or None."""
+    moved = (record.get("sensitivity") or {}).get("metrics") or {}
+    metrics = record.get("metrics") or {}
+    values = [abs(moved[k] - metrics[k]) / abs(metrics[k]) for k in SENSITIVITY_METRICS
+              if isinstance(moved.get(k), (int, float)) and isinstance(metrics.get(k), (int, float)) and metrics[k]]
+    return max(values) if values else None
 
 
 def cpu_kind(record: dict) -> tuple[str | None, str | None]:

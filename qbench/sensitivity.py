@@ -21,10 +21,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from qbench.recheck import SENSITIVITY_METRICS as METRICS, relative_sensitivity
 from qbench.results import ResultStore
 
 LOWER_ISA = {"AVX512": "AVX2", "AVX512_BF16": "AVX2", "AVX512_VNNI": "AVX2", "AVX2": "DEFAULT"}
-METRICS = ("ppl", "word_ppl", "byte_ppl")
 
 
 def perturbed_environment(kind: str, record: dict | None = None) -> tuple[dict, str]:
@@ -43,15 +43,6 @@ def perturbed_environment(kind: str, record: dict | None = None) -> tuple[dict, 
         threads = ((record or {}).get("provenance") or {}).get("machine", {}).get("torch_threads") or 1
         return {"OMP_NUM_THREADS": str(2 * threads)}, f"threads {threads} -> {2 * threads}"
     raise ValueError(f"unknown perturbation {kind!r} (isa or threads)")
-
-
-def relative_sensitivity(record: dict) -> float | None:
-    """The largest relative move |perturbed - recorded| / |recorded| over METRICS, or None."""
-    moved = (record.get("sensitivity") or {}).get("metrics") or {}
-    metrics = record.get("metrics") or {}
-    values = [abs(moved[k] - metrics[k]) / abs(metrics[k]) for k in METRICS
-              if isinstance(moved.get(k), (int, float)) and isinstance(metrics.get(k), (int, float)) and metrics[k]]
-    return max(values) if values else None
 
 
 @dataclass

@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from qbench.sensitivity import perturbed_environment, relative_sensitivity
+from qbench.recheck import relative_sensitivity
+from qbench.sensitivity import perturbed_environment
 
 
 def test_relative_sensitivity_is_the_largest_relative_move():
