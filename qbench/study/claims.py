@@ -134,8 +134,13 @@ def _collapse(f: Facts):
     massive = f.probe_stats("smollm2", "-", "massive")
     if not rel.get("n"):
         raise MissingValue("no SmolLM2 records")
+    from qbench.recheck import mixed_cells
+
+    kinds = next((k for (m, sc, task, p), k in mixed_cells(f.records).items()
+                  if m == "smollm2-135m" and sc == PRIMARY_SCHEME and p.endswith("-first20000c")), None)
+    mixed = f" on {len({c for c, _ in kinds})} CPU kinds" if kinds else ""
     return (f"SmolLM2 (massive act. {number(massive.get('mean'), digits=5)}) `{PRIMARY_SCHEME}` "
-            f"{_c(rel, '%', True)} over {rel['n']} draws; one model, no comparator",
+            f"{_c(rel, '%', True)} over {rel['n']} draws{mixed}; one model, no comparator",
             [Evidence((rel["mean"],), predicted="higher", scope="SmolLM2 vs a 50% loss", target=50.0)])
 
 
