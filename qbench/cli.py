@@ -165,7 +165,9 @@ def _cmd_study(args) -> int:
 
     store = ResultStore(args.results)
     if args.compute:
-        failed = [r for r in run_study(store, quick=args.quick, progress=not args.quiet) if r.get("status") != "ok"]
+        stages = [name.strip() for name in args.stages.split(",") if name.strip()] if args.stages else None
+        computed = run_study(store, quick=args.quick, progress=not args.quiet, stages=stages)  # unknown stage: KeyError
+        failed = [r for r in computed if r.get("status") != "ok"]
         for r in failed:
             print(f"FAILED {r['model']} {r['scheme']} {r['task']}: {r.get('error')}", file=sys.stderr)
     path = write_study(store, Path(args.out), models_dir(), quick=args.quick,
@@ -182,6 +184,25 @@ def _cmd_recheck(args) -> int:
     models = [m.strip() for m in args.models.split(",")] if args.models else None
     results = run_recheck(ResultStore(args.results), args.n, seed=args.seed, tasks=tuple(args.tasks.split(",")),
                           models=models, slow=args.slow)
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+def _cmd_sensitivity(args) -> int:
+    from qbench.plan import plan_suite
+    from qbench.results import ResultStore
+    from qbench.sensitivity import measure
+    from qbench.study.plan import Suite, study_suite
+
+    suite = study_suite(False)
+    stages = [name.strip() for name in args.stages.split(",") if name.strip()]
+    keys = {p.cell.key for p in plan_suite(Suite(suite.name, [suite.stage(n) for n in stages], suite.resources))}
+    store = ResultStore(args.results)
+    models = {m.strip() for m in args.models.split(",")} if args.models else None
+    records = sorted((r for r in store.records() if r["key"] in keys and (models is None or r["model"] in models)),
+                     key=lambda r: (r["model"], r["scheme"]))
+    results = measure(store, records, args.perturbation, force=args.force)
+    print(f"{sum(r.status == 'ok' for r in results)} of {len(results)} cells measured "
+          f"({len(records) - len(results)} held a sensitivity already)")
     return 0 if all(r.status == "ok" for r in results) else 1
 
 
@@ -297,10 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute", action="store_true",
                    help="first compute the plan's cells that the store lacks (hours on a CPU); without it, "
                         "writing STUDY.md computes nothing")
+    p.add_argument("--stages", default=None,
+                   help="with --compute: only these stages of suites/study.yaml, comma-separated (e.g. 'primary')")
     p.add_argument("--no-run", action="store_true", help=argparse.SUPPRESS)  # the old default; kept for scripts
     p.add_argument("--readme", default="README.md", help="README whose generated results text is re-rendered ('' for none)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_study)
+
+    p = sub.add_parser("sensitivity", help="recompute the study's cells under a perturbed arithmetic and store "
+                                            "each one's move beside its value (the verdicts' and recheck's floor)")
+    p.add_argument("--stages", default="primary", help="stages of suites/study.yaml, comma-separated")
+    p.add_argument("--perturbation", default="isa", choices=["isa", "threads"],
+                   help="isa: the next lower kernel ISA level (AVX512 -> AVX2); threads: twice the record's threads")
+    p.add_argument("--results", default="results")
+    p.add_argument("--models", default=None, help="only these models' cells, comma-separated (default: all)")
+    p.add_argument("--force", action="store_true", help="remeasure cells that hold a sensitivity already")
+    p.set_defaults(func=_cmd_sensitivity)
 
     p = sub.add_parser("recheck", help="recompute a random sample of stored cells and print each one's drift "
                                         "against its tolerance (exit 1 if any is out)")

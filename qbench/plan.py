@@ -148,7 +148,7 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
 
 # -- suite files ------------------------------------------------------------------------------
 
-STAGE_KEYS = {"name", "models", "schemes", "tasks", "calibration_seeds", "limit", "task_limit", "corpus"}
+STAGE_KEYS = {"name", "models", "arms", "schemes", "tasks", "calibration_seeds", "limit", "task_limit", "corpus"}
 SUITE_KEYS = STAGE_KEYS | {"resources", "stages"}
 MAX_SUITE_BYTES = 1 << 20
 
@@ -168,6 +168,15 @@ class Stage:
     limit: int | None = None
     task_limit: int | None = None
     corpus: str | None = None
+    arms: list[str] | None = None  # keep only the models of these attention arms (zoo `arm`)
+
+    def model_names(self) -> list[str]:
+        """The stage's models, `preset:`/`all` expanded, filtered by `arms` when given."""
+        models = expand_models(self.models)
+        if self.arms is None:
+            return models
+        zoo = read_zoo()
+        return [m for m in models if zoo.get(m, {}).get("arm") in self.arms]
 
 
 @dataclass
@@ -233,6 +242,12 @@ def _stage(data: dict, defaults: dict, name: str, where: str) -> Stage:
         if not merged.get(key):
             raise SuiteError(f"{where}: `{key}` must list at least one entry")
     seeds = merged.get("calibration_seeds")
+    if merged.get("arms") is not None:
+        from qbench.modeling.attention import ATTENTION_ARMS
+
+        for arm in _names(merged, "arms", where):
+            if arm not in ATTENTION_ARMS:
+                raise SuiteError(f"{where}: unknown arm {arm!r} in `arms`{closest(arm, list(ATTENTION_ARMS))}")
     try:
         return Stage(name=str(merged.get("name", name))[:200], models=_names(merged, "models", where),
                      schemes=_names(merged, "schemes", where),
@@ -240,7 +255,8 @@ def _stage(data: dict, defaults: dict, name: str, where: str) -> Stage:
                      calibration_seeds=seed_list(seeds if isinstance(seeds, list) else [seeds], "calibration_seeds")
                      if seeds is not None else None,
                      limit=positive_int(merged.get("limit"), "limit"),
-                     task_limit=positive_int(merged.get("task_limit"), "task_limit"), corpus=merged.get("corpus"))
+                     task_limit=positive_int(merged.get("task_limit"), "task_limit"), corpus=merged.get("corpus"),
+                     arms=_names(merged, "arms", where) if merged.get("arms") is not None else None)
     except UsageError as err:
         raise SuiteError(f"{where}: {err}") from err
 
@@ -273,7 +289,7 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def plan_stage(stage: Stage, cache: dict | None = None) -> list[PlannedCell]:
-    return plan_cells(stage.models, stage.schemes, stage.tasks, stage.limit, stage.corpus, stage.calibration_seeds,
+    return plan_cells(stage.model_names(), stage.schemes, stage.tasks, stage.limit, stage.corpus, stage.calibration_seeds,
                       stage.task_limit, cache=cache)
 
 

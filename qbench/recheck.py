@@ -49,7 +49,58 @@ def kernel_identity() -> dict:
 
 
 def tolerance(record: dict, here: dict | None = None) -> tuple[float, str]:
-    """(tolerance, why) for one record recomputed on this machine."""
+    """(tolerance, why) for one record recomputed on this machine: the kernel rule below,
+    raised to the cell's own arithmetic sensitivity where `qbench sensitivity` measured it
+    (a chaotic cell moves by more than any float32 bound; qbench/sensitivity.py)."""
+    tol, why = _kernel_tolerance(record, here)
+    own = relative_sensitivity(record)
+    if own is not None and own > tol:
+        return own, f"the cell's sensitivity ({record['sensitivity'].get('perturbation')}); {why}"
+    return tol, why
+
+
+SENSITIVITY_METRICS = ("ppl", "word_ppl", "byte_ppl")
+
+
+def relative_sensitivity(record: dict) -> float | None:
+    """The largest relative move |perturbed - recorded| / |recorded| over SENSITIVITY_METRICS of a
+    record's stored sensitivity (`qbench sensitivity`, qbench/sensitivity.py), or None."""
+    moved = (record.get("sensitivity") or {}).get("metrics") or {}
+    metrics = record.get("metrics") or {}
+    values = [abs(moved[k] - metrics[k]) / abs(metrics[k]) for k in SENSITIVITY_METRICS
+              if isinstance(moved.get(k), (int, float)) and isinstance(metrics.get(k), (int, float)) and metrics[k]]
+    return max(values) if values else None
+
+
+def cpu_kind(record: dict) -> tuple[str | None, str | None]:
+    """(CPU model name, ISA level) a record was computed on (None where not recorded)."""
+    machine = (record.get("provenance") or {}).get("machine") or {}
+    return machine.get("cpu"), machine.get("cpu_capability")
+
+
+def _cell_identity(record: dict) -> tuple:
+    """What the calibration draws of one cell share: model, scheme, task, protocol."""
+    return record["model"], record["scheme"], record["task"], record["protocol"]
+
+
+def mixed_cells(records: list[dict]) -> dict[tuple, set]:
+    """Cells whose calibration draws were computed on different CPU kinds (another CPU
+    model, or another recorded ISA level): their spread over draws mixes machine effects
+    into the calibration spread.  -> {cell identity: {(cpu, isa), ...}}."""
+    kinds: dict[tuple, set] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("task") in ("ppl", "probes"):
+            kinds.setdefault(_cell_identity(r), set()).add(cpu_kind(r))
+    mixed = {}
+    for cell, found in kinds.items():
+        names = {name for name, _ in found if name}
+        levels = {level for _, level in found if level}
+        if len(names) > 1 or len(levels) > 1:
+            mixed[cell] = found
+    return mixed
+
+
+def _kernel_tolerance(record: dict, here: dict | None = None) -> tuple[float, str]:
     here = here or kernel_identity()
     machine = (record.get("provenance") or {}).get("machine") or {}
     recorded = machine.get("cpu_capability")
@@ -97,7 +148,7 @@ class Recheck:
     tolerance: float
     why: str
     seconds: float
-    status: str  # ok | DRIFT | unplannable | failed
+    status: str  # ok | DRIFT | MIXED (its cell's draws ran on different CPU kinds) | unplannable | failed
 
     def line(self) -> str:
         draw = "" if self.calibration_seed is None else f" draw {self.calibration_seed}"
@@ -155,16 +206,25 @@ def recheck_record(record: dict, here: dict | None = None) -> Recheck:
 def run_recheck(store: ResultStore, n: int, seed: int = 0, tasks=DEFAULT_TASKS, models: list[str] | None = None,
                 slow: bool = False, echo=print) -> list[Recheck]:
     here = kernel_identity()
-    chosen = sample(store.records(), n, seed, tasks, models, slow)
+    records = store.records()
+    chosen = sample(records, n, seed, tasks, models, slow)
+    mixed = mixed_cells(records)
+    if mixed:
+        echo(f"{len(mixed)} cell(s) in the store mix CPU kinds over their calibration draws")
     echo(f"rechecking {len(chosen)} of {len(store.records())} records (seed {seed}) on "
          f"{here['cpu_capability']}, {here['torch_threads']} thread(s); tolerances: same kernels "
          f"{SAME_KERNELS_TOLERANCE:.1e}, other kernels {CROSS_KERNEL_TOLERANCE:.1e} (relative)")
     results = []
     for record in chosen:
         result = recheck_record(record, here)
+        kinds = mixed.get(_cell_identity(record))
+        if kinds and result.status == "ok":
+            result.status = "MIXED"
+            result.why += "; draws on " + " and ".join(sorted(f"{c}/{i or '?'}" for c, i in kinds))
         echo(result.line())
         results.append(result)
     bad = [r for r in results if r.status != "ok"]
     echo(f"{len(results) - len(bad)} of {len(results)} within tolerance"
-         + (f"; {len(bad)} not: recompute them with `qbench bench ... --force`" if bad else ""))
+         + (f"; {len(bad)} not: recompute them with `qbench bench ... --force` (MIXED: every draw of the "
+            "cell, on one CPU kind)" if bad else ""))
     return results

@@ -47,7 +47,7 @@ SERIES_METRICS = ("kurtosis_per_layer", "max_inf_norm_per_layer", "first_token_s
 GRID_METRICS = ("first_token_share_per_head",)
 # top-level fields: the type each must have when present (None: may be null)
 OPTIONAL_FIELDS = {"metrics": dict, "quantization": dict, "provenance": dict, "error": str, "traceback": str,
-                   "calibration_seed": int, "facts": dict}
+                   "calibration_seed": int, "facts": dict, "sensitivity": dict}
 # What a record says about its model and scheme for readers (qbench.plan.cell_facts; not in the key)
 FACT_TYPES = {"model": {"arm": str, "preset": str},
               "scheme": {"backend": str, "weight_bits": int, "activation_bits": int, "kv_bits": int,

@@ -94,11 +94,11 @@ def test_the_report_reads_records_not_the_registries():
 
 def test_the_runner_is_not_a_library():
     """Protocols and the task catalogue belong to eval, planning to qbench.plan: nothing
-    but the CLI, the study runner and the sweep imports the bench (eval, the zoo refresh
-    and the planner least of all)."""
+    but the CLI, the study runner, the sweep and the two recomputing commands (recheck,
+    sensitivity) import the bench (eval, the zoo refresh and the planner least of all)."""
     graph = imports()
     users = {name for name, targets in graph.items() if "qbench.bench" in targets}
-    assert users <= {"qbench.cli", "qbench.sweep", "qbench.recheck", "qbench.study.plan"}, users
+    assert users <= {"qbench.cli", "qbench.sweep", "qbench.recheck", "qbench.sensitivity", "qbench.study.plan"}, users
     assert "qbench.bench" not in graph["qbench.plan"]
 
 

@@ -272,3 +272,23 @@ def test_kv_section_reports_n_and_range_and_names_a_lead_only_when_ranges_part()
     assert "| softmax | +15.00 [+10.00, +20.00] (2) | +27.50 [+5.00, +50.00] (2) |" in text
     assert "- kv4: vga leads" in text and "softmax trails" not in text.split("- kv2")[1]
     assert "- kv2: no arm leads or trails" in text
+
+
+def test_kv_arm_tables_never_pool_two_protocols():
+    """Seeds measured on two texts are two tables: a column "mean over training seeds" holds
+    one protocol's seeds only."""
+    from qbench.study.kv import kv_section
+
+    def record(model, scheme, ppl, protocol):
+        return {"model": model, "scheme": scheme, "task": "ppl", "status": "ok", "protocol": protocol,
+                "metrics": {"ppl": ppl, "tokens": 10}, "quantization": {},
+                "provenance": {"finished_at": "2026-01-01T00:00:00Z"}}
+
+    zoo = {"tiny-a": {"arm": "softmax"}, "tiny-a-s1": {"arm": "softmax"}}
+    records = [record(m, "fp32", 100.0, p) for m in zoo for p in ("short", "long")]
+    records += [record("tiny-a", "kv4", 110.0, "short"), record("tiny-a-s1", "kv4", 120.0, "short"),
+                record("tiny-a", "kv4", 101.0, "long"), record("tiny-a-s1", "kv4", 103.0, "long")]
+    text = kv_section(records, zoo)
+    assert "(protocol `short`)" in text and "(protocol `long`)" in text
+    assert "| softmax | +15.00 [+10.00, +20.00] (2) |" in text and "| softmax | +2.00 [+1.00, +3.00] (2) |" in text
+    assert "(4)" not in text

@@ -50,14 +50,6 @@ def test_a_value_the_records_cannot_give_fails_loudly():
         Facts([], zoo=ZOO).render("{typo:tiny}")
 
 
-def test_separation_is_a_lead_below_three_seeds():
-    from qbench.study.facts import separation, stats
-
-    assert separation(stats([1.0, 1.1]), stats([2.0, 2.1])) == "lead: lower"
-    assert separation(stats([1.0, 1.1, 1.2]), stats([2.0, 2.1, 2.2])) == "lower"
-    assert separation(stats([1.0, 2.5]), stats([2.0, 2.1])) == "no"
-
-
 def test_committed_readme_text_is_what_the_committed_records_give():
     from qbench.paths import models_dir
     from qbench.results import ResultStore

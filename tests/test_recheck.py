@@ -50,3 +50,26 @@ def test_a_committed_tiny_record_recomputes_within_its_tolerance():
     result = recheck_record(records[0])
     assert result.status == "ok", result.line()
     assert result.drift <= result.tolerance
+
+
+def test_a_cells_sensitivity_raises_its_tolerance_never_lowers_it():
+    here = {"cpu_capability": "AVX512", "torch_threads": 1}
+    base = {"provenance": {"machine": {"cpu_capability": "AVX512", "torch_threads": 1}},
+            "metrics": {"ppl": 100.0, "word_ppl": 300.0}}
+    chaotic = {**base, "sensitivity": {"perturbation": "ISA AVX512 -> AVX2", "metrics": {"ppl": 102.0}}}
+    assert math.isclose(tolerance(chaotic, here)[0], 0.02) and "sensitivity" in tolerance(chaotic, here)[1]
+    calm = {**base, "sensitivity": {"perturbation": "x", "metrics": {"ppl": 100.0, "word_ppl": 300.0}}}
+    assert tolerance(calm, here)[0] == SAME_KERNELS_TOLERANCE
+
+
+def test_cells_whose_draws_ran_on_different_cpu_kinds_are_flagged():
+    from qbench.recheck import mixed_cells
+
+    def rec(draw, cpu, isa=None, model="m"):
+        return {"status": "ok", "task": "ppl", "model": model, "scheme": "w8a8-pt", "protocol": "p",
+                "calibration_seed": draw, "provenance": {"machine": {"cpu": cpu, "cpu_capability": isa}}}
+
+    records = [rec(0, "Intel Xeon"), rec(1, "AMD EPYC"), rec(2, "AMD EPYC"),  # two CPU models: mixed
+               rec(0, "AMD EPYC", "AVX512", "n"), rec(1, "AMD EPYC", "AVX2", "n"),  # two ISA levels: mixed
+               rec(0, "AMD EPYC", None, "o"), rec(1, "AMD EPYC", "AVX512", "o")]  # one unrecorded level: not
+    assert set(mixed_cells(records)) == {("m", "w8a8-pt", "ppl", "p"), ("n", "w8a8-pt", "ppl", "p")}

@@ -173,6 +173,9 @@ def test_committed_study_opens_with_the_claims_and_headline():
     text = (REPO_ROOT / "results" / "STUDY.md").read_text()
     lines = text.splitlines()
     first = "\n".join(lines[:40])
+    answer = "\n".join(lines[:12])  # the answer is on the first screen, its verdict by the rule's words
+    assert "Does VGA make a model more quantizable?" in answer and "primary endpoint" in answer
+    assert any(f"*{label}*" in answer for label in ("supported", "contradicted", "not shown", "insufficient"))
     assert "## The claims against our evidence" in first and "| VGA |" in first
     assert "Primary endpoint:" in first and "sample standard deviation" in first  # ± is defined
     assert "The store holds" in first
@@ -181,8 +184,10 @@ def test_committed_study_opens_with_the_claims_and_headline():
     claims = lines[lines.index("## The claims against our evidence"):lines.index("## Headline per arm")]
     headline = lines[lines.index("## Headline per arm"):]
     headline = headline[:next(i for i, line in enumerate(headline) if line.startswith("## <a"))]
-    assert max(len(line) for line in headline if line.startswith("|")) <= 120
-    assert max(len(line) for line in claims if line.startswith("|")) <= 180
+    # readable on a wide screen: the headline (and its provenance caption) and the claims rows,
+    # which carry each scope's verdict and effect with its interval
+    assert max(len(line) for line in headline if line.startswith("|")) <= 160
+    assert max(len(line) for line in claims if line.startswith("|")) <= 300
     assert "all six arms" not in text.lower()
 
 
@@ -214,6 +219,15 @@ def test_the_study_suite_stages_keep_their_invariants():
     tiny, draws = suite.stage("tiny"), suite.stage("tiny other draws")
     assert draws.schemes == [s for s in tiny.schemes if "calibration_seed" in get_scheme(s).options]
     assert [scheme for _, scheme in PTQ_COLUMNS] == suite.stage("ptq").schemes
+    # the primary endpoint: the whole split, every draw, only the arms named (the zoo's `arm`)
+    from qbench.zoo import read_zoo
+
+    primary = suite.stage("primary")
+    assert primary.limit is None and primary.calibration_seeds == [0, 1, 2] and "w8a8-pt" in primary.schemes
+    zoo = read_zoo()
+    assert primary.model_names() == [m for m, e in zoo.items() if e.get("preset") == "tiny"
+                                     and e.get("arm") in ("softmax", "vga")]
+    assert suite.stages[0] is primary  # computed first
     full = plan(False)
     assert full.calibration_seeds == [0, 1, 2] and full.tiny_tasks == ["ppl", "probes"] and full.task_limit == 500
     quick = plan(True)

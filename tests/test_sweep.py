@@ -41,6 +41,8 @@ def test_suite_typos_and_unknown_names_are_specific_errors(tmp_path, micro_check
         load_suite(tmp_path / "absent.yaml")
     with pytest.raises(SuiteError, match="not valid YAML"):
         load_suite(write_suite(tmp_path / "b.yaml", "models: [x\n"))
+    with pytest.raises(SuiteError, match="unknown arm 'vgaa' in `arms`; did you mean 'vga'"):
+        load_suite(write_suite(tmp_path / "e.yaml", "models: [x]\narms: [vgaa]\nschemes: [fp32]\n"))
     with pytest.raises(SuiteError, match="`schemes` must list"):
         load_suite(write_suite(tmp_path / "c.yaml", "models: [x]\n"))
     suite = load_suite(write_suite(tmp_path / "d.yaml", f"models: [{micro_checkpoint}]\nschemes: [w8a8-dynn]\n"))

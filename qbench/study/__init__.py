@@ -5,6 +5,8 @@ checkpoints' mechanism logs; `qbench study --compute` first runs the plan's miss
 - mechanism.py: part 1, Bigram-Backcopy curves and the copy circuit under quantization
 - tables.py: parts 2-5, the quantization tables and plots
 - published.py: the papers' numbers; claims.py: the claims table and the headline per arm
+- verdict.py: the one verdict rule every claims row and headline verdict goes through
+- answer.py: the three sentences under the title; provenance.py: how each checkpoint was trained
 - prose.py: the discussion and README results text, filled from named values
 - writer.py: STUDY.md, section by section (a registry: `SECTIONS`)
 - retrofit.py: the retrofit section (arms fine-tuned into SmolLM2) from the records

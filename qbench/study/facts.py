@@ -76,18 +76,21 @@ def span(s: dict, unit: str = "", signed: bool = False, digits: int = 3) -> str:
     return f"{number(s['min'], signed, digits)}{unit} to {number(s['max'], signed, digits)}{unit}"
 
 
-def separation(arm: dict, reference: dict, min_n: int = 3) -> str:
-    """Does an arm's range of values lie wholly on one side of the reference's?  With fewer
-    than `min_n` units on either side a separation is only a lead (n = 2 ranks nothing)."""
-    if not arm.get("n") or not reference.get("n"):
-        return "untested"
-    if arm["max"] < reference["min"]:
-        side = "lower"
-    elif arm["min"] > reference["max"]:
-        side = "higher"
-    else:
-        return "no"
-    return side if min(arm["n"], reference["n"]) >= min_n else f"lead: {side}"
+def _sum_or_nan(cell, reference, fp_ppl) -> float:
+    """100 (|cell's move| + |its fp32's move|) / fp32 ppl: how far `rel` moves by arithmetic."""
+    if cell is None or reference is None or pd.isna(cell) or pd.isna(reference) or not fp_ppl:
+        return float("nan")
+    return 100.0 * (cell + reference) / fp_ppl
+
+
+def sensitivity_of(record: dict, metric: str) -> float | None:
+    """|metric recomputed under perturbed arithmetic - metric| of a record, in the metric's
+    units (None if not measured); see qbench/sensitivity.py."""
+    found = ((record.get("sensitivity") or {}).get("metrics") or {}).get(metric)
+    value = (record.get("metrics") or {}).get(metric)
+    if not isinstance(found, (int, float)) or not isinstance(value, (int, float)):
+        return None
+    return abs(found - value)
 
 
 @dataclass
@@ -98,17 +101,22 @@ class Facts:
 
     def __post_init__(self):
         self.cells = self._cells()
+        self.long = self._cells(short=False)
         self.probes = self._probes()
         self._mechanism: dict[str, pd.DataFrame] = {}
 
     # -- data ----------------------------------------------------------------------
-    def _cells(self) -> pd.DataFrame:
-        """One row per ppl record on the short protocol: its relative change against the fp32
-        record of the same model and protocol."""
+    def _cells(self, short: bool = True) -> pd.DataFrame:
+        """One row per ppl record on the short protocol (`short=False`: on the whole test split,
+        the primary endpoint's): its relative change against the fp32 record of the same model
+        and protocol, and the record's arithmetic sensitivity (qbench/sensitivity.py) if
+        measured, in perplexity units."""
         rows = []
         for r in self.records:
-            if r.get("task") != "ppl" or r.get("status") != "ok" or not str(r.get("protocol")).endswith(
-                    f"-first{SHORT_LIMIT}c"):
+            protocol = str(r.get("protocol"))
+            on_protocol = (protocol.endswith(f"-first{SHORT_LIMIT}c") if short
+                           else protocol.startswith("nonoverlap") and "-first" not in protocol)
+            if r.get("task") != "ppl" or r.get("status") != "ok" or not on_protocol:
                 continue
             group = group_of(r["model"], self.zoo.get(r["model"], {}))
             if group is None:
@@ -116,11 +124,17 @@ class Facts:
             m = r.get("metrics") or {}
             rows.append({"group": group, "arm": self.arm(r["model"]), "model": r["model"], "scheme": r["scheme"],
                          "protocol": r["protocol"], "draw": r.get("calibration_seed"), "ppl": m.get("ppl"),
-                         "kl": m.get("kl")})
-        frame = pd.DataFrame(rows, columns=["group", "arm", "model", "scheme", "protocol", "draw", "ppl", "kl"])
+                         "kl": m.get("kl"), "ppl_sensitivity": sensitivity_of(r, "ppl")})
+        frame = pd.DataFrame(rows, columns=["group", "arm", "model", "scheme", "protocol", "draw", "ppl", "kl",
+                                            "ppl_sensitivity"])
         fp = frame[frame.scheme == REFERENCE_SCHEME].groupby(["model", "protocol"]).ppl.mean()
         frame["fp_ppl"] = [fp.get((m, p)) for m, p in zip(frame.model, frame.protocol)]
         frame["rel"] = 100.0 * (frame.ppl - frame.fp_ppl) / frame.fp_ppl
+        # how far `rel` can move by arithmetic alone: the cell's ppl and its fp32's, each moved by its sensitivity
+        fp_sens = frame[frame.scheme == REFERENCE_SCHEME].groupby(["model", "protocol"]).ppl_sensitivity.max()
+        frame["rel_sensitivity"] = [_sum_or_nan(s, fp_sens.get((m, p)), f)
+                                    for s, m, p, f in zip(frame.ppl_sensitivity, frame.model, frame.protocol,
+                                                          frame.fp_ppl)]
         return frame
 
     def _probes(self) -> pd.DataFrame:
@@ -171,6 +185,29 @@ class Facts:
         if arm not in (None, "*"):
             cells = cells[cells.arm == arm]
         return cells.groupby("model").rel.mean()
+
+    def primary(self, group: str, arm: str, scheme: str) -> pd.Series:
+        """Each checkpoint's relative change (%) on the whole test split (the primary
+        endpoint), the mean over its calibration draws."""
+        cells = self.long[(self.long.group == group) & (self.long.scheme == scheme) & (self.long.arm == arm)]
+        return cells.groupby("model").rel.mean()
+
+    def sensitivity(self, group: str, arms: list[str], scheme: str, long: bool = True) -> float:
+        """The largest arithmetic sensitivity of `rel` (percentage points) over the cells of
+        these arms (0 where none is measured: the verdict then rests on the test alone)."""
+        frame = self.long if long else self.cells
+        cells = frame[(frame.group == group) & (frame.scheme == scheme) & frame.arm.isin(arms)]
+        value = cells.rel_sensitivity.max() if not cells.empty else float("nan")
+        return 0.0 if pd.isna(value) else float(value)
+
+    def draws_of(self, group: str, arm: str, scheme: str, long: bool = True) -> str:
+        """`a-b` calibration draws per checkpoint (the fewest and most)."""
+        frame = self.long if long else self.cells
+        cells = frame[(frame.group == group) & (frame.scheme == scheme) & (frame.arm == arm)]
+        counts = cells.groupby("model").size()  # an uncalibrated scheme: one cell, draw None
+        if counts.empty:
+            return "0"
+        return str(counts.min()) if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
 
     def rel_stats(self, group: str, arm: str, scheme: str) -> tuple[dict, str]:
         if group == "smollm2":  # one checkpoint: the spread is over calibration draws
@@ -305,6 +342,38 @@ class Facts:
         return spread(stats(self._model_cells(model, scheme).rel), "%", signed=True, what="draws")
 
     def _v_sep(self, group, arm, scheme, reference="softmax"):
-        """{sep:GROUP:ARM:SCHEME}: does the arm's per-seed range separate from softmax's?"""
-        return separation(stats(self.per_checkpoint(group, arm, scheme)),
-                          stats(self.per_checkpoint(group, reference, scheme)))
+        """{sep:GROUP:ARM:SCHEME}: the study's verdict (qbench/study/verdict.py) on "the arm
+        loses less than softmax" from the per-seed values on the short protocol."""
+        from qbench.study.verdict import Evidence, verdict
+
+        return verdict(Evidence(tuple(self.per_checkpoint(group, arm, scheme)),
+                                tuple(self.per_checkpoint(group, reference, scheme)), "lower", group)).label
+
+    def _v_psep(self, group, arm, scheme, reference="softmax"):
+        """{psep:GROUP:ARM:SCHEME}: the same verdict on the primary endpoint's protocol (whole split)."""
+        from qbench.study.verdict import Evidence, verdict
+
+        return verdict(Evidence(tuple(self.primary(group, arm, scheme)), tuple(self.primary(group, reference, scheme)),
+                                "lower", group, sensitivity=self.sensitivity(group, [arm, reference], scheme))).label
+
+    def _v_prel(self, group, arm, scheme):
+        """{prel:GROUP:ARM:SCHEME}: relative change on the whole test split, mean ± std (n seeds)."""
+        return spread(stats(self.primary(group, arm, scheme)), "%", signed=True)
+
+    def _v_prelspan(self, group, arm, scheme):
+        """{prelspan:GROUP:ARM:SCHEME}: smallest to largest checkpoint on the whole test split."""
+        return span(stats(self.primary(group, arm, scheme)), "%", signed=True)
+
+    def _v_klrange(self, group, scheme, selector=None):
+        """{klrange:GROUP:SCHEME[:ARMS or -ARMS]}: smallest to largest single checkpoint's
+        KL(P_fp || P_q) x 1000 on the short protocol, over the selected arms."""
+        cells = self.cells[(self.cells.group == group) & (self.cells.scheme == scheme)
+                           & self.cells.arm.isin(self._arms_filter(group, selector))]
+        return span(stats(1000.0 * cells.groupby("model").kl.mean()), digits=3)
+
+    def _v_relmax(self, group, scheme):
+        """{relmax:GROUP:SCHEME}: the largest single checkpoint's change (short protocol) and its name."""
+        per = self.cells[(self.cells.group == group) & (self.cells.scheme == scheme)].groupby("model").rel.mean()
+        if per.empty:
+            raise MissingValue("no records")
+        return f"{number(per.max(), True)}% ({per.idxmax()})"

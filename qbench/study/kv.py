@@ -118,23 +118,32 @@ METRICS = {  # name: (value of one cell, what the table says, unit, decimals)
 
 
 def arm_table(cells, zoo: dict, prefix: str, title: str, metric: str = "rel") -> list[str]:
-    """Rows: arms; columns: KV schemes; cells: the metric's mean over training seeds [min, max] (n)."""
-    value_of, what, unit, digits = METRICS[metric]
+    """Rows: arms; columns: KV schemes; cells: the metric's mean over training seeds [min, max]
+    (n); one table per protocol that has a KV-cache cell (seeds of one protocol are never
+    pooled with another's)."""
     models = sorted({m for (m, s, p) in cells if m.startswith(prefix) and s != "fp32"
                      and (cells.get((m, "fp32", p)) is not None)})
-    if not models:
+    protocols = sorted({p for (m, s, p) in cells if m in models and (s.startswith("kv") or "-kv" in s)})
+    lines: list[str] = []
+    for protocol in protocols:
+        lines += _arm_table(cells, zoo, models, protocol, title, metric)
+    return lines
+
+
+def _arm_table(cells, zoo: dict, models: list[str], protocol: str, title: str, metric: str) -> list[str]:
+    value_of, what, unit, digits = METRICS[metric]
+    schemes = [s for s in KV_SCHEMES if any((m, s, protocol) in cells for m in models)]
+    if not schemes:
         return []
-    protocols = sorted({p for (m, s, p) in cells if m in models and s != "fp32"})
-    schemes = [s for s in KV_SCHEMES if any((m, s, p) in cells for m in models for p in protocols)]
     by_arm: dict[str, dict[str, list[float]]] = {}
     for m in models:
-        for p in protocols:
-            for s in schemes:
-                value = value_of(cells, m, s, p)
-                if value is not None:
-                    by_arm.setdefault(arm_of(m, zoo), {}).setdefault(s, []).append(value)
-    lines = [f"{title} (protocol{'s' if len(protocols) > 1 else ''} {', '.join(f'`{p}`' for p in protocols)}): "
-             f"{what}, mean over training seeds [min, max] (n)", "",
+        for s in schemes:
+            value = value_of(cells, m, s, protocol)
+            if value is not None:
+                by_arm.setdefault(arm_of(m, zoo), {}).setdefault(s, []).append(value)
+    lines = [f"{title} (protocol `{protocol}`): {what}, mean over training seeds [min, max] (n). A range that "
+             "\"leads\" or \"trails\" below is descriptive: with fewer than 4 seeds per arm the study's verdict "
+             "rule gives no verdict.", "",
              "| arm | " + " | ".join(schemes) + " |", "|---|" + "---:|" * len(schemes)]
     for arm in sorted(by_arm):
         row = []

@@ -39,7 +39,7 @@ def _schemes(suite: Suite, name: str) -> list[str]:
 
 def _models(suite: Suite, name: str) -> list[str]:
     stage = _stage(suite, name)
-    return expand_models(stage.models) if stage else []
+    return stage.model_names() if stage else []
 
 
 _FULL = study_suite(False)
@@ -86,11 +86,16 @@ def plan(quick: bool) -> StudyPlan:
                      long_models=_models(suite, "more text"))
 
 
-def run_study(store: ResultStore, quick: bool = False, progress: bool = True) -> list[dict]:
-    """Compute every cell of the study suite that the store lacks (hours on a CPU for the full one)."""
+def run_study(store: ResultStore, quick: bool = False, progress: bool = True,
+              stages: list[str] | None = None) -> list[dict]:
+    """Compute every cell of the study suite that the store lacks (hours on a CPU for the full
+    one); `stages`: only the cells of these stages (by name, e.g. ["primary"])."""
     from qbench.bench import run_cells
 
-    return run_cells(plan_suite(study_suite(quick)), store, progress=progress)
+    suite = study_suite(quick)
+    if stages:
+        suite = Suite(suite.name, [suite.stage(name) for name in stages], suite.resources)
+    return run_cells(plan_suite(suite), store, progress=progress)
 
 
 @dataclass

@@ -82,10 +82,11 @@ def _extremes(arm: list[float], control: list[float], fmt: str) -> str:
 
 
 def _verdict(arm: list[float], control: list[float], seeds: int) -> str:
-    """The rule needs two fine-tune seeds; with fewer, cells that satisfy it are a lead."""
+    """The rule needs two fine-tune seeds; with fewer, cells that satisfy it are insufficient
+    (the study's verdict, qbench/study/verdict.py, needs four)."""
     found = decide(arm, control)
     if seeds < 2 and found.startswith("reduces"):
-        return "lead only: every cell below, but 1 fine-tune seed"
+        return "insufficient: every cell below, but 1 fine-tune seed"
     return found
 
 
@@ -182,27 +183,26 @@ def retrofit_section(records: list[dict], models_dir: Path | None = None) -> str
     return "\n".join(lines)
 
 
-def retrofit_claim(records: list[dict]) -> tuple[str, str, str]:
-    """The claims table's row for "gating repairs a pretrained model by fine-tuning":
-    (evidence, n, verdict) for key-side vga against the control, by the decision rule."""
+def retrofit_claim(records: list[dict]):
+    """The claims table's row for "gating repairs a pretrained model by fine-tuning": the
+    evidence text and its `Evidence` for the study's one verdict rule (qbench/study/verdict.py):
+    key-side vga against the control, one unit per fine-tune seed (its mean over draws)."""
+    from qbench.study.verdict import Evidence
+
     cells = _cells(records)
     probes = _probe(records)
-    arms = {}
+    arms: dict = {}
     for (m, scheme), values in cells.items():
         info = parse(m)
         if info and scheme == PRIMARY:
             arms.setdefault(info["arm"], {}).setdefault(info["seed"], []).extend(values)
     if "vga" not in arms or "softmax" not in arms:
-        return "no retrofit records", "0", "untested"
-    vga = [v for vs in arms["vga"].values() for v in vs]
-    control = [v for vs in arms["softmax"].values() for v in vs]
-    seeds = min(len(arms["vga"]), len(arms["softmax"]))
+        return "no retrofit records", [Evidence((), (), "lower", "SmolLM2 retrofit")]
+    per_seed = {a: [statistics.mean(v) for v in arms[a].values()] for a in ("vga", "softmax")}
     acts = {a: [probes[m]["massive_activation_max"] for m in probes if (parse(m) or {}).get("arm") == a]
             for a in ("vga", "softmax")}
-    text = f"SmolLM2+vga pt {statistics.mean(vga):+.0f}% vs ctrl {statistics.mean(control):+.0f}%"
+    text = (f"SmolLM2+vga pt {statistics.mean(per_seed['vga']):+.0f}% vs ctrl "
+            f"{statistics.mean(per_seed['softmax']):+.0f}%")
     if acts["vga"] and acts["softmax"]:
-        text += f"; massive {max(acts['vga']):.0f} vs {max(acts['softmax']):.0f}"
-    rule = decide(vga, control)
-    if seeds < 2:  # the rule needs two fine-tune seeds: a pilot can only be a lead
-        return text + " (pilot)", f"{seeds} seed", "lead" if rule.startswith("reduces") else "untested"
-    return text, f"{seeds} seeds", "supported" if rule.startswith("reduces") else "not separated"
+        text += f"; massive act. {max(acts['vga']):.0f} vs {max(acts['softmax']):.0f}"
+    return text, [Evidence(per_seed["vga"], per_seed["softmax"], "lower", "SmolLM2 retrofit")]
