@@ -14,8 +14,8 @@ import yaml
 
 import qbench
 from qbench.eval.perplexity import PerplexityProtocol
-from qbench.eval.protocols import (check_tasks, is_lm_eval_task, lm_eval_spec, protocol_data_hash, resolve_protocol,
-                                   task_protocol)
+from qbench.eval.protocols import (ProtocolOptions, check_tasks, is_lm_eval_task, lm_eval_spec, protocol_data_hash,
+                                   resolve_protocol, task_protocol)
 from qbench.quant import Scheme, get_scheme
 from qbench.facts import model_facts_from_info, scheme_facts_from_json
 from qbench.registry import closest
@@ -103,12 +103,14 @@ def expand_models(models: list[str]) -> list[str]:
 def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str], limit: int | None = None,
                corpus: str | None = None, calibration_seeds: list[int] | None = None,
                task_limit: int | None = None, first_token: str | None = None,
-               cache: dict | None = None, verify: bool = True) -> list[PlannedCell]:
+               cache: dict | None = None, verify: bool = True,
+               protocol: ProtocolOptions | None = None) -> list[PlannedCell]:
     """Every cell of models x schemes (x calibration seeds) x tasks, keyed; nothing runs.
     Downstream (lm-eval) tasks are left out for Bigram-Backcopy models, whose vocabulary
     is 48 characters of a synthetic task.  `cache`: model references and data hashes
     shared by several calls (the stages of one suite).  `verify=False`: zoo models whose
-    checkpoint differs from models/zoo.yaml's hash are accepted (`--allow-modified`)."""
+    checkpoint differs from models/zoo.yaml's hash are accepted (`--allow-modified`).
+    `protocol`: the perplexity protocol chosen (default: the model's own)."""
     cache = {} if cache is None else cache
     models = expand_models(models)
     resolved = [get_scheme(s) if isinstance(s, str) else s for s in schemes]  # fail before any work on a typo
@@ -119,17 +121,17 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
         if ("model", model_name) not in cache:
             cache["model", model_name] = resolve_model(model_name, verify=verify)  # weights load only if a cell is missing
         ref = cache["model", model_name]
-        protocol = resolve_protocol(ref, limit, corpus, first_token)
-        data = ("data", protocol.corpus, protocol.kind, protocol.split)
+        model_protocol = resolve_protocol(ref, limit, corpus, first_token, protocol)
+        data = ("data", model_protocol.corpus, model_protocol.kind == "bigram_backcopy", model_protocol.split)
         if data not in cache:
-            cache[data] = protocol_data_hash(protocol)
+            cache[data] = protocol_data_hash(model_protocol)
         data_hash = cache[data]
         model_tasks = tasks
-        if protocol.kind == "bigram_backcopy":
+        if model_protocol.kind == "bigram_backcopy":
             model_tasks = [t for t in tasks if not is_lm_eval_task(t)]
         for scheme in variants:
             for task in model_tasks:
-                cell_protocol = task_protocol(protocol, task)
+                cell_protocol = task_protocol(model_protocol, task)
                 spec = None
                 if is_lm_eval_task(task):  # its items are read once per plan, not once per cell
                     if ("task", task, task_limit) not in cache:
@@ -143,7 +145,7 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
 
 # -- suite files ------------------------------------------------------------------------------
 
-STAGE_KEYS = {"name", "models", "schemes", "tasks", "calibration_seeds", "limit", "task_limit", "corpus"}
+STAGE_KEYS = {"name", "models", "schemes", "tasks", "calibration_seeds", "limit", "task_limit", "corpus", "protocol"}
 SUITE_KEYS = STAGE_KEYS | {"resources", "stages"}
 MAX_SUITE_BYTES = 1 << 20
 
@@ -163,6 +165,7 @@ class Stage:
     limit: int | None = None
     task_limit: int | None = None
     corpus: str | None = None
+    protocol: str | None = None  # a named perplexity protocol (qbench list protocols)
 
 
 @dataclass
@@ -235,7 +238,8 @@ def _stage(data: dict, defaults: dict, name: str, where: str) -> Stage:
                      calibration_seeds=seed_list(seeds if isinstance(seeds, list) else [seeds], "calibration_seeds")
                      if seeds is not None else None,
                      limit=positive_int(merged.get("limit"), "limit"),
-                     task_limit=positive_int(merged.get("task_limit"), "task_limit"), corpus=merged.get("corpus"))
+                     task_limit=positive_int(merged.get("task_limit"), "task_limit"), corpus=merged.get("corpus"),
+                     protocol=None if merged.get("protocol") is None else str(merged["protocol"]))
     except UsageError as err:
         raise SuiteError(f"{where}: {err}") from err
 
@@ -269,7 +273,8 @@ def load_suite(path: str | Path) -> Suite:
 
 def plan_stage(stage: Stage, cache: dict | None = None) -> list[PlannedCell]:
     return plan_cells(stage.models, stage.schemes, stage.tasks, stage.limit, stage.corpus, stage.calibration_seeds,
-                      stage.task_limit, cache=cache)
+                      stage.task_limit, cache=cache,
+                      protocol=ProtocolOptions(stage.protocol) if stage.protocol else None)
 
 
 def plan_suite(suite: Suite) -> list[PlannedCell]:
