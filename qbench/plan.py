@@ -7,6 +7,7 @@ limits.  It is picklable, so the bench runs it here, a sweep ships it as it is t
 worker or a Ray task, and nothing downstream looks a name up again."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -80,6 +81,44 @@ def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityPr
     }
 
 
+KV_WARN_BELOW = 0.5  # warn when fewer than half the scored queries' attention reads are quantized
+_KV_WARNED: set = set()
+
+
+def check_kv_window(scheme: Scheme, protocol: PerplexityProtocol, task: str, model_name: str) -> None:
+    """A KV scheme whose exact tokens (sink + residual) cover the evaluation window measures
+    the unquantized model: refused here, before any weight loads.  One that leaves fewer
+    than half the attention reads of the scored queries quantized is warned about, once
+    per (scheme, protocol) in a process."""
+    spec = scheme.kv_cache()
+    if spec is None or not (spec.residual or spec.sink):
+        return
+    exact = f"first {spec.sink} and last {spec.residual} tokens exact"
+    if is_lm_eval_task(task):
+        message = (f"{scheme.name} keeps the {exact}: lm-eval items shorter than {spec.residual + spec.sink + 1} "
+                   f"tokens read no quantized key or value")
+    elif protocol.kind == "bigram_backcopy" or task != "ppl":
+        return
+    else:
+        last = protocol.window - 1 if protocol.kind == "rolling" else protocol.window - 2  # the last scored logit
+        first = protocol.window // 2 if protocol.kind == "llamacpp" else protocol.score_from or 0
+        share = spec.quantized_read_fraction(range(first, last + 1))
+        if share == 0:
+            raise ValueError(f"scheme {scheme.name} ({exact}) on model {model_name}: no query of protocol "
+                             f"{protocol.id} reads a quantized key or value (the window is {protocol.window} "
+                             f"tokens), so the cell would measure the unquantized model; use a longer --window "
+                             f"or a scheme with a shorter exact window")
+        if share >= KV_WARN_BELOW:
+            return
+        message = (f"{scheme.name} ({exact}) under {protocol.id}: only {share:.0%} of the scored queries' "
+                   f"attention reads are quantized (a {protocol.window}-token window); its loss understates "
+                   f"the scheme at longer contexts")
+    seen = (scheme.name, task if is_lm_eval_task(task) else protocol.id)
+    if seen not in _KV_WARNED:
+        _KV_WARNED.add(seen)
+        print(f"qbench: warning: {message}", file=sys.stderr)
+
+
 def cell_facts(ref: ModelRef, scheme: Scheme) -> dict:
     """What a record says about its model and scheme for the report (qbench.facts; not part
     of the key): the report reads these instead of the live registries."""
@@ -137,6 +176,7 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
                     if ("task", task, task_limit) not in cache:
                         cache["task", task, task_limit] = lm_eval_spec(task, task_limit)
                     spec = cache["task", task, task_limit]
+                check_kv_window(scheme, cell_protocol, task, model_name)
                 config = cell_config(ref, scheme, task, cell_protocol, data_hash, task_limit, spec)
                 cell = Cell(model_name, scheme, task, config)
                 planned.append(PlannedCell(cell, cell_protocol, ref, task_limit))
