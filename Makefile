@@ -15,8 +15,9 @@ BENCH_ARGS ?=
 PY := $(VENV)/bin/python
 QBENCH := $(VENV)/bin/qbench
 STAMP := $(VENV)/.qbench-setup
-export HF_HUB_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
+# Offline unless the user says otherwise (HF_HUB_OFFLINE=0 make bench MODEL=org/name downloads).
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup test test-slow bench report report-check zoo perf study check-generated clean-venv

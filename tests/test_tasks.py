@@ -85,7 +85,7 @@ def test_standard_lm_eval_task_without_local_data_fails_clearly(micro_checkpoint
     from qbench.zoo import load_model
 
     loaded = load_model(str(micro_checkpoint))
-    with pytest.raises(TaskDataError, match="lambada_openai.*not on this machine"):
+    with pytest.raises(TaskDataError, match="lambada_openai.*could not be loaded.*set HF_DATASETS_OFFLINE=0"):
         run_lm_eval(loaded.model, loaded.tokenizer, ["lambada_openai"], limit=2)
     with pytest.raises(KeyError, match="did you mean 'qbench_cloze'"):
         run_lm_eval(loaded.model, loaded.tokenizer, ["qbench_clozee"], limit=2)
