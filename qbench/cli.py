@@ -114,11 +114,17 @@ def _cmd_compare(args) -> int:
                                    f"{args.results}; run qbench bench first")
         print(format_table(rows))
         return 0
-    matrix = matrix_table(headline_matrix(matrix_values(records)))
-    if matrix.empty:
+    from qbench.report.failures import FAILURE_LEGEND, failures_and_marks
+
+    failures, marks = failures_and_marks(records)
+    matrix = matrix_table(headline_matrix(matrix_values(records)), marks)
+    if matrix.empty and failures.empty:
         raise EmptyReportError(f"no quantized perplexity cell with an fp32 reference for models {args.models!r} in "
                                f"{args.results}; run qbench bench first")
-    print(matrix.to_string(index=False))
+    if not matrix.empty:
+        print(matrix.to_string(index=False))
+    if not failures.empty:
+        print(f"\nfailed cells ({len(failures)}):\n{failures.to_string(index=False)}\n{FAILURE_LEGEND}")
     return 0
 
 
@@ -204,7 +210,12 @@ def _cmd_sweep(args) -> int:
     suite = load_suite(args.suite)
     summary = run_sweep(suite, args.results, executor=args.executor, address=args.address, workers=workers,
                         progress=not args.quiet)
+    failed = summary.pop("failed_records")
     print(f"sweep {suite.name}: {summary}")
+    if failed:  # the cells that failed, each with its reason (the record's error)
+        from qbench.report.failures import failure_lines
+
+        print(f"failed cells ({len(failed)}):\n" + "\n".join(f"  {line}" for line in failure_lines(failed)))
     return 1 if summary["failed"] or summary.get("not_recorded") else 0
 
 
