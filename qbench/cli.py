@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first compute the plan's cells that the store lacks (hours on a CPU); without it, "
                         "writing STUDY.md computes nothing")
     p.add_argument("--no-run", action="store_true", help=argparse.SUPPRESS)  # the old default; kept for scripts
-    p.add_argument("--readme", default="README.md", help="README whose generated results text is re-rendered ('' for none)")
+    p.add_argument("--readme", default="docs/RESEARCH.md",
+                   help="document whose generated results text is re-rendered ('' for none)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_study)
 

@@ -1,7 +1,7 @@
 """CI: the committed generated files are what the committed records give.
 
 Regenerates, into a temporary folder and without computing any cell, STUDY.md (from the
-records and the checkpoints' mechanism logs), the README's generated results text,
+records and the checkpoints' mechanism logs), docs/RESEARCH.md's generated results text,
 REPORT.md and summary.csv, and compares them with the committed ones; the plots must be the
 same set of files (PNG bytes depend on the matplotlib build, so only names are compared).
 Exit 1 with a unified diff of what differs; `make study && make report` fixes it.
@@ -18,7 +18,7 @@ from qbench.report import write_report
 from qbench.results import ResultStore
 from qbench.study import write_study
 from qbench.study.facts import Facts
-from qbench.study.prose import render_readme
+from qbench.study.prose import GENERATED_DOC, render_readme
 
 RESULTS = REPO_ROOT / "results"
 
@@ -38,8 +38,8 @@ def main() -> int:
         out = Path(tmp)
         study = write_study(store, out, models_dir(), discussion=REPO_ROOT / "study" / "DISCUSSION.md")
         problems += compare("results/STUDY.md", (RESULTS / "STUDY.md").read_text(), study.read_text())
-        readme = (REPO_ROOT / "README.md").read_text()
-        problems += compare("README.md (generated results text)", readme,
+        readme = GENERATED_DOC.read_text()
+        problems += compare(f"{GENERATED_DOC.relative_to(REPO_ROOT)} (generated results text)", readme,
                             render_readme(readme, Facts(store.records(), models_dir())))
         summary, report = write_report(store, out)
         problems += compare("results/REPORT.md", (RESULTS / "REPORT.md").read_text(), report.read_text())
