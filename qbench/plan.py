@@ -7,6 +7,7 @@ limits.  It is picklable, so the bench runs it here, a sweep ships it as it is t
 worker or a Ray task, and nothing downstream looks a name up again."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import yaml
 
 import qbench
 from qbench.eval.perplexity import PerplexityProtocol
-from qbench.eval.protocols import (check_tasks, is_lm_eval_task, lm_eval_spec, protocol_data_hash, resolve_protocol,
-                                   task_protocol)
+from qbench.eval.protocols import (ProtocolOptions, check_tasks, is_lm_eval_task, lm_eval_spec, protocol_data_hash,
+                                   resolve_protocol, task_protocol)
 from qbench.quant import Scheme, get_scheme
 from qbench.quant.support import planning_refusal
 from qbench.facts import model_facts_from_info, scheme_facts_from_json
@@ -84,6 +85,44 @@ def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityPr
     }
 
 
+KV_WARN_BELOW = 0.5  # warn when fewer than half the scored queries' attention reads are quantized
+_KV_WARNED: set = set()
+
+
+def check_kv_window(scheme: Scheme, protocol: PerplexityProtocol, task: str, model_name: str) -> None:
+    """A KV scheme whose exact tokens (sink + residual) cover the evaluation window measures
+    the unquantized model: refused here, before any weight loads.  One that leaves fewer
+    than half the attention reads of the scored queries quantized is warned about, once
+    per (scheme, protocol) in a process."""
+    spec = scheme.kv_cache()
+    if spec is None or not (spec.residual or spec.sink):
+        return
+    exact = f"first {spec.sink} and last {spec.residual} tokens exact"
+    if is_lm_eval_task(task):
+        message = (f"{scheme.name} keeps the {exact}: lm-eval items shorter than {spec.residual + spec.sink + 1} "
+                   f"tokens read no quantized key or value")
+    elif protocol.kind == "bigram_backcopy" or task != "ppl":
+        return
+    else:
+        last = protocol.window - 1 if protocol.kind == "rolling" else protocol.window - 2  # the last scored logit
+        first = protocol.window // 2 if protocol.kind == "llamacpp" else protocol.score_from or 0
+        share = spec.quantized_read_fraction(range(first, last + 1))
+        if share == 0:
+            raise ValueError(f"scheme {scheme.name} ({exact}) on model {model_name}: no query of protocol "
+                             f"{protocol.id} reads a quantized key or value (the window is {protocol.window} "
+                             f"tokens), so the cell would measure the unquantized model; use a longer --window "
+                             f"or a scheme with a shorter exact window")
+        if share >= KV_WARN_BELOW:
+            return
+        message = (f"{scheme.name} ({exact}) under {protocol.id}: only {share:.0%} of the scored queries' "
+                   f"attention reads are quantized (a {protocol.window}-token window); its loss understates "
+                   f"the scheme at longer contexts")
+    seen = (scheme.name, task if is_lm_eval_task(task) else protocol.id)
+    if seen not in _KV_WARNED:
+        _KV_WARNED.add(seen)
+        print(f"qbench: warning: {message}", file=sys.stderr)
+
+
 def cell_facts(ref: ModelRef, scheme: Scheme) -> dict:
     """What a record says about its model and scheme for the report (qbench.facts; not part
     of the key): the report reads these instead of the live registries."""
@@ -107,12 +146,14 @@ def expand_models(models: list[str]) -> list[str]:
 def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str], limit: int | None = None,
                corpus: str | None = None, calibration_seeds: list[int] | None = None,
                task_limit: int | None = None, first_token: str | None = None,
-               cache: dict | None = None, verify: bool = True) -> list[PlannedCell]:
+               cache: dict | None = None, verify: bool = True,
+               protocol: ProtocolOptions | None = None) -> list[PlannedCell]:
     """Every cell of models x schemes (x calibration seeds) x tasks, keyed; nothing runs.
     Downstream (lm-eval) tasks are left out for Bigram-Backcopy models, whose vocabulary
     is 48 characters of a synthetic task.  `cache`: model references and data hashes
     shared by several calls (the stages of one suite).  `verify=False`: zoo models whose
-    checkpoint differs from models/zoo.yaml's hash are accepted (`--allow-modified`)."""
+    checkpoint differs from models/zoo.yaml's hash are accepted (`--allow-modified`).
+    `protocol`: the perplexity protocol chosen (default: the model's own)."""
     cache = {} if cache is None else cache
     models = expand_models(models)
     resolved = [get_scheme(s) if isinstance(s, str) else s for s in schemes]  # fail before any work on a typo
@@ -123,22 +164,23 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
         if ("model", model_name) not in cache:
             cache["model", model_name] = resolve_model(model_name, verify=verify)  # weights load only if a cell is missing
         ref = cache["model", model_name]
-        protocol = resolve_protocol(ref, limit, corpus, first_token)
-        data = ("data", protocol.corpus, protocol.kind, protocol.split)
+        model_protocol = resolve_protocol(ref, limit, corpus, first_token, protocol)
+        data = ("data", model_protocol.corpus, model_protocol.kind == "bigram_backcopy", model_protocol.split)
         if data not in cache:
-            cache[data] = protocol_data_hash(protocol)
+            cache[data] = protocol_data_hash(model_protocol)
         data_hash = cache[data]
         model_tasks = tasks
-        if protocol.kind == "bigram_backcopy":
+        if model_protocol.kind == "bigram_backcopy":
             model_tasks = [t for t in tasks if not is_lm_eval_task(t)]
         for scheme in variants:
             for task in model_tasks:
-                cell_protocol = task_protocol(protocol, task)
+                cell_protocol = task_protocol(model_protocol, task)
                 spec = None
                 if is_lm_eval_task(task):  # its items are read once per plan, not once per cell
                     if ("task", task, task_limit) not in cache:
                         cache["task", task, task_limit] = lm_eval_spec(task, task_limit)
                     spec = cache["task", task, task_limit]
+                check_kv_window(scheme, cell_protocol, task, model_name)
                 config = cell_config(ref, scheme, task, cell_protocol, data_hash, task_limit, spec)
                 cell = Cell(model_name, scheme, task, config)
                 planned.append(PlannedCell(cell, cell_protocol, ref, task_limit,
@@ -148,7 +190,8 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
 
 # -- suite files ------------------------------------------------------------------------------
 
-STAGE_KEYS = {"name", "models", "arms", "schemes", "tasks", "calibration_seeds", "limit", "task_limit", "corpus"}
+STAGE_KEYS = {"name", "models", "arms", "schemes", "tasks", "calibration_seeds", "limit", "task_limit", "corpus",
+              "protocol"}
 SUITE_KEYS = STAGE_KEYS | {"resources", "stages"}
 MAX_SUITE_BYTES = 1 << 20
 
@@ -168,6 +211,7 @@ class Stage:
     limit: int | None = None
     task_limit: int | None = None
     corpus: str | None = None
+    protocol: str | None = None  # a named perplexity protocol (qbench list protocols)
     arms: list[str] | None = None  # keep only the models of these attention arms (zoo `arm`)
 
     def model_names(self) -> list[str]:
@@ -256,7 +300,8 @@ def _stage(data: dict, defaults: dict, name: str, where: str) -> Stage:
                      if seeds is not None else None,
                      limit=positive_int(merged.get("limit"), "limit"),
                      task_limit=positive_int(merged.get("task_limit"), "task_limit"), corpus=merged.get("corpus"),
-                     arms=_names(merged, "arms", where) if merged.get("arms") is not None else None)
+                     arms=_names(merged, "arms", where) if merged.get("arms") is not None else None,
+                     protocol=None if merged.get("protocol") is None else str(merged["protocol"]))
     except UsageError as err:
         raise SuiteError(f"{where}: {err}") from err
 
@@ -290,7 +335,8 @@ def load_suite(path: str | Path) -> Suite:
 
 def plan_stage(stage: Stage, cache: dict | None = None) -> list[PlannedCell]:
     return plan_cells(stage.model_names(), stage.schemes, stage.tasks, stage.limit, stage.corpus, stage.calibration_seeds,
-                      stage.task_limit, cache=cache)
+                      stage.task_limit, cache=cache,
+                      protocol=ProtocolOptions(stage.protocol) if stage.protocol else None)
 
 
 def plan_suite(suite: Suite) -> list[PlannedCell]:

@@ -21,7 +21,8 @@ EXECUTORS = ("local", "ray")
 
 def run_planned_cell(planned: PlannedCell, results_dir: str, threads: int = 1) -> dict:
     """Worker side: run one planned cell, as it was shipped, into the store (or find it
-    there); returns a summary.  A worker plans nothing."""
+    there); returns a summary (counts, and `failed_records`: the records of the cells that
+    failed in this sweep).  A worker plans nothing."""
     import torch
 
     previous_threads = torch.get_num_threads()
@@ -308,4 +309,5 @@ def run_sweep(suite: Suite, results_dir: str, executor: str = "local", address: 
                "seconds": round(time.time() - start, 1)}
     if any(r is None for r in now):
         summary["not_recorded"] = sum(1 for r in now if r is None)
+    summary["failed_records"] = [r for r in now if r is not None and r.get("status") != "ok"]
     return summary

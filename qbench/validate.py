@@ -28,6 +28,16 @@ def positive_int(value, option: str, allow_none: bool = True, maximum: int = MAX
     return number
 
 
+def non_negative_int(value, option: str) -> int | None:
+    """An integer in 0..MAX_COUNT, or None."""
+    if value is None or str(value).strip() == "0":
+        return None if value is None else 0
+    try:
+        return positive_int(value, option)
+    except UsageError:
+        raise UsageError(f"{option} must be a non-negative integer, got {value!r}") from None
+
+
 def seed_list(values, option: str) -> list[int] | None:
     """'0,1,2' or a list -> [0, 1, 2] (non-negative integers); empty -> None."""
     if values is None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -315,8 +316,27 @@ def _resolve_model(name_or_path: str, verify: bool, zoo: dict) -> ModelRef:
                                 f"or a zoo name")
     if exists:
         return _folder_ref(path.name, path, {})
+    if HUB_ID.fullmatch(name_or_path):
+        return _folder_ref(name_or_path, hub_folder(name_or_path), {})
     raise UnknownModelError(f"unknown model {shown!r}: not a zoo name nor an existing path"
                             f"{closest(name_or_path, zoo) if len(name_or_path) <= 200 else ''}")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,95}")
+
+
+def hub_folder(repo_id: str) -> Path:
+    """A Hugging Face Hub model id (`org/name`): its snapshot from the local cache, or
+    downloaded when the user allows it (HF_HUB_OFFLINE=0; qbench is offline otherwise)."""
+    from huggingface_hub import snapshot_download
+
+    from qbench.online import offline_hint
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # not cached offline, no such repository, no network, gated
+        raise UnknownModelError(f"unknown model {repo_id!r}: not a zoo name nor an existing path, and as a Hub "
+                                f"model id: {type(err).__name__}; {offline_hint('HF_HUB_OFFLINE', 'model')}") from None
 
 
 def load_model(name_or_path: str) -> LoadedModel:

@@ -1,7 +1,7 @@
 """CI: the committed generated files are what the committed records give.
 
 Regenerates, into a temporary folder and without computing any cell, STUDY.md (from the
-records and the checkpoints' mechanism logs), the README's generated results text,
+records and the checkpoints' mechanism logs), docs/RESEARCH.md's generated results text,
 REPORT.md and summary.csv, and the README's family x scheme table (qbench.quant.support,
 from the families' data and the schemes' needs), and compares them with the committed ones; the plots must be the
 same set of files (PNG bytes depend on the matplotlib build, so only names are compared).
@@ -20,7 +20,7 @@ from qbench.report import write_report
 from qbench.results import ResultStore
 from qbench.study import write_study
 from qbench.study.facts import Facts
-from qbench.study.prose import render_readme
+from qbench.study.prose import GENERATED_DOC, render_readme
 
 RESULTS = REPO_ROOT / "results"
 
@@ -40,11 +40,12 @@ def main() -> int:
         out = Path(tmp)
         study = write_study(store, out, models_dir(), discussion=REPO_ROOT / "study" / "DISCUSSION.md")
         problems += compare("results/STUDY.md", (RESULTS / "STUDY.md").read_text(), study.read_text())
-        readme = (REPO_ROOT / "README.md").read_text()
-        problems += compare("README.md (generated results text)", readme,
+        readme = GENERATED_DOC.read_text()
+        problems += compare(f"{GENERATED_DOC.relative_to(REPO_ROOT)} (generated results text)", readme,
                             render_readme(readme, Facts(store.records(), models_dir())))
+        user_readme = (REPO_ROOT / "README.md").read_text()
         problems += compare("README.md (family x scheme table; python -m qbench.quant.support --write-readme)",
-                            readme, support.render_readme(readme))
+                            user_readme, support.render_readme(user_readme))
         summary, report = write_report(store, out)
         problems += compare("results/REPORT.md", (RESULTS / "REPORT.md").read_text(), report.read_text())
         problems += compare("results/summary.csv", (RESULTS / "summary.csv").read_text(), summary.read_text())

@@ -39,8 +39,10 @@ def test_bad_corpora_give_specific_errors(tmp_path):
     latin.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
     with pytest.raises(CorpusError, match="not UTF-8"):
         load_corpus(str(latin))
-    with pytest.raises(CorpusError, match="not available locally"):
+    with pytest.raises(CorpusError, match="not available .* set HF_DATASETS_OFFLINE=0 to let it download"):
         load_corpus("hf:surely/not-a-cached-dataset")
+    with pytest.raises(CorpusError, match="give hf:NAME"):
+        load_corpus("hf::x")
 
 
 def test_split_text_limit_cuts_at_whitespace():

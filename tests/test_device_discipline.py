@@ -124,6 +124,12 @@ def test_every_own_scheme_quantizes_and_evaluates_on_simulated_cuda(scheme, wide
     """Calibration (GPTQ, AWQ, SmoothQuant, static ranges), the quantizers, the low-bit
     attention kernel, the FP reference and the probes, all with the model on cuda."""
     tasks = ["ppl", "probes"] if scheme in PROBED else ["ppl"]
+    spec = SCHEMES[scheme].kv_cache()
+    if spec is not None and spec.residual + spec.sink >= 64:  # the exact window covers this model's short window
+        with pytest.raises(ValueError, match="reads a quantized key or value"):  # refused at planning (issue 34)
+            run_bench([str(wide_checkpoint)], [scheme], tasks, ResultStore(tmp_path), limit=LIMIT, progress=False,
+                      device=torch.device("cuda"))
+        return
     records = run_bench([str(wide_checkpoint)], [scheme], tasks, ResultStore(tmp_path),
                         limit=LIMIT, progress=False, device=torch.device("cuda"))
     assert [r["task"] for r in records] == tasks

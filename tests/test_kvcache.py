@@ -292,3 +292,29 @@ def test_kv_arm_tables_never_pool_two_protocols():
     assert "(protocol `short`)" in text and "(protocol `long`)" in text
     assert "| softmax | +15.00 [+10.00, +20.00] (2) |" in text and "| softmax | +2.00 [+1.00, +3.00] (2) |" in text
     assert "(4)" not in text
+
+
+def test_a_kv_exact_window_that_covers_the_evaluation_window_is_refused_or_warned(capsys, monkeypatch):
+    """KIVI's last 128 tokens exact: on a 128-token window no query reads a quantized entry
+    (refused at planning); on 256 tokens a quarter of the reads are quantized (warned once)."""
+    from qbench.eval.perplexity import PerplexityProtocol
+    import qbench.plan
+    from qbench.plan import check_kv_window
+    from qbench.quant import get_scheme
+
+    monkeypatch.setattr(qbench.plan, "_KV_WARNED", set())  # warned once per process: start afresh
+    kivi, spec = get_scheme("kv2-kivi-g32-r128"), KVCacheSpec(2, "channel", group_size=32, residual=128)
+    # reads of queries 0..254: keys j <= i - 128 are quantized: sum_k k for k <= 127 over sum (i + 1)
+    assert spec.quantized_read_fraction(range(0, 255)) == pytest.approx((127 * 128 / 2) / (255 * 256 / 2))
+    with pytest.raises(ValueError, match="no query of protocol nonoverlap-w128.* reads a quantized key"):
+        check_kv_window(kivi, PerplexityProtocol(window=128), "ppl", "m")
+    check_kv_window(kivi, PerplexityProtocol(window=256), "ppl", "m")
+    check_kv_window(kivi, PerplexityProtocol(window=256), "ppl", "m")
+    warned = capsys.readouterr().err.splitlines()
+    assert len(warned) == 1 and "only 25% of the scored queries' attention reads are quantized" in warned[0]
+    check_kv_window(kivi, PerplexityProtocol(window=2048), "ppl", "m")  # 88%: no warning
+    check_kv_window(get_scheme("kv4"), PerplexityProtocol(window=16), "ppl", "m")  # nothing exact
+    assert capsys.readouterr().err == ""
+    # llama.cpp scores the second half: on 256 tokens its queries 128..254 do read quantized keys
+    check_kv_window(kivi, PerplexityProtocol(kind="llamacpp", window=256), "ppl", "m")
+    assert "under llamacpp-c256" in capsys.readouterr().err

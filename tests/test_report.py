@@ -265,3 +265,44 @@ def test_writing_the_report_imports_neither_quant_nor_modeling(tmp_path):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result == {"exit": 0, "loaded": []}
     assert "tiny · softmax" in (store.root / "REPORT.md").read_text()
+
+
+def put_failed(store, model, scheme, error):
+    spec = SCHEME_SPECS.get(scheme, SCHEME_SPECS["w8a8-pt"])
+    config = {"model": {"name": model, "checkpoint_hash": ZOO[model]["checkpoint_hash"]},
+              "scheme": json.dumps({"name": scheme, **spec}, sort_keys=True), "task": "ppl", "protocol": "p1"}
+    store.put({"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": "ppl",
+               "protocol": "p1", "status": "failed", "error": error, "metrics": {},
+               "facts": planner_facts(model, spec)})
+
+
+def test_a_failed_cells_reason_shows_in_report_html_and_compare(store, capsys):
+    """tiny-b under w8a8-dyn failed: its matrix cell reads `failed:nonfinite` (not `-`), the
+    legend says what that means, and the full message is in the failed-cells table."""
+    put_failed(store, "tiny-b", "w8a8-dyn", "NonFiniteError: non-finite logits (12 values) under protocol p1")
+    _, report = write_report(store)
+    text = report.read_text()
+    assert "failed:nonfinite" in text and "`nonfinite` NaN/inf logits" in text
+    assert "Failed cells (1): why" in text and "non-finite logits (12 values)" in text
+    _, page = write_report(store, fmt="html")
+    assert "failed:nonfinite" in page.read_text() and "non-finite logits (12 values)" in page.read_text()
+    assert main(["compare", "--results", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert "failed:nonfinite" in out and "non-finite logits (12 values)" in out
+    # a later success replaces the failure everywhere
+    put(store, "tiny-b", "w8a8-dyn", "ppl", {"ppl": 40.0})
+    assert "failed:" not in write_report(store)[1].read_text()
+
+
+def test_sweep_prints_each_failed_cell_with_its_reason(monkeypatch, capsys, tmp_path):
+    import qbench.plan
+    import qbench.sweep
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("models: [tiny-a]\nschemes: [w8a8-dyn]\n")
+    failed = {"model": "tiny-a", "scheme": "w8a8-dyn", "task": "ppl", "protocol": "p1", "status": "failed",
+              "error": "ValueError: none of the known model families (qbench, llama, gpt2)"}
+    monkeypatch.setattr(qbench.sweep, "run_sweep", lambda *a, **k: {"cells": 1, "failed": 1, "failed_records": [failed]})
+    assert main(["sweep", str(suite), "--results", str(tmp_path / "r")]) == 1
+    out = capsys.readouterr().out
+    assert "failed cells (1):" in out and "tiny-a w8a8-dyn ppl: family: ValueError: none of the known" in out

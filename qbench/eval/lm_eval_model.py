@@ -3,10 +3,12 @@ in memory with a qbench scheme, evaluated by lm-eval's own HFLM machinery.
 
     lm_eval --model qbench --model_args model=tiny-vga,scheme=w8a8-dyn --tasks qbench_cloze
 
+`pretrained=` (lm-eval's habit for its `hf` model) is accepted for `model=`.
 lm-eval 0.4.13 discovers models only through its registry (no plugin entry points), so
 `make setup` installs a one-line startup hook (`qbench.eval.lm_eval_plugin`) that
-registers the name `qbench` lazily and adds qbench's task folder to lm-eval's task index.
-From Python, `qbench.eval.lm_eval_model.register()` does the same.
+registers the name `qbench` lazily, after lm-eval's own models, and adds qbench's task
+folder to lm-eval's task index.  From Python, `qbench.eval.lm_eval_model.register()`
+does the same.
 """
 from __future__ import annotations
 
@@ -18,11 +20,16 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 
 
 class QBenchLM(HFLM):
-    """model: zoo name or checkpoint path; scheme: qbench scheme name (default fp32);
-    calibration_seed: for calibrated schemes; other arguments go to HFLM."""
+    """model (or pretrained): zoo name or checkpoint path; scheme: qbench scheme name
+    (default fp32); calibration_seed: for calibrated schemes; other arguments go to HFLM."""
 
-    def __init__(self, model: str, scheme: str = "fp32", calibration_seed: int | None = None,
-                 batch_size: int | str = 16, **kwargs):
+    def __init__(self, model: str | None = None, scheme: str = "fp32", calibration_seed: int | None = None,
+                 batch_size: int | str = 16, pretrained: str | None = None, **kwargs):
+        if model is None and pretrained is None:
+            raise TypeError("the qbench model needs model=<zoo name or checkpoint folder> (or pretrained=)")
+        if model is not None and pretrained is not None and str(model) != str(pretrained):
+            raise TypeError(f"model={model!r} and pretrained={pretrained!r} name different models; give one")
+        model = model if model is not None else pretrained
         from qbench.data.calibration import calibration_source
         from qbench.device import place, resolve_device
         from qbench.plan import plan_cells
@@ -49,8 +56,7 @@ class QBenchLM(HFLM):
                                          bigram_backcopy=protocol.kind == "bigram_backcopy")
         self.qbench_quantization = quantize(loaded.model, resolved, calibration)
         self.qbench_model, self.qbench_scheme = loaded.name, resolved
-        for ignored in ("pretrained", "dtype"):  # the model is already built
-            kwargs.pop(ignored, None)
+        kwargs.pop("dtype", None)  # the model is already built
         max_length = getattr(loaded.model.config, "max_position_embeddings", None)
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,
                          max_length=kwargs.pop("max_length", max_length), **kwargs)
@@ -58,6 +64,7 @@ class QBenchLM(HFLM):
 
 def register() -> None:
     """Register `qbench` in lm-eval's model registry (idempotent)."""
+    import lm_eval.models  # noqa: F401  lm-eval's own models first (an empty registry hides them)
     from lm_eval.api.registry import model_registry
 
     if "qbench" not in model_registry:

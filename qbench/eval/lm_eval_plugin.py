@@ -1,12 +1,19 @@
 """Make lm-eval's own CLI see qbench: `lm_eval --model qbench ... --tasks qbench_cloze`.
 
 lm-eval 0.4.13 has no plugin entry points: models are found in its registry, tasks in
-the folders its TaskManager indexes.  `install()` (run by `make setup`, or
-`python -m qbench.eval.lm_eval_plugin`) writes a startup hook into site-packages: a
-`.pth` line importing a small stdlib-only module that waits for lm-eval to be imported,
-then registers the model name `qbench` lazily (nothing of qbench or torch is imported
-until that model is asked for) and appends qbench's task folder to every TaskManager's
-include_path.  Python processes that never import lm-eval are untouched.
+the folders its TaskManager indexes (`--include_path`).  `install()` (run by `make setup`,
+or `python -m qbench.eval.lm_eval_plugin`) writes a startup hook into site-packages: a
+`.pth` line importing a small stdlib-only module that waits for lm-eval's own model table
+(`lm_eval.models`) to be imported, then adds the model name `qbench` to the registry
+lazily (nothing of qbench or torch is imported until that model is asked for), and
+appends qbench's task folder to every TaskManager's include_path.
+
+The name is added *after* lm-eval's built-in models, never before: lm-eval fills its
+registry with its own models only when the registry is empty at the first lookup
+(`get_model`), so a name registered earlier hides `hf`, `vllm` and the rest
+("Unknown model 'hf'. Available: qbench"), which the first version of this hook did.
+The hook locates qbench by import at run time (`find_spec`), so it survives a re-pointed
+editable install.  Python processes that never import lm-eval are untouched.
 `uninstall()` removes both files.
 """
 from __future__ import annotations
@@ -24,7 +31,9 @@ import importlib.abc
 import importlib.util
 import sys
 
-_TARGETS = ("lm_eval.api.registry", "lm_eval.tasks.manager")
+# lm_eval.models registers lm-eval's own models on import; qbench's name goes in after them
+_TARGETS = ("lm_eval.models", "lm_eval.tasks.manager")
+_VERSION = 2
 
 
 def _tasks_dir():
@@ -39,9 +48,11 @@ def _tasks_dir():
 def _after(name, module):
     if importlib.util.find_spec("qbench") is None:
         return
-    if name == "lm_eval.api.registry":
-        if "qbench" not in module.model_registry:
-            module.model_registry.register("qbench", target="qbench.eval.lm_eval_model:QBenchLM")
+    if name == "lm_eval.models":
+        from lm_eval.api.registry import model_registry
+
+        if "qbench" not in model_registry:
+            model_registry.register("qbench", target="qbench.eval.lm_eval_model:QBenchLM")
     elif name == "lm_eval.tasks.manager":
         cls = module.TaskManager
         original = cls.__init__
@@ -63,6 +74,9 @@ def _after(name, module):
 class _Loader(importlib.abc.Loader):
     def __init__(self, inner, name):
         self.inner, self.name = inner, name
+
+    def __getattr__(self, attribute):  # anything else a loader offers (resources, is_package)
+        return getattr(self.inner, attribute)
 
     def create_module(self, spec):
         return self.inner.create_module(spec)
@@ -89,11 +103,18 @@ class _Finder(importlib.abc.MetaPathFinder):
         return None
 
 
-if not any(isinstance(f, _Finder) or type(f).__name__ == "_Finder" and getattr(f, "_qbench", False)
-           for f in sys.meta_path):
+# one qbench finder per process: a newer hook replaces an older one (an old hook registered
+# `qbench` ahead of lm-eval's own models)
+_old = [f for f in sys.meta_path if getattr(f, "_qbench", False)]
+if not any(getattr(f, "_qbench_version", 1) >= _VERSION for f in _old):
+    for _f in _old:
+        sys.meta_path.remove(_f)
     _finder = _Finder()
-    _finder._qbench = True
+    _finder._qbench, _finder._qbench_version = True, _VERSION
     sys.meta_path.insert(0, _finder)
+    for _name in _TARGETS:  # lm-eval imported before this hook: apply to the loaded modules
+        if _name in sys.modules:
+            _after(_name, sys.modules[_name])
 '''
 
 
@@ -105,6 +126,7 @@ def install(directory: Path | None = None) -> list[Path]:
     directory = Path(directory or site_dir())
     module = directory / f"{HOOK_MODULE}.py"
     pth = directory / PTH_FILE
+    directory.mkdir(parents=True, exist_ok=True)
     module.write_text(HOOK_SOURCE)
     pth.write_text(f"import {HOOK_MODULE}\n")
     return [module, pth]

@@ -51,7 +51,7 @@ def run_lm_eval(model, tokenizer, tasks: list, limit: int | None = None, batch_s
     configs) on an in-memory model.  Per item: the prediction (the chosen index for
     multiple-choice tasks, greedy-or-not for loglikelihood tasks), whether it is correct,
     and the log-likelihoods.  Tasks whose data is not on this machine raise TaskDataError
-    (qbench sets HF_DATASETS_OFFLINE=1 unless told otherwise, so nothing hangs on a network)."""
+    (qbench sets HF_DATASETS_OFFLINE=1 unless the user set it, so nothing hangs on a network)."""
     import logging
 
     from lm_eval import simple_evaluate
@@ -79,10 +79,12 @@ def run_lm_eval(model, tokenizer, tasks: list, limit: int | None = None, batch_s
                    or type(err).__name__ in ("DatasetNotFoundError", "LocalEntryNotFoundError", "ConnectionError",
                                              "OfflineModeIsEnabled", "FileNotFoundError"))
         if offline:
+            from qbench.online import offline_hint
+
             raise TaskDataError(
-                f"lm-eval task(s) {', '.join(names)}: the dataset is not on this machine and qbench does not "
-                f"download (HF_DATASETS_OFFLINE=1). Put the dataset in the Hugging Face cache of a machine that "
-                f"has it, or use qbench's offline tasks (qbench list tasks). Cause: {text[:300]}") from err
+                f"lm-eval task(s) {', '.join(names)}: the dataset could not be loaded: "
+                f"{offline_hint('HF_DATASETS_OFFLINE', 'dataset')}; or use qbench's offline tasks "
+                f"(qbench list tasks). Cause: {text[:300]}") from err
         raise
     results, predictions, correct, loglikelihoods = {}, {}, {}, {}
     for name in out["samples"]:

@@ -9,6 +9,11 @@ Token perplexity = exp(NLL / tokens); word and byte perplexity divide the same N
 the whitespace-separated words and UTF-8 bytes of the text, so models with different
 tokenizers compare.
 
+`nonoverlap` also takes a stride and a scored part; `llamacpp` is llama.cpp's `perplexity`
+(context W, each chunk scored on its second half) and `rolling` lm-eval's rolling
+log-likelihood of each document (its wikitext convention): qbench/eval/windows.py defines
+their windows.  Every protocol's id names all of its settings.
+
 `bigram_backcopy`: for models trained on the synthetic task, NLL over fixed sequences
 sampled with a fixed seed.
 """
@@ -45,9 +50,12 @@ def perplexity(nll: float, count: int, what: str, protocol_id: str) -> float:
     return value
 
 
+TEXT_KINDS = ("nonoverlap", "llamacpp", "rolling")
+
+
 @dataclass(frozen=True)
 class PerplexityProtocol:
-    kind: str = "nonoverlap"  # or "bigram_backcopy"
+    kind: str = "nonoverlap"  # or "llamacpp", "rolling", "bigram_backcopy"
     corpus: str = "sotu"
     split: str = "test"
     window: int = 256
@@ -59,6 +67,38 @@ class PerplexityProtocol:
     # SmolLM2's BOS is `<|im_start|>`, a chat-template token.  Left out of the dict (and
     # of cell keys) when None, so records made before the field existed keep their keys.
     first_token: str | None = None
+    # nonoverlap only: distance between window starts (None: W - 1, windows tile the text)
+    # and the first scored target of each window (None: 0, every target).  Left out of the
+    # dict and the id when None, so the keys of the default protocol never change.
+    stride: int | None = None
+    score_from: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in (*TEXT_KINDS, "bigram_backcopy"):
+            raise ValueError(f"unknown protocol kind {self.kind!r} (use {', '.join(TEXT_KINDS)})")
+        if self.window < 2:
+            raise ValueError(f"protocol window must be at least 2 tokens, got {self.window}")
+        if self.kind == "llamacpp" and self.window % 2:
+            raise ValueError(f"llama.cpp's context must be even (its second half is scored), got {self.window}")
+        if (self.stride is not None or self.score_from is not None) and self.kind != "nonoverlap":
+            raise ValueError(f"stride and scored part are settings of the nonoverlap protocol, not of {self.kind}")
+        score_from = self.score_from or 0
+        if not 0 <= score_from <= self.window - 2:
+            raise ValueError(f"scored part: the first scored target must be in 0..{self.window - 2} "
+                             f"for a {self.window}-token window, got {score_from}")
+        if self.stride is not None and not self.window - 1 - score_from <= self.stride:
+            raise ValueError(f"stride {self.stride} would score tokens twice: windows of {self.window} tokens "
+                             f"scored from target {score_from} need a stride of at least "
+                             f"{self.window - 1 - score_from}")
+
+    @property
+    def scored_targets(self) -> int | None:
+        """Targets scored per full window (None for Bigram-Backcopy)."""
+        if self.kind == "llamacpp":
+            return self.window - 1 - self.window // 2
+        if self.kind == "bigram_backcopy":
+            return None
+        return self.window - (self.score_from or 0) if self.kind == "rolling" else self.window - 1 - (self.score_from or 0)
 
     @property
     def id(self) -> str:
@@ -67,12 +107,19 @@ class PerplexityProtocol:
         limit = f"-first{self.max_chars}c" if self.max_chars else ""
         start = "bos" if self.first_token is None else "tok" + "".join(
             c if c.isalnum() else "_" for c in self.first_token)
-        return f"nonoverlap-w{self.window}-{start}-{self.corpus}-{self.split}{limit}"
+        if self.kind == "llamacpp":
+            return f"llamacpp-c{self.window}-{start}-{self.corpus}-{self.split}{limit}"
+        if self.kind == "rolling":
+            return f"rolling-w{self.window}-{start}-{self.corpus}-{self.split}{limit}"
+        options = (f"-stride{self.stride}" if self.stride is not None else "") + (
+            f"-from{self.score_from}" if self.score_from is not None else "")
+        return f"nonoverlap-w{self.window}{options}-{start}-{self.corpus}-{self.split}{limit}"
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if data["first_token"] is None:
-            del data["first_token"]
+        for optional in ("first_token", "stride", "score_from"):
+            if data[optional] is None:
+                del data[optional]
         return {**data, "id": self.id}
 
 
@@ -122,19 +169,42 @@ def _protocol_windows(protocol: PerplexityProtocol, tokenizer) -> tuple[list[tor
         seqs = task.sample(protocol.sequences, protocol.window, torch.Generator().manual_seed(protocol.seed))
         data_hash = __import__("hashlib").sha256(seqs.numpy().tobytes()).hexdigest()
         return list(seqs), {"words": None, "bytes": None, "task": task}, data_hash
+    from qbench.eval.windows import rolling_windows, tiled_windows
+
     corpus = load_corpus(protocol.corpus)
     text = split_text(corpus, protocol.split, protocol.max_chars)
-    ids = torch.from_numpy(encode_text(tokenizer, text).astype(np.int64))
     bos = _bos_id(tokenizer, protocol.first_token)
-    body = protocol.window - 1 if bos is not None else protocol.window
-    windows = []
-    for start in range(0, len(ids), body):
-        chunk = ids[start: start + body]
-        windows.append(torch.cat([torch.tensor([bos]), chunk]) if bos is not None else chunk)
+    stats = {"words": len(text.split()), "bytes": len(text.encode()), "shifted": protocol.kind == "rolling"}
+    if protocol.kind == "rolling":
+        if bos is None:
+            raise ValueError(f"protocol {protocol.id}: the tokenizer has no BOS or EOS to start each document with")
+        documents = [torch.from_numpy(encode_text(tokenizer, d).astype(np.int64))
+                     for d in split_documents(corpus, protocol.split, text)]
+        windows, stats["score_from"] = rolling_windows(documents, bos, protocol.window)
+    else:
+        ids = torch.from_numpy(encode_text(tokenizer, text).astype(np.int64))
+        llamacpp = protocol.kind == "llamacpp"
+        windows, stats["score_from"] = tiled_windows(
+            ids, bos, protocol.window, protocol.window if llamacpp else protocol.stride,
+            protocol.window // 2 if llamacpp else protocol.score_from or 0, full_only=llamacpp)
     import hashlib
 
     data_hash = hashlib.sha256(text.encode()).hexdigest()
-    return windows, {"words": len(text.split()), "bytes": len(text.encode())}, data_hash
+    return windows, stats, data_hash
+
+
+def split_documents(corpus, split: str, text: str) -> list[str]:
+    """The split's documents as they appear in `text` (split_text's output: the last one
+    cut where the character limit fell)."""
+    from qbench.data.tokens import DOCUMENT_SEPARATOR
+
+    documents, used = [], 0
+    for document in corpus.split(split):
+        if used >= len(text):
+            break
+        documents.append(text[used: used + len(document)])
+        used += len(document) + len(DOCUMENT_SEPARATOR)
+    return documents
 
 
 @torch.no_grad()
@@ -151,13 +221,18 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
     nll, tokens, kl_sum, agree = 0.0, 0, 0.0, 0
     task = text_stats.get("task")  # Bigram-Backcopy: split the loss by what each position asks
     circuit = {"copy": [0.0, 0, 0], "bigram": [0.0, 0, 0]}  # nll, positions, correct
-    # Windows of equal length go together; the last, shorter one runs alone.
+    # Windows of equal length and scored part go together; the last, shorter one runs alone.
+    score_from = text_stats.get("score_from") or [0] * len(windows)
+    shifted = bool(text_stats.get("shifted"))  # the model reads x[:-1] (rolling windows)
     batches: list[list[torch.Tensor]] = []
-    for w in windows:
-        if batches and len(batches[-1]) < protocol.batch_size and len(batches[-1][0]) == len(w):
+    batch_from: list[int] = []
+    for w, first in zip(windows, score_from):
+        if (batches and len(batches[-1]) < protocol.batch_size and len(batches[-1][0]) == len(w)
+                and batch_from[-1] == first):
             batches[-1].append(w)
         else:
             batches.append([w])
+            batch_from.append(first)
     cache_key = f"{protocol.id}|{data_hash}|bs{protocol.batch_size}"
     from qbench.device import model_device
 
@@ -167,14 +242,16 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
         x = x_cpu.to(device)
         if x.shape[1] < 2:
             continue
-        logits = model(input_ids=x).logits.float()  # (B, T, V)
+        first = batch_from[index]  # targets x[:, 1 + first:] are scored
+        logits = model(input_ids=x[:, :-1] if shifted else x).logits.float()  # (B, T or T-1, V)
         # one reduction instead of a (B, T, V) boolean pass: a NaN or inf anywhere makes the
         # sum non-finite (finite logits of a language model cannot overflow an fp32 sum)
         if not torch.isfinite(logits.sum()):
             raise NonFiniteError(f"non-finite logits ({int((~torch.isfinite(logits)).sum())} values) "
                                  f"under protocol {protocol.id}")
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                               reduction="sum").item()
+        scored = (logits if shifted else logits[:, :-1])[:, first:]  # (B, scored targets, V)
+        targets = x[:, 1 + first:]
+        nll += F.cross_entropy(scored.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         if task is not None:
             per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                         reduction="none").view(x.shape[0], -1)
@@ -184,13 +261,14 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
                 circuit[name][0] += per_token[mask].sum().item()
                 circuit[name][1] += int(mask.sum())
                 circuit[name][2] += int(correct[mask].sum())
-        tokens += x[:, 1:].numel()
+        tokens += targets.numel()
         if reference is not None:
-            log_q = F.log_softmax(logits[:, :-1], dim=-1)
+            log_q = F.log_softmax(scored, dim=-1)
             if isinstance(reference, FPReference):
-                log_p = reference.log_probs(cache_key, index, x_cpu).to(device)
+                log_p = reference.log_probs(cache_key, index, x_cpu, shifted=shifted)[:, first:].to(device)
             else:
-                log_p = F.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
+                ref_logits = reference(input_ids=x[:, :-1] if shifted else x).logits.float()
+                log_p = F.log_softmax((ref_logits if shifted else ref_logits[:, :-1])[:, first:], dim=-1)
             kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
             agree += (log_p.argmax(-1) == log_q.argmax(-1)).sum().item()
     if tokens == 0:

@@ -4,7 +4,8 @@ the hash of the data it reads.  Eval owns them so that the bench, the planner, t
 refresh and the lm-eval adapter import eval, never the reverse."""
 from __future__ import annotations
 
-from dataclasses import replace
+import re
+from dataclasses import dataclass, replace
 
 from qbench.data import load_corpus
 from qbench.eval import heldout_tasks
@@ -27,6 +28,35 @@ LM_EVAL_TASKS = ("qbench_blimp", "qbench_cloze", "qbench_nextsent", "qbench_agre
 DEFAULT_WINDOW = 256
 PROBE_WINDOW = 64  # Gu et al.'s sink rate is defined at a fixed T = 64
 PROBE_SEQUENCES = 64
+
+# Named perplexity protocols (`--protocol`); a trailing -N sets the window of the last two.
+PROTOCOLS = {
+    "default": "the model's own corpus split, non-overlapping windows of min(256, its context) tokens, BOS "
+               "first, every token scored",
+    "llamacpp-512": "llama.cpp's `perplexity`: context 512, BOS first, each chunk scored on its second half "
+                    "(llamacpp-N: context N)",
+    "lm-eval-rolling": "lm-eval's loglikelihood_rolling (its wikitext convention): each document alone, windows "
+                       "of the model's context, every token scored once (lm-eval-rolling-N: N-token windows)",
+}
+
+
+@dataclass(frozen=True)
+class ProtocolOptions:
+    """What the user chose for perplexity (`--protocol`, `--window`, `--stride`,
+    `--score-from`); None = the protocol's own setting."""
+    name: str = "default"
+    window: int | None = None
+    stride: int | None = None
+    score_from: int | None = None
+
+    def kind_and_window(self) -> tuple[str, int | None]:
+        match = re.fullmatch(r"(default|llamacpp|lm-eval-rolling)(?:-(\d+))?", self.name)
+        if match is None or (match.group(1) == "default" and match.group(2)):
+            raise ValueError(f"unknown protocol {self.name!r}{closest(self.name, list(PROTOCOLS))} "
+                             f"(qbench list protocols)")
+        kind = {"default": "nonoverlap", "llamacpp": "llamacpp", "lm-eval-rolling": "rolling"}[match.group(1)]
+        window = int(match.group(2)) if match.group(2) else None
+        return kind, self.window or window
 
 
 def is_lm_eval_task(task: str) -> bool:
@@ -68,30 +98,45 @@ def lm_eval_spec(task: str, task_limit: int | None) -> dict:
             "items_hash": None}
 
 
-def resolve_protocol(model, limit: int | None, corpus: str | None = None,
-                     first_token: str | None = None) -> PerplexityProtocol:
+def resolve_protocol(model, limit: int | None, corpus: str | None = None, first_token: str | None = None,
+                     options: ProtocolOptions | None = None) -> PerplexityProtocol:
     """The model's own held-out data: its training corpus' test split (sotu by default),
-    or fixed synthetic sequences for Bigram-Backcopy models.  `model`: anything with the
-    zoo's `info` dict and either `max_positions` (a reference, nothing loaded) or a loaded
-    `model` with a config.  `first_token`: the token string that starts every window
-    (default: the tokenizer's BOS, else EOS)."""
+    or fixed synthetic sequences for Bigram-Backcopy models, under the chosen protocol.
+    `model`: anything with the zoo's `info` dict and either `max_positions` (a reference,
+    nothing loaded) or a loaded `model` with a config.  `first_token`: the token string
+    that starts every window (default: the tokenizer's BOS, else EOS).  A window longer
+    than the model's context is refused here, before any weight loads."""
     training = model.info.get("training") or {}
     data = training.get("data") or {}
     if hasattr(model, "max_positions"):
         max_positions = model.max_positions or DEFAULT_WINDOW
     else:
         max_positions = getattr(model.model.config, "max_position_embeddings", DEFAULT_WINDOW) or DEFAULT_WINDOW
+    options = options or ProtocolOptions()
+    kind, window = options.kind_and_window()
     if data.get("task") == "bigram_backcopy":
+        if options != ProtocolOptions():
+            raise ValueError(f"model {getattr(model, 'name', '?')} is a Bigram-Backcopy model: it is evaluated on "
+                             "its fixed synthetic sequences, not under a text protocol")
         return PerplexityProtocol(kind="bigram_backcopy", corpus=data["corpus"],
                                   window=training["recipe"]["context"])
-    return PerplexityProtocol(corpus=corpus or data.get("corpus", "sotu"),
-                              window=min(DEFAULT_WINDOW, max_positions), max_chars=limit, first_token=first_token)
+    if window is None:
+        window = max_positions if kind == "rolling" else min(DEFAULT_WINDOW, max_positions)
+    protocol = PerplexityProtocol(kind=kind, corpus=corpus or data.get("corpus", "sotu"), window=window,
+                                  max_chars=limit, first_token=first_token, stride=options.stride,
+                                  score_from=options.score_from)
+    if window > max_positions:
+        raise ValueError(f"protocol {protocol.id}: a {window}-token window is longer than the {max_positions} "
+                         f"positions of model {getattr(model, 'name', '?')}; give --window {max_positions} or less")
+    return protocol
 
 
 def task_protocol(protocol: PerplexityProtocol, task: str) -> PerplexityProtocol:
     """The protocol a task evaluates under: probes use 64-token windows of the same text."""
-    if task == "probes":
-        return replace(protocol, window=PROBE_WINDOW, sequences=PROBE_SEQUENCES)
+    if task == "probes":  # the probes read whole 64-token windows, whatever the ppl protocol
+        kind = protocol.kind if protocol.kind == "bigram_backcopy" else "nonoverlap"
+        return replace(protocol, kind=kind, window=PROBE_WINDOW, sequences=PROBE_SEQUENCES, stride=None,
+                       score_from=None)
     return protocol
 
 

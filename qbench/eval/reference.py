@@ -50,10 +50,12 @@ class FPReference:
         self.computed_batches = 0  # how many batches this object had to run the model for
 
     # -- perplexity ---------------------------------------------------------------------
-    def log_probs(self, key: str | None, index: int, x: torch.Tensor) -> torch.Tensor:
-        """log softmax of the model's next-token logits for batch `index` (B, T-1, V)."""
+    def log_probs(self, key: str | None, index: int, x: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+        """log softmax of the model's next-token logits for batch `index` (B, T-1, V), the
+        targets x[:, 1:]; `shifted`: the model reads x[:, :-1] (rolling windows), else x.
+        The protocol is part of `key`, so the two never share a cache entry."""
         if key is None or not _enabled():
-            return self._compute(x)
+            return self._compute(x, shifted)
         folder = Path(cache_dir()) / "fp_logits" / _digest(self.checkpoint_hash, key)
         values, ids = folder / f"{index:05d}.npy", folder / f"{index:05d}.ids.npy"
         if values.exists() and ids.exists():
@@ -64,20 +66,22 @@ class FPReference:
                         return torch.from_numpy(np.array(cached))  # one batch, copied out of the map
             except (ValueError, OSError, EOFError):
                 pass  # corrupt or truncated: recompute below
-        log_p = self._compute(x)
+        log_p = self._compute(x, shifted)
         folder.mkdir(parents=True, exist_ok=True)
         _atomic_save(values, log_p.numpy())
         _atomic_save(ids, x.numpy())
         return log_p
 
     @torch.no_grad()
-    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, shifted: bool = False) -> torch.Tensor:
         """On the model's device; returned on the CPU (the cache's side)."""
         from qbench.device import model_device
 
         self.computed_batches += 1
         self.model.eval()
-        logits = self.model(input_ids=x.to(model_device(self.model))).logits[:, :-1].float()
+        x = x.to(model_device(self.model))
+        logits = self.model(input_ids=x[:, :-1]).logits.float() if shifted else \
+            self.model(input_ids=x).logits[:, :-1].float()
         return F.log_softmax(logits, dim=-1).cpu()
 
     # -- tasks --------------------------------------------------------------------------

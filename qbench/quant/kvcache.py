@@ -92,6 +92,15 @@ class KVCacheSpec:
         return (exact * 2 * head_dim * FP16_BYTES + (context - exact) * quantized) / context
 
 
+    def quantized_read_fraction(self, queries: range) -> float:
+        """The share of the (query, key) reads of these query positions (0-based, causal)
+        that read a quantized entry: query i reads key j quantized when j >= sink and
+        i - j >= residual, so i - residual - sink + 1 of its i + 1 reads."""
+        reads = sum(i + 1 for i in queries)
+        quantized = sum(max(0, i - self.residual - self.sink + 1) for i in queries)
+        return quantized / reads if reads else 0.0
+
+
 def fake_quantize(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Asymmetric min-max over `dim` (one group per slice); a constant group is exact."""
     lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)

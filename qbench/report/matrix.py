@@ -57,11 +57,12 @@ def fp_ppl_by_row(records: list[dict], zoo: dict | None = None) -> dict[tuple[st
     return {k: sum(v) / len(v) for k, v in rows.items()}
 
 
-def first_screen_table(cells: pd.DataFrame, fp: dict | None = None) -> pd.DataFrame:
-    """One row per (family, arm, variant): fp32 ppl and the representative schemes' means."""
+def first_screen_table(cells: pd.DataFrame, fp: dict | None = None, failed: dict | None = None) -> pd.DataFrame:
+    """One row per (family, arm, variant): fp32 ppl and the representative schemes' means;
+    `failed` ((family, arm, variant, scheme) -> `failed:<reason>`) fills unmeasured cells."""
     if cells.empty:
         return pd.DataFrame()
-    fp = fp or {}
+    fp, failed = fp or {}, failed or {}
     rows = []
     for (family, arm, variant), group in cells.groupby(["family", "arm", "variant"], sort=False):
         by_scheme = {c["scheme"]: c for c in group.to_dict("records")}
@@ -71,7 +72,8 @@ def first_screen_table(cells: pd.DataFrame, fp: dict | None = None) -> pd.DataFr
         for column, schemes in FIRST_SCREEN:
             measured = [by_scheme[s] for s in schemes if s in by_scheme]
             if not measured:
-                row[column] = "-"
+                marks = [failed[(family, arm, variant, s)] for s in schemes if (family, arm, variant, s) in failed]
+                row[column] = marks[0] if marks else "-"
                 continue
             best = min(measured, key=lambda c: c["mean"])
             text = ("~" if overlaps_zero(best) else "") + pct(best["mean"])
@@ -184,16 +186,19 @@ def row_label(family: str, arm: str, variant: str) -> str:
     return f"{family} · {arm}" + (f" ({variant})" if variant else "")
 
 
-def matrix_table(cells: pd.DataFrame) -> pd.DataFrame:
-    """The matrix as text: one row per (family, arm, variant), one column per scheme."""
+def matrix_table(cells: pd.DataFrame, failed: dict | None = None) -> pd.DataFrame:
+    """The matrix as text: one row per (family, arm, variant), one column per scheme; a
+    cell whose run failed shows `failed:<reason>` (`failed`: qbench.report.failures)."""
     if cells.empty:
         return pd.DataFrame()
+    failed = failed or {}
     schemes = scheme_order(cells)
     rows = []
     for (family, arm, variant), group in cells.groupby(["family", "arm", "variant"], sort=False):
         row = {"model (family · arm)": row_label(family, arm, variant), "seeds": int(group.seeds.max())}
         by_scheme = {c["scheme"]: c for c in group.to_dict("records")}
-        row.update({s: format_cell(by_scheme[s]) if s in by_scheme else "-" for s in schemes})
+        row.update({s: format_cell(by_scheme[s]) if s in by_scheme else failed.get((family, arm, variant, s), "-")
+                    for s in schemes})
         rows.append(row)
     return pd.DataFrame(rows)
 

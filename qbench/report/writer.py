@@ -12,6 +12,7 @@ from qbench.report.matrix import (
     EXTREME_LEGEND, FIRST_SCREEN_LEGEND, MATRIX_LEGEND, SCHEME_GROUP_TITLES, first_screen_table, fp_ppl_by_row,
     headline_matrix, matrix_table, matrix_values, worst_cells,
 )
+from qbench.report.failures import FAILURE_LEGEND, failures_and_marks
 from qbench.report.html_page import render_html
 from qbench.report.plots import write_heatmap, write_plots
 from qbench.report.records import REFERENCE_SCHEME, EmptyReportError, label_checkpoints, select_records
@@ -43,7 +44,7 @@ def write_report(store: ResultStore, out_dir: Path | None = None, fmt: str = "md
         return summary, summary
     heatmap = write_heatmap(cells, out_dir / "plots" / "headline_matrix.png")
     plots = write_plots(store, table, out_dir, records) if not table.empty else []
-    sections = report_sections(records, table, cells)
+    sections = report_sections(records, table, cells, zoo)
     if fmt == "html":
         report = out_dir / "REPORT.html"
         atomic_write_text(report, render_html(sections, heatmap, plots))
@@ -83,14 +84,18 @@ class Section:
         return "\n\n".join(parts)
 
 
-def report_sections(records: list[dict], table: pd.DataFrame, cells: pd.DataFrame) -> list[Section]:
+def report_sections(records: list[dict], table: pd.DataFrame, cells: pd.DataFrame,
+                    zoo: dict | None = None) -> list[Section]:
     """The report in reading order: the first screen (representative schemes, within 120
     columns), the worst cells and the extreme tokens, then the full matrix and the details,
     folded."""
-    first = first_screen_table(cells, fp_ppl_by_row(records))
+    failures, marks = failures_and_marks(records, zoo)
+    first = first_screen_table(cells, fp_ppl_by_row(records), marks)
+    legend = FIRST_SCREEN_LEGEND + (" " + FAILURE_LEGEND if marks else "")
     sections = [Section("Perplexity change vs fp32 (%): the representative schemes", first if not first.empty else None,
-                        FIRST_SCREEN_LEGEND if not first.empty else
-                        "No quantized perplexity cell has an fp32 reference.")]
+                        legend if not first.empty else "No quantized perplexity cell has an fp32 reference.")]
+    if not failures.empty:  # why each failed cell failed, where the reader looks (not folded)
+        sections.append(Section(f"Failed cells ({len(failures)}): why", failures, FAILURE_LEGEND))
     if not cells.empty:
         sections.append(Section("The five worst cells", worst_cells(cells)))
     extreme = extreme_token_summary(records)
@@ -98,9 +103,10 @@ def report_sections(records: list[dict], table: pd.DataFrame, cells: pd.DataFram
         sections.append(Section("Extreme tokens in full precision (fp32 probes)", extreme, EXTREME_LEGEND))
     for group, title in SCHEME_GROUP_TITLES.items():
         part = cells[cells.group == group] if not cells.empty else cells
-        matrix = matrix_table(part) if not part.empty else pd.DataFrame()
+        matrix = matrix_table(part, marks) if not part.empty else pd.DataFrame()
         if not matrix.empty:
-            sections.append(Section(f"Full matrix, {title}: models x schemes", matrix, MATRIX_LEGEND, fold=True))
+            sections.append(Section(f"Full matrix, {title}: models x schemes", matrix,
+                                    MATRIX_LEGEND + (" " + FAILURE_LEGEND if marks else ""), fold=True))
     sections.append(Section("Per model", None, "Perplexity under each scheme next to the fp32 row of the same "
                             "protocol.\n\n" + COLUMN_NOTES))
     for model, group in table.groupby("model", sort=False):
