@@ -194,12 +194,14 @@ class _SuiteLoader(yaml.SafeLoader):
 
 def _suite_text(path: Path) -> str:
     """The suite file's text: a regular file of at most MAX_SUITE_BYTES."""
-    from qbench.data.corpus import read_regular_file
+    from qbench.safefile import UnsafeFileError, read_bytes
 
     try:
-        data = read_regular_file(path, MAX_SUITE_BYTES)
+        data = read_bytes(path, "suite", MAX_SUITE_BYTES)
     except FileNotFoundError:
         raise SuiteError(f"suite file {path} does not exist") from None
+    except UnsafeFileError as err:
+        raise SuiteError(str(err)) from None
     except OSError as err:
         raise SuiteError(f"suite file {path}: {err.strerror or err}") from None
     try:

@@ -5,13 +5,11 @@ A record whose file cannot be parsed, or whose stored key does not match its con
 is treated as absent (and reported), never trusted."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
 import platform
-import stat
 import subprocess
 import sys
 import time
@@ -222,28 +220,18 @@ def machine() -> dict:
 
 def read_record_bytes(path: Path) -> tuple[bytes | None, str | None]:
     """The bytes of a record file, or (None, why): only a regular file (never through a
-    symlink: /dev/zero would fill memory, a FIFO would block) of at most MAX_RECORD_BYTES."""
+    symlink: /dev/zero would fill memory, a FIFO would block) of at most MAX_RECORD_BYTES
+    (qbench.safefile, kind "record")."""
+    from qbench.safefile import UnsafeFileError, read_bytes
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        return read_bytes(path, "record", MAX_RECORD_BYTES, follow=False), None
     except FileNotFoundError:
         return None, "missing"
+    except UnsafeFileError as err:
+        return None, err.why
     except OSError as err:
-        if err.errno == errno.ELOOP:
-            return None, "a symbolic link, not a regular file"
         return None, f"unreadable ({err.strerror or err})"
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None, "not a regular file"
-        if info.st_size > MAX_RECORD_BYTES:
-            return None, f"{info.st_size} bytes, over the {MAX_RECORD_BYTES} byte limit of a record"
-        try:
-            data = f.read(MAX_RECORD_BYTES + 1)
-        except OSError as err:
-            return None, f"unreadable ({err.strerror or err})"
-    if len(data) > MAX_RECORD_BYTES:
-        return None, f"over the {MAX_RECORD_BYTES} byte limit of a record"
-    return data, None
 
 
 class StoreError(OSError):

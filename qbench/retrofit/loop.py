@@ -15,7 +15,7 @@ from qbench.retrofit.data import RetrofitData
 from qbench.retrofit.deltas import CONFIG_FILE, save_deltas
 from qbench.retrofit.recipes import RetrofitRecipe, trainable_names
 from qbench.retrofit.state import (STATE_FILE, STATE_META, arm_parameters, build_optimizer, group_peak_lr, load_state,
-                                   lr_factor, save_state)
+                                   lr_factor, read_state_meta, save_state)
 
 LOG_FILE = "train_log.csv"
 GATE_LOG = "gate_log.csv"
@@ -46,9 +46,19 @@ def gate_snapshot(model, batch: torch.Tensor) -> dict:
     return out
 
 
-def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, *, threads: int | None = None,
-             device: str = "cpu", amp: str | None = None, progress: bool = True) -> dict:
-    """Fine-tunes `arm` into `base` by `recipe`; resumable; returns the retrofit.json facts."""
+def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, **options) -> dict:
+    """Fine-tunes `arm` into `base` by `recipe`; resumable; returns the retrofit.json facts.
+    One writer per --out: the folder's lock (qbench.atomic.output_lock) is held throughout."""
+    from qbench.atomic import output_lock
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "retrofit"):
+        return _retrofit(base, arm, recipe, seed, out, **options)
+
+
+def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, *, threads: int | None = None,
+              device: str = "cpu", amp: str | None = None, progress: bool = True) -> dict:
     from qbench.atomic import atomic_write_text
     from qbench.modeling.llama_arms import install_arm
     from qbench.results import library_versions
@@ -60,6 +70,7 @@ def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, 
         raise ValueError(f"--amp {amp!r}: only bf16 autocast is supported")
     if amp and device == "cpu":
         raise ValueError("--amp bf16 is the GPU recipe; the CPU path trains in float32")
+    old = _saved_state(out)  # before any loading: a finished or partial --out is one line at once
     ref = resolve_model(base)
     loaded = ref.load()
     model = loaded.model
@@ -76,8 +87,7 @@ def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, 
     meta = {"base": base, "base_checkpoint_hash": ref.checkpoint_hash, "arm": arm, "seed": seed,
             "recipe": recipe.to_dict(), "trainable": names}
     start = 0
-    if (out / STATE_FILE).exists():
-        old = json.loads((out / STATE_META).read_text())
+    if old:
         def what(facts):  # prose (the recipe's description) never blocks a resume
             return {**facts, "recipe": {k: v for k, v in (facts.get("recipe") or {}).items() if k != "description"}}
 
@@ -85,14 +95,12 @@ def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, 
         if differ:
             raise ValueError(f"{out} holds a retrofit with other {', '.join(differ)}; choose another --out")
         start = load_state(out, model, names, optimizer, generator) if optimizer else int(old["step"])
-    elif (out / CONFIG_FILE).exists():
-        raise ValueError(f"{out} already holds a finished retrofit; choose another --out")
     log_path, gate_path = out / LOG_FILE, out / GATE_LOG
     for path in (log_path, gate_path):  # rows past the resumed step are written again
         _truncate(path, start)
     began, tokens = time.time(), 0
     # a chained digest of every batch drawn: equal for two runs iff they saw the same data in the same order
-    order = json.loads((out / STATE_META).read_text()).get("data_order", "") if start else ""
+    order = str(old.get("data_order", "")) if start else ""
     bar = tqdm(range(start, recipe.steps), desc=f"retrofit {arm} s{seed}", disable=not progress,
                initial=start, total=recipe.steps)
     for step in bar:
@@ -134,6 +142,21 @@ def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, 
     for path in (out / STATE_FILE, out / STATE_META):
         path.unlink(missing_ok=True)
     return facts
+
+
+def _saved_state(out: Path) -> dict:
+    """The facts of the resume state in `out` ({} if none); a finished retrofit or a partial
+    state is refused (read_state_meta)."""
+    from qbench.zoo import CheckpointError
+
+    if (out / CONFIG_FILE).exists():
+        raise ValueError(f"{out} already holds a finished retrofit; choose another --out")
+    if not (out / STATE_FILE).exists() and not (out / STATE_META).exists():
+        return {}
+    if not (out / STATE_FILE).exists():
+        raise CheckpointError(f"{out} holds a partial retrofit state ({STATE_META} without {STATE_FILE}); "
+                              "delete it to start over")
+    return read_state_meta(out)
 
 
 def _truncate(path: Path, step: int) -> None:

@@ -21,7 +21,18 @@ from qbench.train.recipes import Preset, get_preset, learning_rate, normalise_re
 from qbench.train.state import STATE_FILE, TRAVEL_FILE, atomic_torch_save, load_state, load_train_state
 
 
-def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpus: str = "sotu",
+def train(*args, **kwargs) -> dict:
+    """`_train` holding the output folder's writer lock (qbench.atomic.output_lock): a second
+    `qbench train` into the same --out stops at once with one line (exit 5)."""
+    from qbench.atomic import output_lock
+
+    out = Path(args[3] if len(args) > 3 else kwargs["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "train"):
+        return _train(*args, **kwargs)
+
+
+def _train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpus: str = "sotu",
           steps: int | None = None, threads: int | None = None, progress: bool = True,
           gate_init: float | None = None, device: str = "cpu", amp: str | None = None,
           save_dtype: str = "float32", settings: dict | None = None, arm_options: dict | None = None) -> dict:
