@@ -24,8 +24,10 @@ def run_planned_cell(planned: PlannedCell, results_dir: str, threads: int = 1) -
     there); returns a summary.  A worker plans nothing."""
     import torch
 
+    from qbench.validate import cap_threads
+
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(cap_threads(threads))  # never past this machine's cores
     try:
         return _run_planned_cell(planned, results_dir)
     finally:

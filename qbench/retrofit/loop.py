@@ -64,8 +64,10 @@ def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path,
     from qbench.results import library_versions
     from qbench.zoo import resolve_model
 
-    if threads:
-        torch.set_num_threads(threads)
+    if threads is not None:
+        from qbench.validate import thread_count
+
+        torch.set_num_threads(thread_count(threads))
     if amp not in (None, "bf16"):
         raise ValueError(f"--amp {amp!r}: only bf16 autocast is supported")
     if amp and device == "cpu":
@@ -78,6 +80,8 @@ def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path,
     names = trainable_names(model, recipe.trainable)
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
+    check_retrofit_memory(model, names, recipe, torch.cuda.mem_get_info(torch.device(device))[0]
+                          if device.startswith("cuda") and torch.cuda.is_available() else None)
     model.to(device).train()
     data = RetrofitData(loaded.tokenizer, recipe.corpus, recipe.context, recipe.batch_size)
     generator = torch.Generator().manual_seed(seed)  # data order: the seed's, whatever the arm
@@ -142,6 +146,20 @@ def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path,
     for path in (out / STATE_FILE, out / STATE_META):
         path.unlink(missing_ok=True)
     return facts
+
+
+def check_retrofit_memory(model, names: list[str], recipe: RetrofitRecipe, available: int | None = None) -> None:
+    """Before any batch is drawn: a lower bound of what one step allocates (the logits and
+    their gradient, 8 bytes per token and vocabulary entry; the trainable tensors' gradient
+    and AdamW moments, 12 bytes each) against the memory available: `--set batch_size=1e8`
+    is one line (exit 2), not a MemoryError traceback."""
+    from qbench.validate import check_memory
+
+    params = dict(model.named_parameters())
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    need = 8 * recipe.batch_size * recipe.context * vocab + 12 * sum(params[n].numel() for n in names)
+    check_memory(need, f"retrofit recipe {recipe.name} (batch_size {recipe.batch_size}, context {recipe.context})",
+                 available)
 
 
 def _saved_state(out: Path) -> dict:
