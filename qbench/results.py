@@ -30,6 +30,7 @@ STATUSES = ("ok", "failed")
 # Bounds of a record file and its values: a record is ~10 KB, four levels deep; anything far
 # outside is damage or an attack, quarantined with its reason rather than read.
 MAX_RECORD_BYTES = 4 << 20
+MIN_FREE_BYTES = 16 << 20  # free space a run needs before its first cell: a few thousand records
 MAX_DEPTH = 32
 MAX_NAME_CHARS = 4096
 MAX_NUMBER = 1e300  # typed metrics: finite and at most this in magnitude (no overflow downstream)
@@ -359,6 +360,28 @@ class ResultStore:
         locks = self.records_dir / ".locks"
         if os.path.lexists(locks) and not locks.is_dir():
             raise StoreError(f"{locks} is not a folder (the per-cell locks live there); remove it")
+        self.check_space()
+
+    def check_space(self) -> None:
+        """A full disk is found before the first cell, not after it: the free space must
+        hold a few records (MIN_FREE_BYTES), and a small probe file is written, synced and
+        removed (a quota or a disk that statvfs calls free but cannot write fails here)."""
+        from qbench.atomic import atomic_write_bytes
+
+        try:
+            info = os.statvfs(self.records_dir)
+        except OSError:
+            info = None
+        if info is not None and info.f_bavail * info.f_frsize < MIN_FREE_BYTES:
+            raise StoreError(f"{self.records_dir}: the disk is full ({info.f_bavail * info.f_frsize} bytes free, "
+                             f"a run needs at least {MIN_FREE_BYTES}); No space left on device")
+        probe = self.records_dir / f".space-probe-{os.getpid()}"
+        try:
+            atomic_write_bytes(probe, b"\0" * 4096)
+        except OSError as err:
+            raise StoreError(f"{self.records_dir} cannot be written: {err.strerror or err}") from None
+        finally:
+            probe.unlink(missing_ok=True)
 
     def lock(self, key: str):
         """The per-cell advisory lock (records/.locks/<key>.lock): one process computes a

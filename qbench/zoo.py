@@ -60,7 +60,11 @@ class ModelRef:
         if self._loaded is None:
             loader = self.loader
             if self.source is not None:
-                fresh = resolve_model(self.source, verify=False)
+                try:
+                    fresh = resolve_model(self.source, verify=False)
+                except UnknownModelError:  # deleted (or renamed) since planning: a changed checkpoint, exit 3
+                    raise CheckpointError(f"model {self.name}: its checkpoint is gone since its cells were planned "
+                                          f"({str(self.source)[:200]} no longer exists)") from None
                 if fresh.checkpoint_hash != self.checkpoint_hash:
                     raise CheckpointError(f"model {self.name}: checkpoint hash {fresh.checkpoint_hash} differs from "
                                           f"{self.checkpoint_hash} when its cells were planned (changed since); "
