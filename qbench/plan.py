@@ -141,7 +141,8 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
                 config = cell_config(ref, scheme, task, cell_protocol, data_hash, task_limit, spec)
                 cell = Cell(model_name, scheme, task, config)
                 planned.append(PlannedCell(cell, cell_protocol, ref, task_limit))
-    return planned
+    unique = {p.cell.key: p for p in reversed(planned)}  # a model or seed given twice: one cell, run once
+    return [p for p in planned if unique.get(p.cell.key) is p]
 
 
 # -- suite files ------------------------------------------------------------------------------

@@ -278,12 +278,16 @@ class StoreLock(FileLock):
             raise StoreError(f"cannot lock {self.path}: {err.strerror or err}") from err
 
 
+MAX_QUARANTINE_WARNINGS = 10  # per store object: then one summary line (100,000 bad records are not 100,000 lines)
+
+
 @dataclass
 class ResultStore:
     root: Path
 
     def __post_init__(self):
         self.root = Path(self.root)
+        self._warned = self._unlisted = 0  # quarantine warnings printed, and moved without a line
 
     @property
     def records_dir(self) -> Path:
@@ -328,8 +332,18 @@ class ResultStore:
         except OSError as err:
             print(f"qbench: warning: invalid record {path} ({why}); could not quarantine it: {err}", file=sys.stderr)
             return None
-        print(f"qbench: warning: invalid record {path.name} ({why}) moved to {target}", file=sys.stderr)
+        if self._warned < MAX_QUARANTINE_WARNINGS:
+            self._warned += 1
+            print(f"qbench: warning: invalid record {path.name} ({why}) moved to {target}", file=sys.stderr)
+        else:
+            self._unlisted += 1
         return target
+
+    def _summarise_quarantine(self) -> None:
+        if self._unlisted:
+            print(f"qbench: warning: {self._unlisted} more invalid records moved to {self.records_dir / QUARANTINE} "
+                  f"(only the first {MAX_QUARANTINE_WARNINGS} are listed)", file=sys.stderr)
+            self._unlisted = 0
 
     def quarantined(self) -> list[Path]:
         return sorted((self.records_dir / QUARANTINE).glob("*.json"))
@@ -397,6 +411,7 @@ class ResultStore:
             record = self.get(path.stem)
             if record is not None:
                 out.append(record)
+        self._summarise_quarantine()
         return sorted(out, key=record_order)
 
     def corrupt(self) -> list[Path]:
