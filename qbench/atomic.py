@@ -103,6 +103,10 @@ class FileLock:
 WRITER_LOCK = ".qbench-writer.lock"
 
 
+class StoreError(OSError):
+    """A results or output folder that cannot be written (exit 5); qbench.results.StoreError."""
+
+
 class output_lock:
     """One writer per output folder (`qbench train --out`, `qbench retrofit --out`): an
     advisory lock on `<out>/.qbench-writer.lock`, held while the command writes, released
@@ -112,8 +116,6 @@ class output_lock:
         self.lock, self.out, self.command = FileLock(Path(out) / WRITER_LOCK), Path(out), command
 
     def __enter__(self):
-        from qbench.results import StoreError
-
         try:
             held = self.lock.acquire(blocking=False)
         except OSError as err:

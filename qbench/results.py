@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qbench.atomic import FileLock
+from qbench.atomic import FileLock, StoreError  # StoreError: the results folder cannot be written (exit 5)
 from qbench.paths import REPO_ROOT
 
 RECORDS = "records"
@@ -235,8 +235,6 @@ def read_record_bytes(path: Path) -> tuple[bytes | None, str | None]:
         return None, f"unreadable ({err.strerror or err})"
 
 
-class StoreError(OSError):
-    """The results folder cannot be written."""
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

@@ -209,8 +209,15 @@ def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"{folder} holds no weights (model.safetensors is missing)")
-    headers = [_check_safetensors(path) for path in weights if path.suffix == ".safetensors"]
     from qbench.safefile import check_regular
+
+    for path in sorted(folder.iterdir()):  # tokenizer files, generation config, ...: what transformers opens
+        if not path.is_dir() and path not in weights:
+            try:
+                check_regular(path, "weights")
+            except OSError as err:
+                raise CheckpointError(str(err) if not err.strerror else f"{path}: {err.strerror}") from None
+    headers = [_check_safetensors(path) for path in weights if path.suffix == ".safetensors"]
 
     try:
         check_regular(config_path, "config", MAX_CONFIG_BYTES)  # not /dev/zero, not a FIFO, not 1 GB of JSON
