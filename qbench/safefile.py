@@ -179,9 +179,9 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=no_alias_loader())  # noqa: S506 (a SafeLoader without aliases)
 
 
-def describe(err: OSError) -> str:
-    """One line for an OSError from these readers."""
+def describe(err: OSError, prefix: str) -> str:
+    """One line for an OSError from these readers: a refusal says what the file is (its
+    message names it); any other error is `prefix: strerror`."""
     if isinstance(err, UnsafeFileError):
         return str(err)
-    return f"{err.filename or ''}: {err.strerror}" if err.strerror else str(err)
-
+    return f"{prefix}: {err.strerror or err}"

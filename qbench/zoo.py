@@ -112,7 +112,9 @@ def _parse_zoo(path: Path, max_bytes: int | None = None) -> dict[str, dict]:
     try:
         data = load_yaml(read_text(path, "zoo", max_bytes)) or {}
     except OSError as err:
-        raise CheckpointError(f"zoo file {path}: {err.strerror or err}") from None
+        from qbench.safefile import describe
+
+        raise CheckpointError(describe(err, f"zoo file {path}")) from None
     except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
         raise CheckpointError(f"zoo file {path} is not valid YAML ({' '.join(str(err).split())[:200]})") from None
     models = data.get("models", {}) if isinstance(data, dict) else None
@@ -209,14 +211,14 @@ def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"{folder} holds no weights (model.safetensors is missing)")
-    from qbench.safefile import check_regular
+    from qbench.safefile import check_regular, describe
 
     for path in sorted(folder.iterdir()):  # tokenizer files, generation config, ...: what transformers opens
         if not path.is_dir() and path not in weights:
             try:
                 check_regular(path, "weights")
             except OSError as err:
-                raise CheckpointError(str(err) if not err.strerror else f"{path}: {err.strerror}") from None
+                raise CheckpointError(describe(err, str(path))) from None
     headers = [_check_safetensors(path) for path in weights if path.suffix == ".safetensors"]
 
     try:
@@ -292,7 +294,9 @@ def _check_safetensors(path: Path) -> dict:
     try:
         f = open_regular(path, "weights")  # a FIFO or a link to /dev/zero: refused before any read
     except OSError as err:
-        raise CheckpointError(f"{path}: {err.strerror or err}") from None
+        from qbench.safefile import describe
+
+        raise CheckpointError(describe(err, str(path))) from None
     with f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)

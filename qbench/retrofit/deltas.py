@@ -89,7 +89,9 @@ def read_retrofit_config(folder: Path, max_bytes: int | None = None) -> dict:
     try:
         text = read_text(path, "retrofit", max_bytes)
     except OSError as err:
-        raise CheckpointError(f"{path} is missing or unreadable: {err.strerror or err}") from None
+        from qbench.safefile import describe
+
+        raise CheckpointError(describe(err, f"{path} is missing or unreadable")) from None
     except UnicodeDecodeError as err:
         raise CheckpointError(f"{path} is not UTF-8 ({err.reason})") from None
     if _depth(text) > MAX_CONFIG_DEPTH:

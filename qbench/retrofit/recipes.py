@@ -60,7 +60,9 @@ def get_recipe(name: str, settings: dict | None = None) -> RetrofitRecipe:
         try:
             data = load_yaml(read_text(name, "recipe")) or {}
         except OSError as err:
-            raise ValueError(f"recipe file {name}: {err.strerror or err}") from None
+            from qbench.safefile import describe
+
+            raise ValueError(describe(err, f"recipe file {name}")) from None
         except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
             raise ValueError(f"recipe file {name} is not valid YAML: {' '.join(str(err).split())[:200]}") from None
         if not isinstance(data, dict):

@@ -172,7 +172,9 @@ def load_recipe_file(path: Path) -> Preset:
     try:
         data = load_yaml(read_text(path, "recipe")) or {}
     except OSError as err:
-        raise ValueError(f"recipe file {path}: {err.strerror or err}") from None
+        from qbench.safefile import describe
+
+        raise ValueError(describe(err, f"recipe file {path}")) from None
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(f"recipe file {path} is not valid YAML: {' '.join(str(err).split())[:200]}") from None
     if not isinstance(data, dict):
