@@ -7,6 +7,10 @@
    weights of one model (a copy) corrupted while its cells are queued, poisoned records
    (a list where a metric belongs, a symlink to /dev/zero, a 100,000-deep array) planted
    in the store while it runs; then the weights are restored and the sweep run again.
+3. Issue 33's attacks (bench/stress_cases.py), one command each against a store holding
+   records: files that are not regular (a FIFO, /dev/zero), forged or oversized inputs,
+   sizes over their bounds, a partial training state, malformed suites and zoo.yaml; each
+   must end with its documented exit code within 60 s, in one line, nothing lost.
 
 Each prints cells asked, cells recorded, records valid, duplicates computed (a cell
 recorded by more than one finished computation) and crashes (an exit that was neither a
@@ -126,6 +130,16 @@ def main() -> int:
     faults_setup, faults_result, faults_ok = sweep_faults(args, work, env, models, schemes[:args.sweep_schemes])
     print(f"sweep faults: {faults_setup}")
     print(faults_result)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from stress_cases import TIMEOUT, run_cases
+
+    cases_began = time.time()
+    cases_table, cases_ok = run_cases(work, env, models[0])
+    cases_setup = (f"issue 33's attacks (bench/stress_cases.py), one command each, against a store holding "
+                   f"records; each must end with its documented exit code within {TIMEOUT} s, in one error line; "
+                   f"{time.time() - cases_began:.0f} s")
+    print(f"cases: {cases_setup}")
+    print(cases_table)
     if args.write:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from perf_quant import cpu_name
@@ -136,8 +150,10 @@ def main() -> int:
         replace_section(Path(args.write), "Robustness",
                         f"`python bench/stress.py --kills {args.kills} --seed {args.seed} --write {args.write}` "
                         f"(CPU: {cpu_name()}{vnni}, {os.cpu_count()} cores shared with other jobs, OMP_NUM_THREADS=1, one torch "
-                        f"thread per process).\n\n1. {setup}.\n\n{result}\n\n2. {faults_setup}.\n\n{faults_result}")
-    return 0 if (len(files) == valid == asked and not crashes and final.returncode == 0 and faults_ok) else 1
+                        f"thread per process).\n\n1. {setup}.\n\n{result}\n\n2. {faults_setup}.\n\n{faults_result}"
+                        f"\n\n3. {cases_setup}.\n\n{cases_table}")
+    return 0 if (len(files) == valid == asked and not crashes and final.returncode == 0 and faults_ok
+                 and cases_ok) else 1
 
 
 def _flip(path: Path) -> None:

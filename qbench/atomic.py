@@ -98,3 +98,32 @@ class FileLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+WRITER_LOCK = ".qbench-writer.lock"
+
+
+class StoreError(OSError):
+    """A results or output folder that cannot be written (exit 5); qbench.results.StoreError."""
+
+
+class output_lock:
+    """One writer per output folder (`qbench train --out`, `qbench retrofit --out`): an
+    advisory lock on `<out>/.qbench-writer.lock`, held while the command writes, released
+    by the kernel if it dies.  A second writer gets a StoreError (exit 5) at once, one line."""
+
+    def __init__(self, out: Path, command: str):
+        self.lock, self.out, self.command = FileLock(Path(out) / WRITER_LOCK), Path(out), command
+
+    def __enter__(self):
+        try:
+            held = self.lock.acquire(blocking=False)
+        except OSError as err:
+            raise StoreError(f"{self.out} cannot be written ({err.strerror or err})") from None
+        if not held:
+            raise StoreError(f"{self.out} is being written by another qbench {self.command} (it holds "
+                             f"{WRITER_LOCK}); wait for it or choose another --out")
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()

@@ -171,7 +171,27 @@ def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: Re
     store.check_writable()
     planned = plan_cells(models, schemes, tasks, limit, corpus, calibration_seeds, task_limit, first_token,
                          verify=verify, protocol=protocol)
+    if first_token is not None:
+        check_first_token(planned, first_token)
     return run_cells(planned, store, force, progress, device)
+
+
+def check_first_token(planned: list[PlannedCell], first_token: str) -> None:
+    """--first-token must be one token of every model's tokenizer: a usage error (exit 2)
+    before any cell, not a failed record per cell."""
+    from qbench.eval.perplexity import _bos_id
+    from qbench.validate import UsageError
+
+    refs = {id(p.model_ref): p.model_ref for p in planned}.values()
+    for ref in refs:
+        loaded = ref._loaded is not None
+        try:
+            _bos_id(ref.load().tokenizer, first_token)
+        except ValueError as err:
+            raise UsageError(f"--first-token: {err} (model {ref.name})") from None
+        finally:
+            if not loaded:
+                ref.unload()
 
 
 def run_cells(planned: list[PlannedCell], store: ResultStore, force: bool = False, progress: bool = True,

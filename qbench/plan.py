@@ -159,6 +159,9 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
     resolved = [get_scheme(s) if isinstance(s, str) else s for s in schemes]  # fail before any work on a typo
     check_tasks(tasks)
     variants = [v for scheme in resolved for v in scheme_variants(scheme, calibration_seeds)]
+    from qbench.validate import check_cell_count
+
+    check_cell_count(len(models) * len(variants) * len(tasks), "the plan")  # before resolving or keying any
     planned = []
     for model_name in models:
         if ("model", model_name) not in cache:
@@ -185,7 +188,8 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
                 cell = Cell(model_name, scheme, task, config)
                 planned.append(PlannedCell(cell, cell_protocol, ref, task_limit,
                                            planning_refusal(ref.model_config, scheme, task)))
-    return planned
+    unique = {p.cell.key: p for p in reversed(planned)}  # a model or seed given twice: one cell, run once
+    return [p for p in planned if unique.get(p.cell.key) is p]
 
 
 # -- suite files ------------------------------------------------------------------------------
@@ -252,12 +256,14 @@ class _SuiteLoader(yaml.SafeLoader):
 
 def _suite_text(path: Path) -> str:
     """The suite file's text: a regular file of at most MAX_SUITE_BYTES."""
-    from qbench.data.corpus import read_regular_file
+    from qbench.safefile import UnsafeFileError, read_bytes
 
     try:
-        data = read_regular_file(path, MAX_SUITE_BYTES)
+        data = read_bytes(path, "suite", MAX_SUITE_BYTES)
     except FileNotFoundError:
         raise SuiteError(f"suite file {path} does not exist") from None
+    except UnsafeFileError as err:
+        raise SuiteError(str(err)) from None
     except OSError as err:
         raise SuiteError(f"suite file {path}: {err.strerror or err}") from None
     try:
@@ -272,6 +278,14 @@ def _names(data: dict, key: str, where: str) -> list[str]:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise SuiteError(f"{where}: `{key}` entry {index + 1} is a {type(value).__name__}, not a name")
     return [str(v) for v in values]
+
+
+def _corpus(data: dict, where: str) -> str | None:
+    """`corpus:` one name or path (a string), or absent."""
+    value = data.get("corpus")
+    if value is not None and not isinstance(value, str):
+        raise SuiteError(f"{where}: `corpus` must be one corpus name or path, got a {type(value).__name__}")
+    return value
 
 
 def _stage(data: dict, defaults: dict, name: str, where: str) -> Stage:
@@ -299,7 +313,7 @@ def _stage(data: dict, defaults: dict, name: str, where: str) -> Stage:
                      calibration_seeds=seed_list(seeds if isinstance(seeds, list) else [seeds], "calibration_seeds")
                      if seeds is not None else None,
                      limit=positive_int(merged.get("limit"), "limit"),
-                     task_limit=positive_int(merged.get("task_limit"), "task_limit"), corpus=merged.get("corpus"),
+                     task_limit=positive_int(merged.get("task_limit"), "task_limit"), corpus=_corpus(merged, where),
                      arms=_names(merged, "arms", where) if merged.get("arms") is not None else None,
                      protocol=None if merged.get("protocol") is None else str(merged["protocol"]))
     except UsageError as err:
@@ -318,19 +332,54 @@ def load_suite(path: str | Path) -> Suite:
     unknown = sorted(set(data) - SUITE_KEYS)
     if unknown:
         raise SuiteError(f"suite file {path}: unknown key {unknown[0]!r}{closest(unknown[0], SUITE_KEYS)}")
-    resources = {"num_cpus": 1, "num_gpus": 0, **(data.get("resources") or {})}
-    bad = sorted(set(resources) - {"num_cpus", "num_gpus", "memory"})
-    if bad:
-        raise SuiteError(f"suite file {path}: unknown resource {bad[0]!r} (use num_cpus, num_gpus, memory)")
+    resources = _resources(data.get("resources"), f"suite file {path}")
     name = str(data.get("name", path.stem))[:200]
     defaults = {k: v for k, v in data.items() if k in STAGE_KEYS - {"name"}}
     if "stages" not in data:
-        return Suite(name, [_stage(defaults, {}, name, f"suite file {path}")], resources)
+        return _counted(Suite(name, [_stage(defaults, {}, name, f"suite file {path}")], resources), path)
     stages = data["stages"]
     if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
         raise SuiteError(f"suite file {path}: `stages` must be a list of mappings (each a grid)")
-    return Suite(name, [_stage(s, defaults, f"stage {i + 1}", f"suite file {path}, stage {s.get('name', i + 1)}")
-                        for i, s in enumerate(stages)], resources)
+    return _counted(Suite(name, [_stage(s, defaults, f"stage {i + 1}", f"suite file {path}, stage "
+                                        f"{str(s.get('name', i + 1))[:80]}") for i, s in enumerate(stages)],
+                          resources), path)
+
+
+def _counted(suite: Suite, path: Path) -> Suite:
+    """The suite, unless its grids ask for more than MAX_CELLS cells (counted from the
+    lists, before any model is resolved or cell built): a usage error naming the count."""
+    from qbench.validate import UsageError, check_cell_count
+
+    count = sum(len(s.models) * len(s.schemes) * max(1, len(s.calibration_seeds or ())) * len(s.tasks)
+                for s in suite.stages)
+    try:
+        check_cell_count(count, f"suite file {path}")
+    except UsageError as err:
+        raise SuiteError(str(err)) from None
+    return suite
+
+
+def _resources(value, where: str) -> dict:
+    """`resources:` a mapping of num_cpus / num_gpus (numbers in 0..MAX_THREADS, num_cpus > 0)
+    and memory (bytes, a non-negative number)."""
+    from qbench.validate import MAX_THREADS
+
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise SuiteError(f"{where}: `resources` must be a mapping (num_cpus, num_gpus, memory), "
+                         f"got a {type(value).__name__}")
+    resources = {"num_cpus": 1, "num_gpus": 0, **value}
+    bad = sorted((str(k) for k in set(resources) - {"num_cpus", "num_gpus", "memory"}))
+    if bad:
+        raise SuiteError(f"{where}: unknown resource {bad[0][:80]!r} (use num_cpus, num_gpus, memory)")
+    for key, low, high in (("num_cpus", 0, MAX_THREADS), ("num_gpus", 0, MAX_THREADS), ("memory", 0, 2 ** 60)):
+        number = resources.get(key, low)
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not low <= number <= high \
+                or (key == "num_cpus" and number <= 0):
+            raise SuiteError(f"{where}: resources {key} must be a number in {'(' if key == 'num_cpus' else '['}"
+                             f"{low}, {high}], got {str(number)[:80]}")
+    return resources
 
 
 def plan_stage(stage: Stage, cache: dict | None = None) -> list[PlannedCell]:

@@ -5,13 +5,11 @@ A record whose file cannot be parsed, or whose stored key does not match its con
 is treated as absent (and reported), never trusted."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
 import platform
-import stat
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from qbench.atomic import FileLock
+from qbench.atomic import FileLock, StoreError  # StoreError: the results folder cannot be written (exit 5)
 from qbench.paths import REPO_ROOT
 
 RECORDS = "records"
@@ -32,6 +30,7 @@ STATUSES = ("ok", "failed")
 # Bounds of a record file and its values: a record is ~10 KB, four levels deep; anything far
 # outside is damage or an attack, quarantined with its reason rather than read.
 MAX_RECORD_BYTES = 4 << 20
+MIN_FREE_BYTES = 16 << 20  # free space a run needs before its first cell: a few thousand records
 MAX_DEPTH = 32
 MAX_NAME_CHARS = 4096
 MAX_NUMBER = 1e300  # typed metrics: finite and at most this in magnitude (no overflow downstream)
@@ -222,32 +221,20 @@ def machine() -> dict:
 
 def read_record_bytes(path: Path) -> tuple[bytes | None, str | None]:
     """The bytes of a record file, or (None, why): only a regular file (never through a
-    symlink: /dev/zero would fill memory, a FIFO would block) of at most MAX_RECORD_BYTES."""
+    symlink: /dev/zero would fill memory, a FIFO would block) of at most MAX_RECORD_BYTES
+    (qbench.safefile, kind "record")."""
+    from qbench.safefile import UnsafeFileError, read_bytes
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        return read_bytes(path, "record", MAX_RECORD_BYTES, follow=False), None
     except FileNotFoundError:
         return None, "missing"
+    except UnsafeFileError as err:
+        return None, err.why
     except OSError as err:
-        if err.errno == errno.ELOOP:
-            return None, "a symbolic link, not a regular file"
         return None, f"unreadable ({err.strerror or err})"
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None, "not a regular file"
-        if info.st_size > MAX_RECORD_BYTES:
-            return None, f"{info.st_size} bytes, over the {MAX_RECORD_BYTES} byte limit of a record"
-        try:
-            data = f.read(MAX_RECORD_BYTES + 1)
-        except OSError as err:
-            return None, f"unreadable ({err.strerror or err})"
-    if len(data) > MAX_RECORD_BYTES:
-        return None, f"over the {MAX_RECORD_BYTES} byte limit of a record"
-    return data, None
 
 
-class StoreError(OSError):
-    """The results folder cannot be written."""
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -289,12 +276,16 @@ class StoreLock(FileLock):
             raise StoreError(f"cannot lock {self.path}: {err.strerror or err}") from err
 
 
+MAX_QUARANTINE_WARNINGS = 10  # per store object: then one summary line (100,000 bad records are not 100,000 lines)
+
+
 @dataclass
 class ResultStore:
     root: Path
 
     def __post_init__(self):
         self.root = Path(self.root)
+        self._warned = self._unlisted = 0  # quarantine warnings printed, and moved without a line
 
     @property
     def records_dir(self) -> Path:
@@ -339,8 +330,18 @@ class ResultStore:
         except OSError as err:
             print(f"qbench: warning: invalid record {path} ({why}); could not quarantine it: {err}", file=sys.stderr)
             return None
-        print(f"qbench: warning: invalid record {path.name} ({why}) moved to {target}", file=sys.stderr)
+        if self._warned < MAX_QUARANTINE_WARNINGS:
+            self._warned += 1
+            print(f"qbench: warning: invalid record {path.name} ({why}) moved to {target}", file=sys.stderr)
+        else:
+            self._unlisted += 1
         return target
+
+    def _summarise_quarantine(self) -> None:
+        if self._unlisted:
+            print(f"qbench: warning: {self._unlisted} more invalid records moved to {self.records_dir / QUARANTINE} "
+                  f"(only the first {MAX_QUARANTINE_WARNINGS} are listed)", file=sys.stderr)
+            self._unlisted = 0
 
     def quarantined(self) -> list[Path]:
         return sorted((self.records_dir / QUARANTINE).glob("*.json"))
@@ -371,6 +372,28 @@ class ResultStore:
         locks = self.records_dir / ".locks"
         if os.path.lexists(locks) and not locks.is_dir():
             raise StoreError(f"{locks} is not a folder (the per-cell locks live there); remove it")
+        self.check_space()
+
+    def check_space(self) -> None:
+        """A full disk is found before the first cell, not after it: the free space must
+        hold a few records (MIN_FREE_BYTES), and a small probe file is written, synced and
+        removed (a quota or a disk that statvfs calls free but cannot write fails here)."""
+        from qbench.atomic import atomic_write_bytes
+
+        try:
+            info = os.statvfs(self.records_dir)
+        except OSError:
+            info = None
+        if info is not None and info.f_bavail * info.f_frsize < MIN_FREE_BYTES:
+            raise StoreError(f"{self.records_dir}: the disk is full ({info.f_bavail * info.f_frsize} bytes free, "
+                             f"a run needs at least {MIN_FREE_BYTES}); No space left on device")
+        probe = self.records_dir / f".space-probe-{os.getpid()}"
+        try:
+            atomic_write_bytes(probe, b"\0" * 4096)
+        except OSError as err:
+            raise StoreError(f"{self.records_dir} cannot be written: {err.strerror or err}") from None
+        finally:
+            probe.unlink(missing_ok=True)
 
     def lock(self, key: str):
         """The per-cell advisory lock (records/.locks/<key>.lock): one process computes a
@@ -386,6 +409,7 @@ class ResultStore:
             record = self.get(path.stem)
             if record is not None:
                 out.append(record)
+        self._summarise_quarantine()
         return sorted(out, key=record_order)
 
     def corrupt(self) -> list[Path]:

@@ -25,8 +25,10 @@ def run_planned_cell(planned: PlannedCell, results_dir: str, threads: int = 1) -
     failed in this sweep).  A worker plans nothing."""
     import torch
 
+    from qbench.validate import cap_threads
+
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(cap_threads(threads))  # never past this machine's cores
     try:
         return _run_planned_cell(planned, results_dir)
     finally:
@@ -137,6 +139,24 @@ def _name(planned: PlannedCell) -> str:
     return f"{planned.cell.model} {planned.cell.scheme.name} {planned.cell.task}"
 
 
+def _remove_stale_running_dirs(folder: Path) -> None:
+    """`qbench-sweep-<pid>-*` folders whose sweep is gone (killed with -9: its `finally` never
+    ran) are removed, so kills do not pile folders up in the temporary directory."""
+    import shutil
+
+    for path in folder.glob("qbench-sweep-*-*"):
+        pid = path.name.split("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its sweep is still running
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # another user's live process
+            continue
+
+
 def run_local(cells: list[PlannedCell], results_dir: str, workers: int = 1, progress: bool = True,
               retries: int = 1, threads: int = 1) -> list[dict]:
     """Run the planned cells here (workers <= 1) or in `workers` spawned processes, each
@@ -150,18 +170,28 @@ def run_local(cells: list[PlannedCell], results_dir: str, workers: int = 1, prog
     this process."""
     from tqdm.auto import tqdm
 
+    import sys
+
+    from qbench.zoo import CheckpointError
+
     if workers <= 1:
         last = last_uses(cells)
-        out = []
+        out, errors = [], []
         for index, cell in enumerate(tqdm(cells, desc="cells", disable=not progress)):
-            out.append(run_planned_cell(cell, results_dir, threads))
+            try:
+                out.append(run_planned_cell(cell, results_dir, threads))
+            except CheckpointError as err:  # as in the pool: the others go on, the error is raised at the end
+                errors.append(err)
+                print(f"qbench sweep: warning: {_name(cell)} not run: {' '.join(str(err).split())[:300]}",
+                      file=sys.stderr)
             if index in last:
                 cell.model_ref.unload()
+        if errors:
+            raise errors[0]
         return out
     import multiprocessing as mp
     import shutil
     import signal
-    import sys
     import tempfile
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -177,7 +207,8 @@ def run_local(cells: list[PlannedCell], results_dir: str, workers: int = 1, prog
         return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                    initializer=_worker_init, initargs=(os.getpid(),))
 
-    running_dir = Path(tempfile.mkdtemp(prefix="qbench-sweep-"))
+    _remove_stale_running_dirs(Path(tempfile.gettempdir()))
+    running_dir = Path(tempfile.mkdtemp(prefix=f"qbench-sweep-{os.getpid()}-"))
     deaths: dict[str, int] = {}
     errors: list[Exception] = []
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -296,10 +327,20 @@ def run_sweep(suite: Suite, results_dir: str, executor: str = "local", address: 
     planned = plan_suite(suite)  # once, here: the workers get these cells as they are
     missing = [p for p in planned if store.get(p.cell.key) is None]
     start = time.time()
-    if executor == "local":
-        run_local(missing, results_dir, workers, progress, threads=max(1, int(suite.resources.get("num_cpus", 1))))
-    else:
-        run_ray(missing, results_dir, address, suite.resources, progress=progress)
+    from qbench.zoo import CheckpointError
+
+    try:
+        if executor == "local":
+            run_local(missing, results_dir, workers, progress, threads=max(1, int(suite.resources.get("num_cpus", 1))))
+        else:
+            run_ray(missing, results_dir, address, suite.resources, progress=progress)
+    except CheckpointError as err:  # a checkpoint changed or vanished under the sweep: exit 3, with the counts
+        raise CheckpointError(f"{' '.join(str(err).split())[:300]}; sweep {suite.name}: "
+                              f"{_summary(store, planned, missing, start)}") from None
+    return _summary(store, planned, missing, start)
+
+
+def _summary(store, planned: list[PlannedCell], missing: list[PlannedCell], start: float) -> dict:
     # counted from the store, not from what workers said (a worker that found a record
     # another process had just written is not a computation of this sweep)
     now = [store.get(p.cell.key) for p in missing]

@@ -68,3 +68,47 @@ def names(values: list[str], option: str) -> list[str]:
     if not values:
         raise UsageError(f"{option} is empty: give at least one name")
     return values
+
+
+MAX_THREADS = 1024  # --threads, suite resources num_cpus / num_gpus: far above any machine qbench runs on
+MAX_CELLS = 100_000  # cells one plan may hold (the whole study is a few thousand); checked before building them
+
+
+def thread_count(value, option: str = "--threads") -> int:
+    """Threads torch may use: a positive integer up to MAX_THREADS (else a UsageError),
+    then at most this machine's CPU count (threads past the cores only pile up)."""
+    return cap_threads(positive_int(value, option, allow_none=False, maximum=MAX_THREADS))
+
+
+def cap_threads(number) -> int:
+    """1..this machine's CPU count."""
+    import os
+
+    return max(1, min(int(number), os.cpu_count() or 1))
+
+
+def check_cell_count(count: int, where: str) -> None:
+    if count > MAX_CELLS:
+        raise UsageError(f"{where} asks for {count} cells, over the limit of {MAX_CELLS} per plan; "
+                         "split it into smaller suites")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(need: float, what: str, available: int | None = None) -> None:
+    """A UsageError (exit 2) before allocating when `need` bytes (a lower bound of what
+    `what` will allocate) exceed the memory available: one line, never a MemoryError."""
+    available = available_memory() if available is None else available
+    if available is not None and need > available:
+        raise UsageError(f"{what} needs at least {need / 2 ** 30:.1f} GiB of memory, this machine has "
+                         f"{available / 2 ** 30:.1f} GiB available; choose smaller values")

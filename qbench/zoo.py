@@ -64,7 +64,11 @@ class ModelRef:
         if self._loaded is None:
             loader = self.loader
             if self.source is not None:
-                fresh = resolve_model(self.source, verify=False)
+                try:
+                    fresh = resolve_model(self.source, verify=False)
+                except UnknownModelError:  # deleted (or renamed) since planning: a changed checkpoint, exit 3
+                    raise CheckpointError(f"model {self.name}: its checkpoint is gone since its cells were planned "
+                                          f"({str(self.source)[:200]} no longer exists)") from None
                 if fresh.checkpoint_hash != self.checkpoint_hash:
                     raise CheckpointError(f"model {self.name}: checkpoint hash {fresh.checkpoint_hash} differs from "
                                           f"{self.checkpoint_hash} when its cells were planned (changed since); "
@@ -99,10 +103,31 @@ def read_zoo(folder: Path | None = None) -> dict[str, dict]:
     version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
     cached = _ZOO_CACHE.get(path)
     if cached is None or cached[0] != version:
-        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where built: the same values, faster
-        data = yaml.load(path.read_text(), Loader=loader) or {}  # noqa: S506 (a safe loader)
-        cached = _ZOO_CACHE[path] = (version, data.get("models", {}))
+        cached = _ZOO_CACHE[path] = (version, _parse_zoo(path))
     return copy.deepcopy(cached[1])
+
+
+def _parse_zoo(path: Path, max_bytes: int | None = None) -> dict[str, dict]:
+    """zoo.yaml's `models:` mapping (name -> entry mapping), or a one-line CheckpointError
+    (exit 3): not a regular file or over its cap, not UTF-8 YAML, YAML aliases, not shaped
+    like a zoo."""
+    from qbench.safefile import load_yaml, read_text
+
+    try:
+        data = load_yaml(read_text(path, "zoo", max_bytes)) or {}
+    except OSError as err:
+        from qbench.safefile import describe
+
+        raise CheckpointError(describe(err, f"zoo file {path}")) from None
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
+        raise CheckpointError(f"zoo file {path} is not valid YAML ({' '.join(str(err).split())[:200]})") from None
+    models = data.get("models", {}) if isinstance(data, dict) else None
+    if not isinstance(models, dict) or not all(isinstance(k, str) and isinstance(v, dict) and
+                                               isinstance(v.get("source", v.get("path", "")), str)
+                                               for k, v in models.items()):
+        raise CheckpointError(f"zoo file {path} is malformed: `models:` must map each name to an entry with a "
+                              "`path` or `source` string")
+    return models
 
 
 def write_zoo(entries: dict[str, dict], folder: Path | None = None) -> None:
@@ -113,12 +138,17 @@ def write_zoo(entries: dict[str, dict], folder: Path | None = None) -> None:
     atomic_write_text(path, header + yaml.safe_dump({"models": entries}, sort_keys=False))
 
 
-def file_hash(paths: list[Path]) -> str:
+def file_hash(paths: list[Path], max_bytes: int | None = None) -> str:
+    """sha256 (16 hex digits) of the files' bytes, read through qbench.safefile: a file
+    that is not regular (a FIFO, a link to /dev/zero) or over the weights cap is a
+    CheckpointError, never an endless read.  A missing file stays FileNotFoundError."""
+    from qbench.safefile import UnsafeFileError, hash_files
+
     digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+    try:
+        hash_files(paths, digest, "weights", max_bytes)
+    except UnsafeFileError as err:
+        raise CheckpointError(str(err)) from None
     return digest.hexdigest()[:16]
 
 
@@ -172,7 +202,7 @@ def _folder_kind(marker: str):
 def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     """Checks the folder's files and reads its config; the weights stay on disk."""
     for marker in list(FOLDER_KINDS):  # e.g. retrofit.json (qbench.retrofit)
-        if (folder / marker).is_file():
+        if (folder / marker).exists():
             return _folder_kind(marker)(name, folder, entry)
     import qbench.modeling  # noqa: F401  registers the qbench model type
     from transformers import AutoConfig
@@ -185,11 +215,18 @@ def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"{folder} holds no weights (model.safetensors is missing)")
+    from qbench.safefile import check_regular, describe
+
+    for path in sorted(folder.iterdir()):  # tokenizer files, generation config, ...: what transformers opens
+        if not path.is_dir() and path not in weights:
+            try:
+                check_regular(path, "weights")
+            except OSError as err:
+                raise CheckpointError(describe(err, str(path))) from None
     headers = [_check_safetensors(path) for path in weights if path.suffix == ".safetensors"]
-    from qbench.data.corpus import read_regular_file
 
     try:
-        read_regular_file(config_path, MAX_CONFIG_BYTES)  # not /dev/zero, not a FIFO, not 1 GB of JSON
+        check_regular(config_path, "config", MAX_CONFIG_BYTES)  # not /dev/zero, not a FIFO, not 1 GB of JSON
         config = AutoConfig.from_pretrained(folder)
     except Exception as err:
         raise CheckpointError(f"{config_path} could not be read: {err}") from err
@@ -256,8 +293,16 @@ def _check_config_against_weights(config, config_path: Path, headers: list[dict]
 
 def _check_safetensors(path: Path) -> dict:
     """Header and size checks that catch truncation before transformers gives a vaguer error."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    from qbench.safefile import open_regular
+
+    try:
+        f = open_regular(path, "weights")  # a FIFO or a link to /dev/zero: refused before any read
+    except OSError as err:
+        from qbench.safefile import describe
+
+        raise CheckpointError(describe(err, str(path))) from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path} is truncated ({size} bytes)")

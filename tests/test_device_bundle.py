@@ -120,3 +120,30 @@ def test_the_documented_cut_keeps_the_tracked_tree_out_of_a_call(bundle_script, 
     assert (tmp_path / "other" / "models" / "big" / "w.bin").is_file()
     git("sparse-checkout", "disable")
     assert (repo / "models" / "big" / "w.bin").is_file()
+
+
+def test_an_archive_that_differs_from_its_manifest_stops_the_job_before_it_runs(bundle_script, tmp_path,
+                                                                                 monkeypatch):
+    """Issue 33: site.tar.xz repacked without a package exited 0, the job silently importing
+    the image's own copy; now every archive is checked against MANIFEST.json's sha256 first."""
+    import json
+
+    db = bundle_script
+    monkeypatch.setitem(db.JOBS, "m-job", db.Job("manifest", "echo ran > $OUT/ran.txt", ["hqq"]))
+    [folder] = db.build("m-job", out_root=tmp_path)
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert manifest["archives"]["site.tar.xz"] == hashlib.sha256((folder / "site.tar.xz").read_bytes()).hexdigest()
+    with tarfile.open(folder / "site.tar.xz") as tar:  # repacked without the package
+        kept = [m for m in tar.getmembers() if not m.name.startswith("hqq/")]
+        data = {m.name: tar.extractfile(m).read() for m in kept if m.isfile()}
+    with tarfile.open(folder / "site.tar.xz", "w:xz") as tar:
+        for name, blob in data.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, __import__("io").BytesIO(blob))
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(folder / "run.sh")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OUT": str(out), "QBENCH_SITE_ROOT": str(tmp_path / "site")})
+    assert done.returncode == 6 and "fails its manifest sha256" in done.stdout, done.stdout + done.stderr
+    assert not (out / "ran.txt").exists()  # the job never ran
+    assert not (tmp_path / "site").exists() or not any((tmp_path / "site").iterdir())  # nothing unpacked

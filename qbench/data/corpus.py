@@ -49,29 +49,18 @@ MAX_CORPUS_FILE_BYTES = 1 << 30  # 1 GiB: far above any corpus qbench evaluates,
 
 def read_regular_file(path: Path, max_bytes: int) -> bytes:
     """The bytes of a regular file (symlinks to one are fine) of at most `max_bytes`;
-    anything else is an OSError naming it: /dev/zero would fill memory, a FIFO would
-    block (opened non-blocking, then checked before any read)."""
-    import os
-    import stat
+    anything else is an OSError naming it (qbench.safefile: /dev/zero would fill memory, a
+    FIFO would block)."""
+    from qbench.safefile import read_bytes
 
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(f"{path} is not a regular file")
-        if info.st_size > max_bytes:
-            raise OSError(f"{path} is {info.st_size} bytes, over the {max_bytes} byte limit")
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise OSError(f"{path} is over the {max_bytes} byte limit")
-    return data
+    return read_bytes(path, "corpus", max_bytes)
 
 
 def _read_text(path: Path) -> str:
     try:
         return read_regular_file(path, MAX_CORPUS_FILE_BYTES).decode("utf-8")
     except OSError as err:
-        why = f"{path}: {err.strerror}" if err.strerror else str(err)
+        why = f"{path}: {err.strerror}" if err.strerror else str(err).removeprefix("corpus file ")
         raise CorpusError(f"corpus {why}; give a regular UTF-8 text file") from None
     except UnicodeDecodeError as err:
         raise CorpusError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it first") from err

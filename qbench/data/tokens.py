@@ -41,15 +41,35 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:
 
 
 def cached_split_ids(corpus: Corpus, split: str, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """The split's token ids, cached under $QBENCH_CACHE/tokens/.  The cache heals: an entry
+    that fails to read (truncated, a FIFO, a link to /dev/zero, a forged header, another
+    dtype; qbench.safefile.load_npy) is encoded again and replaced once, never raised as
+    the cell's failure; a cache that cannot be written only costs the re-encoding."""
+    import logging
+    import os
+
+    from qbench.safefile import load_npy
+
     key = f"{corpus.split_hash(split)[:16]}-{tokenizer_hash(tokenizer)[:16]}"
     path = cache_dir() / "tokens" / f"{key}.npy"
-    if path.exists():
-        return np.load(path)
+    if os.path.lexists(path):
+        try:
+            ids = load_npy(path, dtype=np.int32)
+            if ids.ndim == 1:
+                return ids
+            why = f"shape {ids.shape}, not one stream"
+        except (OSError, ValueError, EOFError) as err:
+            why = str(err)
+        logging.getLogger(__name__).warning("token cache %s unreadable (%s); encoding again", path.name,
+                                            " ".join(why.split())[:200])
     ids = encode_text(tokenizer, split_text(corpus, split))
-    path.parent.mkdir(parents=True, exist_ok=True)
     from qbench.atomic import atomic_save_npy
 
-    atomic_save_npy(path, ids)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(path, ids)
+    except OSError as err:  # a folder where the entry belongs, a read-only cache: use the ids anyway
+        logging.getLogger(__name__).warning("token cache %s not written (%s)", path.name, err)
     return ids
 
 

@@ -37,8 +37,11 @@ class QBenchLM(HFLM):
 
         # the planner resolves the model (checked and hashed), the scheme (at this calibration
         # draw) and the model's own protocol, exactly as a `qbench bench` cell would
-        seeds = [int(calibration_seed)] if calibration_seed is not None else None
-        [planned] = plan_cells([str(model)], [scheme], ["ppl"], calibration_seeds=seeds)
+        try:
+            seeds = [int(calibration_seed)] if calibration_seed is not None else None
+            [planned] = plan_cells([str(model)], [scheme], ["ppl"], calibration_seeds=seeds)
+        except (KeyError, ValueError, OSError) as err:  # an unknown model or scheme, a bad checkpoint
+            _refuse(err)
         loaded, resolved, protocol = planned.model_ref.load(), planned.cell.scheme, planned.protocol
         # lm-eval's --device (or device= in model_args): the model, its quantizers and the
         # batches go there; HFLM then reads the device from the model.  lm-eval asks for
@@ -60,6 +63,22 @@ class QBenchLM(HFLM):
         max_length = getattr(loaded.model.config, "max_position_embeddings", None)
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,
                          max_length=kwargs.pop("max_length", max_length), **kwargs)
+
+
+def _refuse(err: Exception) -> None:
+    """Under lm-eval's own command line (`lm_eval --model qbench ...`), which prints a
+    traceback for any exception, a bad model or scheme is qbench's one line and exit code
+    (README, exit codes); from Python the error is raised as it is."""
+    import sys
+
+    if "lm_eval" not in Path(sys.argv[0] if sys.argv else "").parts and \
+            Path(sys.argv[0] if sys.argv else "").name not in ("lm_eval", "lm-eval"):
+        raise err
+    from qbench.cli import exit_code
+
+    message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+    print(f"lm_eval --model qbench: error: {' '.join(message.split())[:400]}", file=sys.stderr)
+    raise SystemExit(exit_code(err)) from None
 
 
 def register() -> None:

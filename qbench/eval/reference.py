@@ -4,9 +4,11 @@ model and reused by every scheme.
 - Next-token log-probabilities for perplexity protocols are cached on disk, one float32
   `.npy` file per evaluation batch (with the batch's token ids beside it, checked on
   every read), under `$QBENCH_CACHE/fp_logits/<key>/`, where the key hashes the
-  checkpoint, the protocol and the data.  A scheme's evaluation memory-maps one batch at
-  a time: the full logits are never in memory.  A missing, corrupt or mismatching batch
-  file is recomputed from the model, so a killed run leaves a usable partial cache.
+  checkpoint, the protocol and the data.  A scheme's evaluation reads one batch at a
+  time: the full logits are never in memory.  A missing, corrupt, forged (a header
+  declaring more than the file holds), non-regular or mismatching batch file is
+  recomputed from the model and replaced, so a killed run leaves a usable partial cache
+  and a damaged one heals; it is never a cell's failure.
   Size: tokens x vocabulary x 4 bytes (SmolLM2, 20,000 characters: about 0.9 GB).
 - Task outputs (per-item predictions through lm-eval) are cached as JSON under
   `$QBENCH_CACHE/fp_tasks/`, keyed by checkpoint, task configuration and item limit.
@@ -58,18 +60,23 @@ class FPReference:
             return self._compute(x, shifted)
         folder = Path(cache_dir()) / "fp_logits" / _digest(self.checkpoint_hash, key)
         values, ids = folder / f"{index:05d}.npy", folder / f"{index:05d}.ids.npy"
-        if values.exists() and ids.exists():
-            try:
-                if np.array_equal(np.load(ids), x.numpy()):
-                    cached = np.load(values, mmap_mode="r")
-                    if cached.shape == (x.shape[0], x.shape[1] - 1, cached.shape[-1]):
-                        return torch.from_numpy(np.array(cached))  # one batch, copied out of the map
+        if os.path.lexists(values) and os.path.lexists(ids):
+            from qbench.safefile import load_npy
+
+            try:  # regular files only, headers checked before allocating (qbench.safefile.load_npy)
+                if np.array_equal(load_npy(ids, shape=tuple(x.shape), dtype=x.numpy().dtype), x.numpy()):
+                    cached = load_npy(values, dtype=np.float32)
+                    if cached.ndim == 3 and cached.shape[:2] == (x.shape[0], x.shape[1] - 1):
+                        return torch.from_numpy(cached)
             except (ValueError, OSError, EOFError):
-                pass  # corrupt or truncated: recompute below
+                pass  # corrupt, truncated, forged or not a regular file: recompute (and replace) below
         log_p = self._compute(x, shifted)
-        folder.mkdir(parents=True, exist_ok=True)
-        _atomic_save(values, log_p.numpy())
-        _atomic_save(ids, x.numpy())
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _atomic_save(values, log_p.numpy())
+            _atomic_save(ids, x.numpy())
+        except OSError:  # a cache that cannot be written costs recomputation, never the cell
+            pass
         return log_p
 
     @torch.no_grad()
@@ -90,13 +97,21 @@ class FPReference:
         if not _enabled():
             return compute(self.model)
         path = Path(cache_dir()) / "fp_tasks" / f"{_digest(self.checkpoint_hash, spec)}.json"
-        if path.exists():
+        if os.path.lexists(path):
+            from qbench.safefile import read_text
+
             try:
-                return json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError):
-                path.unlink(missing_ok=True)
+                return json.loads(read_text(path, "cache"))
+            except (ValueError, OSError, RecursionError):  # corrupt, not a regular file: recompute
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
         outputs = compute(self.model)
         from qbench.atomic import atomic_write_text
 
-        atomic_write_text(path, json.dumps(outputs), fsync=False)
+        try:
+            atomic_write_text(path, json.dumps(outputs), fsync=False)
+        except OSError:
+            pass
         return outputs

@@ -11,8 +11,14 @@ class EmptyReportError(ValueError):
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
-    rows = []
+    """One row per record; a record listed twice (the same key: a model or seed given
+    twice) counts once, so n is the number of distinct cells."""
+    rows, seen = [], set()
     for r in records:
+        if r.get("key") is not None:
+            if r["key"] in seen:
+                continue
+            seen.add(r["key"])
         metrics = r.get("metrics") or {}
         rows.append({
             "model": r["model"], "scheme": r["scheme"], "task": r["task"], "protocol": r["protocol"],

@@ -63,8 +63,10 @@ def write_report(store: ResultStore, out_dir: Path | None = None, fmt: str = "md
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     quarantined = store.quarantined()
     if quarantined:
+        listed = ", ".join(p.name for p in quarantined[:20]) + (f", and {len(quarantined) - 20} more"
+                                                                if len(quarantined) > 20 else "")
         lines += [f"{len(quarantined)} invalid record(s) are in records/.quarantine/ (recomputed when their cells "
-                  "are asked for again): " + ", ".join(p.name for p in quarantined), ""]
+                  "are asked for again): " + listed, ""]
     report = out_dir / "REPORT.md"
     atomic_write_text(report, "\n".join(lines))
     return summary, report

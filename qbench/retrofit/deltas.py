@@ -5,6 +5,7 @@ names `retrofit_ref`, imported when such a folder is first met)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -43,11 +44,18 @@ def load_retrofit(folder: Path, name: str | None = None):
     loaded = ref.load()
     model = loaded.model
     install_arm(model, facts["arm"])
+    from qbench.safefile import check_regular
+
     try:
+        check_regular(folder / DELTAS_FILE, "weights")  # not a FIFO, not a link to /dev/zero
         deltas = load_file(str(folder / DELTAS_FILE))
     except Exception as err:
-        raise CheckpointError(f"{folder / DELTAS_FILE} is unreadable: {err}") from err
+        raise CheckpointError(f"{folder / DELTAS_FILE} is unreadable: {' '.join(str(err).split())[:200]}") from None
     params = dict(model.named_parameters())
+    unlisted = sorted(set(deltas) & set(params) - set(facts["trainable"]))
+    if unlisted:  # a base tensor the retrofit did not train would silently replace the base's
+        raise CheckpointError(f"{folder / DELTAS_FILE} holds {len(unlisted)} tensors that retrofit.json's "
+                              f"`trainable` does not list (e.g. {unlisted[0]}); refused")
     unknown = sorted(set(deltas) - set(params))
     missing = sorted(set(facts["trainable"]) - set(deltas))
     if unknown or missing:
@@ -67,20 +75,60 @@ def load_retrofit(folder: Path, name: str | None = None):
     return LoadedModel(name or folder.name, model.eval(), loaded.tokenizer, checkpoint_hash, info)
 
 
-def read_retrofit_config(folder: Path) -> dict:
+MAX_CONFIG_DEPTH = 32  # retrofit.json is a flat description: its recipe is one level down
+
+
+def read_retrofit_config(folder: Path, max_bytes: int | None = None) -> dict:
+    """retrofit.json checked before any field is used: a regular file within its cap
+    (qbench.safefile, kind "retrofit"), JSON of bounded depth, each needed field of its
+    type; anything else is one CheckpointError line (exit 3)."""
+    from qbench.safefile import read_text
     from qbench.zoo import CheckpointError
 
     path = folder / CONFIG_FILE
     try:
-        facts = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is missing or unreadable: {err}") from err
-    needed = {"base", "base_checkpoint_hash", "arm", "seed", "recipe", "trainable"}
-    if not isinstance(facts, dict) or not needed <= set(facts):
+        text = read_text(path, "retrofit", max_bytes)
+    except OSError as err:
+        from qbench.safefile import describe
+
+        raise CheckpointError(describe(err, f"{path} is missing or unreadable")) from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} is not UTF-8 ({err.reason})") from None
+    if _depth(text) > MAX_CONFIG_DEPTH:
+        raise CheckpointError(f"{path} is nested more than {MAX_CONFIG_DEPTH} levels deep; not a retrofit description")
+    try:
+        facts = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({type(err).__name__})") from None
+    needed = {"base": str, "base_checkpoint_hash": str, "arm": str, "seed": int, "recipe": dict, "trainable": list}
+    if not isinstance(facts, dict) or not set(needed) <= set(facts):
         raise CheckpointError(f"{path} is not a retrofit description (needs {sorted(needed)})")
-    if not (folder / DELTAS_FILE).is_file():
+    for key, kind in needed.items():
+        if not isinstance(facts[key], kind) or isinstance(facts[key], bool):
+            raise CheckpointError(f"{path}: `{key}` is a {type(facts[key]).__name__}, not a {kind.__name__}")
+    if not all(isinstance(n, str) for n in facts["trainable"]) or not isinstance(facts["recipe"].get("name", ""), str):
+        raise CheckpointError(f"{path}: `trainable` must list tensor names and `recipe.name` be a string")
+    facts["recipe"].setdefault("name", "?")
+    if not os.path.lexists(folder / DELTAS_FILE):
         raise CheckpointError(f"{folder / DELTAS_FILE} is missing")
     return facts
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of brackets outside strings (json.loads recurses per level)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            escaped, in_string = (not escaped and char == "\\"), in_string and (escaped or char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def retrofit_ref(name: str, folder: Path, entry: dict):

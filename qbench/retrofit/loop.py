@@ -15,7 +15,7 @@ from qbench.retrofit.data import RetrofitData
 from qbench.retrofit.deltas import CONFIG_FILE, save_deltas
 from qbench.retrofit.recipes import RetrofitRecipe, trainable_names
 from qbench.retrofit.state import (STATE_FILE, STATE_META, arm_parameters, build_optimizer, group_peak_lr, load_state,
-                                   lr_factor, save_state)
+                                   lr_factor, read_state_meta, save_state)
 
 LOG_FILE = "train_log.csv"
 GATE_LOG = "gate_log.csv"
@@ -46,20 +46,33 @@ def gate_snapshot(model, batch: torch.Tensor) -> dict:
     return out
 
 
-def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, *, threads: int | None = None,
-             device: str = "cpu", amp: str | None = None, progress: bool = True) -> dict:
-    """Fine-tunes `arm` into `base` by `recipe`; resumable; returns the retrofit.json facts."""
+def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, **options) -> dict:
+    """Fine-tunes `arm` into `base` by `recipe`; resumable; returns the retrofit.json facts.
+    One writer per --out: the folder's lock (qbench.atomic.output_lock) is held throughout."""
+    from qbench.atomic import output_lock
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "retrofit"):
+        return _retrofit(base, arm, recipe, seed, out, **options)
+
+
+def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, *, threads: int | None = None,
+              device: str = "cpu", amp: str | None = None, progress: bool = True) -> dict:
     from qbench.atomic import atomic_write_text
     from qbench.modeling.llama_arms import install_arm
     from qbench.results import library_versions
     from qbench.zoo import resolve_model
 
-    if threads:
-        torch.set_num_threads(threads)
+    if threads is not None:
+        from qbench.validate import thread_count
+
+        torch.set_num_threads(thread_count(threads))
     if amp not in (None, "bf16"):
         raise ValueError(f"--amp {amp!r}: only bf16 autocast is supported")
     if amp and device == "cpu":
         raise ValueError("--amp bf16 is the GPU recipe; the CPU path trains in float32")
+    old = _saved_state(out)  # before any loading: a finished or partial --out is one line at once
     ref = resolve_model(base)
     loaded = ref.load()
     model = loaded.model
@@ -67,6 +80,8 @@ def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, 
     names = trainable_names(model, recipe.trainable)
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
+    check_retrofit_memory(model, names, recipe, torch.cuda.mem_get_info(torch.device(device))[0]
+                          if device.startswith("cuda") and torch.cuda.is_available() else None)
     model.to(device).train()
     data = RetrofitData(loaded.tokenizer, recipe.corpus, recipe.context, recipe.batch_size)
     generator = torch.Generator().manual_seed(seed)  # data order: the seed's, whatever the arm
@@ -76,8 +91,7 @@ def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, 
     meta = {"base": base, "base_checkpoint_hash": ref.checkpoint_hash, "arm": arm, "seed": seed,
             "recipe": recipe.to_dict(), "trainable": names}
     start = 0
-    if (out / STATE_FILE).exists():
-        old = json.loads((out / STATE_META).read_text())
+    if old:
         def what(facts):  # prose (the recipe's description) never blocks a resume
             return {**facts, "recipe": {k: v for k, v in (facts.get("recipe") or {}).items() if k != "description"}}
 
@@ -85,14 +99,12 @@ def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, 
         if differ:
             raise ValueError(f"{out} holds a retrofit with other {', '.join(differ)}; choose another --out")
         start = load_state(out, model, names, optimizer, generator) if optimizer else int(old["step"])
-    elif (out / CONFIG_FILE).exists():
-        raise ValueError(f"{out} already holds a finished retrofit; choose another --out")
     log_path, gate_path = out / LOG_FILE, out / GATE_LOG
     for path in (log_path, gate_path):  # rows past the resumed step are written again
         _truncate(path, start)
     began, tokens = time.time(), 0
     # a chained digest of every batch drawn: equal for two runs iff they saw the same data in the same order
-    order = json.loads((out / STATE_META).read_text()).get("data_order", "") if start else ""
+    order = str(old.get("data_order", "")) if start else ""
     bar = tqdm(range(start, recipe.steps), desc=f"retrofit {arm} s{seed}", disable=not progress,
                initial=start, total=recipe.steps)
     for step in bar:
@@ -134,6 +146,35 @@ def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, 
     for path in (out / STATE_FILE, out / STATE_META):
         path.unlink(missing_ok=True)
     return facts
+
+
+def check_retrofit_memory(model, names: list[str], recipe: RetrofitRecipe, available: int | None = None) -> None:
+    """Before any batch is drawn: a lower bound of what one step allocates (the logits and
+    their gradient, 8 bytes per token and vocabulary entry; the trainable tensors' gradient
+    and AdamW moments, 12 bytes each) against the memory available: `--set batch_size=1e8`
+    is one line (exit 2), not a MemoryError traceback."""
+    from qbench.validate import check_memory
+
+    params = dict(model.named_parameters())
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    need = 8 * recipe.batch_size * recipe.context * vocab + 12 * sum(params[n].numel() for n in names)
+    check_memory(need, f"retrofit recipe {recipe.name} (batch_size {recipe.batch_size}, context {recipe.context})",
+                 available)
+
+
+def _saved_state(out: Path) -> dict:
+    """The facts of the resume state in `out` ({} if none); a finished retrofit or a partial
+    state is refused (read_state_meta)."""
+    from qbench.zoo import CheckpointError
+
+    if (out / CONFIG_FILE).exists():
+        raise ValueError(f"{out} already holds a finished retrofit; choose another --out")
+    if not (out / STATE_FILE).exists() and not (out / STATE_META).exists():
+        return {}
+    if not (out / STATE_FILE).exists():
+        raise CheckpointError(f"{out} holds a partial retrofit state ({STATE_META} without {STATE_FILE}); "
+                              "delete it to start over")
+    return read_state_meta(out)
 
 
 def _truncate(path: Path, step: int) -> None:

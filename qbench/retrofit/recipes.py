@@ -52,10 +52,19 @@ def get_recipe(name: str, settings: dict | None = None) -> RetrofitRecipe:
     """A built-in recipe or a YAML file (`base:` a built-in, then any field), then `--set`."""
     if name in RECIPES:
         recipe = RECIPES[name]
-    elif Path(name).is_file():
+    elif Path(name).exists():
         import yaml
 
-        data = yaml.safe_load(Path(name).read_text()) or {}
+        from qbench.safefile import load_yaml, read_text
+
+        try:
+            data = load_yaml(read_text(name, "recipe")) or {}
+        except OSError as err:
+            from qbench.safefile import describe
+
+            raise ValueError(describe(err, f"recipe file {name}")) from None
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+            raise ValueError(f"recipe file {name} is not valid YAML: {' '.join(str(err).split())[:200]}") from None
         if not isinstance(data, dict):
             raise ValueError(f"recipe file {name} must be a mapping of recipe keys")
         base = RECIPES.get(str(data.pop("base", "retrofit-pilot")))
@@ -70,22 +79,34 @@ def get_recipe(name: str, settings: dict | None = None) -> RetrofitRecipe:
     for key, value in (settings or {}).items():
         if key not in fields:
             raise ValueError(f"unknown retrofit recipe key {key!r}{closest(key, fields)}")
-        current = fields[key]
-        if key == "grad_clip":
-            changed[key] = None if str(value).lower() in ("none", "0", "0.0") else float(value)
-        elif isinstance(current, bool) or current is None:
-            changed[key] = value
-        elif isinstance(current, int):
-            changed[key] = int(value)
-        elif isinstance(current, float):
-            changed[key] = float(value)
-        else:
-            changed[key] = str(value)
+        try:
+            changed[key] = _coerce(key, value, fields[key])
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"retrofit recipe key {key}: {str(value)[:80]!r} is not a valid "
+                             f"{type(fields[key]).__name__}") from None
     recipe = replace(recipe, **changed)
     trainable_groups(recipe.trainable)  # validates
     if recipe.steps < 1 or recipe.batch_size < 1 or recipe.context < 2 or recipe.save_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"recipe {recipe.name}: steps, batch_size >= 1, context >= 2, save_dtype float32|bfloat16")
     return recipe
+
+
+def _coerce(key: str, value, current):
+    """A --set / YAML value as the type of the field it replaces (1e8 is an integer too)."""
+    if isinstance(value, (list, dict)):
+        raise TypeError(key)
+    if key == "grad_clip":
+        return None if str(value).lower() in ("none", "0", "0.0") else float(value)
+    if isinstance(current, bool) or current is None:
+        return value
+    if isinstance(current, int):
+        number = float(value) if isinstance(value, str) and not value.strip().lstrip("+-").isdigit() else value
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError(key)
+        return int(number)
+    if isinstance(current, float):
+        return float(value)
+    return str(value)
 
 
 def trainable_groups(spec: str) -> tuple[bool, range | None]:

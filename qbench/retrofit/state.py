@@ -1,6 +1,9 @@
-"""The optimiser (per-group learning rates, the schedule) and the resume state
-(`retrofit_state.safetensors`: trainable tensors, AdamW moments, generator state; the step
-and the run's facts in `retrofit_state.json`; no pickle)."""
+"""The optimiser (per-group learning rates, the schedule) and the resume state: one file,
+`retrofit_state.safetensors` (trainable tensors, AdamW moments, generator state, and the
+step and the run's facts as JSON in its metadata; no pickle), written by one atomic
+rename, so a kill at any moment leaves the previous state or the new one, never a mix.
+(States written before this change kept the step in a second file, `retrofit_state.json`;
+they still resume when both files are there, and a lone half is refused in one line.)"""
 from __future__ import annotations
 
 import json
@@ -53,7 +56,7 @@ def lr_factor(step: int, recipe: RetrofitRecipe) -> float:
 def save_state(out: Path, model, names, optimizer, generator, step: int, meta: dict) -> None:
     from safetensors.torch import save
 
-    from qbench.atomic import atomic_write_bytes, atomic_write_text
+    from qbench.atomic import atomic_write_bytes
 
     params = dict(model.named_parameters())
     tensors = {f"param/{n}": params[n].detach().cpu().contiguous() for n in names}
@@ -63,8 +66,42 @@ def save_state(out: Path, model, names, optimizer, generator, step: int, meta: d
             if key in st:
                 tensors[f"{key}/{n}"] = torch.as_tensor(st[key]).detach().cpu().reshape(-1 if key == "step" else st[key].shape).contiguous()
     tensors["generator"] = generator.get_state()
-    atomic_write_bytes(out / STATE_FILE, save(tensors))
-    atomic_write_text(out / STATE_META, json.dumps({**meta, "step": step}, indent=1))
+    atomic_write_bytes(out / STATE_FILE, save(tensors, metadata={STATE_KEY: json.dumps({**meta, "step": step})}))
+    (out / STATE_META).unlink(missing_ok=True)  # an older run's second file: the metadata now holds it
+
+
+STATE_KEY = "qbench_retrofit_state"
+
+
+def read_state_meta(out: Path) -> dict:
+    """The facts and step of the state in `out` (one line CheckpointError if it is not a
+    whole state: unreadable, or an old-style state missing its .json half)."""
+    from safetensors import safe_open
+
+    from qbench.safefile import check_regular
+    from qbench.zoo import CheckpointError
+
+    path = out / STATE_FILE
+    try:
+        check_regular(path, "state")
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(STATE_KEY)
+        if text is None:  # an old-style state: the step is in the second file, which must be there
+            from qbench.safefile import read_text
+
+            if not (out / STATE_META).exists():
+                raise CheckpointError(f"{out} holds a partial retrofit state ({STATE_FILE} without {STATE_META}: "
+                                      "a run stopped between its two writes); delete both to start over")
+            text = read_text(out / STATE_META, "manifest")
+        meta = json.loads(text)
+        if not isinstance(meta, dict) or isinstance(meta.get("step"), bool) or not isinstance(meta.get("step"), int):
+            raise ValueError("no integer step")
+        return meta
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable retrofit state ({' '.join(str(err).split())[:200]}); "
+                              "delete it to start over") from None
 
 
 def load_state(out: Path, model, names, optimizer, generator) -> int:
@@ -72,9 +109,9 @@ def load_state(out: Path, model, names, optimizer, generator) -> int:
 
     from qbench.zoo import CheckpointError
 
+    step = int(read_state_meta(out)["step"])
     try:
         tensors = load_file(str(out / STATE_FILE))
-        step = int(json.loads((out / STATE_META).read_text())["step"])
     except Exception as err:
         raise CheckpointError(f"{out / STATE_FILE} is not a readable retrofit state ({err}); delete it to start over") from err
     params = dict(model.named_parameters())

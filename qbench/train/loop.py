@@ -21,7 +21,33 @@ from qbench.train.recipes import Preset, get_preset, learning_rate, normalise_re
 from qbench.train.state import STATE_FILE, TRAVEL_FILE, atomic_torch_save, load_state, load_train_state
 
 
-def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpus: str = "sotu",
+def train(*args, **kwargs) -> dict:
+    """`_train` holding the output folder's writer lock (qbench.atomic.output_lock): a second
+    `qbench train` into the same --out stops at once with one line (exit 5)."""
+    from qbench.atomic import output_lock
+
+    out = Path(args[3] if len(args) > 3 else kwargs["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "train"):
+        return _train(*args, **kwargs)
+
+
+def check_training_memory(preset: Preset, vocab: int, device: str, available: int | None = None) -> None:
+    """Before the model is built: a lower bound of what training allocates (fp32 weights,
+    their gradients and AdamW's two moments: 16 bytes a parameter; the logits and their
+    gradient: 8 bytes per token and vocabulary entry) against the memory available, so
+    `--set d_model=1000000` is one line (exit 2), not a MemoryError traceback.  On a GPU
+    only the weights count here (the model is initialised on the CPU)."""
+    from qbench.validate import check_memory
+
+    d, layers = preset.d_model, preset.n_layer
+    params = 2 * vocab * d + layers * (4 * d * d + 2 * d * preset.d_ff)
+    need = 4 * params if device.startswith("cuda") else 16 * params + 8 * preset.batch_size * preset.context * vocab
+    check_memory(need, f"recipe {preset.name} (d_model {d}, n_layer {layers}, d_ff {preset.d_ff}, batch_size "
+                       f"{preset.batch_size}, context {preset.context})", available)
+
+
+def _train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpus: str = "sotu",
           steps: int | None = None, threads: int | None = None, progress: bool = True,
           gate_init: float | None = None, device: str = "cpu", amp: str | None = None,
           save_dtype: str = "float32", settings: dict | None = None, arm_options: dict | None = None) -> dict:
@@ -55,11 +81,14 @@ def train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpu
     recipe = {"attention": attention, "preset": preset.to_dict(), "seed": seed, "corpus": corpus}
     if arm_options:
         recipe["arm_options"] = arm_options
-    if threads:
-        torch.set_num_threads(threads)
+    if threads is not None:
+        from qbench.validate import thread_count
+
+        torch.set_num_threads(thread_count(threads))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = make_data(preset, corpus)
+    check_training_memory(preset, len(data.tokenizer), device)
     torch.manual_seed(seed)
     config = QBenchConfig(
         vocab_size=len(data.tokenizer), n_layer=preset.n_layer, n_head=preset.n_head,

@@ -111,7 +111,7 @@ PRESETS = {
 def get_preset(name: str) -> Preset:
     """A built-in preset by name, or a YAML recipe file (`base:` an optional built-in to
     start from, then any Preset field)."""
-    if name not in PRESETS and (name.endswith((".yaml", ".yml")) or Path(name).is_file()):
+    if name not in PRESETS and (name.endswith((".yaml", ".yml")) or Path(name).exists()):
         return load_recipe_file(Path(name))
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}{closest(name, PRESETS)} (or give a recipe .yaml file)")
@@ -165,12 +165,18 @@ def with_settings(preset: Preset, settings: dict) -> Preset:
 def load_recipe_file(path: Path) -> Preset:
     import yaml
 
-    if not path.is_file():
+    from qbench.safefile import load_yaml, read_text
+
+    if not path.exists():
         raise ValueError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"recipe file {path} is not valid YAML: {err}") from None
+        data = load_yaml(read_text(path, "recipe")) or {}
+    except OSError as err:
+        from qbench.safefile import describe
+
+        raise ValueError(describe(err, f"recipe file {path}")) from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"recipe file {path} is not valid YAML: {' '.join(str(err).split())[:200]}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe file {path} must be a mapping of recipe keys")
     base = get_preset(str(data.pop("base", "tiny")))

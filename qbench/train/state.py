@@ -52,7 +52,10 @@ def load_state(path: Path) -> dict:
 
     from qbench.zoo import CheckpointError
 
+    from qbench.safefile import check_regular
+
     try:
+        check_regular(path, "state")
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["qbench_train_state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -84,7 +87,10 @@ def load_train_state(path: Path) -> dict:
 
     from qbench.zoo import CheckpointError
 
+    from qbench.safefile import check_regular
+
     try:
+        check_regular(path, "state")  # not a FIFO, not a link to /dev/zero
         state = torch.load(path, weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
