@@ -129,49 +129,9 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    if args.what == "models":
-        from qbench.zoo import read_zoo
+    from qbench.listing import print_listing
 
-        for name, entry in read_zoo().items():
-            ppl = entry.get("test_ppl")
-            ppl_text = f"test ppl {ppl:.2f}" if isinstance(ppl, (int, float)) else ""
-            print(f"{name:16s} {entry.get('arm', '?'):8s} {entry.get('preset', '-'):6s} {ppl_text}")
-    elif args.what == "attention":
-        from qbench.modeling import ATTENTION_ARMS
-
-        for arm in ATTENTION_ARMS.values():
-            gate = f"gate: {arm.gate_source} -> {arm.gate_position}, init {arm.gate_init}" if arm.gate_source else "no gate"
-            print(f"{arm.name:10s} {arm.formula}\n{'':10s} normaliser {arm.normaliser}; {gate}; {arm.description}")
-    elif args.what == "schemes":
-        from qbench.quant import SCHEMES
-
-        for scheme in SCHEMES.values():
-            print(f"{scheme.name:14s} {scheme.summary()}: {scheme.description}")
-    elif args.what == "presets":
-        from qbench.train import PRESETS
-
-        for preset in PRESETS.values():
-            values = {k: v for k, v in preset.to_dict().items() if k not in ("name", "description")}
-            print(f"{preset.name:12s} {preset.description}\n{'':12s} " + ", ".join(f"{k}={v}" for k, v in values.items()))
-        from qbench.retrofit import RECIPES
-
-        for recipe in RECIPES.values():  # `qbench retrofit --preset NAME`
-            values = {k: v for k, v in recipe.to_dict().items() if k not in ("name", "description")}
-            print(f"{recipe.name:12s} (qbench retrofit) {recipe.description}\n{'':12s} "
-                  + ", ".join(f"{k}={v}" for k, v in values.items()))
-    elif args.what == "protocols":
-        from qbench.eval.protocols import PROTOCOLS
-
-        for name, text in PROTOCOLS.items():
-            print(f"{name:17s} {text}")
-    else:
-        from qbench.eval.protocols import TASKS
-
-        for name, text in TASKS.items():
-            print(f"{name:17s} {text}")
-        print(f"{'<lm-eval task>':17s} any lm-eval task name (hellaswag, ...) whose dataset is in the local "
-              "Hugging Face cache")
-    return 0
+    return print_listing(args.what)
 
 
 def _cmd_study(args) -> int:

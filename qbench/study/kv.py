@@ -203,7 +203,7 @@ def kv_section(records: list[dict], zoo: dict | None = None) -> str:
              "Every key and value quantized once as it enters the cache (asymmetric min-max, fp16 scale and "
              "minimum per group), attention over the dequantized values; `-sink1` keeps the first token's K and V "
              "exact, `-kivi-g32-r128` quantizes keys per channel over 32 tokens and keeps the last 128 tokens exact "
-             "(README, \"Quantizing the KV cache\"). Formulas: `qbench list schemes`.", ""]
+             "(docs/RESEARCH.md, \"Quantizing the KV cache\"). Formulas: `qbench list schemes`.", ""]
     lines += smollm2_table(cells)
     lines += task_table(records)
     lines += arm_table(cells, zoo, "tiny-", "Tiny zoo, every arm")
