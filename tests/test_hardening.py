@@ -354,19 +354,7 @@ import shutil  # noqa: E402
 from qbench.cli import EXIT_DATA  # noqa: E402
 
 
-@contextlib.contextmanager
-def no_hang(seconds=60):
-    """Fail instead of hanging (a FIFO read blocks forever)."""
-    def expire(signum, frame):
-        raise TimeoutError(f"hung for {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+from no_hang import no_hang  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -417,13 +405,13 @@ def test_a_record_of_any_shape_is_quarantined_not_raised(three_cells, tmp_path, 
     [path] = [p for p in store.records_dir.glob("*.json") if json.loads(p.read_text())["scheme"] == "w8a8-dyn"]
     _poison(path, how)
     capsys.readouterr()
-    with no_hang():
+    with no_hang(60):
         assert main(["report", "--results", str(results)]) == 0
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if path.name in line]
     assert len(warnings) == 1 and why in warnings[0] and len(warnings[0]) < 400
     assert len(store.quarantined()) == 1 and not os.path.lexists(path)
-    with no_hang():
+    with no_hang(60):
         assert main(["compare", "--results", str(results)]) == 0
         assert main([*args[:-3], "--results", str(results), "--quiet"]) == 0  # bench recomputes the cell
     assert store.get(path.stem)["status"] == "ok"
@@ -526,7 +514,7 @@ def test_a_corpus_that_is_not_a_regular_file(micro_checkpoint, tmp_path, capsys,
     if corpus == "fifo":
         corpus = str(tmp_path / "pipe.txt")
         os.mkfifo(corpus)
-    with no_hang():
+    with no_hang(60):
         assert main(["bench", "--model", str(micro_checkpoint), "--schemes", "fp32", "--corpus", corpus,
                      "--results", str(tmp_path / "r"), "--quiet"]) == EXIT_DATA
     err = capsys.readouterr().err.strip()

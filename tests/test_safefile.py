@@ -1,11 +1,9 @@
 """Issue 33, first group: one way to open any file qbench reads (qbench.safefile).  For each
 kind a FIFO, a symlink to /dev/zero and an oversized file (a small cap given as a
 parameter) are refused at once with one line, through the reader that kind really uses."""
-import contextlib
 import json
 import os
 import shutil
-import signal
 import types
 
 import numpy as np
@@ -17,23 +15,7 @@ from qbench.cli import EXIT_CHECKPOINT, EXIT_USAGE, main
 from qbench.zoo import CheckpointError
 
 
-class Hung(BaseException):
-    """Not an OSError (TimeoutError is one): no `except OSError` in the code under test hides it."""
-
-
-@contextlib.contextmanager
-def no_hang(seconds=30):
-    """Fail instead of hanging (a FIFO read blocks forever, /dev/zero never ends)."""
-    def expire(signum, frame):
-        raise Hung(f"hung for {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+from no_hang import no_hang  # noqa: E402
 
 
 def plant(path, how, size=64):
