@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (resumes from its retrofit_state.*)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast (GPU only)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast, float32 master weights (GPU, or a CPU with AMX-BF16 / AVX-512 BF16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_retrofit)
 

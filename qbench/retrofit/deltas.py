@@ -67,9 +67,21 @@ def load_retrofit(folder: Path, name: str | None = None):
                 raise CheckpointError(f"{folder / DELTAS_FILE}: {n} has shape {tuple(t.shape)}, "
                                       f"the model {tuple(params[n].shape)}")
             params[n].copy_(t.float())
+    if facts.get("clamp"):  # the clamp-and-repair test: the model runs clamped wherever it is evaluated
+        from qbench.retrofit.clamp import install_clamp
+
+        clamp = facts["clamp"]
+        if not isinstance(clamp, dict) or not isinstance(clamp.get("layer"), int) or \
+                not isinstance(clamp.get("cap"), (int, float)) or not clamp["cap"] > 0:
+            raise CheckpointError(f"{folder / CONFIG_FILE}: `clamp` must give an integer layer and a cap > 0")
+        try:
+            install_clamp(model, clamp["layer"], float(clamp["cap"]))
+        except ValueError as err:
+            raise CheckpointError(f"{folder / CONFIG_FILE}: {err}") from None
     info = {"arm": f"{facts['arm']} (retrofit)", "retrofit": {k: facts[k] for k in
                                                             ("base", "base_checkpoint_hash", "arm", "seed", "trainable")
                                                             if k != "trainable"},
+            "clamp": facts.get("clamp"),
             "preset": facts["recipe"]["name"], "seed": facts["seed"]}
     checkpoint_hash = file_hash(retrofit_files(folder))
     return LoadedModel(name or folder.name, model.eval(), loaded.tokenizer, checkpoint_hash, info)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from qbench.retrofit.data import RetrofitData
 from qbench.retrofit.deltas import CONFIG_FILE, save_deltas
-from qbench.retrofit.recipes import RetrofitRecipe, trainable_names
+from qbench.retrofit.recipes import RetrofitRecipe, snapshot_steps, trainable_names
 from qbench.retrofit.state import (STATE_FILE, STATE_META, arm_parameters, build_optimizer, group_peak_lr, load_state,
                                    lr_factor, read_state_meta, save_state)
 
@@ -71,31 +71,33 @@ def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path,
     if amp not in (None, "bf16"):
         raise ValueError(f"--amp {amp!r}: only bf16 autocast is supported")
     if amp and device == "cpu":
-        raise ValueError("--amp bf16 is the GPU recipe; the CPU path trains in float32")
+        cpu_bf16_units()  # one line where the CPU has none
     old = _saved_state(out)  # before any loading: a finished or partial --out is one line at once
     ref = resolve_model(base)
     loaded = ref.load()
     model = loaded.model
     install_arm(model, arm)
+    data = RetrofitData(loaded.tokenizer, recipe.corpus, recipe.context, recipe.batch_size)
+    clamp = _install_clamp(model, recipe, data)
     names = trainable_names(model, recipe.trainable)
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
     check_retrofit_memory(model, names, recipe, torch.cuda.mem_get_info(torch.device(device))[0]
                           if device.startswith("cuda") and torch.cuda.is_available() else None)
     model.to(device).train()
-    data = RetrofitData(loaded.tokenizer, recipe.corpus, recipe.context, recipe.batch_size)
     generator = torch.Generator().manual_seed(seed)  # data order: the seed's, whatever the arm
     probe_batch = data.batch(torch.Generator().manual_seed(1234))[:2].to(device)  # fixed windows for the gate log
     optimizer = build_optimizer(model, names, recipe) if names else None
     out.mkdir(parents=True, exist_ok=True)
     meta = {"base": base, "base_checkpoint_hash": ref.checkpoint_hash, "arm": arm, "seed": seed,
-            "recipe": recipe.to_dict(), "trainable": names}
+            "recipe": recipe.to_dict(), "trainable": names, "amp": amp, "clamp": clamp}
     start = 0
     if old:
         def what(facts):  # prose (the recipe's description) never blocks a resume
             return {**facts, "recipe": {k: v for k, v in (facts.get("recipe") or {}).items() if k != "description"}}
 
-        differ = [k for k in ("base", "base_checkpoint_hash", "arm", "seed", "recipe") if what(old).get(k) != what(meta)[k]]
+        differ = [k for k in ("base", "base_checkpoint_hash", "arm", "seed", "recipe", "amp", "clamp")
+                  if what(old).get(k) != what(meta)[k]]
         if differ:
             raise ValueError(f"{out} holds a retrofit with other {', '.join(differ)}; choose another --out")
         start = load_state(out, model, names, optimizer, generator) if optimizer else int(old["step"])
@@ -107,7 +109,11 @@ def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path,
     order = str(old.get("data_order", "")) if start else ""
     bar = tqdm(range(start, recipe.steps), desc=f"retrofit {arm} s{seed}", disable=not progress,
                initial=start, total=recipe.steps)
+    snapshots = snapshot_steps(recipe)
     for step in bar:
+        if step in snapshots:
+            _snapshot(model, names, out, recipe, {**meta, "data": data.info, "data_order_sha256": order, "device": device},
+                      step, snapshots[step])
         x = data.batch(generator)
         order = hashlib.sha256(order.encode() + x.numpy().tobytes()).hexdigest()
         x = x.to(device)
@@ -137,8 +143,8 @@ def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path,
             save_state(out, model, names, optimizer, generator, step + 1, {**meta, "data_order": order})
     model.eval()
     _append(gate_path, {"step": recipe.steps, **gate_snapshot(model, probe_batch)})
-    facts = {**meta, "steps_done": recipe.steps, "data": data.info, "data_order_sha256": order,
-             "device": device, "amp": amp,
+    facts = {**meta, "steps_done": recipe.steps, "tokens_done": recipe.steps * recipe.batch_size * recipe.context,
+             "data": data.info, "data_order_sha256": order, "device": device, "autocast": _autocast_facts(amp, device),
              "threads": torch.get_num_threads(), "seconds": round(time.time() - began, 1),
              "library_versions": library_versions()}
     save_deltas(model, names, out, recipe.save_dtype)
@@ -146,6 +152,65 @@ def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path,
     for path in (out / STATE_FILE, out / STATE_META):
         path.unlink(missing_ok=True)
     return facts
+
+
+def cpu_bf16_units() -> str:
+    """The CPU's bfloat16 units (AMX-BF16 or AVX-512 BF16) by the kernel's flags; a
+    ValueError (one line) where it has neither: bf16 autocast would then be emulated,
+    slower than float32."""
+    from qbench.quant.int8_gemm import cpu_signature
+
+    flags = cpu_signature()["flags"]
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    if not units:
+        raise ValueError("--amp bf16 on the CPU needs bfloat16 units (AMX-BF16 or AVX-512 BF16); this CPU has "
+                         "neither: train in float32 (--amp none)")
+    return "+".join(units)
+
+
+def _autocast_facts(amp: str | None, device: str) -> dict:
+    if not amp:
+        return {"dtype": "float32"}
+    facts = {"dtype": "bfloat16 autocast", "master_weights": "float32", "device_type": torch.device(device).type}
+    if facts["device_type"] == "cpu":
+        facts["cpu_bf16_units"] = cpu_bf16_units()
+    return facts
+
+
+def _install_clamp(model, recipe: RetrofitRecipe, data: RetrofitData) -> dict | None:
+    """The recipe's clamp installed before training (and recorded), or None. An automatic cap
+    is measured on 8 fixed training windows (generator seed 4321, whatever the run's seed)."""
+    if recipe.clamp_layer < 0:
+        return None
+    from qbench.retrofit.clamp import auto_cap, install_clamp
+
+    chosen = "recipe"
+    cap = recipe.clamp_cap
+    if cap <= 0:
+        windows = torch.cat([data.batch(torch.Generator().manual_seed(4321)) for _ in range(2)])
+        model.eval()
+        cap = auto_cap(model, recipe.clamp_layer, windows)
+        chosen = f"max |MLP output| of layer {recipe.clamp_layer} at non-first positions of {len(windows)} training windows"
+    install_clamp(model, recipe.clamp_layer, cap)
+    return {"layer": recipe.clamp_layer, "site": "MLP output (down projection), first position", "cap": cap,
+            "chosen_by": chosen}
+
+
+def _snapshot(model, names, out: Path, recipe: RetrofitRecipe, meta: dict, step: int, tokens: int) -> None:
+    """A loadable copy of the run at `step` (the dose ladder): the folder `<out>-t<k>k` beside
+    `out`, written once (a resumed run keeps it)."""
+    from qbench.atomic import atomic_write_text
+
+    folder = out.parent / f"{out.name}-t{tokens // 1000}k"
+    if (folder / CONFIG_FILE).exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    save_deltas(model, names, folder, recipe.save_dtype)
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(
+        {**meta, "steps_done": step, "tokens_done": tokens, "snapshot_of": out.name,
+         "autocast": _autocast_facts(meta.get("amp"), meta.get("device", "cpu"))}, indent=1, default=str))
+    model.train(was_training)
 
 
 def check_retrofit_memory(model, names: list[str], recipe: RetrofitRecipe, available: int | None = None) -> None:

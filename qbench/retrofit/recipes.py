@@ -28,6 +28,9 @@ class RetrofitRecipe:
     save_dtype: str  # "float32" | "bfloat16"
     description: str
     corpus: str = "sotu"
+    clamp_layer: int = -1  # H2: cap this layer's MLP output at the first position (-1: no clamp)
+    clamp_cap: float = 0.0  # the cap C; 0 = chosen from the data (qbench.retrofit.clamp.auto_cap)
+    snapshots: str = ""  # token counts (e.g. "0,100000,300000") at which a loadable copy is written
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +48,19 @@ RECIPES = {r.name: r for r in [
                    save_dtype="bfloat16",
                    description="GPU recipe (bf16 autocast): the arm plus decoder layers 8-11 (where the massive "
                                "activation is written), 16.4M tokens; deltas about 28 MB in bf16. Not run yet"),
+    RetrofitRecipe("retrofit-cpu-h1", "arm+norms", context=256, batch_size=4, steps=98, lr=1e-2, base_lr=1e-3,
+                   sink_lr=0.1, warmup=5, weight_decay=0.0, grad_clip=1.0, save_every=10, log_every=7,
+                   save_dtype="float32", snapshots="25600,50176",
+                   description="H1 on the CPU (run with --amp bf16): the arm plus every norm weight, the same "
+                               "norms for the softmax control, so the control trains; 98 steps of 4 x 256 tokens "
+                               "(0.1M), with loadable snapshots at 25k and 50k tokens (the dose)"),
+    RetrofitRecipe("retrofit-cpu-h2", "arm+norms", context=256, batch_size=4, steps=98, lr=1e-2, base_lr=1e-3,
+                   sink_lr=0.1, warmup=5, weight_decay=0.0, grad_clip=1.0, save_every=10, log_every=7,
+                   save_dtype="float32", snapshots="0,25600,50176", clamp_layer=11, clamp_cap=0.0,
+                   description="H2, clamp and repair, on the CPU (run with --amp bf16): layer 11's MLP output "
+                               "capped at the first position at the largest |value| it writes at other positions; "
+                               "the arm plus every norm weight repair it (the control: the norms alone); 0.1M "
+                               "tokens with snapshots at 0 (clamped, unrepaired), 25k and 50k"),
 ]}
 
 
@@ -86,6 +102,7 @@ def get_recipe(name: str, settings: dict | None = None) -> RetrofitRecipe:
                              f"{type(fields[key]).__name__}") from None
     recipe = replace(recipe, **changed)
     trainable_groups(recipe.trainable)  # validates
+    snapshot_steps(recipe)  # validates
     if recipe.steps < 1 or recipe.batch_size < 1 or recipe.context < 2 or recipe.save_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"recipe {recipe.name}: steps, batch_size >= 1, context >= 2, save_dtype float32|bfloat16")
     return recipe
@@ -138,3 +155,21 @@ def trainable_names(model: torch.nn.Module, spec: str) -> list[str]:
     for index in layers if layers is not None else ():
         names.update(name_of[id(p)] for p in blocks[index].parameters())
     return sorted(names)
+
+
+def snapshot_steps(recipe: RetrofitRecipe) -> dict[int, int]:
+    """{step: tokens} of the recipe's snapshots (tokens rounded to whole steps; step 0 is the
+    model before any update), each within the run."""
+    per_step = recipe.batch_size * recipe.context
+    out = {}
+    for part in (p.strip() for p in recipe.snapshots.split(",") if p.strip()):
+        try:
+            tokens = int(float(part))
+        except ValueError:
+            raise ValueError(f"recipe {recipe.name}: snapshots {recipe.snapshots!r} must be token counts") from None
+        step = round(tokens / per_step)
+        if not 0 <= step < recipe.steps:
+            raise ValueError(f"recipe {recipe.name}: snapshot at {tokens} tokens is outside the run's "
+                             f"{recipe.steps * per_step} tokens")
+        out[step] = step * per_step
+    return out
