@@ -18,7 +18,7 @@ BASE = "smollm2-135m"
 SCHEMES = ["w8a8-pt", "w8a8-dyn", "w8a8-sq", "w8a8-had", "llm-int8", "w4-rtn-g64", "nf4", "w8a8-attn"]
 PRIMARY = "w8a8-pt"
 PROTOCOL = "nonoverlap-w256-bos-sotu-test-first20000c"
-NAME = re.compile(r"smollm2-rf-(?:(?P<recipe>[a-z0-9]+)-)?(?P<arm>softmax|vga_out|vga_x|vga|qwen_g1|sink_logit)"
+NAME = re.compile(r"smollm2-rf-(?!h[12]-)(?:(?P<recipe>[a-z0-9]+)-)?(?P<arm>softmax|vga_out|vga_x|vga|qwen_g1|sink_logit)"
                   r"-s(?P<seed>\d+)$")
 PROBES = [("massive_activation_max", "massive act."), ("sink_rate@0.3", "sink rate@0.3 %"),
           ("first_token_share_mean", "attn on BOS"), ("kurtosis_mean", "kurtosis"),
@@ -187,8 +187,15 @@ def retrofit_claim(records: list[dict]):
     """The claims table's row for "gating repairs a pretrained model by fine-tuning": the
     evidence text and its `Evidence` for the study's one verdict rule (qbench/study/verdict.py):
     key-side vga against the control, one unit per fine-tune seed (its mean over draws)."""
+    from qbench.study import retrofit_experiment as rx
     from qbench.study.verdict import Evidence
 
+    values = rx._values(records)
+    if rx._units(values, "h1", "vga", "e_orig") and rx._units(values, "h1", "softmax", "e_orig"):
+        evidence, _ = rx.judge(values, "h1", "vga", "e_orig")  # the trained control (issue 32)
+        text = (f"SmolLM2 H1 (norms trained in both): vga E_orig {statistics.mean(evidence.arm):+.1f}% vs ctrl "
+                f"{statistics.mean(evidence.reference):+.1f}% (margin {evidence.sensitivity:.2g})")
+        return text, [evidence]
     cells = _cells(records)
     probes = _probe(records)
     arms: dict = {}

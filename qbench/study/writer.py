@@ -361,9 +361,11 @@ def register_section(section: Callable[[list[dict]], str], before: SectionFuncti
 
 from qbench.study.kv import kv_section  # noqa: E402  (sections of other parts of qbench)
 from qbench.study.retrofit import retrofit_section  # noqa: E402
+from qbench.study.retrofit_experiment import experiment_section  # noqa: E402
 
 register_section(kv_section)
 register_section(retrofit_section)
+register_section(experiment_section)
 
 
 def split_table(table: pd.DataFrame, keys: tuple[str, ...] = ("arm", "scheme")) -> list[str]:

@@ -1,0 +1,180 @@
+"""STUDY.md section "Retrofit experiment: H1 and H2" (issue 32), from the records.
+
+The hypotheses, endpoints and decision rule (`PREREGISTRATION`) were committed before any of
+the runs' records existed (git history of this file).  Models are the zoo's retrofits
+`smollm2-rf-h1-<arm>-s<seed>` and `smollm2-rf-h2-...` (recipes `retrofit-cpu-h1`/`-h2`),
+their dose snapshots `...-t<k>k`, and the original `smollm2-135m`.  Every verdict is the
+study's one rule (qbench/study/verdict.py) with the margin below passed as the values'
+sensitivity: a difference no larger than the control's seed spread is *not shown*.
+"""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+
+BASE = "smollm2-135m"
+PROTOCOL = "nonoverlap-w256-bos-sotu-test-first20000c"
+PRIMARY = "w8a8-pt"
+DRAW = 0
+ARMS = ("softmax", "vga", "vga_out", "sink_logit")
+NAME = re.compile(r"smollm2-rf-(?P<hyp>h[12])-(?P<arm>softmax|vga_out|vga|sink_logit)-s(?P<seed>\d+)"
+                  r"(?:-t(?P<tokens>\d+)k)?$")
+
+PREREGISTRATION = """\
+**Written before the runs (issue 32).** SmolLM2-135M, fine-tuned on the sotu training split
+(BOS-first windows of 256 tokens, batch 4) under CPU bf16 autocast with float32 master weights,
+one thread per run. The control (`softmax`) trains exactly what each arm trains apart from the
+arm's own parameters: every norm weight (`trainable: arm+norms`; the test
+`tests/test_retrofit_experiment.py` checks the sets). Largest dose 0.1M tokens (98 steps), snapshots
+at 25k and 50k tokens (the dose; one run's snapshots, same schedule); fine-tune seeds 0-3 for the
+control and vga, 0-1 for vga_out and sink_logit.
+
+- **H1** (the paper's claim, retrofit form; recipe `retrofit-cpu-h1`): with the same data, steps and
+  trainable base weights, a VGA gate lowers the W8A8-pt perplexity change against the *original*
+  model's fp32 (E_orig) and the massive activation, relative to the control.
+- **H2** (clamp and repair; recipe `retrofit-cpu-h2`): layer 11's MLP output at the first position is
+  capped at +/- C, C = the largest |value| that MLP writes at the other positions of 8 fixed training
+  windows (recorded in retrofit.json, installed on every load). (a) Unrepaired (0 tokens) the fp32
+  perplexity degrades (checked on the snapshot, no verdict). (b) After repair, the gated arm's fp32
+  perplexity is lower than the control's (it recovers more for the same trainable budget). (c) The
+  repaired models lose less under W8A8-pt than the original: E_own (against the model's own fp32)
+  below the original's E_own.
+
+Endpoints per model, each from one record (20,000-character protocol, calibration draw 0): E_orig =
+100 (ppl_w8a8-pt / ppl_fp32(original) - 1); E_own = 100 (ppl_w8a8-pt / ppl_fp32(own) - 1); the NLL
+difference ln ppl_w8a8-pt - ln ppl_fp32 (nats/token); the massive activation and sink rate (fp32
+probes). **Decision rule**: the study's verdict function (>= 4 fine-tune seeds a side, exact one-sided
+permutation test at 0.05; against the original, the sign-flip test of the mean), with a **margin**: a
+difference no larger than the control's seed spread (max - min over its seeds, at the same endpoint
+and dose) is *not shown*, whatever p. Two-seed arms (vga_out, sink_logit) are *insufficient* by that
+rule and are reported, not ranked."""
+
+
+def parse(name: str) -> dict | None:
+    found = NAME.fullmatch(name)
+    if found is None:
+        return None
+    return {"hyp": found["hyp"], "arm": found["arm"], "seed": int(found["seed"]),
+            "tokens": int(found["tokens"]) * 1000 if found["tokens"] is not None else None}
+
+
+def _values(records: list[dict]) -> dict:
+    """model -> {fp32, pt, e_orig, e_own, dnll, massive, sink} from the records (missing keys absent)."""
+    ppl: dict = {}
+    probes: dict = {}
+    for r in records:
+        if r.get("status") != "ok" or r["model"] != BASE and parse(r["model"]) is None:
+            continue
+        if r.get("task") == "ppl" and r.get("protocol") == PROTOCOL:
+            if r["scheme"] == "fp32":
+                ppl.setdefault(r["model"], {})["fp32"] = r["metrics"]["ppl"]
+            elif r["scheme"] == PRIMARY and r.get("calibration_seed") == DRAW:
+                ppl.setdefault(r["model"], {})["pt"] = r["metrics"]["ppl"]
+        elif r.get("task") == "probes" and r["scheme"] == "fp32":
+            probes[r["model"]] = {"massive": r["metrics"].get("massive_activation_max"),
+                                  "sink": r["metrics"].get("sink_rate@0.3")}
+    original = ppl.get(BASE, {}).get("fp32")
+    out = {}
+    for model, v in ppl.items():
+        row = dict(v)
+        if "pt" in v and original:
+            row["e_orig"] = 100 * (v["pt"] / original - 1)
+        if "pt" in v and "fp32" in v:
+            row["e_own"] = 100 * (v["pt"] / v["fp32"] - 1)
+            row["dnll"] = math.log(v["pt"]) - math.log(v["fp32"])
+        row.update({k: x for k, x in probes.get(model, {}).items() if x is not None})
+        out[model] = row
+    return out
+
+
+def _units(values: dict, hyp: str, arm: str, key: str, tokens: int | None = None) -> list[float]:
+    """One value per fine-tune seed at the largest dose (tokens None) or a snapshot."""
+    out = []
+    for model, row in sorted(values.items()):
+        info = parse(model)
+        if info and info["hyp"] == hyp and info["arm"] == arm and info["tokens"] == tokens and key in row:
+            out.append(row[key])
+    return out
+
+
+def _margin(control: list[float]) -> float:
+    return max(control) - min(control) if len(control) >= 2 else 0.0
+
+
+def judge(values: dict, hyp: str, arm: str, key: str, predicted: str = "lower"):
+    """The verdict of `arm` against the control of `hyp` at `key`, with the margin."""
+    from qbench.study.verdict import Evidence, verdict
+
+    control = _units(values, hyp, "softmax", key)
+    evidence = Evidence(_units(values, hyp, arm, key), control, predicted, f"SmolLM2 retrofit {hyp}",
+                        sensitivity=_margin(control))
+    return evidence, verdict(evidence)
+
+
+def judge_against_original(values: dict, hyp: str, arm: str, key: str):
+    """H2c: the repaired models' E_own against the original's (sign-flip test), margin the control's spread."""
+    from qbench.study.verdict import Evidence, verdict
+
+    target = values.get(BASE, {}).get(key)
+    evidence = Evidence(_units(values, hyp, arm, key), (), "lower", f"SmolLM2 retrofit {hyp} vs original",
+                        target=target, sensitivity=_margin(_units(values, hyp, "softmax", key)))
+    return evidence, verdict(evidence) if target is not None else None
+
+
+def _fmt(values: list[float], spec: str) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec.lstrip('+'))} (n={len(values)})"
+
+
+TESTS = [  # (label, hypothesis, endpoint key, predicted direction, against the original?)
+    ("H1: E_orig (W8A8-pt vs original fp32, %)", "h1", "e_orig", "lower", False),
+    ("H1: massive activation", "h1", "massive", "lower", False),
+    ("H2b: fp32 ppl after repair", "h2", "fp32", "lower", False),
+    ("H2: E_orig (W8A8-pt vs original fp32, %)", "h2", "e_orig", "lower", False),
+    ("H2c: E_own vs the original's E_own (%)", "h2", "e_own", "lower", True),
+]
+COLUMNS = [("fp32", "fp32 ppl", ".3f"), ("e_orig", "E_orig %", "+.2f"), ("e_own", "E_own %", "+.2f"),
+           ("dnll", "dNLL", "+.4f"), ("massive", "massive act.", ".0f"), ("sink", "sink rate", ".3f")]
+
+
+def experiment_section(records: list[dict]) -> str:
+    values = _values(records)
+    models = [m for m in values if parse(m)]
+    lines = ['## <a id="rx"></a>Retrofit experiment: H1 and H2 (trained control, clamp and repair)', "",
+             PREREGISTRATION, ""]
+    if not models:
+        return "\n".join(lines + ["No record of these runs yet (`scripts/retrofit_ladder.sh`).", ""])
+    lines += ["Per arm and dose: the mean ± sample SD over fine-tune seeds (n seeds); the original's row is one "
+              "model.", ""]
+    header = ["hypothesis", "arm", "tokens"] + [label for _, label, _ in COLUMNS]
+    rows = [header, ["---"] * len(header)]
+    base = values.get(BASE, {})
+    rows.append(["-", "original", "-"] + [_fmt([base[k]] if k in base else [], spec) for k, _, spec in COLUMNS])
+    for hyp in ("h1", "h2"):
+        doses = sorted({parse(m)["tokens"] for m in models if parse(m)["hyp"] == hyp},
+                       key=lambda t: math.inf if t is None else t)
+        for arm in ARMS:
+            for tokens in doses:
+                cells = [_units(values, hyp, arm, k, tokens) for k, _, _ in COLUMNS]
+                if any(cells):
+                    rows.append([hyp, arm, "0.1M (final)" if tokens is None else f"{tokens // 1000}k"]
+                                + [_fmt(c, spec) for c, (_, _, spec) in zip(cells, COLUMNS)])
+    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    rows = [["test", "arm", "seeds (arm / control)", "margin (control spread)", "verdict"], ["---"] * 5]
+    for label, hyp, key, predicted, vs_original in TESTS:
+        for arm in ARMS[1:] if not vs_original else ARMS:
+            if vs_original:
+                evidence, found = judge_against_original(values, hyp, arm, key)
+            else:
+                evidence, found = judge(values, hyp, arm, key, predicted)
+            if not evidence.arm:
+                continue
+            rows.append([label, arm, f"{len(evidence.arm)} / {len(evidence.reference) if not vs_original else '-'}",
+                         f"{evidence.sensitivity:.4g}", found.text() if found else "untested"])
+    lines += ["Verdicts (the rule above, applied by `qbench/study/retrofit_experiment.py`):", ""]
+    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    return "\n".join(lines)
