@@ -138,7 +138,7 @@ TESTS = [  # (label, hypothesis, endpoint key, predicted direction, against the 
     ("H2c: E_own vs the original's E_own (%)", "h2", "e_own", "lower", True),
 ]
 COLUMNS = [("fp32", "fp32 ppl", ".3f"), ("e_orig", "E_orig %", "+.2f"), ("e_own", "E_own %", "+.2f"),
-           ("dnll", "dNLL", "+.4f"), ("massive", "massive act.", ".0f"), ("sink", "sink rate", ".3f")]
+           ("dnll", "dNLL", "+.4f"), ("massive", "massive act.", ".0f"), ("sink", "sink rate@0.3 %", ".1f")]
 
 
 def experiment_section(records: list[dict]) -> str:

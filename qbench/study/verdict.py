@@ -73,9 +73,12 @@ class Verdict:
     scope: str = ""
 
     def text(self) -> str:
-        """`supported (p 0.014; diff -0.07 [-0.10, -0.03])`, or the label alone."""
+        """`supported (p 0.014; diff -0.07 [-0.10, -0.03])`; `insufficient (diff -0.07)` where no
+        test ran; the label alone without a difference."""
         if self.difference is None:
             return self.label
+        if self.p_predicted is None:
+            return f"{self.label} (diff {_g(self.difference)})"
         lo, hi = self.interval or (math.nan, math.nan)
         p = self.p_predicted if self.label != "contradicted" else self.p_against
         return f"{self.label} (p {p:.2g}; diff {_g(self.difference)} [{_g(lo)}, {_g(hi)}])"
