@@ -2,11 +2,12 @@
 # The retrofit experiment on the CPU (issue 32): H1 (recipe retrofit-cpu-h1) and H2, clamp and
 # repair (retrofit-cpu-h2), each arm and the trained softmax control, CPU bf16 autocast, one
 # thread per run; each finished model is benched at once (fp32 and w8a8-pt perplexity on the
-# 20,000-character protocol, calibration draw 0; the probes at the largest dose).  WORKERS
+# 20,000-character protocol, calibration draw 0; fp32 probes); the dose snapshots of seed 0
+# (control and vga) are benched after the seeds.  WORKERS
 # processes share one queue (a job is claimed by an atomic mkdir); resumable: rerun it
 # (retrofits resume from their state, cells that exist are skipped).  The queue is in
-# priority order: control and vga seeds 0-1, then vga_out and sink_logit seeds 0-1, then
-# control and vga seeds 2-3 (the verdict rule needs 4 seeds per side).
+# priority order: control and vga seeds 0-3 (the verdict rule needs 4 seeds a side), H2's
+# dose, vga_out and sink_logit seeds 0-1, H1's dose.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -16,10 +17,13 @@ LOGS=${LOGS:-logs/ladder}
 WORKERS=${WORKERS:-2}
 mkdir -p "$LOGS/claims"
 
-jobs() {
-  for seed in 0 1; do for hyp in h2 h1; do for arm in softmax vga; do echo "$hyp $arm $seed"; done; done; done
-  for seed in 0 1; do for hyp in h2 h1; do for arm in vga_out sink_logit; do echo "$hyp $arm $seed"; done; done; done
-  for seed in 2 3; do for hyp in h2 h1; do for arm in softmax vga; do echo "$hyp $arm $seed"; done; done; done
+jobs() {  # "hypothesis arm seed"; a fourth field "snapshots": bench that run's dose snapshots
+  for hyp in h2 h1; do for arm in softmax vga; do echo "$hyp $arm 0"; done; done
+  for seed in 1 2 3; do for hyp in h2 h1; do for arm in softmax vga; do echo "$hyp $arm $seed"; done; done; done
+  for arm in softmax vga; do echo "h2 $arm 0 snapshots"; done
+  for hyp in h2 h1; do for arm in vga_out sink_logit; do echo "$hyp $arm 0"; done; done
+  for hyp in h2 h1; do for arm in vga_out sink_logit; do echo "$hyp $arm 1"; done; done
+  for arm in softmax vga; do echo "h1 $arm 0 snapshots"; done
 }
 
 bench() {  # bench MODEL [probes]
@@ -30,24 +34,24 @@ bench() {  # bench MODEL [probes]
 }
 
 worker() {
-  jobs | while read -r hyp arm seed; do
+  jobs | while read -r hyp arm seed what; do
     name=smollm2-rf-$hyp-$arm-s$seed
-    mkdir "$LOGS/claims/$name" 2>/dev/null || continue
-    echo "$(date -u +%FT%TZ) worker $1: $name" >> "$LOGS/progress.log"
-    if [ ! -f "models/$name/retrofit.json" ]; then
-      $QBENCH retrofit --model smollm2-135m --arm "$arm" --preset "retrofit-cpu-$hyp" --seed "$seed" \
-        --out "models/$name" --threads 1 --amp bf16 --quiet >> "$LOGS/$name.log" 2>&1 || {
-        echo "$(date -u +%FT%TZ) FAILED $name" >> "$LOGS/progress.log"; continue; }
-    fi
-    bench "$name" probes >> "$LOGS/$name.log" 2>&1
-    if [ "$seed" = 0 ] && { [ "$arm" = softmax ] || [ "$arm" = vga ]; }; then  # the dose ladder
+    mkdir "$LOGS/claims/$name${what:+-$what}" 2>/dev/null || continue
+    echo "$(date -u +%FT%TZ) worker $1: $name ${what:-}" >> "$LOGS/progress.log"
+    if [ "$what" = snapshots ]; then  # the dose ladder: seed 0's snapshots (step 0 once: every arm's is the same base)
       for snap in models/$name-t*k; do [ -f "$snap/retrofit.json" ] || continue
-        [ "$hyp" = h2 ] || [ "${snap##*-}" != t0k ] || continue
-        [ "${snap##*-}" != t0k ] || [ "$arm" = softmax ] || continue  # step 0 is the same clamped base for every arm
+        [ "${snap##*-}" != t0k ] || [ "$arm" = softmax ] || continue
         bench "$(basename "$snap")" >> "$LOGS/$name.log" 2>&1
       done
+    else
+      if [ ! -f "models/$name/retrofit.json" ]; then
+        $QBENCH retrofit --model smollm2-135m --arm "$arm" --preset "retrofit-cpu-$hyp" --seed "$seed" \
+          --out "models/$name" --threads 1 --amp bf16 --quiet >> "$LOGS/$name.log" 2>&1 || {
+          echo "$(date -u +%FT%TZ) FAILED $name" >> "$LOGS/progress.log"; continue; }
+      fi
+      bench "$name" probes >> "$LOGS/$name.log" 2>&1
     fi
-    echo "$(date -u +%FT%TZ) done $name" >> "$LOGS/progress.log"
+    echo "$(date -u +%FT%TZ) done $name ${what:-}" >> "$LOGS/progress.log"
   done
 }
 
