@@ -173,11 +173,11 @@ def _records(control_pt, vga_pt, fp32=20.0):
 
 
 def test_endpoints_are_computed_against_the_original_and_the_own_fp32():
-    from qbench.study.retrofit_experiment import _values, parse
+    from qbench.study.retrofit_experiment import endpoint_values, parse
 
     assert parse("smollm2-rf-h2-vga_out-s1-t25k") == {"hyp": "h2", "arm": "vga_out", "seed": 1, "tokens": 25000}
     assert parse("smollm2-rf-pilot-vga-s0") is None
-    values = _values(_records([30.0], [25.0], fp32=25.0))
+    values = endpoint_values(_records([30.0], [25.0], fp32=25.0))
     row = values["smollm2-rf-h1-vga-s0"]
     assert row["e_orig"] == pytest.approx(25.0)  # 25 / 20 - 1
     assert row["e_own"] == pytest.approx(0.0) and row["dnll"] == pytest.approx(0.0)
@@ -185,17 +185,17 @@ def test_endpoints_are_computed_against_the_original_and_the_own_fp32():
 
 
 def test_a_separated_difference_within_the_control_spread_is_not_shown():
-    from qbench.study.retrofit_experiment import experiment_section, judge, _values
+    from qbench.study.retrofit_experiment import experiment_section, judge, endpoint_values
 
     # 4 vs 4, every vga seed below every control seed: p = 1/70
-    separated = _values(_records([30.0, 30.2, 30.4, 30.6], [29.0, 29.1, 29.2, 29.3]))
+    separated = endpoint_values(_records([30.0, 30.2, 30.4, 30.6], [29.0, 29.1, 29.2, 29.3]))
     evidence, found = judge(separated, "h1", "vga", "e_orig")
     assert evidence.sensitivity == pytest.approx(100 * 0.6 / 20)  # the control's spread, in E_orig units
     assert found.label == "supported" and found.p_predicted == pytest.approx(1 / 70)
     # the same ordering, but the difference (0.25 ppl) is inside the control's spread (4 ppl)
-    close = _values(_records([28.0, 28.5, 29.0, 32.0], [28.2, 28.3, 28.4, 28.6]))
+    close = endpoint_values(_records([28.0, 28.5, 29.0, 32.0], [28.2, 28.3, 28.4, 28.6]))
     assert judge(close, "h1", "vga", "e_orig")[1].label == "not shown"
     # two seeds a side: insufficient, whatever the values
-    assert judge(_values(_records([30.0, 31.0], [20.0, 21.0])), "h1", "vga", "e_orig")[1].label == "insufficient"
+    assert judge(endpoint_values(_records([30.0, 31.0], [20.0, 21.0])), "h1", "vga", "e_orig")[1].label == "insufficient"
     text = experiment_section(_records([30.0, 30.2, 30.4, 30.6], [29.0, 29.1, 29.2, 29.3]))
     assert "Written before the runs" in text and "| H1: E_orig" in text and "supported (p 0.014" in text

@@ -187,12 +187,12 @@ def retrofit_claim(records: list[dict]):
     """The claims table's row for "gating repairs a pretrained model by fine-tuning": the
     evidence text and its `Evidence` for the study's one verdict rule (qbench/study/verdict.py):
     key-side vga against the control, one unit per fine-tune seed (its mean over draws)."""
-    from qbench.study import retrofit_experiment as rx
+    from qbench.study.retrofit_experiment import endpoint_values, judge, units
     from qbench.study.verdict import Evidence
 
-    values = rx._values(records)
-    if rx._units(values, "h1", "vga", "e_orig") and rx._units(values, "h1", "softmax", "e_orig"):
-        evidence, _ = rx.judge(values, "h1", "vga", "e_orig")  # the trained control (issue 32)
+    values = endpoint_values(records)
+    if units(values, "h1", "vga", "e_orig") and units(values, "h1", "softmax", "e_orig"):
+        evidence, _ = judge(values, "h1", "vga", "e_orig")  # the trained control (issue 32)
         text = (f"SmolLM2 H1 (norms trained in both): vga E_orig {statistics.mean(evidence.arm):+.1f}% vs ctrl "
                 f"{statistics.mean(evidence.reference):+.1f}% (margin {evidence.sensitivity:.2g})")
         return text, [evidence]

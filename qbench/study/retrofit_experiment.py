@@ -59,7 +59,7 @@ def parse(name: str) -> dict | None:
             "tokens": int(found["tokens"]) * 1000 if found["tokens"] is not None else None}
 
 
-def _values(records: list[dict]) -> dict:
+def endpoint_values(records: list[dict]) -> dict:
     """model -> {fp32, pt, e_orig, e_own, dnll, massive, sink} from the records (missing keys absent)."""
     ppl: dict = {}
     probes: dict = {}
@@ -88,7 +88,7 @@ def _values(records: list[dict]) -> dict:
     return out
 
 
-def _units(values: dict, hyp: str, arm: str, key: str, tokens: int | None = None) -> list[float]:
+def units(values: dict, hyp: str, arm: str, key: str, tokens: int | None = None) -> list[float]:
     """One value per fine-tune seed at the largest dose (tokens None) or a snapshot."""
     out = []
     for model, row in sorted(values.items()):
@@ -106,8 +106,8 @@ def judge(values: dict, hyp: str, arm: str, key: str, predicted: str = "lower"):
     """The verdict of `arm` against the control of `hyp` at `key`, with the margin."""
     from qbench.study.verdict import Evidence, verdict
 
-    control = _units(values, hyp, "softmax", key)
-    evidence = Evidence(_units(values, hyp, arm, key), control, predicted, f"SmolLM2 retrofit {hyp}",
+    control = units(values, hyp, "softmax", key)
+    evidence = Evidence(units(values, hyp, arm, key), control, predicted, f"SmolLM2 retrofit {hyp}",
                         sensitivity=_margin(control))
     return evidence, verdict(evidence)
 
@@ -117,8 +117,8 @@ def judge_against_original(values: dict, hyp: str, arm: str, key: str):
     from qbench.study.verdict import Evidence, verdict
 
     target = values.get(BASE, {}).get(key)
-    evidence = Evidence(_units(values, hyp, arm, key), (), "lower", f"SmolLM2 retrofit {hyp} vs original",
-                        target=target, sensitivity=_margin(_units(values, hyp, "softmax", key)))
+    evidence = Evidence(units(values, hyp, arm, key), (), "lower", f"SmolLM2 retrofit {hyp} vs original",
+                        target=target, sensitivity=_margin(units(values, hyp, "softmax", key)))
     return evidence, verdict(evidence) if target is not None else None
 
 
@@ -142,7 +142,7 @@ COLUMNS = [("fp32", "fp32 ppl", ".3f"), ("e_orig", "E_orig %", "+.2f"), ("e_own"
 
 
 def experiment_section(records: list[dict]) -> str:
-    values = _values(records)
+    values = endpoint_values(records)
     models = [m for m in values if parse(m)]
     lines = ['## <a id="rx"></a>Retrofit experiment: H1 and H2 (trained control, clamp and repair)', "",
              PREREGISTRATION, ""]
@@ -159,7 +159,7 @@ def experiment_section(records: list[dict]) -> str:
                        key=lambda t: math.inf if t is None else t)
         for arm in ARMS:
             for tokens in doses:
-                cells = [_units(values, hyp, arm, k, tokens) for k, _, _ in COLUMNS]
+                cells = [units(values, hyp, arm, k, tokens) for k, _, _ in COLUMNS]
                 if any(cells):
                     rows.append([hyp, arm, "0.1M (final)" if tokens is None else f"{tokens // 1000}k"]
                                 + [_fmt(c, spec) for c, (_, _, spec) in zip(cells, COLUMNS)])
