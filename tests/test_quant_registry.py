@@ -54,6 +54,21 @@ def test_scheme_info_comes_from_the_handlers_and_the_catalogue():
     assert all(schemes for _, schemes in screen_columns())  # every first-screen column is some scheme's tag
 
 
+def test_every_package_a_scheme_needs_is_in_the_records_provenance():
+    """A record's provenance names the version of each library a scheme may need (its
+    handlers' `package`, by import name; the distribution found from the installed ones)."""
+    from importlib.metadata import packages_distributions
+
+    from qbench.results import TRACKED_LIBRARIES
+
+    distributions = packages_distributions()
+    needed = {package for scheme in SCHEMES.values() for package in scheme_info(scheme).packages}
+    assert needed >= {"bitsandbytes", "optimum.quanto", "hqq", "torchao"}
+    for package in needed:
+        found = distributions.get(package.split(".")[0], [])
+        assert set(found) & set(TRACKED_LIBRARIES), (package, found)
+
+
 def test_attention_kernel_is_an_option_of_the_simulated_backend_only():
     import dataclasses
 
