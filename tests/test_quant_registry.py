@@ -69,6 +69,18 @@ def test_every_package_a_scheme_needs_is_in_the_records_provenance():
         assert set(found) & set(TRACKED_LIBRARIES), (package, found)
 
 
+def test_the_catalogues_kv_cache_options_are_a_kv_cache_specs_whole_form():
+    """qbench.scheme_catalog writes options["kv_cache"] without importing the KV code: each
+    must be what KVCacheSpec writes itself (every field, so the key is the same)."""
+    from qbench.quant.kvcache import KVCacheSpec
+
+    specs = [entry.fields["options"]["kv_cache"] for entry in CATALOG.values()
+             if "kv_cache" in entry.fields.get("options", {})]
+    assert len(specs) == 15
+    for options in specs:
+        assert KVCacheSpec.from_options(options).to_options() == options
+
+
 def test_attention_kernel_is_an_option_of_the_simulated_backend_only():
     import dataclasses
 

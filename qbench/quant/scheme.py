@@ -1,5 +1,6 @@
 """Quantization schemes as data: frozen dataclasses with a version, a JSON round trip and a
-stable hash of what computes (part of every result key), and a registry that names them.
+stable hash of what computes (part of every result key), and a registry that names them,
+built from the named schemes' data (qbench.scheme_catalog) and the schemes registered in code.
 
 Every field is read by the backend (or transform, or add-on) the scheme names, or the
 scheme is refused when it is defined (qbench.quant.handlers.check_scheme).  The name and
@@ -10,10 +11,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from qbench import scheme_catalog
 from qbench.quant.handlers import PROSE_FIELDS, check_scheme, scheme_handlers
 from qbench.registry import closest
 from qbench.scheme_catalog import CATALOG
+from qbench.scheme_catalog import add as add_to_catalog
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def register(scheme: Scheme, label: str | None = None, tags=()) -> Scheme:
                          "give it a field or option that differs, or use the existing one")
     entry = CATALOG.get(scheme.name)
     if entry is None:
-        scheme_catalog.add(asdict(scheme), label, tags)
+        add_to_catalog(asdict(scheme), label, tags)
     elif Scheme(**entry.fields) != scheme or label is not None or tags:
         raise ValueError(f"scheme {scheme.name!r} is defined in qbench.scheme_catalog with other fields; "
                          "register it there, or under another name")
