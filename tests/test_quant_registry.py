@@ -42,6 +42,16 @@ def test_importing_quant_and_resolving_every_scheme_loads_no_optional_package():
     assert json.loads(run.stdout.strip().splitlines()[-1]) == []
 
 
+def test_every_named_weight_method_is_registered_by_its_module():
+    from qbench.quant.weight_only import METHOD_MODULES, get_weight_method
+
+    for name, module in METHOD_MODULES.items():
+        method = get_weight_method(name)
+        assert method.name == name and method.weights.__module__ == module
+    with pytest.raises(ValueError, match="unknown weight method 'gtpq'.*did you mean 'gptq'"):
+        get_weight_method("gtpq")
+
+
 def test_scheme_info_comes_from_the_handlers_and_the_catalogue():
     gptq, quanto, sq = scheme_info("w4-gptq-g64"), scheme_info("quanto-w4"), scheme_info("w8a8-pt-sq")
     assert (gptq.family, gptq.label, gptq.slow, gptq.packages) == ("GPTQ", "GPTQ g64", True, ())
