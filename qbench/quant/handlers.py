@@ -51,7 +51,8 @@ class Handler:
     apply(model, scheme, calibration) -> facts (recorded with the result).
     fields: Scheme fields it honours (the others must keep their defaults; backends only).
     options: scheme.options keys it honours, or options(scheme) -> those (a transform: also
-    the keys of its own dict, in `transform_keys`).  check(scheme) raises ValueError on values it cannot honour.
+    the keys of its own dict, in `transform_keys`).  check(scheme) raises ValueError on
+    values it cannot honour.
     follow_device: quantizer state created on the CPU is moved to the model's device after.
     devices: the device types it runs on (checked before any model loads; CPU only until
     someone has run it on a GPU).  package: what it needs beyond torch, a module name or

@@ -62,7 +62,8 @@ def get_weight_method(name) -> WeightMethod:
     if name not in WEIGHT_METHODS and name in METHOD_MODULES:
         importlib.import_module(METHOD_MODULES[name])
     if name not in WEIGHT_METHODS:
-        raise ValueError(f"unknown weight method {name!r}{closest(str(name), set(METHOD_MODULES) | set(WEIGHT_METHODS))}")
+        known = set(METHOD_MODULES) | set(WEIGHT_METHODS)
+        raise ValueError(f"unknown weight method {name!r}{closest(str(name), known)}")
     return WEIGHT_METHODS[name]
 
 
