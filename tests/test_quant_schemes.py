@@ -9,6 +9,7 @@ import torch
 from qbench.modeling import QBenchConfig, QBenchForCausalLM
 from qbench.quant import SCHEMES, Scheme, get_scheme, quantize
 from qbench.quant.handlers import MODULES, REGISTRY, get_handler, register
+from qbench.quant.weight_only import METHOD_MODULES
 
 # widths that every registered group size (32..128) and bitsandbytes' 4-bit blocks divide;
 # a gated arm, so quantize_gates has gates to quantize, 32 of them (one per head: bitsandbytes'
@@ -59,10 +60,16 @@ def outputs(model, x, scheme):
 OTHER_STRING = {"per_channel": "per_tensor", "per_tensor": "per_channel", "per_token": "per_tensor",
                 "group": "per_channel", "float32": "bfloat16", "bfloat16": "float32", "nf4": "fp4", "fp4": "nf4",
                 "qint8": "qfloat8", "qfloat8": "qint8", "qint4": "qint8", "minmax": "mse", "mse": "minmax",
-                "percentile": "minmax", "int8": "fp8", "fp8": "int8", "token": "head", "head": "token",
-                "smoothquant": "hadamard", "hadamard": "smoothquant", "gptq": "awq", "awq": "gptq", "hqq": "gptq",
-                "simulated": "static", "static": "simulated", "reference": "simulated", "weight_only": "static",
-                "bitsandbytes": "quanto", "quanto": "bitsandbytes"}
+                "percentile": "minmax", "int8": "fp8", "fp8": "int8", "token": "head", "head": "token"}
+# registered names (backends, transforms, weight methods): the next of the same kind, from the registries
+REGISTERED_NAMES = [sorted(MODULES["backend"]), sorted(MODULES["transform"]), sorted(METHOD_MODULES)]
+
+
+def other_string(value: str) -> str:
+    for names in REGISTERED_NAMES:
+        if value in names:
+            return names[(names.index(value) + 1) % len(names)]
+    return OTHER_STRING.get(value, value + "-unknown")
 
 
 def changed(value):
@@ -77,7 +84,7 @@ def changed(value):
     if isinstance(value, float):
         return value / 2 if value else 1.0
     if isinstance(value, str):
-        return OTHER_STRING.get(value, value + "-unknown")
+        return other_string(value)
     raise TypeError(f"no change for {value!r}")
 
 

@@ -16,8 +16,9 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from qbench.quant.observe import observe
 from qbench.quant.grid import quantize_weight
+from qbench.quant.observe import observe
+from qbench.quant.weight_only import grouped_asymmetric, register_weight_method
 
 
 def _torchao():
@@ -72,3 +73,11 @@ def awq_weights(model: nn.Module, linears: list[tuple[str, nn.Linear]], batches,
         w = m.weight.detach().float()
         out[name] = (quantize_weight(w * scales, bits, "group", group_size, symmetric=False) / scales).to(m.weight.dtype)
     return out, tokens
+
+
+@register_weight_method("awq", options=("group_size", "symmetric", "grid"), calibrated=True, check=grouped_asymmetric,
+                        family="AWQ", slow=True, package="torchao")
+def awq_scheme_weights(model, linears, scheme, batches) -> tuple[dict, dict]:
+    weights, tokens = awq_weights(model, linears, batches, scheme.weight_bits, scheme.options["group_size"],
+                                  scheme.options.get("grid", 20))
+    return weights, {"calibration_tokens": tokens}

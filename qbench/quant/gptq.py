@@ -19,6 +19,12 @@ import torch
 import torch.nn as nn
 
 from qbench.quant.grid import affine_params, fake_quantize_affine
+from qbench.quant.handlers import require
+from qbench.quant.weight_only import grouped_asymmetric, register_weight_method
+
+# the lazy batch width: how many columns are updated at once, the same result for any width
+# (exact in float64), so a speed knob and not part of the scheme
+GPTQ_BLOCK = 128
 
 
 def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,3 +96,19 @@ def collect_hessians(model: nn.Module, linears: list[tuple[str, nn.Linear]], bat
         counts[name] = n_old + n_new
 
     return hessians, observe(model, linears, accumulate, batches)
+
+
+def _check(scheme) -> None:
+    grouped_asymmetric(scheme)
+    group = scheme.options.get("group_size")  # its lazy batches (GPTQ_BLOCK columns) hold whole groups
+    require(scheme, isinstance(group, int) and GPTQ_BLOCK % group == 0,
+            f"GPTQ's group_size {group!r} must divide its lazy-batch width {GPTQ_BLOCK}")
+
+
+@register_weight_method("gptq", options=("group_size", "symmetric", "percdamp"), calibrated=True, check=_check,
+                        family="GPTQ", slow=True)
+def gptq_weights(model, linears, scheme, batches) -> tuple[dict, dict]:
+    hessians, tokens = collect_hessians(model, linears, batches)
+    return {name: gptq_quantize(linear.weight, hessians.pop(name), scheme.weight_bits, scheme.options["group_size"],
+                                GPTQ_BLOCK, scheme.options.get("percdamp", 0.01))
+            for name, linear in linears}, {"calibration_tokens": tokens}

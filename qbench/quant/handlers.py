@@ -50,17 +50,21 @@ class Handler:
 
     apply(model, scheme, calibration) -> facts (recorded with the result).
     fields: Scheme fields it honours (the others must keep their defaults; backends only).
-    options: scheme.options keys it honours (a transform: also the keys of its own dict,
-    in `transform_keys`).  check(scheme) raises ValueError on values it cannot honour.
+    options: scheme.options keys it honours, or options(scheme) -> those (a transform: also
+    the keys of its own dict, in `transform_keys`).  check(scheme) raises ValueError on
+    values it cannot honour.
     follow_device: quantizer state created on the CPU is moved to the model's device after.
     devices: the device types it runs on (checked before any model loads; CPU only until
     someone has run it on a GPU).  package: what it needs beyond torch, a module name or
-    package(scheme) -> name | None (e.g. one weight method needs a package of its own)."""
+    package(scheme) -> name | None (e.g. one weight method needs a package of its own).
+    family: what the report, the study and recheck call the method (default: its name);
+    slow: minutes per cell, so `qbench recheck` samples it only with --slow; each also
+    a function of the scheme (e.g. per weight method)."""
     kind: str
     name: str
     apply: Callable
     fields: frozenset = frozenset()
-    options: frozenset = frozenset()
+    options: frozenset | Callable = frozenset()
     transform_keys: frozenset = frozenset({"method"})
     check: Callable | None = None
     versions: tuple[int, ...] = (1,)
@@ -70,9 +74,22 @@ class Handler:
     # what it needs of the model's layout (qbench.modeling.families.NEEDS), or
     # requires(scheme) -> those; the planner refuses a family that lacks one (qbench.quant.support)
     requires: tuple[str, ...] | Callable = ()
+    family: str | Callable = ""
+    slow: bool | Callable = False
 
     def needs(self, scheme) -> str | None:
         return self.package(scheme) if callable(self.package) else self.package
+
+    def reads(self, scheme) -> frozenset:
+        """The scheme options it honours."""
+        return frozenset(self.options(scheme)) if callable(self.options) else self.options
+
+    def family_of(self, scheme) -> str:
+        family = self.family(scheme) if callable(self.family) else self.family
+        return family or self.name
+
+    def is_slow(self, scheme) -> bool:
+        return bool(self.slow(scheme) if callable(self.slow) else self.slow)
 
     def layout_needs(self, scheme) -> tuple[str, ...]:
         return tuple(self.requires(scheme)) if callable(self.requires) else self.requires
@@ -81,11 +98,12 @@ class Handler:
 REGISTRY: dict[str, dict[str, Handler]] = {kind: {} for kind in KINDS}
 
 
-def register(kind: str, name: str, *, fields: Iterable[str] = (), options: Iterable[str] = (),
+def register(kind: str, name: str, *, fields: Iterable[str] = (), options: Iterable[str] | Callable = (),
              transform_keys: Iterable[str] = ("method",), check: Callable | None = None,
              versions: tuple[int, ...] = (1,), follow_device: bool = False,
              devices: Iterable[str] = ("cpu",), package: str | Callable | None = None,
-             requires: tuple[str, ...] | Callable = ()):
+             requires: tuple[str, ...] | Callable = (), family: str | Callable = "",
+             slow: bool | Callable = False):
     """Decorator: register `apply` as the handler `name` of `kind`."""
     if kind not in KINDS:
         raise ValueError(f"unknown handler kind {kind!r}; one of {KINDS}")
@@ -93,9 +111,10 @@ def register(kind: str, name: str, *, fields: Iterable[str] = (), options: Itera
     def decorate(apply: Callable) -> Callable:
         if name in REGISTRY[kind]:
             raise ValueError(f"{kind} {name!r} is registered twice")
-        REGISTRY[kind][name] = Handler(kind, name, apply, frozenset(fields), frozenset(options),
+        REGISTRY[kind][name] = Handler(kind, name, apply, frozenset(fields),
+                                       options if callable(options) else frozenset(options),
                                        frozenset(transform_keys), check, tuple(versions), follow_device,
-                                       tuple(devices), package, requires)
+                                       tuple(devices), package, requires, family, slow)
         return apply
     return decorate
 
@@ -144,7 +163,7 @@ def check_scheme(scheme) -> None:
             raise ValueError(f"scheme {scheme.name!r}: backend {backend.name!r} does not honour "
                              f"{field.name}={getattr(scheme, field.name)!r}; leave it at {field.default!r} "
                              f"(it honours {sorted(backend.fields) or 'no optional fields'})")
-    honoured = set().union(*(h.options for h in handlers))
+    honoured = set().union(*(h.reads(scheme) for h in handlers))
     honoured |= {"transform"} if any(h.kind == "transform" for h in handlers) else set()
     honoured |= {h.name for h in handlers if h.kind == "addon"}
     unread = sorted(set(scheme.options) - honoured)
@@ -167,7 +186,7 @@ def read_by_others(scheme) -> set[str]:
     others = {"transform"} if "transform" in scheme.options else set()
     for handler in scheme_handlers(scheme):
         if handler.kind != "backend":
-            others |= handler.options | ({handler.name} if handler.kind == "addon" else set())
+            others |= handler.reads(scheme) | ({handler.name} if handler.kind == "addon" else set())
     return others
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from qbench.quant.weight_only import grouped_asymmetric, register_weight_method
+
 
 def hqq_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 64) -> torch.Tensor:
     try:
@@ -16,3 +18,10 @@ def hqq_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 64) -> tor
     w = weight.detach().float().cpu()
     codes, meta = Quantizer.quantize(w, device="cpu", compute_dtype=torch.float32, **config)
     return Quantizer.dequantize(codes, meta).reshape(w.shape).to(weight.dtype).to(weight.device)
+
+
+@register_weight_method("hqq", options=("group_size",), check=grouped_asymmetric, family="HQQ", slow=True,
+                        package="hqq")
+def hqq_scheme_weights(model, linears, scheme, batches) -> tuple[dict, dict]:
+    return {name: hqq_weight(linear.weight, scheme.weight_bits, scheme.options["group_size"])
+            for name, linear in linears}, {}

@@ -48,7 +48,7 @@ def _check(scheme) -> None:
 @register("backend", "quanto", fields=("weight_bits", "weight_granularity", "activation_bits", "activation_granularity",
                                        "activation_static", "quantize_gates"),
           options=("weights", "activations", "group_size", *CALIBRATION_OPTIONS), check=_check,
-          devices=("cpu", "cuda"), package="optimum.quanto")
+          devices=("cpu", "cuda"), package="optimum.quanto", slow=True)  # minutes per cell (recheck --slow)
 def apply_quanto(model: nn.Module, scheme, calibration=None) -> dict:
     quanto = _import_quanto()
     options = scheme.options

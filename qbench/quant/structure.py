@@ -7,9 +7,23 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from qbench.modeling.families import NormGroup, ResidualStructure, UnsupportedModel, residual_structure
-
 __all__ = ["NormGroup", "ResidualStructure", "UnsupportedModel", "is_gate", "residual_structure"]
+
+
+def __getattr__(name: str):
+    """The families' names, imported on first use: qbench.modeling loads transformers (and
+    the optional packages it loads), which importing qbench.quant must not."""
+    if name in ("NormGroup", "ResidualStructure", "UnsupportedModel"):
+        from qbench.modeling import families
+
+        return getattr(families, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def residual_structure(model: nn.Module, need: str):
+    from qbench.modeling.families import residual_structure as structure
+
+    return structure(model, need)
 
 
 def is_gate(module: nn.Module) -> bool:

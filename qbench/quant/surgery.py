@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from qbench.modeling.model import GateLinear
-
 
 def quantizable_linears(model: nn.Module, quantize_gates: bool = False) -> list[tuple[str, nn.Linear]]:
     """Every nn.Linear except the LM head (kept in full precision, as in Bondarenko's
     protocol) and, unless asked, the attention gates."""
+    # imported here: qbench.modeling loads transformers, which loads optional packages (hqq,
+    # torchao); importing qbench.quant must not (tests/test_quant_registry.py)
+    from qbench.modeling.model import GateLinear
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [
         (name, module) for name, module in model.named_modules()

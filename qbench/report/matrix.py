@@ -10,14 +10,11 @@ from qbench.report.facts import (
     scheme_group, scheme_sort_key, scheme_width,
 )
 from qbench.report.records import REFERENCE_SCHEME, records_frame
+from qbench.scheme_catalog import screen_columns
 
 # -- the first screen: representative schemes ---------------------------------------------
-# (column, the schemes it shows: one, or the best of several outlier-aware PTQ methods)
-BEST_8BIT_PTQ = ["w8a8-pt-sq", "w8a8-pt-had", "w8a8-sq", "w8a8-had", "w8a8-sq-a25", "w8a8-sq-a75", "w8a8-sq-a85"]
-BEST_4BIT_PTQ = ["w4-gptq-g64", "w4-awq-g64", "w4-hqq-g64"]
-FIRST_SCREEN = [("w8a8-dyn", ["w8a8-dyn"]), ("w8a8-pt", ["w8a8-pt"]), ("best 8b PTQ", BEST_8BIT_PTQ),
-                ("llm-int8", ["llm-int8"]), ("w4-rtn-g64", ["w4-rtn-g64"]), ("best 4b PTQ", BEST_4BIT_PTQ),
-                ("nf4", ["nf4"]), ("w8a8-attn", ["w8a8-attn"])]
+# its columns, and the schemes each shows (one, or the best of several outlier-aware PTQ
+# methods), are what the scheme catalogue's tags say (qbench.scheme_catalog.screen_columns)
 SCHEME_GROUP_TITLES = {EIGHT_BIT_GROUP: "8-bit", LOW_BIT_GROUP: "6- and 4-bit", KERNEL_GROUP: "8-bit attention kernel",
                        UNKNOWN_GROUP: "other"}
 FIRST_SCREEN_LEGEND = ("Cells: relative perplexity change vs the same model's fp32 in %, the mean over the records "
@@ -63,13 +60,14 @@ def first_screen_table(cells: pd.DataFrame, fp: dict | None = None, failed: dict
     if cells.empty:
         return pd.DataFrame()
     fp, failed = fp or {}, failed or {}
+    columns = screen_columns()
     rows = []
     for (family, arm, variant), group in cells.groupby(["family", "arm", "variant"], sort=False):
         by_scheme = {c["scheme"]: c for c in group.to_dict("records")}
         value = fp.get((family, arm, variant))
         row = {"model": row_label(family, arm, variant), "n": int(group.seeds.max()),
                "fp32 ppl": "-" if value is None else f"{value:.4g}"}
-        for column, schemes in FIRST_SCREEN:
+        for column, schemes in columns:
             measured = [by_scheme[s] for s in schemes if s in by_scheme]
             if not measured:
                 marks = [failed[(family, arm, variant, s)] for s in schemes if (family, arm, variant, s) in failed]
@@ -80,7 +78,7 @@ def first_screen_table(cells: pd.DataFrame, fp: dict | None = None, failed: dict
             row[column] = text + (f" {_short_scheme(best['scheme'])}" if len(schemes) > 1 else "")
         rows.append(row)
     frame = pd.DataFrame(rows)
-    unmeasured = [column for column, _ in FIRST_SCREEN if (frame[column] == "-").all()]
+    unmeasured = [column for column, _ in columns if (frame[column] == "-").all()]
     return frame.drop(columns=unmeasured)
 
 

@@ -13,14 +13,10 @@ from qbench.modeling.attention import ATTENTION_ARMS
 from qbench.paths import REPO_ROOT
 from qbench.plan import Suite, expand_models, load_suite, plan_suite
 from qbench.results import ResultStore
+from qbench.scheme_catalog import label
 
 SUITES = {False: REPO_ROOT / "suites" / "study.yaml", True: REPO_ROOT / "suites" / "study-quick.yaml"}
 BB_ARMS = list(ATTENTION_ARMS)  # display order: the registry's
-# Outlier-aware PTQ (issue 15): the column label of each scheme of the `ptq` stage
-PTQ_LABELS = {"w8a8-pt": "W8A8-pt", "w8a8-pt-sq": "+ SmoothQuant", "w8a8-pt-had": "+ rotation",
-              "w8a8-dyn": "W8A8-dyn", "w8a8-sq": "dyn + SQ", "w8a8-had": "dyn + rotation", "w4a8": "W4A8",
-              "w4a8-had": "W4A8 + rotation", "w4-rtn-g64": "W4 RTN g64", "w4-gptq-g64": "GPTQ g64",
-              "w4-awq-g64": "AWQ g64", "w4-hqq-g64": "HQQ g64"}
 
 
 @lru_cache(maxsize=None)
@@ -44,7 +40,8 @@ def _models(suite: Suite, name: str) -> list[str]:
 
 _FULL = study_suite(False)
 PTQ_SCHEMES = _schemes(_FULL, "ptq")
-PTQ_COLUMNS = [(PTQ_LABELS[scheme], scheme) for scheme in PTQ_SCHEMES]
+# Outlier-aware PTQ (issue 15): each scheme of the `ptq` stage under its catalogue label
+PTQ_COLUMNS = [(label(scheme), scheme) for scheme in PTQ_SCHEMES]
 BB_SCHEMES = _schemes(_FULL, "bb")
 LONG_SCHEMES = _schemes(_FULL, "more text")
 SMOLLM2_LONG_SCHEMES = _schemes(_FULL, "smollm2 more text")
