@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from qbench.plan import PlannedCell, Suite, SuiteError, last_uses, plan_suite
-from qbench.registry import closest
+from qbench.suggest import closest
 
 EXECUTORS = ("local", "ray")
 

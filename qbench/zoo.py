@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from qbench.paths import models_dir
-from qbench.registry import closest
+from qbench.suggest import closest
 
 ZOO_FILE = "zoo.yaml"
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from qbench.quant.handlers import PROSE_FIELDS, check_scheme
-from qbench.registry import closest
+from qbench.suggest import closest
 
 
 @dataclass(frozen=True)

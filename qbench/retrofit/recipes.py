@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from qbench.registry import closest
+from qbench.suggest import closest
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qbench.modeling import ATTENTION_ARMS, QBenchConfig, QBenchForCausalLM
-from qbench.registry import closest
+from qbench.suggest import closest
 from qbench.train.card import model_card
 from qbench.train.data import make_data, validation_loss
 from qbench.train.logs import LOG_FILE, MECHANISM_EVERY, MECHANISM_FILE, MechanismLog, truncate_log

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from qbench.registry import closest
+from qbench.suggest import closest
 
 
 @dataclass(frozen=True)
