@@ -180,30 +180,22 @@ def _load_gguf(name: str, path: Path, entry: dict) -> LoadedModel:
     return LoadedModel(name, model.eval(), tokenizer, file_hash([path]), entry)
 
 
-# Folders of other kinds, found by a marker file and described by their own module:
-# marker -> (name, folder, entry) -> ModelRef.  An entry may name its function as
-# "module:function", imported when a folder of that kind is first met (lm-eval's lazy
-# registration), so `import qbench` needs none of them loaded; register_folder_kind adds one.
-FOLDER_KINDS: dict[str, object] = {"retrofit.json": "qbench.retrofit.deltas:retrofit_ref"}
+# Folders of other kinds, found by a marker file and described by the package that makes
+# them: marker -> (name, folder, entry) -> ModelRef.  Such a package sits above the zoo and
+# registers its kind when imported (qbench.retrofit registers `retrofit.json`); the planner
+# imports it, so every cell sees the kind, and `import qbench.zoo` loads none of them.
+FOLDER_KINDS: dict[str, object] = {}
 
 
 def register_folder_kind(marker: str, make_ref) -> None:
     FOLDER_KINDS[marker] = make_ref
 
 
-def _folder_kind(marker: str):
-    make_ref = FOLDER_KINDS[marker]
-    if isinstance(make_ref, str):
-        module, _, function = make_ref.partition(":")
-        make_ref = FOLDER_KINDS[marker] = getattr(importlib.import_module(module), function)
-    return make_ref
-
-
 def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     """Checks the folder's files and reads its config; the weights stay on disk."""
-    for marker in list(FOLDER_KINDS):  # e.g. retrofit.json (qbench.retrofit)
+    for marker, make_ref in list(FOLDER_KINDS.items()):  # e.g. retrofit.json (qbench.retrofit)
         if (folder / marker).exists():
-            return _folder_kind(marker)(name, folder, entry)
+            return make_ref(name, folder, entry)
     import qbench.modeling  # noqa: F401  registers the qbench model type
     from transformers import AutoConfig
 
@@ -211,7 +203,9 @@ def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     config_path = folder / "config.json"
     if not config_path.exists():
-        raise CheckpointError(f"{config_path} is missing: {folder} is not a complete checkpoint")
+        raise CheckpointError(f"{config_path} is missing: {folder} is not a complete checkpoint (other folder "
+                              f"kinds known: {sorted(FOLDER_KINDS) or 'none'}; `import qbench.retrofit` adds "
+                              "retrofit.json)")
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"{folder} holds no weights (model.safetensors is missing)")

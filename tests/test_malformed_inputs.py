@@ -91,7 +91,7 @@ def test_lm_eval_with_an_unknown_model_is_one_line_exit_2(monkeypatch, capsys):
     """`lm_eval --model qbench --model_args model=does-not-exist` printed a traceback."""
     import sys
 
-    from qbench.eval.lm_eval_model import QBenchLM
+    from qbench.integrations.lm_eval import QBenchLM
     from qbench.zoo import UnknownModelError
 
     with pytest.raises(UnknownModelError):  # from Python: the error itself

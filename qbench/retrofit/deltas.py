@@ -1,7 +1,7 @@
 """A finished retrofit: `deltas.safetensors` (the trainable tensors) and `retrofit.json`
 (the base and its checkpoint hash, arm, seed, recipe); loading checks the base's hash and
-applies the deltas; the zoo knows such folders by `retrofit.json` (qbench.zoo.FOLDER_KINDS
-names `retrofit_ref`, imported when such a folder is first met)."""
+applies the deltas; the zoo knows such folders by `retrofit.json`: importing this module
+registers `retrofit_ref` as that folder kind (qbench.zoo.register_folder_kind)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from qbench.zoo import register_folder_kind
 
 CONFIG_FILE = "retrofit.json"
 DELTAS_FILE = "deltas.safetensors"
@@ -151,3 +153,6 @@ def retrofit_ref(name: str, folder: Path, entry: dict):
     info = {"arm": f"{facts['arm']} (retrofit)", "preset": facts["recipe"]["name"], "seed": facts["seed"],
             "base": facts["base"], **dict(entry)}
     return ModelRef(name, file_hash(retrofit_files(folder)), info, None, lambda: load_retrofit(folder, name))
+
+
+register_folder_kind(CONFIG_FILE, retrofit_ref)
