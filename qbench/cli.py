@@ -302,7 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "writing STUDY.md computes nothing")
     p.add_argument("--stages", default=None,
                    help="with --compute: only these stages of suites/study.yaml, comma-separated (e.g. 'primary')")
-    p.add_argument("--no-run", action="store_true", help=argparse.SUPPRESS)  # the old default; kept for scripts
     p.add_argument("--readme", default="docs/RESEARCH.md",
                    help="document whose generated results text is re-rendered ('' for none)")
     p.add_argument("--quiet", action="store_true")

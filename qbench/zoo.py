@@ -318,7 +318,7 @@ def resolve_model(name_or_path: str, verify: bool = True) -> ModelRef:
     """A zoo name (`qbench list models`) or a path to a checkpoint folder / .gguf file,
     checked and hashed but not loaded.  A zoo model's checkpoint must match the hash in
     models/zoo.yaml (a corrupted or retrained checkpoint is a CheckpointError, exit 3)
-    unless `verify` is False or QBENCH_ALLOW_MODIFIED=1 (`qbench bench --allow-modified`)."""
+    unless `verify` is False (`qbench bench --allow-modified`)."""
     zoo = read_zoo()
     ref = _resolve_model(name_or_path, verify, zoo)
     ref.source = name_or_path if name_or_path in zoo else str(Path(name_or_path).resolve())
@@ -334,8 +334,7 @@ def _resolve_model(name_or_path: str, verify: bool, zoo: dict) -> ModelRef:
         else:
             ref = _folder_ref(name_or_path, models_dir() / source, entry)
         expected = entry.get("checkpoint_hash")
-        allowed = os.environ.get("QBENCH_ALLOW_MODIFIED", "0") not in ("0", "", "false", "no")
-        if verify and not allowed and expected and ref.checkpoint_hash != expected:
+        if verify and expected and ref.checkpoint_hash != expected:
             raise CheckpointError(
                 f"zoo model {name_or_path}: checkpoint hash {ref.checkpoint_hash} differs from {expected} in "
                 f"models/zoo.yaml (corrupted or retrained weights); restore it, run `qbench zoo` to accept it, "

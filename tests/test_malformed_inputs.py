@@ -1,6 +1,5 @@
-"""Issue 33, fourth and fifth groups: caches that heal instead of failing cells, and each
-remaining malformed input or wrong outcome of the issue: its documented exit code and
-one line, before any work where the README says so."""
+"""Caches that heal instead of failing cells, and malformed inputs: each its documented
+exit code and one line, before any work where the README says so."""
 import shutil
 
 import pytest
