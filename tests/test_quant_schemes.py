@@ -63,12 +63,18 @@ OTHER_STRING = {"per_channel": "per_tensor", "per_tensor": "per_channel", "per_t
                 "percentile": "minmax", "int8": "fp8", "fp8": "int8", "token": "head", "head": "token",
                 "smoothquant": "hadamard", "hadamard": "smoothquant", "gptq": "awq", "awq": "gptq", "hqq": "gptq",
                 "simulated": "static", "static": "simulated", "reference": "simulated", "weight_only": "static",
-                "bitsandbytes": "quanto", "quanto": "bitsandbytes"}
+                "bitsandbytes": "quanto", "quanto": "bitsandbytes", "channel": "token"}
+# where a field's valid values differ from OTHER_STRING's pick: (field, value) -> a valid other value
+OTHER_FOR_FIELD = {("method", "int8"): "4bit", ("method", "4bit"): "int8",
+                   ("activation_range", "minmax"): "percentile", ("activation_range", "percentile"): "minmax",
+                   ("key_axis", "token"): "channel", ("bits", 2): 3}
 
 
-def changed(value):
-    """Another valid value of the same kind: a flipped bool, a halved (or new) number, the
-    other string of OTHER_STRING."""
+def changed(value, field=None):
+    """Another valid value of the same kind: OTHER_FOR_FIELD's for the field, else a flipped
+    bool, a halved (or new) number, the other string of OTHER_STRING."""
+    if (field, value) in OTHER_FOR_FIELD and not isinstance(value, bool):
+        return OTHER_FOR_FIELD[field, value]
     if isinstance(value, bool):
         return not value
     if value is None:
@@ -90,14 +96,14 @@ def variants(scheme: Scheme):
     for field in dataclasses.fields(scheme):
         if field.name in ("name", "description", "options"):
             continue
-        yield field.name, {field.name: changed(getattr(scheme, field.name))}
+        yield field.name, {field.name: changed(getattr(scheme, field.name), field.name)}
     for key, value in scheme.options.items():
         if isinstance(value, dict):
             for inner, inner_value in value.items():
                 yield f"options.{key}.{inner}", {"options": {**scheme.options,
-                                                            key: {**value, inner: changed(inner_value)}}}
+                                                            key: {**value, inner: changed(inner_value, inner)}}}
         else:
-            yield f"options.{key}", {"options": {**scheme.options, key: changed(value)}}
+            yield f"options.{key}", {"options": {**scheme.options, key: changed(value, key)}}
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMES))
