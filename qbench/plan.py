@@ -14,7 +14,6 @@ from pathlib import Path
 import yaml
 
 import qbench
-import qbench.retrofit.deltas  # noqa: F401  registers the retrofit folder kind with the zoo
 from qbench.eval.perplexity import PerplexityProtocol
 from qbench.eval.protocols import (ProtocolOptions, check_tasks, is_lm_eval_task, lm_eval_spec, protocol_data_hash,
                                    resolve_protocol, task_protocol)

@@ -19,18 +19,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from qbench.errors import CheckpointError, UnknownModelError
 from qbench.paths import models_dir
 from qbench.suggest import closest
 
 ZOO_FILE = "zoo.yaml"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated or inconsistent; the message names the file."""
-
-
-class UnknownModelError(CheckpointError):
-    """A model name that is neither in the zoo nor a path (a usage error, exit code 2)."""
 
 
 @dataclass
@@ -180,22 +173,32 @@ def _load_gguf(name: str, path: Path, entry: dict) -> LoadedModel:
     return LoadedModel(name, model.eval(), tokenizer, file_hash([path]), entry)
 
 
-# Folders of other kinds, found by a marker file and described by the package that makes
-# them: marker -> (name, folder, entry) -> ModelRef.  Such a package sits above the zoo and
-# registers its kind when imported (qbench.retrofit registers `retrofit.json`); the planner
-# imports it, so every cell sees the kind, and `import qbench.zoo` loads none of them.
-FOLDER_KINDS: dict[str, object] = {}
+def _retrofit_ref(name: str, folder: Path, entry: dict) -> ModelRef:
+    """A retrofit folder (its format: qbench.retrofit.deltas, which imports no zoo): checked
+    and hashed now; loaded on demand as its base, hash-checked, with the deltas applied."""
+    from qbench.retrofit import deltas
 
+    facts = deltas.read_retrofit_config(folder)
 
-def register_folder_kind(marker: str, make_ref) -> None:
-    FOLDER_KINDS[marker] = make_ref
+    def load() -> LoadedModel:
+        base = resolve_model(facts["base"])
+        if base.checkpoint_hash != facts["base_checkpoint_hash"]:
+            raise CheckpointError(f"{folder}: its base {facts['base']} has checkpoint hash {base.checkpoint_hash}, "
+                                  f"the deltas were trained on {facts['base_checkpoint_hash']}")
+        loaded = base.load()
+        deltas.install_deltas(loaded.model, folder, facts)
+        return LoadedModel(name, loaded.model.eval(), loaded.tokenizer, file_hash(deltas.retrofit_files(folder)),
+                           deltas.loaded_info(facts))
+
+    return ModelRef(name, file_hash(deltas.retrofit_files(folder)), deltas.ref_info(facts, entry), None, load)
 
 
 def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     """Checks the folder's files and reads its config; the weights stay on disk."""
-    for marker, make_ref in list(FOLDER_KINDS.items()):  # e.g. retrofit.json (qbench.retrofit)
-        if (folder / marker).exists():
-            return make_ref(name, folder, entry)
+    from qbench.retrofit.deltas import CONFIG_FILE as RETROFIT_CONFIG
+
+    if (folder / RETROFIT_CONFIG).exists():
+        return _retrofit_ref(name, folder, entry)
     import qbench.modeling  # noqa: F401  registers the qbench model type
     from transformers import AutoConfig
 
@@ -203,9 +206,7 @@ def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     config_path = folder / "config.json"
     if not config_path.exists():
-        raise CheckpointError(f"{config_path} is missing: {folder} is not a complete checkpoint (other folder "
-                              f"kinds known: {sorted(FOLDER_KINDS) or 'none'}; `import qbench.retrofit` adds "
-                              "retrofit.json)")
+        raise CheckpointError(f"{config_path} is missing: {folder} is not a complete checkpoint")
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"{folder} holds no weights (model.safetensors is missing)")

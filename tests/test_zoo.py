@@ -107,8 +107,6 @@ def test_smollm2_probes_show_its_known_extreme_tokens():
 @pytest.mark.parametrize("name", [n for n in ZOO if "base" in ZOO[n]])
 def test_retrofit_entries_load_on_their_base_with_the_listed_hash(name):
     """A retrofit entry (qbench retrofit): deltas on top of its base, hash-checked."""
-    import qbench.retrofit  # noqa: F401  registers the retrofit folder kind with the zoo
-
     entry = ZOO[name]
     loaded = load_model(name)
     assert loaded.checkpoint_hash == entry["checkpoint_hash"]
