@@ -13,10 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from qbench.modeling import ATTENTION_ARMS, QBenchConfig, QBenchForCausalLM
+from qbench.resumable import changed_keys, optimizer_step, run_folder, truncate_log, use_threads
 from qbench.suggest import closest
 from qbench.train.card import model_card
 from qbench.train.data import make_data, validation_loss
-from qbench.resumable import changed_keys, optimizer_step, run_folder, truncate_log, use_threads
 from qbench.train.logs import LOG_FILE, MECHANISM_EVERY, MECHANISM_FILE, MechanismLog
 from qbench.train.recipes import Preset, get_preset, learning_rate, normalise_recipe, with_settings
 from qbench.train.state import STATE_FILE, TRAVEL_FILE, atomic_torch_save, load_state, load_train_state
