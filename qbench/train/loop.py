@@ -44,6 +44,26 @@ def check_training_memory(preset: Preset, vocab: int, device: str, available: in
                        f"{preset.batch_size}, context {preset.context})", available)
 
 
+def _resume(state_path: Path, travel_path: Path, recipe: dict, model, optimizer, generator) -> tuple[int, float]:
+    """(step, elapsed seconds) of the saved state in the run's folder, its model, optimizer,
+    data-generator and RNG states restored; (0, 0.0) if there is none.  A state trained with
+    another recipe is refused in one line that names what differs."""
+    if not state_path.exists() and not travel_path.exists():
+        return 0, 0.0
+    state = load_train_state(state_path) if state_path.exists() else load_state(travel_path)
+    if normalise_recipe(state["recipe"]) != normalise_recipe(recipe):
+        saved, wanted = normalise_recipe(state["recipe"]), normalise_recipe(recipe)
+        diff = changed_keys(saved["preset"], wanted["preset"])
+        diff += changed_keys(saved, wanted, ("attention", "seed", "corpus", "arm_options"))
+        raise ValueError(f"{state_path} was trained with another recipe (differs in {', '.join(diff)}); "
+                         "resume with the same recipe, or choose another --out")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["elapsed"]
+
+
 def _train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpus: str = "sotu",
           steps: int | None = None, threads: int | None = None, progress: bool = True,
           gate_init: float | None = None, device: str = "cpu", amp: str | None = None,
@@ -98,22 +118,9 @@ def _train(attention: str, preset_name: str | Preset, seed: int, out: Path, corp
         lr=preset.lr, betas=preset.betas, **({"fused": True} if device.startswith("cuda") else {}),
     )
     generator = torch.Generator().manual_seed(seed)
-    step, elapsed = 0, 0.0
     state_path = out / STATE_FILE
     travel_path = out / TRAVEL_FILE  # a state handed back from another machine (safetensors)
-    if state_path.exists() or travel_path.exists():
-        state = load_train_state(state_path) if state_path.exists() else load_state(travel_path)
-        if normalise_recipe(state["recipe"]) != normalise_recipe(recipe):
-            saved, wanted = normalise_recipe(state["recipe"]), normalise_recipe(recipe)
-            diff = changed_keys(saved["preset"], wanted["preset"])
-            diff += changed_keys(saved, wanted, ("attention", "seed", "corpus", "arm_options"))
-            raise ValueError(f"{state_path} was trained with another recipe (differs in {', '.join(diff)}); "
-                             "resume with the same recipe, or choose another --out")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        step, elapsed = state["step"], state["elapsed"]
+    step, elapsed = _resume(state_path, travel_path, recipe, model, optimizer, generator)
     log_path = out / LOG_FILE
     if step == 0 or not log_path.exists():
         with open(log_path, "w", newline="") as f:
