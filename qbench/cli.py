@@ -20,16 +20,11 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_retrofit(args) -> int:
+    from qbench.resumable import parse_set_pairs
     from qbench.retrofit import get_recipe, retrofit
     from qbench.validate import positive_int
 
-    settings = {}
-    for pair in args.set:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {pair!r}: use key=value")
-        settings[key.strip()] = value
-    recipe = get_recipe(args.preset, settings)
+    recipe = get_recipe(args.preset, parse_set_pairs(args.set))
     threads = positive_int(args.threads, "--threads") if args.threads is not None else None
     facts = retrofit(args.model, args.arm, recipe, args.seed, Path(args.out), threads=threads, device=args.device,
                      amp=None if args.amp == "none" else args.amp, progress=not args.quiet)
@@ -307,7 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "writing STUDY.md computes nothing")
     p.add_argument("--stages", default=None,
                    help="with --compute: only these stages of suites/study.yaml, comma-separated (e.g. 'primary')")
-    p.add_argument("--no-run", action="store_true", help=argparse.SUPPRESS)  # the old default; kept for scripts
     p.add_argument("--readme", default="docs/RESEARCH.md",
                    help="document whose generated results text is re-rendered ('' for none)")
     p.add_argument("--quiet", action="store_true")

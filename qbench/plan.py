@@ -20,7 +20,7 @@ from qbench.eval.protocols import (ProtocolOptions, check_tasks, is_lm_eval_task
 from qbench.quant import Scheme, get_scheme
 from qbench.quant.support import planning_refusal
 from qbench.facts import model_facts_from_info, scheme_facts_from_json
-from qbench.registry import closest
+from qbench.suggest import closest
 from qbench.results import cell_key
 from qbench.zoo import ModelRef, read_zoo, resolve_model
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from qbench.plan import PlannedCell, Suite, SuiteError, last_uses, plan_suite
-from qbench.registry import closest
+from qbench.suggest import closest
 
 EXECUTORS = ("local", "ray")
 
@@ -40,10 +40,6 @@ def _run_planned_cell(planned: PlannedCell, results_dir: str) -> dict:
     from qbench.results import ResultStore
 
     key = planned.cell.key
-    pid_dir = os.environ.get("QBENCH_SWEEP_PID_DIR")  # test hook: lets a test find (and kill) the worker
-    if pid_dir:
-        Path(pid_dir, f"{key}-{os.getpid()}").write_text(str(os.getpid()))
-        time.sleep(float(os.environ.get("QBENCH_SWEEP_TEST_DELAY", "0")))
     store = ResultStore(results_dir)
     existing = store.get(key)
     if existing is not None:

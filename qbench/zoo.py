@@ -19,18 +19,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from qbench.errors import CheckpointError, UnknownModelError
 from qbench.paths import models_dir
-from qbench.registry import closest
+from qbench.suggest import closest
 
 ZOO_FILE = "zoo.yaml"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated or inconsistent; the message names the file."""
-
-
-class UnknownModelError(CheckpointError):
-    """A model name that is neither in the zoo nor a path (a usage error, exit code 2)."""
 
 
 @dataclass
@@ -180,30 +173,32 @@ def _load_gguf(name: str, path: Path, entry: dict) -> LoadedModel:
     return LoadedModel(name, model.eval(), tokenizer, file_hash([path]), entry)
 
 
-# Folders of other kinds, found by a marker file and described by their own module:
-# marker -> (name, folder, entry) -> ModelRef.  An entry may name its function as
-# "module:function", imported when a folder of that kind is first met (lm-eval's lazy
-# registration), so `import qbench` needs none of them loaded; register_folder_kind adds one.
-FOLDER_KINDS: dict[str, object] = {"retrofit.json": "qbench.retrofit.deltas:retrofit_ref"}
+def _retrofit_ref(name: str, folder: Path, entry: dict) -> ModelRef:
+    """A retrofit folder (its format: qbench.retrofit.deltas, which imports no zoo): checked
+    and hashed now; loaded on demand as its base, hash-checked, with the deltas applied."""
+    from qbench.retrofit import deltas
 
+    facts = deltas.read_retrofit_config(folder)
 
-def register_folder_kind(marker: str, make_ref) -> None:
-    FOLDER_KINDS[marker] = make_ref
+    def load() -> LoadedModel:
+        base = resolve_model(facts["base"])
+        if base.checkpoint_hash != facts["base_checkpoint_hash"]:
+            raise CheckpointError(f"{folder}: its base {facts['base']} has checkpoint hash {base.checkpoint_hash}, "
+                                  f"the deltas were trained on {facts['base_checkpoint_hash']}")
+        loaded = base.load()
+        deltas.install_deltas(loaded.model, folder, facts)
+        return LoadedModel(name, loaded.model.eval(), loaded.tokenizer, file_hash(deltas.retrofit_files(folder)),
+                           deltas.loaded_info(facts))
 
-
-def _folder_kind(marker: str):
-    make_ref = FOLDER_KINDS[marker]
-    if isinstance(make_ref, str):
-        module, _, function = make_ref.partition(":")
-        make_ref = FOLDER_KINDS[marker] = getattr(importlib.import_module(module), function)
-    return make_ref
+    return ModelRef(name, file_hash(deltas.retrofit_files(folder)), deltas.ref_info(facts, entry), None, load)
 
 
 def _folder_ref(name: str, folder: Path, entry: dict) -> ModelRef:
     """Checks the folder's files and reads its config; the weights stay on disk."""
-    for marker in list(FOLDER_KINDS):  # e.g. retrofit.json (qbench.retrofit)
-        if (folder / marker).exists():
-            return _folder_kind(marker)(name, folder, entry)
+    from qbench.retrofit.deltas import CONFIG_FILE as RETROFIT_CONFIG
+
+    if (folder / RETROFIT_CONFIG).exists():
+        return _retrofit_ref(name, folder, entry)
     import qbench.modeling  # noqa: F401  registers the qbench model type
     from transformers import AutoConfig
 
@@ -324,7 +319,7 @@ def resolve_model(name_or_path: str, verify: bool = True) -> ModelRef:
     """A zoo name (`qbench list models`) or a path to a checkpoint folder / .gguf file,
     checked and hashed but not loaded.  A zoo model's checkpoint must match the hash in
     models/zoo.yaml (a corrupted or retrained checkpoint is a CheckpointError, exit 3)
-    unless `verify` is False or QBENCH_ALLOW_MODIFIED=1 (`qbench bench --allow-modified`)."""
+    unless `verify` is False (`qbench bench --allow-modified`)."""
     zoo = read_zoo()
     ref = _resolve_model(name_or_path, verify, zoo)
     ref.source = name_or_path if name_or_path in zoo else str(Path(name_or_path).resolve())
@@ -340,8 +335,7 @@ def _resolve_model(name_or_path: str, verify: bool, zoo: dict) -> ModelRef:
         else:
             ref = _folder_ref(name_or_path, models_dir() / source, entry)
         expected = entry.get("checkpoint_hash")
-        allowed = os.environ.get("QBENCH_ALLOW_MODIFIED", "0") not in ("0", "", "false", "no")
-        if verify and not allowed and expected and ref.checkpoint_hash != expected:
+        if verify and expected and ref.checkpoint_hash != expected:
             raise CheckpointError(
                 f"zoo model {name_or_path}: checkpoint hash {ref.checkpoint_hash} differs from {expected} in "
                 f"models/zoo.yaml (corrupted or retrained weights); restore it, run `qbench zoo` to accept it, "

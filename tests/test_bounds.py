@@ -1,4 +1,4 @@
-"""Issue 33, third group: a bound on every size a user can ask for (cells per plan, threads,
+"""A bound on every size a user can ask for (cells per plan, threads,
 recipe dimensions and batch against memory), and the suite inputs that were tracebacks."""
 import pytest
 import torch

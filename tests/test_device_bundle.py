@@ -124,8 +124,9 @@ def test_the_documented_cut_keeps_the_tracked_tree_out_of_a_call(bundle_script, 
 
 def test_an_archive_that_differs_from_its_manifest_stops_the_job_before_it_runs(bundle_script, tmp_path,
                                                                                  monkeypatch):
-    """Issue 33: site.tar.xz repacked without a package exited 0, the job silently importing
-    the image's own copy; now every archive is checked against MANIFEST.json's sha256 first."""
+    """Every archive is checked against MANIFEST.json's sha256 before the job runs: a
+    site.tar.xz repacked without a package stops it (it would silently import the image's
+    own copy)."""
     import json
 
     db = bundle_script

@@ -1,7 +1,9 @@
-"""Import structure: modeling imports neither quant nor probes, probes do not import quant,
-and no two qbench modules import each other, directly or in a circle (function-level
-imports included: a circle hidden inside a function is still a circle)."""
+"""Import structure: the floors of LAYERS, each importing only its own floor and those
+below (0 arrows back up), and no two qbench modules importing each other, directly or in a
+circle (function-level imports included: a circle hidden inside a function is still a
+circle)."""
 import ast
+
 
 from qbench.paths import REPO_ROOT
 
@@ -15,16 +17,79 @@ def module_name(path):
 
 def imports():
     graph = {}
+    modules = {module_name(path) for path in PACKAGE.rglob("*.py")}
     for path in PACKAGE.rglob("*.py"):
         name = module_name(path)
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add(node.module)
+                # `from qbench.study import verdict` imports the submodule, not the package's __init__
+                names = {f"{node.module}.{alias.name}" for alias in node.names}
+                found.update(names & modules)
+                if names - modules:
+                    found.add(node.module)
             elif isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
         graph[name] = {m for m in found if m == "qbench" or m.startswith("qbench.")}
     return graph
+
+
+# The floors, bottom first; a module imports only modules of its own floor or lower ones.
+# A module is placed by its longest listed prefix.
+LAYERS = [
+    ("util", ["qbench.paths", "qbench.atomic", "qbench.safefile", "qbench.suggest", "qbench.validate",
+              "qbench.device", "qbench.online", "qbench.archive", "qbench.facts", "qbench.results", "qbench.errors"]),
+    ("data", ["qbench.data"]),
+    ("modeling", ["qbench.modeling"]),
+    ("probes", ["qbench.probes"]),
+    ("quant", ["qbench.quant"]),
+    ("eval", ["qbench.eval"]),
+    # the retrofit folder format: the zoo loads it (so it imports no zoo), training writes it
+    ("checkpoint formats", ["qbench.retrofit.deltas", "qbench.retrofit.clamp"]),
+    ("zoo", ["qbench.zoo"]),
+    ("training", ["qbench.resumable", "qbench.train", "qbench.retrofit"]),
+    ("plan", ["qbench.plan"]),
+    ("runner", ["qbench.bench", "qbench.recheck", "qbench.sensitivity", "qbench.sweep"]),
+    ("report/study", ["qbench.report", "qbench.study", "qbench.listing", "qbench.migration", "qbench.zoo_refresh"]),
+    ("cli", ["qbench.cli"]),
+    ("integrations", ["qbench.integrations"]),
+]
+
+
+def floor(module):
+    """The index in LAYERS of the floor holding `module` (None for the package `qbench`)."""
+    best = None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+                best = (index, len(prefix))
+    return None if best is None else best[0]
+
+
+def arrows_back_up(graph):
+    """(importer, imported) pairs where the imported module sits on a higher floor."""
+    up = []
+    for name, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if name != "qbench" and target != "qbench" and floor(target) > floor(name):
+                up.append((name, target))
+    return up
+
+
+def test_every_module_has_a_floor():
+    assert [name for name in imports() if name != "qbench" and floor(name) is None] == []
+
+
+def test_no_arrow_runs_back_up():
+    assert arrows_back_up(imports()) == []
+
+
+def test_a_planted_arrow_back_up_is_found():
+    """The check itself can fail: the planner importing the CLI, eval importing the planner."""
+    graph = {name: set(targets) for name, targets in imports().items()}
+    graph["qbench.plan"].add("qbench.cli")
+    graph["qbench.eval.perplexity"].add("qbench.plan")
+    assert arrows_back_up(graph) == [("qbench.eval.perplexity", "qbench.plan"), ("qbench.plan", "qbench.cli")]
 
 
 def test_layering():
@@ -39,9 +104,8 @@ def test_layering():
                                                             "qbench.eval", "qbench.plan", "qbench.bench"))}, name
 
 
-def test_no_import_circles():
-    graph = imports()
-
+def import_circle(graph):
+    """The first import circle found ("import circle: a -> b -> a"), or None."""
     def owner(target):  # `from qbench.quant import x` targets the package module
         while target not in graph and "." in target:
             target = target.rsplit(".", 1)[0]
@@ -61,9 +125,23 @@ def test_no_import_circles():
         stack.pop()
         state[node] = "done"
 
-    for node in sorted(edges):
-        if node not in state:
-            visit(node)
+    try:
+        for node in sorted(edges):
+            if node not in state:
+                visit(node)
+    except AssertionError as circle:
+        return str(circle)
+    return None
+
+
+def test_no_import_circles():
+    assert import_circle(imports()) is None
+
+
+def test_a_planted_import_circle_is_found():
+    graph = {name: set(targets) for name, targets in imports().items()}
+    graph["qbench.retrofit.deltas"].add("qbench.zoo")  # the zoo imports deltas
+    assert "qbench.zoo" in (import_circle(graph) or "") and "qbench.retrofit.deltas" in import_circle(graph)
 
 
 def test_the_low_precision_kernel_names_no_arm():

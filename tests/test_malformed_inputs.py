@@ -1,6 +1,5 @@
-"""Issue 33, fourth and fifth groups: caches that heal instead of failing cells, and each
-remaining malformed input or wrong outcome of the issue: its documented exit code and
-one line, before any work where the README says so."""
+"""Caches that heal instead of failing cells, and malformed inputs: each its documented
+exit code and one line, before any work where the README says so."""
 import shutil
 
 import pytest
@@ -91,7 +90,7 @@ def test_lm_eval_with_an_unknown_model_is_one_line_exit_2(monkeypatch, capsys):
     """`lm_eval --model qbench --model_args model=does-not-exist` printed a traceback."""
     import sys
 
-    from qbench.eval.lm_eval_model import QBenchLM
+    from qbench.integrations.lm_eval import QBenchLM
     from qbench.zoo import UnknownModelError
 
     with pytest.raises(UnknownModelError):  # from Python: the error itself

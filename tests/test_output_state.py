@@ -1,4 +1,4 @@
-"""Issue 33, second group: training state written as one atomic unit (a kill between two
+"""Training state written as one atomic unit (a kill between two
 renames can no longer leave a mixed state), resume refuses a partial one in one line, and
 one writer per --out (train and retrofit)."""
 import json

@@ -336,7 +336,7 @@ def test_new_schemes_are_listed_and_run_from_bench(micro128, tmp_path):
 
 def test_new_schemes_run_through_the_lm_eval_model_and_are_listed(micro128, capsys):
     from qbench.cli import main
-    from qbench.eval.lm_eval_model import QBenchLM
+    from qbench.integrations.lm_eval import QBenchLM
 
     lm = QBenchLM(model=str(micro128), scheme="w8a8-pt-had", calibration_seed=2)
     assert lm.qbench_quantization["transform"] == "hadamard" and lm.qbench_quantization["rotation_seed"] == 2

@@ -56,25 +56,35 @@ def outputs(model, x, scheme):
         return quantized(x).logits
 
 
-# a valid other value for each string a scheme holds; anything else becomes a value no handler accepts
+# a valid other value for each string a scheme holds (a string missing here fails the test:
+# an unknown value would be refused at definition and prove nothing about the field)
 OTHER_STRING = {"per_channel": "per_tensor", "per_tensor": "per_channel", "per_token": "per_tensor",
                 "group": "per_channel", "float32": "bfloat16", "bfloat16": "float32", "nf4": "fp4", "fp4": "nf4",
                 "qint8": "qfloat8", "qfloat8": "qint8", "qint4": "qint8", "minmax": "mse", "mse": "minmax",
-                "percentile": "minmax", "int8": "fp8", "fp8": "int8", "token": "head", "head": "token"}
+                "percentile": "minmax", "int8": "fp8", "fp8": "int8", "token": "head", "head": "token",
+                "channel": "token"}
 # registered names (backends, transforms, weight methods): the next of the same kind, from the registries
 REGISTERED_NAMES = [sorted(MODULES["backend"]), sorted(MODULES["transform"]), sorted(METHOD_MODULES)]
+# where a field's valid values differ from OTHER_STRING's pick: (field, value) -> a valid other value
+OTHER_FOR_FIELD = {("method", "int8"): "4bit", ("method", "4bit"): "int8",
+                   ("activation_range", "minmax"): "percentile", ("activation_range", "percentile"): "minmax",
+                   ("key_axis", "token"): "channel", ("bits", 2): 3}
 
 
 def other_string(value: str) -> str:
     for names in REGISTERED_NAMES:
         if value in names:
             return names[(names.index(value) + 1) % len(names)]
-    return OTHER_STRING.get(value, value + "-unknown")
+    if value not in OTHER_STRING:
+        pytest.fail(f"no valid other value for the string {value!r}: add one to OTHER_STRING")
+    return OTHER_STRING[value]
 
 
-def changed(value):
-    """Another value of the same kind: a flipped bool, a halved (or new) number, the other
-    string of OTHER_STRING (else an unknown one)."""
+def changed(value, field=None):
+    """Another valid value of the same kind: OTHER_FOR_FIELD's for the field, else a flipped
+    bool, a halved (or new) number, the other string of OTHER_STRING."""
+    if (field, value) in OTHER_FOR_FIELD and not isinstance(value, bool):
+        return OTHER_FOR_FIELD[field, value]
     if isinstance(value, bool):
         return not value
     if value is None:
@@ -94,14 +104,14 @@ def variants(scheme: Scheme):
     for field in dataclasses.fields(scheme):
         if field.name in ("name", "description", "options"):
             continue
-        yield field.name, {field.name: changed(getattr(scheme, field.name))}
+        yield field.name, {field.name: changed(getattr(scheme, field.name), field.name)}
     for key, value in scheme.options.items():
         if isinstance(value, dict):
             for inner, inner_value in value.items():
                 yield f"options.{key}.{inner}", {"options": {**scheme.options,
-                                                            key: {**value, inner: changed(inner_value)}}}
+                                                            key: {**value, inner: changed(inner_value, inner)}}}
         else:
-            yield f"options.{key}", {"options": {**scheme.options, key: changed(value)}}
+            yield f"options.{key}", {"options": {**scheme.options, key: changed(value, key)}}
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMES))

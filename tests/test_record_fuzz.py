@@ -1,4 +1,4 @@
-"""Issue 24: arbitrary JSON values in any field of a record never raise out of `report`,
+"""Arbitrary JSON values in any field of a record never raise out of `report`,
 `compare` or what `bench` reads from the store; a record the schema refuses is quarantined
 with a one-line reason, and every record left in the store is valid."""
 import copy

@@ -1,4 +1,4 @@
-"""Issue 33, first group: one way to open any file qbench reads (qbench.safefile).  For each
+"""One way to open any file qbench reads (qbench.safefile).  For each
 kind a FIFO, a symlink to /dev/zero and an oversized file (a small cap given as a
 parameter) are refused at once with one line, through the reader that kind really uses."""
 import json

@@ -1,4 +1,4 @@
-"""Issue 33, the small ones: quarantine warnings summarised, duplicate models or seeds
+"""Quarantine warnings summarised, duplicate models or seeds
 counted once, `|` and line breaks in names kept inside their REPORT.md cell, and folders
 of killed local sweeps removed."""
 import json

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hook_env import with_test_hooks
 from qbench.results import ResultStore
 from qbench.plan import SuiteError, load_suite, plan_suite
 from qbench.sweep import run_sweep
@@ -157,7 +158,8 @@ def ray_cluster(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # the test hooks on the workers' path (tests/hooks/sitecustomize.py): a test can find the worker of a cell
+    env = with_test_hooks(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     common = ["--num-cpus", "1", "--disable-usage-stats"]
     subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--include-dashboard", "false", *common], check=True, env=env, capture_output=True, timeout=180)
@@ -177,8 +179,8 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_the_local_executor(tmp_p
     suite = load_suite(micro_suite(tmp_path, micro_checkpoint))
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
-    monkeypatch.setenv("QBENCH_SWEEP_PID_DIR", str(pid_dir))
-    monkeypatch.setenv("QBENCH_SWEEP_TEST_DELAY", "3")
+    monkeypatch.setenv("QBENCH_TEST_PID_DIR", str(pid_dir))  # forwarded to the Ray workers (QBENCH_*)
+    monkeypatch.setenv("QBENCH_TEST_CELL_DELAY", "3")
     results = tmp_path / "ray-results"
     killed = []
 
@@ -208,7 +210,7 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_the_local_executor(tmp_p
     assert summary["cells"] == 3 and summary["failed"] == 0
     records = {p.stem for p in (results / "records").glob("*.json")}
     assert records == {p.cell.key for p in plan_suite(suite)}  # every cell exactly once (one file per key)
-    monkeypatch.delenv("QBENCH_SWEEP_PID_DIR")
+    monkeypatch.delenv("QBENCH_TEST_PID_DIR")
     local = tmp_path / "local-results"
     run_sweep(suite, str(local), progress=False)
     ray_store, local_store = ResultStore(results), ResultStore(local)

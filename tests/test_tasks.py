@@ -111,7 +111,7 @@ def test_lm_eval_cli_runs_its_own_hf_model_and_the_qbench_model_through_the_star
     installs: `lm_eval --model hf --model_args pretrained=<folder>` (lm-eval's own model, which an
     early `qbench` registration hid) and then `lm_eval --model qbench --model_args pretrained=...,
     scheme=w8a8-dyn` (`pretrained` as lm-eval users write it)."""
-    from qbench.eval.lm_eval_plugin import install
+    from qbench.integrations.lm_eval_plugin import install
 
     install(tmp_path / "site")  # the hook module and .pth, read by site.addsitedir as site-packages is
     llama = stock_llama_folder(micro_checkpoint_long, tmp_path / "llama")
@@ -141,7 +141,7 @@ def test_lm_eval_cli_runs_its_own_hf_model_and_the_qbench_model_through_the_star
     accuracy = {name: json.loads(next((tmp_path / name).rglob("results_*.json")).read_text())
                 ["results"]["qbench_agreement"]["acc,none"] for name in runs}
 
-    from qbench.eval.lm_eval_model import QBenchLM
+    from qbench.integrations.lm_eval import QBenchLM
     from qbench.zoo import load_model
 
     in_process = QBenchLM(model=str(micro_checkpoint_long), scheme="w8a8-dyn")
@@ -154,7 +154,7 @@ def test_lm_eval_cli_runs_its_own_hf_model_and_the_qbench_model_through_the_star
 
 
 def test_qbench_lm_eval_model_takes_pretrained_as_its_model_argument():
-    from qbench.eval.lm_eval_model import QBenchLM
+    from qbench.integrations.lm_eval import QBenchLM
 
     with pytest.raises(TypeError, match="model=<zoo name"):
         QBenchLM()

@@ -147,7 +147,7 @@ def load_items(task: str, corpus: str = "sotu", split: str = "heldout") -> list[
     from qbench.paths import cache_dir
 
     if task not in BUILDERS:
-        from qbench.registry import closest
+        from qbench.suggest import closest
 
         raise KeyError(f"unknown held-out task {task!r}{closest(task, BUILDERS)}")
     data = load_corpus(corpus)

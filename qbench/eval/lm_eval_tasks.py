@@ -65,7 +65,7 @@ def run_lm_eval(model, tokenizer, tasks: list, limit: int | None = None, batch_s
     manager = TaskManager(include_path=str(QBENCH_TASKS_DIR), include_defaults=not qbench_only)
     unknown = [n for t, n in zip(tasks, names) if isinstance(t, str) and n not in manager.all_tasks]
     if unknown:
-        from qbench.registry import closest
+        from qbench.suggest import closest
 
         raise KeyError(f"unknown lm-eval task {unknown[0]!r}{closest(unknown[0], manager.all_tasks)}")
     max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)

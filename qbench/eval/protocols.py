@@ -11,7 +11,7 @@ from qbench.data import load_corpus
 from qbench.eval import heldout_tasks
 from qbench.eval.lm_eval_tasks import blimp_task_configs, files_hash
 from qbench.eval.perplexity import PerplexityProtocol
-from qbench.registry import closest
+from qbench.suggest import closest
 
 TASKS = {
     "ppl": "perplexity under the model's protocol (token, word and byte level)",

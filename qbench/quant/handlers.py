@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from qbench.registry import closest
+from qbench.suggest import closest
 
 # calibration(n_batches, seed, batch_size) -> iterable of (B, T) token batches from the
 # training split of the model's corpus.

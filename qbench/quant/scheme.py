@@ -12,9 +12,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from qbench.quant.handlers import PROSE_FIELDS, check_scheme, scheme_handlers
-from qbench.registry import closest
 from qbench.scheme_catalog import CATALOG
 from qbench.scheme_catalog import add as add_to_catalog
+from qbench.suggest import closest
 
 
 @dataclass(frozen=True)

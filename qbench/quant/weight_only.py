@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from qbench.quant.grid import WEIGHT_GRANULARITIES, WEIGHT_RANGES, quantize_weight
 from qbench.quant.handlers import CALIBRATION_OPTIONS, calibration_batches, register, require
 from qbench.quant.surgery import quantizable_linears, set_submodule
-from qbench.registry import closest
+from qbench.suggest import closest
 
 METHOD_MODULES = {"rtn": "qbench.quant.weight_only", "gptq": "qbench.quant.gptq", "awq": "qbench.quant.awq",
                   "hqq": "qbench.quant.hqq"}

@@ -23,7 +23,7 @@ AdamW moments, generator state) + `retrofit_state.json`; no pickle.
   loop     retrofit(): the fine-tune, its loss and gate logs
   deltas   the stored deltas, loading them onto the base, the zoo's folder kind
 """
-from qbench.retrofit.deltas import CONFIG_FILE, DELTAS_FILE, load_retrofit, read_retrofit_config
+from qbench.retrofit.deltas import CONFIG_FILE, DELTAS_FILE, read_retrofit_config
 from qbench.retrofit.loop import GATE_LOG, LOG_FILE, retrofit
 from qbench.retrofit.recipes import RECIPES, RetrofitRecipe, get_recipe
 from qbench.retrofit.state import STATE_FILE, STATE_META
@@ -31,3 +31,14 @@ from qbench.retrofit.state import STATE_FILE, STATE_META
 # the entry points and the names of a retrofit folder's files
 __all__ = ["CONFIG_FILE", "DELTAS_FILE", "GATE_LOG", "LOG_FILE", "RECIPES", "STATE_FILE", "STATE_META",
            "RetrofitRecipe", "get_recipe", "load_retrofit", "read_retrofit_config", "retrofit"]
+
+
+def load_retrofit(folder, name: str | None = None):
+    """A retrofit folder loaded as the zoo loads it (qbench.zoo: the base resolved and its
+    checkpoint hash checked, the arm installed, the deltas applied): a LoadedModel."""
+    from dataclasses import replace
+
+    from qbench.zoo import resolve_model
+
+    loaded = resolve_model(str(folder)).load()
+    return loaded if name is None else replace(loaded, name=name)

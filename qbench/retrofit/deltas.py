@@ -1,7 +1,7 @@
 """A finished retrofit: `deltas.safetensors` (the trainable tensors) and `retrofit.json`
 (the base and its checkpoint hash, arm, seed, recipe); loading checks the base's hash and
-applies the deltas; the zoo knows such folders by `retrofit.json` (qbench.zoo.FOLDER_KINDS
-names `retrofit_ref`, imported when such a folder is first met)."""
+applies the deltas.  The zoo knows such folders by `retrofit.json` and loads them through
+this module (qbench.zoo._retrofit_ref), which therefore imports nothing of the zoo."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from qbench.errors import CheckpointError
 
 CONFIG_FILE = "retrofit.json"
 DELTAS_FILE = "deltas.safetensors"
@@ -28,21 +30,14 @@ def retrofit_files(folder: Path) -> list[Path]:
     return [folder / DELTAS_FILE, folder / CONFIG_FILE]
 
 
-def load_retrofit(folder: Path, name: str | None = None):
-    """The base model with the arm installed and the deltas applied (float32), checked
-    against the base's checkpoint hash; a LoadedModel."""
+def install_deltas(model, folder: Path, facts: dict) -> None:
+    """Into the loaded base `model` (its hash checked by the caller against
+    `facts["base_checkpoint_hash"]`): the arm installed, the deltas applied (float32), the
+    clamp installed where the run had one."""
     from safetensors.torch import load_file
 
     from qbench.modeling.llama_arms import install_arm
-    from qbench.zoo import CheckpointError, LoadedModel, file_hash, resolve_model
 
-    facts = read_retrofit_config(folder)
-    ref = resolve_model(facts["base"])
-    if ref.checkpoint_hash != facts["base_checkpoint_hash"]:
-        raise CheckpointError(f"{folder}: its base {facts['base']} has checkpoint hash {ref.checkpoint_hash}, the "
-                              f"deltas were trained on {facts['base_checkpoint_hash']}")
-    loaded = ref.load()
-    model = loaded.model
     install_arm(model, facts["arm"])
     from qbench.safefile import check_regular
 
@@ -78,13 +73,21 @@ def load_retrofit(folder: Path, name: str | None = None):
             install_clamp(model, clamp["layer"], float(clamp["cap"]))
         except ValueError as err:
             raise CheckpointError(f"{folder / CONFIG_FILE}: {err}") from None
-    info = {"arm": f"{facts['arm']} (retrofit)", "retrofit": {k: facts[k] for k in
-                                                            ("base", "base_checkpoint_hash", "arm", "seed", "trainable")
-                                                            if k != "trainable"},
+
+
+def loaded_info(facts: dict) -> dict:
+    """The facts a loaded retrofit carries (LoadedModel.info)."""
+    return {"arm": f"{facts['arm']} (retrofit)", "retrofit": {k: facts[k] for k in
+                                                             ("base", "base_checkpoint_hash", "arm", "seed", "trainable")
+                                                             if k != "trainable"},
             "clamp": facts.get("clamp"),
             "preset": facts["recipe"]["name"], "seed": facts["seed"]}
-    checkpoint_hash = file_hash(retrofit_files(folder))
-    return LoadedModel(name or folder.name, model.eval(), loaded.tokenizer, checkpoint_hash, info)
+
+
+def ref_info(facts: dict, entry: dict) -> dict:
+    """The facts the zoo's reference to a retrofit carries (ModelRef.info), its zoo entry last."""
+    return {"arm": f"{facts['arm']} (retrofit)", "preset": facts["recipe"]["name"], "seed": facts["seed"],
+            "base": facts["base"], **dict(entry)}
 
 
 MAX_CONFIG_DEPTH = 32  # retrofit.json is a flat description: its recipe is one level down
@@ -95,7 +98,6 @@ def read_retrofit_config(folder: Path, max_bytes: int | None = None) -> dict:
     (qbench.safefile, kind "retrofit"), JSON of bounded depth, each needed field of its
     type; anything else is one CheckpointError line (exit 3)."""
     from qbench.safefile import read_text
-    from qbench.zoo import CheckpointError
 
     path = folder / CONFIG_FILE
     try:
@@ -141,13 +143,3 @@ def _depth(text: str) -> int:
         elif char in "]}":
             depth -= 1
     return deepest
-
-
-def retrofit_ref(name: str, folder: Path, entry: dict):
-    """The zoo's ModelRef of a retrofit folder: checked and hashed, loaded on demand."""
-    from qbench.zoo import ModelRef, file_hash
-
-    facts = read_retrofit_config(folder)
-    info = {"arm": f"{facts['arm']} (retrofit)", "preset": facts["recipe"]["name"], "seed": facts["seed"],
-            "base": facts["base"], **dict(entry)}
-    return ModelRef(name, file_hash(retrofit_files(folder)), info, None, lambda: load_retrofit(folder, name))

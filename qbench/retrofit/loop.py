@@ -2,7 +2,6 @@
 corpus, the loss and gate logs written as it goes, the deltas stored at the end."""
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from qbench.resumable import append_row, changed_keys, optimizer_step, run_folder, truncate_log, use_threads
 from qbench.retrofit.data import RetrofitData
 from qbench.retrofit.deltas import CONFIG_FILE, save_deltas
 from qbench.retrofit.recipes import RetrofitRecipe, snapshot_steps, snapshot_suffix, trainable_names
@@ -48,12 +48,8 @@ def gate_snapshot(model, batch: torch.Tensor) -> dict:
 
 def retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path, **options) -> dict:
     """Fine-tunes `arm` into `base` by `recipe`; resumable; returns the retrofit.json facts.
-    One writer per --out: the folder's lock (qbench.atomic.output_lock) is held throughout."""
-    from qbench.atomic import output_lock
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out, "retrofit"):
+    One writer per --out: the folder's lock (qbench.resumable.run_folder) is held throughout."""
+    with run_folder(out, "retrofit") as out:
         return _retrofit(base, arm, recipe, seed, out, **options)
 
 
@@ -64,10 +60,7 @@ def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path,
     from qbench.results import library_versions
     from qbench.zoo import resolve_model
 
-    if threads is not None:
-        from qbench.validate import thread_count
-
-        torch.set_num_threads(thread_count(threads))
+    use_threads(threads)
     if amp not in (None, "bf16"):
         raise ValueError(f"--amp {amp!r}: only bf16 autocast is supported")
     if amp and device == "cpu":
@@ -96,14 +89,14 @@ def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path,
         def what(facts):  # prose (the recipe's description) never blocks a resume
             return {**facts, "recipe": {k: v for k, v in (facts.get("recipe") or {}).items() if k != "description"}}
 
-        differ = [k for k in ("base", "base_checkpoint_hash", "arm", "seed", "recipe", "amp", "clamp")
-                  if what(old).get(k) != what(meta)[k]]
+        differ = changed_keys(what(old), what(meta), ("base", "base_checkpoint_hash", "arm", "seed", "recipe", "amp",
+                                                       "clamp"))
         if differ:
             raise ValueError(f"{out} holds a retrofit with other {', '.join(differ)}; choose another --out")
         start = load_state(out, model, names, optimizer, generator) if optimizer else int(old["step"])
     log_path, gate_path = out / LOG_FILE, out / GATE_LOG
-    for path in (log_path, gate_path):  # rows past the resumed step are written again
-        _truncate(path, start)
+    for path in (log_path, gate_path):  # rows from the resumed step on are written again
+        truncate_log(path, start - 1)
     began, tokens = time.time(), 0
     # a chained digest of every batch drawn: equal for two runs iff they saw the same data in the same order
     order = str(old.get("data_order", "")) if start else ""
@@ -121,28 +114,23 @@ def _retrofit(base: str, arm: str, recipe: RetrofitRecipe, seed: int, out: Path,
             model.eval()
             snap = gate_snapshot(model, probe_batch)
             model.train()
-            _append(gate_path, {"step": step, **snap})
+            append_row(gate_path, {"step": step, **snap})
         if optimizer is None:  # the control of the gates-only recipe: nothing to train, same data
             continue
         for group in optimizer.param_groups:
             peak = group_peak_lr(group["name"], recipe)
             group["lr"] = peak * lr_factor(step, recipe)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            loss = model(x, labels=x).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], recipe.grad_clip)
-        optimizer.step()
+        loss = optimizer_step(model, optimizer, x, device=device, amp=amp, grad_clip=recipe.grad_clip,
+                              check_finite=False)
         tokens += x.numel()
         if step % recipe.log_every == 0 or step == recipe.steps - 1:
-            _append(log_path, {"step": step, "loss": round(loss.item(), 5),
+            append_row(log_path, {"step": step, "loss": round(loss.item(), 5),
                                "tokens_per_s": round(tokens / max(1e-9, time.time() - began), 1)})
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % recipe.save_every == 0 and step + 1 < recipe.steps:
             save_state(out, model, names, optimizer, generator, step + 1, {**meta, "data_order": order})
     model.eval()
-    _append(gate_path, {"step": recipe.steps, **gate_snapshot(model, probe_batch)})
+    append_row(gate_path, {"step": recipe.steps, **gate_snapshot(model, probe_batch)})
     facts = {**meta, "steps_done": recipe.steps, "tokens_done": recipe.steps * recipe.batch_size * recipe.context,
              "data": data.info, "data_order_sha256": order, "device": device, "autocast": _autocast_facts(amp, device),
              "threads": torch.get_num_threads(), "seconds": round(time.time() - began, 1),
@@ -240,31 +228,3 @@ def _saved_state(out: Path) -> dict:
         raise CheckpointError(f"{out} holds a partial retrofit state ({STATE_META} without {STATE_FILE}); "
                               "delete it to start over")
     return read_state_meta(out)
-
-
-def _truncate(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    if step == 0:
-        path.unlink()
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < step]
-    from qbench.atomic import atomic_write_text
-
-    atomic_write_text(path, "".join(",".join(r) + "\n" for r in kept))
-
-
-def _append(path: Path, row: dict) -> None:
-    fields = list(row)
-    new = not path.exists()
-    if not new:
-        with open(path, newline="") as f:
-            fields = next(csv.reader(f), fields)
-        fields += [k for k in row if k not in fields]
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from qbench.registry import closest
+from qbench.resumable import read_recipe_yaml
+from qbench.suggest import closest
 
 
 @dataclass(frozen=True)
@@ -69,20 +70,7 @@ def get_recipe(name: str, settings: dict | None = None) -> RetrofitRecipe:
     if name in RECIPES:
         recipe = RECIPES[name]
     elif Path(name).exists():
-        import yaml
-
-        from qbench.safefile import load_yaml, read_text
-
-        try:
-            data = load_yaml(read_text(name, "recipe")) or {}
-        except OSError as err:
-            from qbench.safefile import describe
-
-            raise ValueError(describe(err, f"recipe file {name}")) from None
-        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
-            raise ValueError(f"recipe file {name} is not valid YAML: {' '.join(str(err).split())[:200]}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"recipe file {name} must be a mapping of recipe keys")
+        data = read_recipe_yaml(name)
         base = RECIPES.get(str(data.pop("base", "retrofit-pilot")))
         if base is None:
             raise ValueError(f"recipe file {name}: unknown base{closest(name, RECIPES)}")

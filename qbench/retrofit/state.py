@@ -7,11 +7,11 @@ they still resume when both files are there, and a lone half is refused in one l
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
+from qbench.resumable import schedule_factor
 from qbench.retrofit.recipes import RetrofitRecipe
 
 STATE_FILE = "retrofit_state.safetensors"
@@ -46,11 +46,8 @@ def build_optimizer(model, names: list[str], recipe: RetrofitRecipe) -> torch.op
 
 
 def lr_factor(step: int, recipe: RetrofitRecipe) -> float:
-    """Linear warm-up, then cosine to 10% of the peak."""
-    if step < recipe.warmup:
-        return (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    """Linear warm-up, then cosine to 10% of the peak (qbench.resumable.schedule_factor)."""
+    return schedule_factor(step, recipe.warmup, recipe.steps)
 
 
 def save_state(out: Path, model, names, optimizer, generator, step: int, meta: dict) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from qbench.resumable import truncate_log
+
 LOG_FILE = "train_log.csv"
 MECHANISM_FILE = "mechanism_log.csv"
 MECHANISM_EVERY = 50
@@ -42,10 +44,3 @@ class MechanismLog:
             m.update({f"{k}_l{row['layer']}": v for k, v in row.items() if k != "layer"})
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([step] + [f"{m[k]:.6g}" if k in m else "" for k in self.fields[1:]])
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log rows past a resumed state (they will be recomputed identically)."""
-    rows = list(csv.reader(open(path)))
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= step])

@@ -13,22 +13,19 @@ import torch
 from tqdm.auto import tqdm
 
 from qbench.modeling import ATTENTION_ARMS, QBenchConfig, QBenchForCausalLM
-from qbench.registry import closest
+from qbench.resumable import changed_keys, optimizer_step, run_folder, truncate_log, use_threads
+from qbench.suggest import closest
 from qbench.train.card import model_card
 from qbench.train.data import make_data, validation_loss
-from qbench.train.logs import LOG_FILE, MECHANISM_EVERY, MECHANISM_FILE, MechanismLog, truncate_log
+from qbench.train.logs import LOG_FILE, MECHANISM_EVERY, MECHANISM_FILE, MechanismLog
 from qbench.train.recipes import Preset, get_preset, learning_rate, normalise_recipe, with_settings
 from qbench.train.state import STATE_FILE, TRAVEL_FILE, atomic_torch_save, load_state, load_train_state
 
 
 def train(*args, **kwargs) -> dict:
-    """`_train` holding the output folder's writer lock (qbench.atomic.output_lock): a second
-    `qbench train` into the same --out stops at once with one line (exit 5)."""
-    from qbench.atomic import output_lock
-
-    out = Path(args[3] if len(args) > 3 else kwargs["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out, "train"):
+    """`_train` holding the output folder's writer lock (qbench.resumable.run_folder): a
+    second `qbench train` into the same --out stops at once with one line (exit 5)."""
+    with run_folder(args[3] if len(args) > 3 else kwargs["out"], "train"):
         return _train(*args, **kwargs)
 
 
@@ -45,6 +42,26 @@ def check_training_memory(preset: Preset, vocab: int, device: str, available: in
     need = 4 * params if device.startswith("cuda") else 16 * params + 8 * preset.batch_size * preset.context * vocab
     check_memory(need, f"recipe {preset.name} (d_model {d}, n_layer {layers}, d_ff {preset.d_ff}, batch_size "
                        f"{preset.batch_size}, context {preset.context})", available)
+
+
+def _resume(state_path: Path, travel_path: Path, recipe: dict, model, optimizer, generator) -> tuple[int, float]:
+    """(step, elapsed seconds) of the saved state in the run's folder, its model, optimizer,
+    data-generator and RNG states restored; (0, 0.0) if there is none.  A state trained with
+    another recipe is refused in one line that names what differs."""
+    if not state_path.exists() and not travel_path.exists():
+        return 0, 0.0
+    state = load_train_state(state_path) if state_path.exists() else load_state(travel_path)
+    if normalise_recipe(state["recipe"]) != normalise_recipe(recipe):
+        saved, wanted = normalise_recipe(state["recipe"]), normalise_recipe(recipe)
+        diff = changed_keys(saved["preset"], wanted["preset"])
+        diff += changed_keys(saved, wanted, ("attention", "seed", "corpus", "arm_options"))
+        raise ValueError(f"{state_path} was trained with another recipe (differs in {', '.join(diff)}); "
+                         "resume with the same recipe, or choose another --out")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["elapsed"]
 
 
 def _train(attention: str, preset_name: str | Preset, seed: int, out: Path, corpus: str = "sotu",
@@ -81,10 +98,7 @@ def _train(attention: str, preset_name: str | Preset, seed: int, out: Path, corp
     recipe = {"attention": attention, "preset": preset.to_dict(), "seed": seed, "corpus": corpus}
     if arm_options:
         recipe["arm_options"] = arm_options
-    if threads is not None:
-        from qbench.validate import thread_count
-
-        torch.set_num_threads(thread_count(threads))
+    use_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = make_data(preset, corpus)
@@ -104,23 +118,9 @@ def _train(attention: str, preset_name: str | Preset, seed: int, out: Path, corp
         lr=preset.lr, betas=preset.betas, **({"fused": True} if device.startswith("cuda") else {}),
     )
     generator = torch.Generator().manual_seed(seed)
-    step, elapsed = 0, 0.0
     state_path = out / STATE_FILE
     travel_path = out / TRAVEL_FILE  # a state handed back from another machine (safetensors)
-    if state_path.exists() or travel_path.exists():
-        state = load_train_state(state_path) if state_path.exists() else load_state(travel_path)
-        if normalise_recipe(state["recipe"]) != normalise_recipe(recipe):
-            saved, wanted = normalise_recipe(state["recipe"]), normalise_recipe(recipe)
-            diff = sorted(k for k in set(saved["preset"]) | set(wanted["preset"])
-                          if saved["preset"].get(k) != wanted["preset"].get(k))
-            diff += [k for k in ("attention", "seed", "corpus", "arm_options") if saved.get(k) != wanted.get(k)]
-            raise ValueError(f"{state_path} was trained with another recipe (differs in {', '.join(diff)}); "
-                             "resume with the same recipe, or choose another --out")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        step, elapsed = state["step"], state["elapsed"]
+    step, elapsed = _resume(state_path, travel_path, recipe, model, optimizer, generator)
     log_path = out / LOG_FILE
     if step == 0 or not log_path.exists():
         with open(log_path, "w", newline="") as f:
@@ -141,15 +141,7 @@ def _train(attention: str, preset_name: str | Preset, seed: int, out: Path, corp
         for group in optimizer.param_groups:
             group["lr"] = lr
         x = data.batch("train", generator).to(device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            loss = model(x, labels=x).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if preset.grad_clip and preset.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), preset.grad_clip)
-        optimizer.step()
+        loss = optimizer_step(model, optimizer, x, device=device, amp=amp, grad_clip=preset.grad_clip, step=step)
         step += 1
         train_loss = loss.item()
         bar.update(1)

@@ -2,11 +2,11 @@
 schedule."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from qbench.registry import closest
+from qbench.resumable import parse_set_pairs, read_recipe_yaml, schedule_factor
+from qbench.suggest import closest
 
 
 @dataclass(frozen=True)
@@ -163,22 +163,9 @@ def with_settings(preset: Preset, settings: dict) -> Preset:
 
 
 def load_recipe_file(path: Path) -> Preset:
-    import yaml
-
-    from qbench.safefile import load_yaml, read_text
-
     if not path.exists():
         raise ValueError(f"recipe file {path} does not exist")
-    try:
-        data = load_yaml(read_text(path, "recipe")) or {}
-    except OSError as err:
-        from qbench.safefile import describe
-
-        raise ValueError(describe(err, f"recipe file {path}")) from None
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
-        raise ValueError(f"recipe file {path} is not valid YAML: {' '.join(str(err).split())[:200]}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"recipe file {path} must be a mapping of recipe keys")
+    data = read_recipe_yaml(path)
     base = get_preset(str(data.pop("base", "tiny")))
     return with_settings(replace(base, name=str(data.pop("name", path.stem)),
                                  description=str(data.pop("description", f"recipe file {path.name}"))), data)
@@ -187,11 +174,7 @@ def load_recipe_file(path: Path) -> Preset:
 def parse_settings(pairs: list[str]) -> tuple[dict, dict]:
     """`--set key=value` pairs -> (recipe fields, arm options and corpus)."""
     recipe, arm = {}, {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {pair!r}: use key=value")
+    for key, value in parse_set_pairs(pairs).items():
         if key in ARM_OPTIONS:
             try:
                 arm[key] = ARM_OPTIONS[key](value)
@@ -217,10 +200,7 @@ def normalise_recipe(recipe: dict) -> dict:
 
 def learning_rate(step: int, preset: Preset) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak ("cosine") or the peak held
-    ("constant")."""
-    if step < preset.warmup:
+    ("constant"): qbench.resumable.schedule_factor of the peak."""
+    if step < preset.warmup:  # (lr * (step + 1)) / warmup: the rounding every checkpoint was trained with
         return preset.lr * (step + 1) / preset.warmup
-    if preset.schedule == "constant":
-        return preset.lr
-    progress = (step - preset.warmup) / max(1, preset.steps - preset.warmup)
-    return preset.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    return preset.lr * schedule_factor(step, preset.warmup, preset.steps, preset.schedule)

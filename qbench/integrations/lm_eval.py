@@ -5,9 +5,9 @@ in memory with a qbench scheme, evaluated by lm-eval's own HFLM machinery.
 
 `pretrained=` (lm-eval's habit for its `hf` model) is accepted for `model=`.
 lm-eval 0.4.13 discovers models only through its registry (no plugin entry points), so
-`make setup` installs a one-line startup hook (`qbench.eval.lm_eval_plugin`) that
+`make setup` installs a one-line startup hook (`qbench.integrations.lm_eval_plugin`) that
 registers the name `qbench` lazily, after lm-eval's own models, and adds qbench's task
-folder to lm-eval's task index.  From Python, `qbench.eval.lm_eval_model.register()`
+folder to lm-eval's task index.  From Python, `qbench.integrations.lm_eval.register()`
 does the same.
 """
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from lm_eval.models.huggingface import HFLM
-
-TASKS_DIR = Path(__file__).parent / "tasks"
 
 
 class QBenchLM(HFLM):
@@ -87,4 +85,4 @@ def register() -> None:
     from lm_eval.api.registry import model_registry
 
     if "qbench" not in model_registry:
-        model_registry.register("qbench", target="qbench.eval.lm_eval_model:QBenchLM")
+        model_registry.register("qbench", target="qbench.integrations.lm_eval:QBenchLM")

@@ -2,7 +2,7 @@
 
 lm-eval 0.4.13 has no plugin entry points: models are found in its registry, tasks in
 the folders its TaskManager indexes (`--include_path`).  `install()` (run by `make setup`,
-or `python -m qbench.eval.lm_eval_plugin`) writes a startup hook into site-packages: a
+or `python -m qbench.integrations.lm_eval_plugin`) writes a startup hook into site-packages: a
 `.pth` line importing a small stdlib-only module that waits for lm-eval's own model table
 (`lm_eval.models`) to be imported, then adds the model name `qbench` to the registry
 lazily (nothing of qbench or torch is imported until that model is asked for), and
@@ -25,15 +25,15 @@ from pathlib import Path
 HOOK_MODULE = "_qbench_lm_eval_hook"
 PTH_FILE = "qbench-lm-eval.pth"
 
-HOOK_SOURCE = '''"""Installed by qbench (qbench/eval/lm_eval_plugin.py); remove with
-`python -m qbench.eval.lm_eval_plugin --uninstall`."""
+HOOK_SOURCE = '''"""Installed by qbench (qbench/integrations/lm_eval_plugin.py); remove with
+`python -m qbench.integrations.lm_eval_plugin --uninstall`."""
 import importlib.abc
 import importlib.util
 import sys
 
 # lm_eval.models registers lm-eval's own models on import; qbench's name goes in after them
 _TARGETS = ("lm_eval.models", "lm_eval.tasks.manager")
-_VERSION = 2
+_VERSION = 3  # 3: the model moved to qbench.integrations.lm_eval
 
 
 def _tasks_dir():
@@ -52,7 +52,7 @@ def _after(name, module):
         from lm_eval.api.registry import model_registry
 
         if "qbench" not in model_registry:
-            model_registry.register("qbench", target="qbench.eval.lm_eval_model:QBenchLM")
+            model_registry.register("qbench", target="qbench.integrations.lm_eval:QBenchLM")
     elif name == "lm_eval.tasks.manager":
         cls = module.TaskManager
         original = cls.__init__

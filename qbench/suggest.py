@@ -1,4 +1,5 @@
-"""Name look-ups with "did you mean" errors."""
+"""Name look-ups' "did you mean" suggestions: `closest(name, valid)` is the tail of an error
+message naming the nearest valid names."""
 from __future__ import annotations
 
 import difflib
