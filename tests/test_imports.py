@@ -38,7 +38,8 @@ def imports():
 # A module is placed by its longest listed prefix.
 LAYERS = [
     ("util", ["qbench.paths", "qbench.atomic", "qbench.safefile", "qbench.suggest", "qbench.validate",
-              "qbench.device", "qbench.online", "qbench.archive", "qbench.facts", "qbench.results", "qbench.errors"]),
+              "qbench.device", "qbench.online", "qbench.archive", "qbench.facts", "qbench.results", "qbench.errors",
+              "qbench.scheme_catalog"]),
     ("data", ["qbench.data"]),
     ("modeling", ["qbench.modeling"]),
     ("probes", ["qbench.probes"]),
