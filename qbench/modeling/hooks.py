@@ -15,8 +15,8 @@ On qbench models `QBenchAttention` reads them directly; on stock HF models (Llam
 ...) transformers' attention-function registry routes attention through
 `hf_attention` (an implementation named "qbench"), never by patching their forward.  A
 stock module into which an arm was retrofitted (qbench.modeling.llama_arms) also carries
-`qbench_arm` (the arm) and `qbench_arm_gate` (a function (module, interface kwargs) ->
-its `Gate`).  Both callers are adapters around qbench.modeling.compose.compose.
+`qbench_arm_call`, a function (module, interface kwargs) -> (its arm, its `Gate` or
+None).  Both callers are adapters around qbench.modeling.compose.compose.
 """
 from __future__ import annotations
 
@@ -70,9 +70,9 @@ def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     kernel and KV cache (see the module docstring); every interface argument is honoured or
     refused by `interface_call`.  Returns (B, T, H, D) as transformers expects."""
     call = interface_call(module, query, key, attention_mask, scaling, dropout, kwargs)
-    arm_gate = getattr(module, "qbench_arm_gate", None)  # a retrofitted arm's gate (qbench.modeling.llama_arms)
-    context = compose(getattr(module, "qbench_arm", SOFTMAX), query, key, value, call=call,
-                      gate=arm_gate(module, kwargs) if arm_gate is not None else None, module=module,
+    arm_call = getattr(module, "qbench_arm_call", None)  # a retrofitted arm (qbench.modeling.llama_arms)
+    arm, gate = arm_call(module, kwargs) if arm_call is not None else (SOFTMAX, None)
+    context = compose(arm, query, key, value, call=call, gate=gate, module=module,
                       hooks=getattr(module, "qbench_hooks", None), kernel=getattr(module, "qbench_kernel", None),
                       kv=getattr(module, "qbench_kv", None))
     return context.transpose(1, 2).contiguous(), None  # (B, T, H, D)

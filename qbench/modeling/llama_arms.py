@@ -1,8 +1,8 @@
 """Attention arms inside a stock Llama-family model (the retrofit: SmolLM2 with a VGA gate).
 
 `install_arm(model, arm)` adds an arm's parameters to every attention module of a Llama
-family HF model; `qbench.modeling.hooks.hf_attention` composes a module that carries
-`qbench_arm` with that arm and the gate `arm_gate` describes, never by patching their
+family HF model; `qbench.modeling.hooks.hf_attention` composes each module with the arm
+and gate that `arm_call` (installed as `qbench_arm_call`) gives, never by patching their
 forward.  What is added to each `self_attn`:
 
   `qbench_arm`   the `AttentionArm` (its normaliser and gate source/position)
@@ -81,7 +81,7 @@ def install_arm(model: nn.Module, arm_name: str) -> list[nn.Module]:
     ref = next(model.parameters())
     for module in modules:
         module.qbench_arm = arm
-        module.qbench_arm_gate = arm_gate  # called by hooks.hf_attention
+        module.qbench_arm_call = arm_call  # called by hooks.hf_attention
         if arm.gate_source is not None:
             if arm.gate_source not in ("value", "input"):
                 raise ValueError(f"arm {arm_name}: gate source {arm.gate_source!r} has no retrofit layout")
@@ -103,15 +103,16 @@ def arm_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if ".qbench_gate." in n or n.endswith(tuple(added))]
 
 
-def arm_gate(module: nn.Module, kwargs: dict) -> Gate | None:
-    """The module's `Gate` for one attention call (`kwargs` those of the call: the input X
-    of an input-gated arm arrives there): g = 2 sigmoid(Z W + b), the sigmoid in float32
-    (bf16 autocast), Z cast to the gate's dtype; qbench.modeling.compose computes it."""
+def arm_call(module: nn.Module, kwargs: dict) -> tuple[AttentionArm, Gate | None]:
+    """The module's arm and `Gate` for one attention call (`kwargs` those of the call: the
+    input X of an input-gated arm arrives there): g = 2 sigmoid(Z W + b), the sigmoid in
+    float32 (bf16 autocast), Z cast to the gate's dtype; qbench.modeling.compose computes it."""
     arm: AttentionArm = module.qbench_arm
     if arm.gate_source is None:
-        return None
+        return arm, None
     x = kwargs.get(INPUT_KWARG)
     if arm.gate_source == "input" and x is None:
         raise RuntimeError("the input-gated arm did not receive the attention input (pre-hook missing)")
     gate = module.qbench_gate
-    return Gate(lambda z: gate(z.to(gate.weight.dtype)), module.layer_idx, x=x, scale=GATE_SCALE, float_sigmoid=True)
+    return arm, Gate(lambda z: gate(z.to(gate.weight.dtype)), module.layer_idx, x=x, scale=GATE_SCALE,
+                     float_sigmoid=True)
