@@ -191,6 +191,35 @@ def test_stock_llama_with_gqa_quantizes_per_kv_head():
     assert torch.isfinite(quantized).all() and not torch.allclose(quantized, fp, atol=1e-4)
 
 
+@pytest.mark.parametrize("arm", ["vga", "vga_out", "qwen_g1", "vga_x"])
+def test_retrofitted_arm_composes_with_an_exact_window(arm):
+    """A retrofitted arm reads a windowed KV cache through the same composition: at its
+    identity init (g = 2 sigmoid(0) = 1 exactly) it gives the stock model's logits under the
+    same cache bit for bit; with a gate that bites, a window over every token is the arm's
+    float attention (P V_q + P (V - V_q) against P V: float32 rounding, 1e-5 of logits of
+    order 1), and a short window differs from it."""
+    from qbench.modeling.llama_arms import install_arm
+
+    ids = torch.randint(0, 96, (2, T), generator=torch.Generator().manual_seed(6))
+    spec = KVCacheSpec(2, "channel", group_size=4, residual=5)
+    stock, retrofitted = tiny_llama(), tiny_llama()
+    install_arm(retrofitted, arm)
+    with torch.no_grad():
+        quantize(stock, kv_scheme(spec))
+        quantize(retrofitted, kv_scheme(spec))
+        assert torch.equal(retrofitted(ids).logits, stock(ids).logits)
+        for name, p in retrofitted.named_parameters():
+            if ".qbench_gate." in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+        short = retrofitted(ids).logits
+        for module in retrofitted.model.layers:
+            module.self_attn.qbench_kv = None
+        fp = retrofitted(ids).logits
+        quantize(retrofitted, kv_scheme(KVCacheSpec(2, "channel", group_size=4, residual=T)))
+        torch.testing.assert_close(retrofitted(ids).logits, fp, rtol=0, atol=1e-5)
+    assert not torch.allclose(short, fp, atol=1e-3)
+
+
 def greedy_steps(model, first, prompt_len, new_tokens, cache):
     """Feed the sequence one token at a time (every step a decode step, prefill of one
     token), greedy after the prompt; returns the tokens and each step's logits."""
