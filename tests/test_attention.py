@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from qbench.modeling import ATTENTION_ARMS, QBenchConfig
-from qbench.modeling.attention import ATTENTION_ARMS as ARMS, attend, clipped_softmax, softpick
+from qbench.modeling.attention import ATTENTION_ARMS as ARMS, clipped_softmax, softpick
+from qbench.modeling.compose import compose
 from qbench.modeling.model import QBenchAttention
 
 B, T, D_MODEL, H = 2, 6, 8, 2
@@ -121,7 +122,7 @@ def _gated_value_gradients(attention_fn, closed_tokens):
 
 def test_vga_closed_gate_stops_gradient_into_value():
     """d(g_j V_j)/dV_j = g_j I + V_j (g_j (1 - g_j) w_g)^T -> 0 as g_j -> 0."""
-    grads = _gated_value_gradients(lambda *a: attend(ARMS["vga"], *a), closed_tokens=[0])
+    grads = _gated_value_gradients(lambda q, k, v, g: compose(ARMS["vga"], q, k, v, gate=g), closed_tokens=[0])
     assert grads[0] < 1e-20
     assert (grads[1:] > 1e-3).all()  # open gates pass gradient
 
@@ -129,7 +130,7 @@ def test_vga_closed_gate_stops_gradient_into_value():
 def test_output_side_gate_does_not_stop_gradient_into_sink_value():
     """vga_out gates the query's output, so V_0 still receives gradient from later queries:
     the gradient argument holds only for the key-side form."""
-    grads = _gated_value_gradients(lambda *a: attend(ARMS["vga_out"], *a), closed_tokens=[0])
+    grads = _gated_value_gradients(lambda q, k, v, g: compose(ARMS["vga_out"], q, k, v, gate=g), closed_tokens=[0])
     assert grads[0] > 1e-3
 
 

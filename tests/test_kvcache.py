@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qbench.modeling import ATTENTION_ARMS, QBenchConfig
-from qbench.modeling.attention import attend, attend_windowed
+from qbench.modeling.compose import compose
 from qbench.modeling.model import QBenchAttention, QBenchForCausalLM
 from qbench.quant import quantize
 from qbench.quant.kvcache import KVCacheQuantizer, KVCacheSpec
@@ -94,17 +94,27 @@ def per_query_reference(q, k, v, k_q, v_q, window):
     return out
 
 
+class Cached:
+    """A KV cache quantizer that hands over given keys and values, the last `window` exact."""
+
+    def __init__(self, k_q, v_q, window):
+        self.k_q, self.v_q, self.exact_recent = k_q, v_q, window
+
+    def quantize(self, k, v):
+        return self.k_q, self.v_q
+
+
 @pytest.mark.parametrize("window", [1, 8, 32])
 def test_residual_window_is_read_exact(window):
     torch.manual_seed(2)
     q, k, v = torch.randn(1, 2, T, D), torch.randn(1, 2, T, D), torch.randn(1, 2, T, D)
     k_q, v_q = KVCacheQuantizer(KVCacheSpec(2)).quantize(k, v)
     arm = ATTENTION_ARMS["softmax"]
-    got = attend_windowed(arm, q, (k, v, None), (k_q, v_q, None), window)
+    got = compose(arm, q, k, v, kv=Cached(k_q, v_q, window))
     torch.testing.assert_close(got, per_query_reference(q, k, v, k_q, v_q, window), rtol=0, atol=1e-5)
     # a window over every token is the float attention itself
-    whole = attend_windowed(arm, q, (k, v, None), (k_q, v_q, None), T)
-    torch.testing.assert_close(whole, attend(arm, q, k, v), rtol=0, atol=1e-5)
+    whole = compose(arm, q, k, v, kv=Cached(k_q, v_q, T))
+    torch.testing.assert_close(whole, compose(arm, q, k, v), rtol=0, atol=1e-5)
 
 
 def tiny_model(arm: str) -> QBenchForCausalLM:
@@ -151,7 +161,7 @@ def test_quantized_keys_and_values_feed_the_arm_as_they_are(arm):
         q, k, v = (layer._split(p(x)) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
         k_q, v_q = KVCacheQuantizer(spec).quantize(k, v)
         gate = layer.gate(x, v_q.transpose(1, 2).reshape(2, T, 32))
-        by_hand = attend(layer.arm, q, k_q, v_q, gate, module=layer)
+        by_hand = compose(layer.arm, q, k_q, v_q, gate=gate, module=layer)
         want = layer.o_proj(by_hand.transpose(1, 2).reshape(2, T, 32))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
@@ -179,6 +189,35 @@ def test_stock_llama_with_gqa_quantizes_per_kv_head():
     assert facts["kv_cache_layers"] == 2 and facts["kv_cache_bytes_per_token"] > 0
     assert seen[0] == (1, 2, T, 16)  # the two KV heads as cached, before the GQA repeat to four
     assert torch.isfinite(quantized).all() and not torch.allclose(quantized, fp, atol=1e-4)
+
+
+@pytest.mark.parametrize("arm", ["vga", "vga_out", "qwen_g1", "vga_x"])
+def test_retrofitted_arm_composes_with_an_exact_window(arm):
+    """A retrofitted arm reads a windowed KV cache through the same composition: at its
+    identity init (g = 2 sigmoid(0) = 1 exactly) it gives the stock model's logits under the
+    same cache bit for bit; with a gate that bites, a window over every token is the arm's
+    float attention (P V_q + P (V - V_q) against P V: float32 rounding, 1e-5 of logits of
+    order 1), and a short window differs from it."""
+    from qbench.modeling.llama_arms import install_arm
+
+    ids = torch.randint(0, 96, (2, T), generator=torch.Generator().manual_seed(6))
+    spec = KVCacheSpec(2, "channel", group_size=4, residual=5)
+    stock, retrofitted = tiny_llama(), tiny_llama()
+    install_arm(retrofitted, arm)
+    with torch.no_grad():
+        quantize(stock, kv_scheme(spec))
+        quantize(retrofitted, kv_scheme(spec))
+        assert torch.equal(retrofitted(ids).logits, stock(ids).logits)
+        for name, p in retrofitted.named_parameters():
+            if ".qbench_gate." in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+        short = retrofitted(ids).logits
+        for module in retrofitted.model.layers:
+            module.self_attn.qbench_kv = None
+        fp = retrofitted(ids).logits
+        quantize(retrofitted, kv_scheme(KVCacheSpec(2, "channel", group_size=4, residual=T)))
+        torch.testing.assert_close(retrofitted(ids).logits, fp, rtol=0, atol=1e-5)
+    assert not torch.allclose(short, fp, atol=1e-3)
 
 
 def greedy_steps(model, first, prompt_len, new_tokens, cache):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from qbench.modeling import ATTENTION_ARMS, QBenchConfig
-from qbench.modeling.attention import NORMALISERS, attend, softmax_weights
+from qbench.modeling.attention import NORMALISERS, softmax_weights
+from qbench.modeling.compose import compose
 from qbench.modeling.model import QBenchAttention
 from qbench.quant.lowbit_attention import LowBitAttention, int8_codes
 
@@ -109,10 +110,9 @@ def float_and_kernel(arm, probs, seed=0, t=T):
     with torch.no_grad():
         v_full = module.v_proj(x)
         q, k, v = module._split(module.q_proj(x)), module._split(module.k_proj(x)), module._split(v_full)
-        reference = attend(module.arm, q, k, v, module.gate(x, v_full), module=module)
-        got = LowBitAttention(probs=probs, query_chunk=17).attend(
-            q, k, v, arm=module.arm, module=module, gate_fn=lambda values: module.gate(x, values),
-            scaling=1 / math.sqrt(D))
+        reference = compose(module.arm, q, k, v, gate=module.gate(x, v_full), module=module)
+        got = compose(module.arm, q, k, v, gate=module.gate_of(x), module=module,
+                      kernel=LowBitAttention(probs=probs, query_chunk=17))
     return module, x, q, k, v, reference, got
 
 
@@ -169,9 +169,8 @@ def test_vectorised_kernel_equals_the_per_block_reference(arm, probs, granularit
     module, x, q, k, v, _, _ = float_and_kernel(arm, probs)
     with torch.no_grad():
         want = ReferenceLowBitAttention(probs, granularity).attend(module, x, q, k, v)
-        got = LowBitAttention(probs, granularity, query_chunk=17).attend(
-            q, k, v, arm=module.arm, module=module, gate_fn=lambda values: module.gate(x, values),
-            scaling=1 / math.sqrt(D))
+        got = compose(module.arm, q, k, v, gate=module.gate_of(x), module=module,
+                      kernel=LowBitAttention(probs, granularity, query_chunk=17))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

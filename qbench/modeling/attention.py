@@ -1,5 +1,4 @@
-"""Attention arms as data: a score normaliser, an optional gate, and the one function that
-composes them.
+"""Attention arms as data: a score normaliser and an optional gate.
 
 An arm (`AttentionArm`) names
   - a **normaliser** that turns masked scores S = Q K^T / sqrt(d) (future keys at -inf)
@@ -12,19 +11,15 @@ An arm (`AttentionArm`) names
     reads as a query);
   - the gate's initial value and the formula shown by `qbench list attention`.
 
-`attend()` is the float path of every arm; the low-precision kernel
-(`qbench.quant.lowbit_attention`) composes the same normaliser and gate with integer
-matmuls. Adding an arm is one `AttentionArm` entry (plus its normaliser if new, and the
-learnable tensors that normaliser reads in `NORMALISER_PARAMETERS`: the qbench model and
-the retrofit create them from there).
+qbench.modeling.compose composes them (scores, soft-cap, masks, normaliser, gate) for
+every caller, the float path and the low-precision kernel's blocks
+(`qbench.quant.lowbit_attention`) alike.  Adding an arm is one `AttentionArm` entry (plus
+its normaliser if new, and the learnable tensors that normaliser reads in
+`NORMALISER_PARAMETERS`: the qbench model and the retrofit create them from there).
 
 Shapes: q, k, v are (B, H, T, D); gates are (B, H, T, 1) (one per head per token) or
 (B, H, T, D) (elementwise); the result is the per-head context (B, H, T, D) before the
 output projection.
-
-`hooks` (qbench.modeling.hooks.AttentionHooks) lets a quantizer or a probe see (and
-replace) the scores, the weights P and the context P V. With no hooks the softmax arms run
-through PyTorch's fused SDPA.
 """
 from __future__ import annotations
 
@@ -181,14 +176,10 @@ class AttentionArm:
     description: str
     # sigmoid of the gate bias at init (None: ungated)
     gate_init: float | None = None
-    # Gemma2's score soft-capping, c tanh(S / c) before the normaliser (None: none); set per
-    # call by hooks.hf_attention from transformers' `softcap` argument
-    softcap: float | None = None
 
     @property
     def normalise(self) -> Callable:
-        normalise = NORMALISERS[self.normaliser]
-        return normalise if self.softcap is None else functools.partial(capped, normalise, self.softcap)
+        return NORMALISERS[self.normaliser]
 
     @property
     def parameters(self) -> tuple[ArmParameter, ...]:
@@ -204,84 +195,6 @@ def capped(normalise: Callable, cap: float, scores: torch.Tensor, module=None) -
     """normalise(c tanh(S / c)) on the visible scores; hidden ones stay -inf (transformers
     caps before adding its mask: the same weights)."""
     return normalise(torch.where(torch.isinf(scores), scores, torch.tanh(scores / cap) * cap), module)
-
-
-def hooked_context(normalise: Callable, scores: torch.Tensor, v: torch.Tensor, module=None, hooks=None,
-                   float_weights: bool = True):
-    """P V with P = normalise(masked scores), the hooks seeing (and replacing) the scores,
-    P (observing P[..., 0]) and the context.  scores (B, H, T_q, T_k), -inf where hidden;
-    v (B, H, T_k, D).  The explicit path of every arm, ours and stock HF modules alike;
-    `float_weights`: normalise in float32 (as transformers' eager attention does)."""
-    if hooks is not None:
-        scores = hooks.scores(scores)
-    probs = normalise(scores.float(), module).to(v.dtype) if float_weights else normalise(scores, module)
-    if hooks is not None:
-        probs = hooks.probs(probs)
-        if hasattr(hooks, "first_column"):
-            hooks.first_column(probs[..., 0])
-    context = probs @ v
-    return hooks.context(context) if hooks is not None else context
-
-
-def weighted_sum(normalise: Callable, q, k, v, module=None, hooks=None, fused_softmax: bool = False):
-    """P V with P = normalise(masked scores).  (B, H, T, D)
-
-    `fused_softmax`: the normaliser is plain softmax, so with no hooks the fused SDPA runs,
-    and an observer that needs only P[..., 0] (`hooks.first_column_only`, the sink probes)
-    gets it from the fused kernel too."""
-    if fused_softmax and hooks is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if fused_softmax and getattr(hooks, "first_column_only", False):
-        out, first = first_column_sdpa(q, k, v)
-        hooks.first_column(first)
-        return out
-    return hooked_context(normalise, causal_scores(q, k), v, module, hooks, float_weights=False)
-
-
-def attend(arm: AttentionArm, q, k, v, gate=None, *, module=None, hooks=None):
-    """Every arm's float attention: gate V (key side) or O (query side) around P V."""
-    if arm.gate_position == "value":
-        v = gate * v
-    context = weighted_sum(arm.normalise, q, k, v, module, hooks,
-                           fused_softmax=arm.normaliser == "softmax" and arm.softcap is None)
-    if arm.gate_position == "output":
-        context = gate * context
-    return context
-
-
-def attend_windowed(arm: AttentionArm, q, exact: tuple, quantized: tuple, window: int, *, module=None,
-                    hooks=None, hidden=None, scaling: float | None = None):
-    """Attention over a quantized KV cache whose most recent `window` tokens are exact:
-    query i reads key/value j exact while i - j < window, dequantized after (KIVI's
-    residual).  `exact` and `quantized` are (k, v, gate) each, k and v (B, H, T_k, D), gate
-    the arm's gate computed from those values (None for ungated arms).  The queries are
-    the last T_q positions; `hidden` (broadcastable to (B, H, T_q, T_k)) marks hidden keys,
-    None = causal.  The scores take each key exact or quantized per query; P V is
-    P V_q + (P * recent)(V - V_q), the same weighted sum split by where each value lives."""
-    k, v, gate = exact
-    k_q, v_q, gate_q = quantized
-    if arm.gate_position == "value":
-        v, v_q = gate * v, gate_q * v_q
-    t_q, t_k = q.shape[-2], k.shape[-2]
-    rows = torch.arange(t_q, device=q.device)[:, None] + (t_k - t_q)
-    recent = (rows - torch.arange(t_k, device=q.device)[None, :]) < window  # (T_q, T_k)
-    scaling = scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.where(recent, q @ k.transpose(-1, -2), q @ k_q.transpose(-1, -2)) * scaling  # (B, H, T_q, T_k)
-    hidden = future_mask(t_q, t_k, q.device) if hidden is None else hidden
-    scores = scores.masked_fill(hidden, float("-inf"))
-    if hooks is not None:
-        scores = hooks.scores(scores)
-    probs = arm.normalise(scores.float(), module).to(q.dtype)
-    if hooks is not None:
-        probs = hooks.probs(probs)
-        if hasattr(hooks, "first_column"):
-            hooks.first_column(probs[..., 0])
-    context = probs @ v_q + (probs * recent) @ (v - v_q)
-    if hooks is not None:
-        context = hooks.context(context)
-    if arm.gate_position == "output":  # the query's own value lies in its window: its exact gate
-        context = gate * context
-    return context
 
 
 def _arms(*arms: AttentionArm) -> dict[str, AttentionArm]:

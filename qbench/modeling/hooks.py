@@ -15,8 +15,8 @@ On qbench models `QBenchAttention` reads them directly; on stock HF models (Llam
 ...) transformers' attention-function registry routes attention through
 `hf_attention` (an implementation named "qbench"), never by patching their forward.  A
 stock module into which an arm was retrofitted (qbench.modeling.llama_arms) also carries
-`qbench_arm_attention`, the function that computes its arm; `hf_attention` hands it the
-(KV-quantized) query, keys and values with the module's hooks and kernel.
+`qbench_arm_call`, a function (module, interface kwargs) -> (its arm, its `Gate` or
+None).  Both callers are adapters around qbench.modeling.compose.compose.
 """
 from __future__ import annotations
 
@@ -26,9 +26,12 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 
+from qbench.modeling.attention import ATTENTION_ARMS
+from qbench.modeling.compose import compose, interface_call, notify_gate
 from qbench.modeling.families import UnsupportedModel, attention_modules, family_of
 
 IMPLEMENTATION = "qbench"
+SOFTMAX = ATTENTION_ARMS["softmax"]
 
 
 class AttentionHooks(Protocol):
@@ -48,118 +51,30 @@ class AttentionHooks(Protocol):
 
 
 class AttentionKernel(Protocol):
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, arm, module, gate_fn,
-               scaling: float, hidden: torch.Tensor | None, hooks) -> torch.Tensor: ...
+    """The blocks a kernel substitutes inside qbench.modeling.compose.compose: the values
+    as it stores them (codes, scales; codes * scales is what a value-reading gate sees), the
+    gate as it applies it, and P V from float q, k (B, H, T, D), `normalise` the arm's
+    normaliser (soft-capped where the call caps), `hidden` None = causal."""
 
-
-def notify_gate(hooks, layer: int, gate: torch.Tensor) -> None:
-    if hooks is not None and hasattr(hooks, "gate"):
-        hooks.gate(layer, gate)
-
-
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    # (B, H_kv, T, D) -> (B, H_kv * groups, T, D): grouped-query attention shares K and V.
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def hidden_keys(attention_mask: torch.Tensor | None, t_q: int, t_k: int, device) -> torch.Tensor:
-    """(B or 1, 1, T_q, T_k) True where a key is hidden, from an HF mask (boolean, or
-    additive with the dtype's minimum) or, with none, the causal mask."""
-    if attention_mask is None:
-        from qbench.modeling.attention import future_mask
-
-        return future_mask(t_q, t_k, device)[None, None]
-    if attention_mask.dtype == torch.bool:
-        hidden = ~attention_mask
-    else:
-        hidden = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
-    return hidden if hidden.dim() == 4 else hidden[:, None]
-
-
-# arguments of transformers' attention interface that carry nothing qbench computes
-# differently (positions and cache bookkeeping; the mask carries causality)
-_IGNORED = {"position_ids", "cache_position", "is_causal", "output_attentions", "use_cache", "past_key_values",
-            "position_embeddings", "layer_idx", "head_mask", "sliding_window"}
-
-
-def interface_arguments(query, key, scaling, dropout, attention_mask, kwargs) -> tuple[float, float | None,
-                                                                                     torch.Tensor]:
-    """(scaling, softcap, hidden) from the arguments transformers' attention interface
-    passes: every one is honoured or refused here.  `hidden` (B or 1, 1, T_q, T_k): True
-    where a key is hidden, from the mask and the sliding window (query i sees key j only
-    while i - j < window, as transformers' sliding-window mask)."""
-    if dropout:
-        raise NotImplementedError(f"attention dropout {dropout} (a model in training mode): qbench's attention "
-                                  "computes the eval-mode forward; call model.eval()")
-    for name in ("s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"attention with learned sinks ({name}) is not computed by qbench's "
-                                      "attention; this model's attention cannot be routed through it")
-    softcap = kwargs.get("softcap")
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    t_q, t_k = query.shape[-2], key.shape[-2]
-    hidden = hidden_keys(attention_mask, t_q, t_k, query.device)
-    window = kwargs.get("sliding_window")
-    if window is not None:
-        rows = torch.arange(t_q, device=query.device)[:, None] + (t_k - t_q)  # the queries' positions
-        hidden = hidden | ((rows - torch.arange(t_k, device=query.device)[None, :]) >= window)
-    unknown = sorted(k for k, v in kwargs.items() if v is not None and not k.startswith("qbench_")
-                     and k not in _IGNORED | {"softcap", "s_aux", "sinks"})  # qbench_*: a retrofit's own
-    if unknown:
-        raise NotImplementedError(f"transformers passed attention argument(s) {unknown} that qbench's attention "
-                                  "does not know; it refuses rather than compute another model")
-    return scaling, softcap, hidden
+    def quantize_values(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def quantize_gate(self, g: torch.Tensor) -> torch.Tensor: ...
+    def weighted_sum(self, q: torch.Tensor, k: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
+                     normalise, module, scaling: float, hidden: torch.Tensor | None, hooks) -> torch.Tensor: ...
 
 
 def hf_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                  **kwargs):
-    """The softmax arm for stock HF attention modules, explicit, with the module's hooks and
-    kernel (see the module docstring).  Returns (B, T, H, D) as transformers expects."""
-    from dataclasses import replace
-
-    from qbench.modeling.attention import ATTENTION_ARMS, hooked_context
-
-    scaling, softcap, hidden = interface_arguments(query, key, scaling, dropout, attention_mask, kwargs)
-    hooks = getattr(module, "qbench_hooks", None)
-    kernel = getattr(module, "qbench_kernel", None)
-    kv = getattr(module, "qbench_kv", None)
-    arm_attention = getattr(module, "qbench_arm_attention", None)
-    if arm_attention is not None:  # an arm retrofitted into the model (qbench.modeling.llama_arms)
-        if softcap is not None:
-            raise NotImplementedError("a retrofitted arm does not compose with soft-capped attention scores")
-        if kv is not None:  # the cache as stored: per KV head; a value-reading gate sees it too
-            if kv.exact_recent:
-                raise NotImplementedError("a KV cache with an exact recent window is not wired into retrofitted "
-                                          "arms; use a scheme without a window")
-            key, value = kv.quantize(key, value)
-
-        context = arm_attention(module, query, key, value, ~hidden, scaling, hooks, kernel, kwargs)
-        return context.transpose(1, 2).contiguous(), None
-    # softmax, soft-capped where the model caps: one arm for the float, windowed and kernel paths
-    arm = replace(ATTENTION_ARMS["softmax"], softcap=softcap)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if kv is not None:  # quantized per KV head, as the cache stores them (before the GQA repeat)
-        key_q, value_q = kv.quantize(key, value)
-        if kv.exact_recent:
-            if kernel is not None:
-                raise NotImplementedError("a KV cache with an exact recent window does not compose with the "
-                                          "low-precision attention kernel; use a window of 0")
-            from qbench.modeling.attention import attend_windowed
-
-            exact = (_repeat_kv(key, groups), _repeat_kv(value, groups), None)
-            quantized = (_repeat_kv(key_q, groups), _repeat_kv(value_q, groups), None)
-            context = attend_windowed(arm, query, exact, quantized, kv.exact_recent,
-                                      module=module, hooks=hooks, hidden=hidden, scaling=scaling)
-            return context.transpose(1, 2).contiguous(), None
-        key, value = key_q, value_q
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # (B, H, T, D)
-    if kernel is not None:
-        context = kernel.attend(query, key, value, arm=arm, module=module, gate_fn=None,
-                                scaling=scaling, hidden=hidden, hooks=hooks)
-        return context.transpose(1, 2).contiguous(), None
-    scores = ((query @ key.transpose(-1, -2)) * scaling).masked_fill(hidden, float("-inf"))  # (B, H, T, T)
-    context = hooked_context(arm.normalise, scores, value, module, hooks)
+    """The attention function registered with transformers' interface: an adapter around
+    `compose` with the module's arm (softmax unless one was retrofitted), gate, hooks,
+    kernel and KV cache (see the module docstring); every interface argument is honoured or
+    refused by `interface_call`.  Returns (B, T, H, D) as transformers expects."""
+    call = interface_call(module, query, key, attention_mask, scaling, dropout, kwargs)
+    arm_call = getattr(module, "qbench_arm_call", None)  # a retrofitted arm (qbench.modeling.llama_arms)
+    arm, gate = arm_call(module, kwargs) if arm_call is not None else (SOFTMAX, None)
+    context = compose(arm, query, key, value, call=call, gate=gate, module=module,
+                      hooks=getattr(module, "qbench_hooks", None), kernel=getattr(module, "qbench_kernel", None),
+                      kv=getattr(module, "qbench_kv", None))
     return context.transpose(1, 2).contiguous(), None  # (B, T, H, D)
 
 

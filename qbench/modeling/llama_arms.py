@@ -1,9 +1,9 @@
 """Attention arms inside a stock Llama-family model (the retrofit: SmolLM2 with a VGA gate).
 
 `install_arm(model, arm)` adds an arm's parameters to every attention module of a Llama
-family HF model and routes its attention through `arm_attention` (called by
-`qbench.modeling.hooks.hf_attention` when a module carries `qbench_arm`), never by patching
-their forward.  What is added to each `self_attn`:
+family HF model; `qbench.modeling.hooks.hf_attention` composes each module with the arm
+and gate that `arm_call` (installed as `qbench_arm_call`) gives, never by patching their
+forward.  What is added to each `self_attn`:
 
   `qbench_arm`   the `AttentionArm` (its normaliser and gate source/position)
   `qbench_gate`  a `GateLinear` (quantizers leave it in full precision, like every gate)
@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from qbench.modeling.attention import ATTENTION_ARMS, AttentionArm, hooked_context
+from qbench.modeling.attention import ATTENTION_ARMS, AttentionArm
+from qbench.modeling.compose import Gate
 from qbench.modeling.families import UnsupportedModel, attention_modules, family_of
-from qbench.modeling.hooks import hidden_keys, install_attention, notify_gate
+from qbench.modeling.hooks import install_attention
 
 GATE_SCALE = 2.0  # g = 2 sigmoid(.): exactly 1 with zero weights
 RETROFIT_ARMS = ("softmax", "vga", "vga_out", "qwen_g1", "vga_x", "sink_logit")
@@ -70,7 +71,7 @@ def _retrofit_modules(model: nn.Module) -> list[nn.Module]:
 
 def install_arm(model: nn.Module, arm_name: str) -> list[nn.Module]:
     """Adds `arm_name`'s parameters (at their identity init) to every attention module and
-    routes attention through `arm_attention`.  Returns the attention modules."""
+    routes attention through the arm.  Returns the attention modules."""
     if arm_name not in RETROFIT_ARMS:
         raise ValueError(f"arm {arm_name!r} cannot be retrofitted; choose one of {', '.join(RETROFIT_ARMS)}")
     from qbench.modeling.model import GateLinear
@@ -80,7 +81,7 @@ def install_arm(model: nn.Module, arm_name: str) -> list[nn.Module]:
     ref = next(model.parameters())
     for module in modules:
         module.qbench_arm = arm
-        module.qbench_arm_attention = arm_attention  # called by hooks.hf_attention
+        module.qbench_arm_call = arm_call  # called by hooks.hf_attention
         if arm.gate_source is not None:
             if arm.gate_source not in ("value", "input"):
                 raise ValueError(f"arm {arm_name}: gate source {arm.gate_source!r} has no retrofit layout")
@@ -102,55 +103,16 @@ def arm_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if ".qbench_gate." in n or n.endswith(tuple(added))]
 
 
-def _gate(module: nn.Module, arm: AttentionArm, kv_values: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-    """(B, H or H_kv, T, 1): 2 sigmoid(Z W + b), Z the values (B, H_kv, T, D) or the input X."""
-    if arm.gate_source == "value":
-        b, h_kv, t, d = kv_values.shape
-        z = kv_values.transpose(1, 2).reshape(b, t, h_kv * d)
-    else:
-        if x is None:
-            raise RuntimeError("the input-gated arm did not receive the attention input (pre-hook missing)")
-        z = x
-    logits = module.qbench_gate(z.to(module.qbench_gate.weight.dtype))  # (B, T, heads)
-    gate = GATE_SCALE * torch.sigmoid(logits.float()).to(z.dtype)
-    return gate.transpose(1, 2)[..., None]
-
-
-def arm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, scaling: float | None, hooks, kernel,
-                  kwargs: dict) -> torch.Tensor:
-    """The arm's attention for one Llama module; q (B, H, T_q, D), k/v (B, H_kv, T_k, D)
-    as the module hands them over; `kwargs` those of the attention call (the input X of an
-    input-gated arm arrives there).  Returns the context (B, H, T_q, D)."""
+def arm_call(module: nn.Module, kwargs: dict) -> tuple[AttentionArm, Gate | None]:
+    """The module's arm and `Gate` for one attention call (`kwargs` those of the call: the
+    input X of an input-gated arm arrives there): g = 2 sigmoid(Z W + b), the sigmoid in
+    float32 (bf16 autocast), Z cast to the gate's dtype; qbench.modeling.compose computes it."""
     arm: AttentionArm = module.qbench_arm
+    if arm.gate_source is None:
+        return arm, None
     x = kwargs.get(INPUT_KWARG)
-    groups = getattr(module, "num_key_value_groups", 1)
-    t_q = query.shape[-2]
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    hidden = hidden_keys(attention_mask, t_q, key.shape[-2], query.device)
-    key, value_kv = key.repeat_interleave(groups, dim=1), value
-    value = value_kv.repeat_interleave(groups, dim=1)  # (B, H, T_k, D)
-
-    def gate_of(kv_values: torch.Tensor) -> torch.Tensor:
-        # (B, H, T, 1): key side from (B, H_kv, T_k, D) values, repeated over each KV group
-        g = _gate(module, arm, kv_values, x)
-        if arm.gate_position == "output" and arm.gate_source == "value":
-            g = g[..., -t_q:, :]  # the query tokens' own values
-        notify_gate(hooks, module.layer_idx, g)
-        return g.repeat_interleave(groups, dim=1) if arm.gate_position == "value" else g
-
-    if kernel is not None:  # the kernel hands its (dequantized) values, (B, T, H * D), to gate_fn
-        def gate_fn(values: torch.Tensor) -> torch.Tensor:
-            b, t, _ = values.shape
-            return gate_of(values.view(b, t, -1, query.shape[-1]).transpose(1, 2)[:, ::groups])
-
-        return kernel.attend(query, key, value, arm=arm, module=module, gate_fn=gate_fn,
-                             scaling=scaling, hidden=hidden, hooks=hooks)
-    gate = gate_of(value_kv) if arm.gate_source is not None else None
-    if arm.gate_position == "value":
-        value = gate * value
-    scores = ((query @ key.transpose(-1, -2)) * scaling).masked_fill(hidden, float("-inf"))  # (B, H, T_q, T_k)
-    context = hooked_context(arm.normalise, scores, value, module, hooks)
-    if arm.gate_position == "output":
-        context = gate * context
-    return context
+    if arm.gate_source == "input" and x is None:
+        raise RuntimeError("the input-gated arm did not receive the attention input (pre-hook missing)")
+    gate = module.qbench_gate
+    return arm, Gate(lambda z: gate(z.to(gate.weight.dtype)), module.layer_idx, x=x, scale=GATE_SCALE,
+                     float_sigmoid=True)

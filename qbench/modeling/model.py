@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from qbench.modeling.attention import ATTENTION_ARMS, attend, attend_windowed
-from qbench.modeling.hooks import notify_gate
+from qbench.modeling.attention import ATTENTION_ARMS
+from qbench.modeling.compose import Gate, compose, gate_values
 from qbench.modeling.config import QBenchConfig
 
 
@@ -70,46 +70,22 @@ class QBenchAttention(nn.Module):
         b, t, _ = x.shape  # (B, T, d) -> (B, H, T, D)
         return x.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
 
+    def gate_of(self, x: torch.Tensor) -> Gate | None:
+        """The arm's sigmoid gate for input x (B, T, d), computed by the composition from
+        the value projection (as the cache or kernel holds it) or from x; None if ungated."""
+        return None if self.arm.gate_source is None else Gate(self.gate_proj, self.layer_idx, x=x)
+
     def gate(self, x: torch.Tensor, v_full: torch.Tensor, notify: bool = True) -> torch.Tensor | None:
-        """The arm's sigmoid gate, (B, H, T, 1 | D), or None for ungated arms; its input is
-        the value projection (`v_full`, (B, T, d)), the head's slice of x, or x."""
-        source = self.arm.gate_source
-        if source is None:
-            return None
-        if source == "input_head":
-            logits = self.gate_proj(self._split(x))
-        else:
-            b, t, _ = x.shape
-            logits = self.gate_proj(v_full if source == "value" else x)  # (B, T, H * per_head)
-            logits = logits.view(b, t, self.n_head, -1).transpose(1, 2)
-        gate = torch.sigmoid(logits)
-        if notify:
-            notify_gate(self.qbench_hooks, self.layer_idx, gate)
-        return gate
+        """The gate (B, H, T, 1 | D) from x and the value projection `v_full` (B, T, d)."""
+        gate = self.gate_of(x)
+        return None if gate is None else gate_values(self.arm, gate, v_full, self.n_head, hooks=self.qbench_hooks,
+                                                     notify=notify)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape  # x: the normed attention input (B, T, d)
-        v_full = self.v_proj(x)
-        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(v_full)
-        if self.qbench_kv is not None:  # keys and values as a quantized cache holds them
-            k_q, v_q = self.qbench_kv.quantize(k, v)
-            window = self.qbench_kv.exact_recent
-            if window:
-                if self.qbench_kernel is not None:
-                    raise NotImplementedError("a KV cache with an exact recent window does not compose with the "
-                                              "low-precision attention kernel; use a window of 0")
-                v_q_full = v_q.transpose(1, 2).reshape(b, t, d)
-                context = attend_windowed(self.arm, q, (k, v, self.gate(x, v_full)),
-                                          (k_q, v_q, self.gate(x, v_q_full, notify=False)), window,
-                                          module=self, hooks=self.qbench_hooks)
-                return self.o_proj(context.transpose(1, 2).reshape(b, t, d))
-            k, v, v_full = k_q, v_q, v_q.transpose(1, 2).reshape(b, t, d)  # the gate reads V as cached
-        if self.qbench_kernel is not None:
-            context = self.qbench_kernel.attend(
-                q, k, v, arm=self.arm, module=self, gate_fn=lambda values: self.gate(x, values),
-                scaling=1.0 / math.sqrt(self.head_dim), hidden=None, hooks=self.qbench_hooks)
-        else:
-            context = attend(self.arm, q, k, v, self.gate(x, v_full), module=self, hooks=self.qbench_hooks)
+        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
+        context = compose(self.arm, q, k, v, gate=self.gate_of(x), module=self, hooks=self.qbench_hooks,
+                          kernel=self.qbench_kernel, kv=self.qbench_kv)
         return self.o_proj(context.transpose(1, 2).reshape(b, t, d))  # context (B, H, T, D)
 
 

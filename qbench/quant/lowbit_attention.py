@@ -13,8 +13,9 @@ at most one (B, H, chunk, T_k) block of scores exists at a time:
   gates: the module's own gate function, fed the *dequantized* V where the gate reads
   values, quantized to 8 bits (scale 1/255); at the value position it scales V
   (re-quantized to int8) before P V, at the output position it scales O.
-The kernel names no arm: it reads the arm's normaliser and gate position.
-A float reference (qbench.modeling.attention.attend) sits beside it.
+The kernel names no arm: qbench.modeling.compose.compose applies the arm's gate and hands
+the kernel its normaliser; the kernel substitutes its blocks (`quantize_values`,
+`quantize_gate`, `weighted_sum`) for the float ones there, beside the float path.
 """
 from __future__ import annotations
 
@@ -174,9 +175,13 @@ class LowBitAttention:
         """(B, H, T, D): per token, or one scale per (sequence, head)."""
         return _codes(-1 if self.qkv_granularity == "token" else (-2, -1), x.device)(x)
 
-    def _quantize_v(self, v: torch.Tensor):
+    def quantize_values(self, v: torch.Tensor):
         """(B, H, T, D): per channel within each (sequence, head), or one per (sequence, head)."""
         return _codes(-2 if self.qkv_granularity == "token" else (-2, -1), v.device)(v)
+
+    @staticmethod
+    def quantize_gate(g: torch.Tensor) -> torch.Tensor:
+        return quantize_gate(g)
 
     def weighted_sum(self, q: torch.Tensor, k: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
                      normalise, module, scaling: float, hidden: torch.Tensor | None,
@@ -213,25 +218,6 @@ class LowBitAttention:
         if first is not None and hasattr(hooks, "first_column"):
             hooks.first_column(torch.cat(first, dim=-1))
         return out
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, arm, module, gate_fn,
-               scaling: float, hidden: torch.Tensor | None = None, hooks=None) -> torch.Tensor:
-        """(B, H, T, D) context of `arm` (its normaliser and gate position); `gate_fn(values)`
-        computes the module's gate from the full value projection (B, T, H * D) it is given."""
-        b, h, t, d = q.shape
-        dtype = q.dtype
-        q, k, v = q.float(), k.float(), v.float()
-        v_codes, v_scale = self._quantize_v(v)
-        gate = None
-        if arm.gate_source is not None:
-            v_deq = v_codes.float() * v_scale  # a gate that reads values sees the quantized ones
-            gate = quantize_gate(gate_fn(v_deq.transpose(1, 2).reshape(b, t, h * d)))  # (B, H, T, 1 | D)
-            if arm.gate_position == "value":
-                v_codes, v_scale = self._quantize_v(gate * v_deq)  # g_j V_j, re-quantized
-        out = self.weighted_sum(q, k, v_codes, v_scale, arm.normalise, module, scaling, hidden, hooks)
-        if gate is not None and arm.gate_position == "output":
-            out = gate * out
-        return out.to(dtype)
 
 
 def install_kernel(model: torch.nn.Module, kernel: LowBitAttention) -> int:
