@@ -73,6 +73,7 @@ def endpoint_values(records: list[dict]) -> dict:
                 ppl.setdefault(r["model"], {})["pt"] = r["metrics"]["ppl"]
         elif r.get("task") == "probes" and r["scheme"] == "fp32":
             probes[r["model"]] = {"massive": r["metrics"].get("massive_activation_max"),
+                                  "position": r["metrics"].get("max_activation_position"),
                                   "sink": r["metrics"].get("sink_rate@0.3")}
     original = ppl.get(BASE, {}).get("fp32")
     out = {}
@@ -138,7 +139,8 @@ TESTS = [  # (label, hypothesis, endpoint key, predicted direction, against the 
     ("H2c: E_own vs the original's E_own (%)", "h2", "e_own", "lower", True),
 ]
 COLUMNS = [("fp32", "fp32 ppl", ".3f"), ("e_orig", "E_orig %", "+.2f"), ("e_own", "E_own %", "+.2f"),
-           ("dnll", "dNLL", "+.4f"), ("massive", "massive act.", ".0f"), ("sink", "sink rate@0.3 %", ".1f")]
+           ("dnll", "dNLL", "+.4f"), ("massive", "massive act.", ".0f"),
+           ("position", "at position", ".2g"), ("sink", "sink rate@0.3 %", ".1f")]
 
 
 def experiment_section(records: list[dict]) -> str:
