@@ -10,7 +10,7 @@ from qbench.cli import main
 from qbench.eval import PerplexityProtocol, evaluate_perplexity
 from qbench.report import comparison_table, write_report
 from qbench.results import ResultStore
-from qbench.zoo import CheckpointError, load_model
+from qbench.zoo import CheckpointError, load_model, read_zoo
 
 LIMIT = 3000
 
@@ -231,7 +231,7 @@ def test_report_aggregates_hand_made_records(tmp_path):
     assert table.loc[("c", "w8a8-pt"), "n"] == 3 and table.loc[("c", "w8a8-pt"), "ppl"] == pytest.approx(33.0)
     assert table.loc[("c", "w8a8-pt"), "ppl_std"] == pytest.approx(2.0)  # sample std of 31, 33, 35
     assert table.loc[("c", "w8a8-pt"), "delta_ppl"] == pytest.approx(3.0)
-    summary, report = write_report(store)
+    summary, report = write_report(store, zoo=read_zoo())
     text = report.read_text()
     assert "<summary>Per scheme: w8a8-pt</summary>" in text and "plots/delta_ppl.png" in text  # folded details and (tmp_path / "plots" / "delta_ppl.png").exists()
     assert main(["compare", "--models", "a,b", "--scheme", "w8a8-pt", "--results", str(tmp_path)]) == 0

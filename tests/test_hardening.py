@@ -304,12 +304,12 @@ def test_bench_prints_delta_against_the_stored_fp32_record(micro_checkpoint, tmp
 
 
 def test_blimp_task_limit_is_honoured(tmp_path):
-    from qbench.eval.protocols import lm_eval_spec
+    from qbench.eval.catalogue import get_task
     from qbench.eval.lm_eval_tasks import blimp_dir
 
     if not blimp_dir().is_dir():
         pytest.skip("no BLiMP data on this machine")
-    default, five = lm_eval_spec("qbench_blimp", None), lm_eval_spec("qbench_blimp", 5)
+    default, five = get_task("qbench_blimp").spec(None), get_task("qbench_blimp").spec(5)
     assert default["limit"] == 20 and five["limit"] == 5
     assert default["protocol"].endswith("x20") and five["protocol"].endswith("x5")
 
@@ -649,12 +649,11 @@ def test_a_long_model_name_gives_one_short_line(tmp_path, capsys, length):
 def test_a_computed_record_the_schema_refuses_is_stored_as_failed():
     """A metric that came out inf (kl of a broken model) must not make an ok record that the
     next reader quarantines: it is written as failed, with the reason."""
-    from qbench.bench import schema_checked
-    from qbench.results import cell_key, validate_record
+    from qbench.record import Record, cell_key, validate_record
 
     config = {"model": {"name": "m", "checkpoint_hash": "h"}, "scheme": {"name": "w8a8-dyn"}}
     record = {"key": cell_key(config), "config": config, "model": "m", "scheme": "w8a8-dyn", "task": "ppl",
               "protocol": "p", "status": "ok", "metrics": {"ppl": 12.0, "kl": float("inf"), "tokens": 10}}
-    checked = schema_checked(record)
+    checked = Record(record).schema_checked()
     assert checked["status"] == "failed" and "'kl'" in checked["error"]
     assert checked["metrics"] == {"ppl": 12.0, "tokens": 10} and validate_record(checked, checked["key"]) is None

@@ -102,7 +102,7 @@ def test_seeds_and_draws_fold_with_the_right_n_and_spread(store):
 
 
 def test_report_puts_the_matrix_first_and_marks_overlap_with_zero(store):
-    _, report = write_report(store)
+    _, report = write_report(store, zoo=ZOO)
     text = report.read_text()
     first_screen = "\n".join(text.splitlines()[:12])
     assert "representative schemes" in first_screen and "tiny · softmax" in first_screen and "tiny · vga" in first_screen
@@ -129,7 +129,7 @@ def test_changed_checkpoint_is_a_separate_row(store):
 
 
 def test_models_and_schemes_narrow_the_report(store, capsys):
-    _, report = write_report(store, models="tiny-b*", schemes=["w8a8-pt"])
+    _, report = write_report(store, zoo=ZOO, models="tiny-b*", schemes=["w8a8-pt"])
     text = report.read_text()
     assert "tiny · vga" in text and "tiny · softmax" not in text and "w8a8-dyn" not in text
     assert main(["compare", "--models", "tiny-a*", "--results", str(store.root)]) == 0
@@ -155,7 +155,7 @@ def test_html_report_is_self_contained_and_escaped(store, tmp_path):
     evil = "<img src=x onerror=alert(1)>"
     put(store, evil, "fp32", "ppl", {"ppl": 10.0})
     put(store, evil, "w8a8-pt", "ppl", {"ppl": 11.0}, 0)
-    _, report = write_report(store, fmt="html")
+    _, report = write_report(store, zoo=ZOO, fmt="html")
     html = report.read_text()
     assert evil not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     assert 'id="matrix"' in html and "data:image/png;base64," in html
@@ -166,7 +166,7 @@ def test_html_report_is_self_contained_and_escaped(store, tmp_path):
 def test_report_writes_atomically_and_keeps_the_old_file_on_failure(store, monkeypatch):
     import qbench.results as results
 
-    _, report = write_report(store)
+    _, report = write_report(store, zoo=ZOO)
     before = report.read_text()
 
     def full_disk(*args, **kwargs):
@@ -280,18 +280,18 @@ def test_a_failed_cells_reason_shows_in_report_html_and_compare(store, capsys):
     """tiny-b under w8a8-dyn failed: its matrix cell reads `failed:nonfinite` (not `-`), the
     legend says what that means, and the full message is in the failed-cells table."""
     put_failed(store, "tiny-b", "w8a8-dyn", "NonFiniteError: non-finite logits (12 values) under protocol p1")
-    _, report = write_report(store)
+    _, report = write_report(store, zoo=ZOO)
     text = report.read_text()
     assert "failed:nonfinite" in text and "`nonfinite` NaN/inf logits" in text
     assert "Failed cells (1): why" in text and "non-finite logits (12 values)" in text
-    _, page = write_report(store, fmt="html")
+    _, page = write_report(store, zoo=ZOO, fmt="html")
     assert "failed:nonfinite" in page.read_text() and "non-finite logits (12 values)" in page.read_text()
     assert main(["compare", "--results", str(store.root)]) == 0
     out = capsys.readouterr().out
     assert "failed:nonfinite" in out and "non-finite logits (12 values)" in out
     # a later success replaces the failure everywhere
     put(store, "tiny-b", "w8a8-dyn", "ppl", {"ppl": 40.0})
-    assert "failed:" not in write_report(store)[1].read_text()
+    assert "failed:" not in write_report(store, zoo=ZOO)[1].read_text()
 
 
 def test_sweep_prints_each_failed_cell_with_its_reason(monkeypatch, capsys, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from qbench.eval.catalogue import is_native, native_tasks
 from qbench.report.records import REFERENCE_SCHEME, records_frame
 
 TASK_METRICS = {"accuracy": "acc", "flip_rate": "flip_rate", "recovery": "recovery"}
@@ -14,12 +15,12 @@ def task_short(task: str) -> str:
 
 
 def task_frame(records: list[dict]) -> pd.DataFrame:
-    """Downstream task metrics (every task that is neither ppl nor probes), one row per
+    """Downstream task metrics (every task that is not native: lm-eval's), one row per
     (model, scheme) with columns <task>_acc / _flip_rate / _recovery (calibration draws
     averaged).  fp32 rows carry flip_rate 0 and recovery 1 by definition."""
     rows = []
     for r in records:
-        if r["task"] in ("ppl", "probes") or r.get("status") != "ok":
+        if is_native(r["task"]) or r.get("status") != "ok":
             continue
         metrics, short = r.get("metrics") or {}, task_short(r["task"])
         default = {"flip_rate": 0.0, "recovery": 1.0} if r["scheme"] == REFERENCE_SCHEME else {}
