@@ -14,7 +14,8 @@ import qbench.zoo
 from qbench.cli import main
 from qbench.report import comparison_table, headline_matrix, label_checkpoints, matrix_values, write_report
 from qbench.report.facts import scheme_facts
-from qbench.results import ResultStore, cell_key
+from qbench.results import ResultStore
+from record_factory import make_record
 
 ZOO = {
     "tiny-a": {"arm": "softmax", "preset": "tiny", "seed": 0, "steps": 10, "checkpoint_hash": "h-a0"},
@@ -43,9 +44,8 @@ def put(store, model, scheme, task, metrics, draw=None, checkpoint=None, protoco
     config = {"model": {"name": model, "checkpoint_hash": checkpoint or ZOO.get(model, {}).get("checkpoint_hash", "x")},
               "scheme": json.dumps({"name": scheme, **spec}, sort_keys=True), "task": task, "protocol": protocol,
               "calibration_seed": draw}
-    record = {"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": task,
-              "protocol": protocol, "status": "ok", "metrics": metrics}
-    store.put({**record, "facts": planner_facts(model, spec)} if facts else record)
+    store.put(make_record(model, scheme, task, metrics, protocol=protocol, config=config,
+                          facts=planner_facts(model, spec) if facts else None))
 
 
 def fill(store, facts=True):
@@ -202,8 +202,7 @@ def test_a_records_facts_place_it_not_its_name(tmp_path):
                   "task": "ppl", "protocol": "p1"}
         facts = {"model": {"arm": "aaa", "preset": "tiny"} if model == "elsewhere-z" else planner_facts(model, spec)["model"],
                  "scheme": planner_facts(model, SCHEME_SPECS["fp32"] if scheme == "fp32" else spec)["scheme"]}
-        store.put({"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": "ppl",
-                   "protocol": "p1", "status": "ok", "metrics": {"ppl": ppl}, "facts": facts})
+        store.put(make_record(model, scheme, "ppl", {"ppl": ppl}, protocol="p1", config=config, facts=facts))
     cells = headline_matrix(matrix_values(store.records(), ZOO))
     new = cells[cells.scheme == "zz-w4-new"]
     assert set(new.group) == {2} and set(new.width) == {4}
@@ -271,9 +270,8 @@ def put_failed(store, model, scheme, error):
     spec = SCHEME_SPECS.get(scheme, SCHEME_SPECS["w8a8-pt"])
     config = {"model": {"name": model, "checkpoint_hash": ZOO[model]["checkpoint_hash"]},
               "scheme": json.dumps({"name": scheme, **spec}, sort_keys=True), "task": "ppl", "protocol": "p1"}
-    store.put({"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": "ppl",
-               "protocol": "p1", "status": "failed", "error": error, "metrics": {},
-               "facts": planner_facts(model, spec)})
+    store.put(make_record(model, scheme, "ppl", {}, protocol="p1", status="failed", config=config,
+                          facts=planner_facts(model, spec), error=error))
 
 
 def test_a_failed_cells_reason_shows_in_report_html_and_compare(store, capsys):
