@@ -32,10 +32,11 @@ OUTLIER_MODEL = "small-softmax-3k"
 
 
 def _windows(loaded, n: int, window: int = 64) -> list[torch.Tensor]:
-    from qbench.eval.protocols import resolve_protocol, task_protocol
+    from qbench.eval.catalogue import get_task
+    from qbench.eval.protocols import resolve_protocol
     from qbench.eval.perplexity import protocol_windows
 
-    protocol = task_protocol(resolve_protocol(loaded, None), "probes")
+    protocol = get_task("probes").protocol(resolve_protocol(loaded, None))
     windows, _, _ = protocol_windows(protocol, loaded.tokenizer)
     full = [w for w in windows if len(w) == window]
     return (full * (n // len(full) + 1))[:n]

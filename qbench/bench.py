@@ -11,62 +11,28 @@ import traceback
 from tqdm.auto import tqdm
 
 from qbench.data.calibration import calibration_source
-from qbench.eval import PerplexityProtocol, evaluate_perplexity
-from qbench.eval.lm_eval_tasks import run_lm_eval, task_metrics
-from qbench.eval.perplexity import protocol_windows
-from qbench.eval.protocols import PROBE_SEQUENCES, is_lm_eval_task, lm_eval_spec
+from qbench.eval.catalogue import get_task
 from qbench.eval.reference import FPReference
 from qbench.plan import PlannedCell, cell_facts, last_uses, plan_cells
-from qbench.probes import run_probes
 from qbench.quant import quantize
-from qbench.results import ResultStore, git_sha, library_versions, machine, validate_record
+from qbench.record import Record
+from qbench.results import ResultStore
 from qbench.zoo import LoadedModel
 
 
-def evaluate_task(model, tokenizer, task: str, protocol: PerplexityProtocol, progress: bool,
-                  reference: FPReference | None = None, task_limit: int | None = None,
-                  planned_items_hash: str | None = None) -> dict:
-    if task == "ppl":
-        return evaluate_perplexity(model, tokenizer, protocol, progress=progress, reference=reference)
-    if is_lm_eval_task(task):
-        spec = lm_eval_spec(task, task_limit)
-        if planned_items_hash is not None and spec["items_hash"] != planned_items_hash:
-            from qbench.eval.lm_eval_tasks import TaskDataError
-
-            raise TaskDataError(f"task {task}: its items changed after the cell was planned (items hash "
-                                f"{spec['items_hash']}, planned {planned_items_hash}); run the command again")
-
-        def run(m):
-            return run_lm_eval(m, tokenizer, spec["tasks"], limit=spec["limit"])
-
-        key = {k: v for k, v in spec.items() if k != "tasks"} | {"task": task}
-        if reference is not None and model is reference.model:  # the fp32 cell fills the cache
-            return {"protocol": spec["protocol"], "items_hash": spec["items_hash"],
-                    **task_metrics(reference.task_outputs(key, run), None)}
-        quantized = run(model)
-        fp = reference.task_outputs(key, run) if reference is not None else None
-        return {"protocol": spec["protocol"], "items_hash": spec["items_hash"], **task_metrics(quantized, fp)}
-    windows, _, data_hash = protocol_windows(protocol, tokenizer)
-    windows = [w for w in windows if len(w) == protocol.window][:PROBE_SEQUENCES]
-    return {"protocol": f"probes-n{len(windows)}-{protocol.id}", "data_hash": data_hash,
-            **run_probes(model, windows, progress=progress)}
+def record_head(planned: PlannedCell) -> Record:
+    """The record of a planned cell before it runs: its identity, config and facts."""
+    cell = planned.cell
+    return Record.start(key=cell.key, config=cell.config, model=cell.model, scheme=cell.scheme.name, task=cell.task,
+                        protocol=get_task(cell.task).record_protocol(planned.protocol, cell.config["evaluation"]),
+                        calibration_seed=cell.scheme.options.get("calibration_seed"),
+                        facts=cell_facts(planned.model_ref, cell.scheme))
 
 
-def _record_head(planned: PlannedCell) -> dict:
-    cell, protocol = planned.cell, planned.protocol
-    return {"key": cell.key, "config": cell.config, "model": cell.model, "scheme": cell.scheme.name,
-            "task": cell.task, "protocol": cell.config["evaluation"].get("protocol", protocol.id)
-            if is_lm_eval_task(cell.task) else protocol.id,
-            "calibration_seed": cell.scheme.options.get("calibration_seed"),
-            "facts": cell_facts(planned.model_ref, cell.scheme)}
-
-
-def failed_record(planned: PlannedCell, error: str) -> dict:
+def failed_record(planned: PlannedCell, error: str) -> Record:
     """The record of a cell that could not run to the end (its worker died twice): failed,
     with the reason, so the sweep finishes and a rerun does not loop on it."""
-    return {**_record_head(planned), "status": "failed", "error": error,
-            "provenance": {"libraries": library_versions(), "git_sha": git_sha(), "machine": machine(),
-                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    return Record.failed(record_head(planned), error)
 
 
 def run_cell(loaded: LoadedModel, planned: PlannedCell, progress: bool, device=None) -> dict:
@@ -74,40 +40,44 @@ def run_cell(loaded: LoadedModel, planned: PlannedCell, progress: bool, device=N
     become failed records.  The device is provenance, not part of the key."""
     import torch
 
-    from qbench.device import device_name, place
+    from qbench.device import place
 
     device = torch.device(device or "cpu")
     place(loaded.model, device)
     cell, protocol, scheme = planned.cell, planned.protocol, planned.cell.scheme
+    task = get_task(cell.task)
     start = time.time()
-    record = _record_head(planned)
+    record = record_head(planned)
     try:
         in_place = scheme.backend == "reference" and scheme.dtype == "float32" and not scheme.options
         model = loaded.model if in_place else copy.deepcopy(loaded.model)  # fp32 evaluates the loaded model
         calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,
-                                         bigram_backcopy=protocol.kind == "bigram_backcopy")
+                                         bigram_backcopy=protocol.synthetic)
         record["quantization"] = quantize(model, scheme, calibration)
         # KL / top-1 / flip rate against fp32 (its outputs cached on disk, shared by all schemes)
         reference = FPReference(loaded.model, loaded.checkpoint_hash)
-        if model is loaded.model and not is_lm_eval_task(cell.task):
+        if model is loaded.model and task.native:
             reference = None  # nothing to compare the fp32 row against
-        record["metrics"] = evaluate_task(model, loaded.tokenizer, cell.task, protocol, progress, reference,
-                                          task_limit=planned.task_limit,
-                                          planned_items_hash=cell.config["evaluation"].get("items_hash"))
+        record["metrics"] = task.run(model, loaded.tokenizer, protocol, cell.config["evaluation"], reference,
+                                     progress)
         record["status"] = "ok"
     except (ArithmeticError, NotImplementedError, RuntimeError, ValueError) as err:
         # ArithmeticError: NonFiniteError and any overflow in a metric, a failed cell, not a crash
-        record["status"] = "failed"
-        record["error"] = f"{type(err).__name__}: {err}"
-        record["traceback"] = traceback.format_exc(limit=5)
-    record["provenance"] = {
-        "wall_seconds": round(time.time() - start, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "libraries": library_versions(), "git_sha": git_sha(), "machine": machine(),
-        "device": device_name(device),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+        return Record.failed(record, f"{type(err).__name__}: {err}", traceback.format_exc(limit=5),
+                             **_costs(start, device))
+    from qbench.record import provenance
+
+    record["provenance"] = provenance(**_costs(start, device))
     return record
+
+
+def _costs(start: float, device) -> dict:
+    """What the cell cost and where it ran (provenance, not part of the key)."""
+    from qbench.device import device_name
+
+    return {"wall_seconds": round(time.time() - start, 3),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "device": device_name(device)}
 
 
 def _log_computed(key: str) -> None:
@@ -121,17 +91,6 @@ def _log_computed(key: str) -> None:
             f.write(f"{key} {os.getpid()}\n")
 
 
-def schema_checked(record: dict) -> dict:
-    """A computed record that the store's schema would refuse (a non-finite or out-of-range
-    metric) is written as a failed record with the reason, so no reader quarantines it."""
-    why = validate_record(record, record["key"])
-    if why is not None and record.get("status") == "ok":
-        record = {**record, "status": "failed", "error": f"NonFiniteError: {why}",
-                  "metrics": {k: v for k, v in record["metrics"].items() if validate_record(
-                      {**record, "metrics": {k: v}, "status": "failed"}, record["key"]) is None}}
-    return record
-
-
 def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False, force: bool = False,
                 wait: bool = True, device=None) -> dict | None:
     """Run one planned cell unless the store already holds a valid record of it.  The cell's
@@ -139,20 +98,21 @@ def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False
     until the first has written the record and then reads it; without, it returns None at
     once (the caller comes back later)."""
     key = planned.cell.key
-    record = None if force else store.get(key)
+    record = None if force else store.read_file(store.path(key))[0]  # silent: an invalid file is dealt with below
     if record is not None:
         return record
     lock = store.lock(key)
     if not lock.acquire(blocking=wait):
         return None
     try:
-        record = None if force else store.get(key)  # written while we waited
+        # written while we waited; an invalid file is quarantined here, by the writer that recomputes it
+        record = None if force else store.get(key, quarantine=True)
         if record is None and planned.refused is not None:  # refused at planning: the model never loads
             record = failed_record(planned, f"UnsupportedModel: refused at planning: {planned.refused}")
             store.put(record)
         elif record is None:
             record = run_cell(planned.model_ref.load(), planned, progress, device)
-            store.put(schema_checked(record))
+            store.put(record.schema_checked())
             _log_computed(key)
     finally:
         lock.release()
@@ -166,7 +126,7 @@ def run_bench(models: list[str], schemes: list[str], tasks: list[str], store: Re
               verify: bool = True, protocol=None) -> list[dict]:
     """Run every missing cell of models x schemes (x calibration seeds) x tasks in this
     process; returns all their records.  `task_limit` caps the items of each lm-eval task
-    (BLiMP: fixed at BLIMP_ITEMS_PER_SUBTASK per subtask); `verify=False` accepts modified
+    (BLiMP: items per subtask, default qbench.eval.catalogue.BLIMP_ITEMS_PER_SUBTASK); `verify=False` accepts modified
     zoo checkpoints (plan_cells)."""
     store.check_writable()
     planned = plan_cells(models, schemes, tasks, limit, corpus, calibration_seeds, task_limit, first_token,

@@ -84,9 +84,10 @@ def _cmd_bench(args) -> int:
 def _cmd_report(args) -> int:
     from qbench.report import write_report
     from qbench.results import ResultStore
+    from qbench.zoo import read_zoo
 
     summary, report = write_report(ResultStore(args.results), fmt=args.format, models=args.models,
-                                   schemes=_split(args.schemes) or None)
+                                   schemes=_split(args.schemes) or None, zoo=read_zoo())
     print(f"wrote {summary}" + (f" and {report}" if report != summary else ""))
     return 0
 
@@ -97,10 +98,11 @@ def _cmd_compare(args) -> int:
     from qbench.report import (EmptyReportError, comparison_table, cross_model_table, format_table, headline_matrix,
                                label_checkpoints, matrix_table, matrix_values, select_records)
     from qbench.results import ResultStore
+    from qbench.zoo import read_zoo
 
-    store = ResultStore(args.results)
+    store, zoo = ResultStore(args.results), read_zoo()
     schemes = _split(args.schemes) + ([args.scheme] if args.scheme else [])
-    records = select_records(label_checkpoints(store.records()), args.models, schemes or None)
+    records = select_records(label_checkpoints(store.records(), zoo), args.models, schemes or None)
     if args.scheme:
         table = comparison_table(records)
         rows = cross_model_table(table, args.scheme) if not table.empty else table
@@ -111,8 +113,8 @@ def _cmd_compare(args) -> int:
         return 0
     from qbench.report.failures import FAILURE_LEGEND, failures_and_marks
 
-    failures, marks = failures_and_marks(records)
-    matrix = matrix_table(headline_matrix(matrix_values(records)), marks)
+    failures, marks = failures_and_marks(records, zoo)
+    matrix = matrix_table(headline_matrix(matrix_values(records, zoo)), marks)
     if matrix.empty and failures.empty:
         raise EmptyReportError(f"no quantized perplexity cell with an fp32 reference for models {args.models!r} in "
                                f"{args.results}; run qbench bench first")
@@ -153,7 +155,8 @@ def _cmd_recheck(args) -> int:
     from qbench.results import ResultStore
 
     models = [m.strip() for m in args.models.split(",")] if args.models else None
-    results = run_recheck(ResultStore(args.results), args.n, seed=args.seed, tasks=tuple(args.tasks.split(",")),
+    tasks = tuple(args.tasks.split(",")) if args.tasks else None
+    results = run_recheck(ResultStore(args.results), args.n, seed=args.seed, tasks=tasks,
                           models=models, slow=args.slow)
     return 0 if all(r.status == "ok" for r in results) else 1
 
@@ -322,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=5, help="how many records to recompute")
     p.add_argument("--seed", type=int, default=0, help="which random sample")
     p.add_argument("--models", default=None, help="comma-separated model names to sample from (default: all)")
-    p.add_argument("--tasks", default="ppl,probes", help="tasks to sample from")
+    p.add_argument("--tasks", default=None, help="tasks to sample from (default: the native tasks, ppl and probes)")
     p.add_argument("--slow", action="store_true", help="also sample GPTQ/AWQ/HQQ/quanto cells (minutes each)")
     p.add_argument("--results", default="results")
     p.set_defaults(func=_cmd_recheck)

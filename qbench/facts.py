@@ -1,9 +1,6 @@
 """What a record says about its model and its scheme (`record["facts"]`, outside the key),
-so the report places it without the live registries:
-
-    "facts": {"model": {"arm": str | None, "preset": str | None},
-              "scheme": {"backend": str, "weight_bits": int | None, "activation_bits": int | None,
-                         "kv_bits": int | None, "attention_kernel": bool}}
+so the report places it without the live registries; FACT_TYPES below is its shape (each
+value may also be null), checked by the record schema (qbench.record).
 
 One definition for the three places that need it: the planner writes them into new records
 (from the resolved scheme and the model's info), `qbench migrate` adds them to older records
@@ -12,6 +9,10 @@ any record that still lacks them.  Reads JSON and dicts only: no torch, quant or
 from __future__ import annotations
 
 import json
+
+FACT_TYPES = {"model": {"arm": str, "preset": str},
+              "scheme": {"backend": str, "weight_bits": int, "activation_bits": int, "kv_bits": int,
+                         "attention_kernel": bool}}
 
 
 def scheme_facts_from_json(spec) -> dict | None:

@@ -40,10 +40,10 @@ def print_listing(what: str) -> int:
         for name, text in PROTOCOLS.items():
             print(f"{name:17s} {text}")
     else:
-        from qbench.eval.protocols import TASKS
+        from qbench.eval.catalogue import registered
 
-        for name, text in TASKS.items():
-            print(f"{name:17s} {text}")
+        for name, task in registered().items():
+            print(f"{name:17s} {task.description}")
         print(f"{'<lm-eval task>':17s} any lm-eval task name (hellaswag, ...) whose dataset is in the local "
               "Hugging Face cache")
     return 0

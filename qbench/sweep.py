@@ -321,7 +321,8 @@ def run_sweep(suite: Suite, results_dir: str, executor: str = "local", address: 
     store = ResultStore(results_dir)
     store.check_writable()  # a file where the folder belongs: exit 5 before any planning
     planned = plan_suite(suite)  # once, here: the workers get these cells as they are
-    missing = [p for p in planned if store.get(p.cell.key) is None]
+    # the sweep writes these cells: an invalid record file of one is quarantined here, once
+    missing = [p for p in planned if store.get(p.cell.key, quarantine=True) is None]
     start = time.time()
     from qbench.zoo import CheckpointError
 

@@ -21,6 +21,7 @@ from qbench.results import ResultStore
 from qbench.study import write_study
 from qbench.study.facts import Facts
 from qbench.study.prose import GENERATED_DOC, render_readme
+from qbench.zoo import read_zoo
 
 RESULTS = REPO_ROOT / "results"
 
@@ -46,7 +47,7 @@ def main() -> int:
         user_readme = (REPO_ROOT / "README.md").read_text()
         problems += compare("README.md (family x scheme table; python -m qbench.quant.support --write-readme)",
                             user_readme, support.render_readme(user_readme))
-        summary, report = write_report(store, out)
+        summary, report = write_report(store, out, zoo=read_zoo())
         problems += compare("results/REPORT.md", (RESULTS / "REPORT.md").read_text(), report.read_text())
         problems += compare("results/summary.csv", (RESULTS / "summary.csv").read_text(), summary.read_text())
         committed = {p.name for p in (RESULTS / "plots").glob("*.png")}

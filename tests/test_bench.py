@@ -10,7 +10,7 @@ from qbench.cli import main
 from qbench.eval import PerplexityProtocol, evaluate_perplexity
 from qbench.report import comparison_table, write_report
 from qbench.results import ResultStore
-from qbench.zoo import CheckpointError, load_model
+from qbench.zoo import CheckpointError, load_model, read_zoo
 
 LIMIT = 3000
 
@@ -200,26 +200,19 @@ def test_kl_and_top1_against_full_precision(micro_checkpoint):
 
 def test_report_aggregates_hand_made_records(tmp_path):
     """Delta against the fp32 row of the same model and protocol; probes joined in."""
-    from qbench.results import cell_key
+    from record_factory import make_record
 
     store = ResultStore(tmp_path)
 
     def put(model, scheme, task, metrics, protocol="p1"):
-        # the config's model is an object with its checkpoint hash, as in every real record (the schema)
-        config = {"model": {"name": model, "checkpoint_hash": "0" * 16}, "scheme": scheme, "task": task,
-                  "protocol": protocol}
-        store.put({"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": task,
-                   "protocol": protocol, "status": "ok", "metrics": metrics})
+        store.put(make_record(model, scheme, task, metrics, protocol=protocol))
 
     put("a", "fp32", "ppl", {"ppl": 10.0})
     put("a", "w8a8-pt", "ppl", {"ppl": 12.5, "kl": 0.1, "top1_agreement": 0.9})
     put("b", "fp32", "ppl", {"ppl": 20.0})
     put("c", "fp32", "ppl", {"ppl": 30.0})
     for seed, ppl in enumerate([31.0, 33.0, 35.0]):  # three calibration draws
-        config = {"model": {"name": "c", "checkpoint_hash": "0" * 16}, "scheme": "w8a8-pt", "task": "ppl",
-                  "protocol": "p1", "calibration_seed": seed}
-        store.put({"key": cell_key(config), "config": config, "model": "c", "scheme": "w8a8-pt", "task": "ppl",
-                   "protocol": "p1", "status": "ok", "metrics": {"ppl": ppl}, "calibration_seed": seed})
+        store.put(make_record("c", "w8a8-pt", "ppl", {"ppl": ppl}, protocol="p1", calibration_seed=seed))
     put("b", "w8a8-pt", "ppl", {"ppl": 21.0, "kl": 0.05, "top1_agreement": 0.95})
     put("a", "fp32", "probes", {"max_inf_norm": 7.0, "kurtosis_mean": 3.5, "sink_rate@0.3": 25.0,
                                 "first_token_share_mean": 0.4}, protocol="probes")
@@ -231,7 +224,7 @@ def test_report_aggregates_hand_made_records(tmp_path):
     assert table.loc[("c", "w8a8-pt"), "n"] == 3 and table.loc[("c", "w8a8-pt"), "ppl"] == pytest.approx(33.0)
     assert table.loc[("c", "w8a8-pt"), "ppl_std"] == pytest.approx(2.0)  # sample std of 31, 33, 35
     assert table.loc[("c", "w8a8-pt"), "delta_ppl"] == pytest.approx(3.0)
-    summary, report = write_report(store)
+    summary, report = write_report(store, zoo=read_zoo())
     text = report.read_text()
     assert "<summary>Per scheme: w8a8-pt</summary>" in text and "plots/delta_ppl.png" in text  # folded details and (tmp_path / "plots" / "delta_ppl.png").exists()
     assert main(["compare", "--models", "a,b", "--scheme", "w8a8-pt", "--results", str(tmp_path)]) == 0

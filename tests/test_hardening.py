@@ -216,7 +216,8 @@ def test_workers_die_with_a_killed_parent(micro_checkpoint, tmp_path):
     (lambda r: r["metrics"].update(ppl=float("nan")), "ppl"),
     (None, "not valid JSON"),
 ])
-def test_a_malformed_record_is_quarantined_and_recomputed(micro_checkpoint, tmp_path, capsys, damage, why):
+def test_a_malformed_record_is_skipped_by_readers_then_quarantined_and_recomputed(micro_checkpoint, tmp_path, capsys,
+                                                                                  damage, why):
     from qbench.results import cell_key
 
     results = tmp_path / "results"
@@ -239,8 +240,9 @@ def test_a_malformed_record_is_quarantined_and_recomputed(micro_checkpoint, tmp_
         assert main(command) == 0
     err = capsys.readouterr().err
     assert path.name in err and why.split()[0].strip("'") in err
-    assert len(store.quarantined()) == 1 and not path.exists()
-    assert main(args) == 0  # the cell is asked for again: recomputed
+    assert not store.quarantined() and path.exists()  # readers skip it and move nothing
+    assert main(args) == 0  # the cell is asked for again: the bench quarantines the file and recomputes it
+    assert len(store.quarantined()) == 1
     assert path.exists() and store.get(path.stem)["status"] == "ok"
 
 
@@ -316,12 +318,12 @@ def test_bench_prints_delta_against_the_stored_fp32_record(micro_checkpoint, tmp
 
 
 def test_blimp_task_limit_is_honoured(tmp_path):
-    from qbench.eval.protocols import lm_eval_spec
+    from qbench.eval.catalogue import get_task
     from qbench.eval.lm_eval_tasks import blimp_dir
 
     if not blimp_dir().is_dir():
         pytest.skip("no BLiMP data on this machine")
-    default, five = lm_eval_spec("qbench_blimp", None), lm_eval_spec("qbench_blimp", 5)
+    default, five = get_task("qbench_blimp").spec(None), get_task("qbench_blimp").spec(5)
     assert default["limit"] == 20 and five["limit"] == 5
     assert default["protocol"].endswith("x20") and five["protocol"].endswith("x5")
 
@@ -422,11 +424,11 @@ def test_a_record_of_any_shape_is_quarantined_not_raised(three_cells, tmp_path, 
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if path.name in line]
     assert len(warnings) == 1 and why in warnings[0] and len(warnings[0]) < 400
-    assert len(store.quarantined()) == 1 and not os.path.lexists(path)
+    assert not store.quarantined() and os.path.lexists(path)  # the report moves nothing
     with no_hang(60):
         assert main(["compare", "--results", str(results)]) == 0
-        assert main([*args[:-3], "--results", str(results), "--quiet"]) == 0  # bench recomputes the cell
-    assert store.get(path.stem)["status"] == "ok"
+        assert main([*args[:-3], "--results", str(results), "--quiet"]) == 0  # bench quarantines and recomputes
+    assert len(store.quarantined()) == 1 and store.get(path.stem)["status"] == "ok"
 
 
 def test_overflowing_weights_make_a_failed_cell_and_the_bench_goes_on(micro_checkpoint, tmp_path, capsys):
@@ -675,12 +677,10 @@ def test_a_long_model_name_gives_one_short_line(tmp_path, capsys, length):
 def test_a_computed_record_the_schema_refuses_is_stored_as_failed():
     """A metric that came out inf (kl of a broken model) must not make an ok record that the
     next reader quarantines: it is written as failed, with the reason."""
-    from qbench.bench import schema_checked
-    from qbench.results import cell_key, validate_record
+    from qbench.record import validate_record
+    from record_factory import make_record
 
-    config = {"model": {"name": "m", "checkpoint_hash": "h"}, "scheme": {"name": "w8a8-dyn"}}
-    record = {"key": cell_key(config), "config": config, "model": "m", "scheme": "w8a8-dyn", "task": "ppl",
-              "protocol": "p", "status": "ok", "metrics": {"ppl": 12.0, "kl": float("inf"), "tokens": 10}}
-    checked = schema_checked(record)
+    record = make_record("m", "w8a8-dyn", "ppl", {"ppl": 12.0, "kl": float("inf"), "tokens": 10})
+    checked = record.schema_checked()
     assert checked["status"] == "failed" and "'kl'" in checked["error"]
     assert checked["metrics"] == {"ppl": 12.0, "tokens": 10} and validate_record(checked, checked["key"]) is None

@@ -76,9 +76,12 @@ def test_task_items_changed_after_planning_are_refused_not_recorded(micro_checkp
     from qbench.plan import plan_cells
     from qbench.results import ResultStore
 
+    from qbench.eval.catalogue import get_task
+
     planned = plan_cells([str(micro_checkpoint)], ["fp32"], ["qbench_cloze"], task_limit=4)
-    original = bench.lm_eval_spec
-    monkeypatch.setattr(bench, "lm_eval_spec", lambda task, limit: {**original(task, limit), "items_hash": "changed"})
+    task = get_task("qbench_cloze")
+    original = task.spec
+    monkeypatch.setattr(task, "spec", lambda limit: {**original(limit), "items_hash": "changed"})
     store = ResultStore(tmp_path / "results")
     with pytest.raises(TaskDataError, match="changed after the cell was planned"):
         bench.run_cells(planned, store, progress=False)

@@ -7,15 +7,15 @@ import pytest
 from qbench.paths import REPO_ROOT
 from qbench.study.facts import Facts, MissingValue
 from qbench.study.prose import BEGIN, GENERATED_DOC, TEMPLATES, bare_numbers, render_readme
+from record_factory import make_record
 
 TEMPLATE_FILES = [REPO_ROOT / "study" / "DISCUSSION.md", *sorted(TEMPLATES.glob("*.md"))]
 
 
 def _record(model, scheme, ppl, draw=None, task="ppl", **metrics):
-    return {"model": model, "scheme": scheme, "task": task, "status": "ok",
-            "protocol": "nonoverlap-w256-bos-sotu-test-first20000c", "calibration_seed": draw,
-            "metrics": {"ppl": ppl, **metrics}, "key": f"{model}-{scheme}-{draw}-{task}", "config": {},
-            "provenance": {}}
+    return make_record(model, scheme, task, {"ppl": ppl, **metrics}, key=f"{model}-{scheme}-{draw}-{task}",
+                       protocol="nonoverlap-w256-bos-sotu-test-first20000c", calibration_seed=draw, config={},
+                       provenance={})
 
 
 ZOO = {"tiny-softmax": {"preset": "tiny", "arm": "softmax"}, "tiny-softmax-s1": {"preset": "tiny", "arm": "softmax"},

@@ -4,6 +4,7 @@ with a one-line reason, and every record left in the store is valid."""
 import copy
 import io
 import json
+import os
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -17,15 +18,15 @@ from hypothesis import strategies as st  # noqa: E402
 from qbench.cli import main  # noqa: E402
 from qbench.report import comparison_table, format_table  # noqa: E402
 from qbench.results import ResultStore, cell_key, validate_record  # noqa: E402
+from record_factory import make_record  # noqa: E402
 
 
 def _record(scheme: str, task: str, metrics: dict) -> dict:
     config = {"model": {"name": "fuzz", "checkpoint_hash": "0123abcd"}, "scheme": {"name": scheme},
               "evaluation": {"task": task, "protocol": "p"}, "data_hash": "d", "qbench_version": "0"}
-    return {"key": cell_key(config), "config": config, "model": "fuzz", "scheme": scheme, "task": task,
-            "protocol": "nonoverlap-w64-bos-fuzz" if task == "ppl" else f"{task}-p", "status": "ok",
-            "calibration_seed": None, "metrics": metrics, "quantization": {"layers": 2},
-            "provenance": {"wall_seconds": 1.0}, "error": None}
+    return dict(make_record("fuzz", scheme, task, metrics, config=config,
+                            protocol="nonoverlap-w64-bos-fuzz" if task == "ppl" else f"{task}-p",
+                            quantization={"layers": 2}, provenance={"wall_seconds": 1.0}, error=None))
 
 
 def _base_records() -> list[dict]:
@@ -102,6 +103,9 @@ def _check(poisoned: list, commands: list[list[str]]):
         for argv in commands:
             code, err = _run([argv[0], "--results", str(store.root), *argv[1:]])
             assert code in (0, 4), err  # 4: nothing left to compare
+        assert store.quarantined() == [] and all(os.path.lexists(p) for p in paths)  # readers move nothing
+        for path in paths:  # what a writer does before recomputing a cell: quarantine its invalid file
+            store.get(path.stem, quarantine=True)
         assert store.corrupt() == []  # every file left in the store is a valid record
         for name, why in verdicts.items():
             if why is not None:

@@ -14,7 +14,8 @@ import qbench.zoo
 from qbench.cli import main
 from qbench.report import comparison_table, headline_matrix, label_checkpoints, matrix_values, write_report
 from qbench.report.facts import scheme_facts
-from qbench.results import ResultStore, cell_key
+from qbench.results import ResultStore
+from record_factory import make_record
 
 ZOO = {
     "tiny-a": {"arm": "softmax", "preset": "tiny", "seed": 0, "steps": 10, "checkpoint_hash": "h-a0"},
@@ -43,9 +44,8 @@ def put(store, model, scheme, task, metrics, draw=None, checkpoint=None, protoco
     config = {"model": {"name": model, "checkpoint_hash": checkpoint or ZOO.get(model, {}).get("checkpoint_hash", "x")},
               "scheme": json.dumps({"name": scheme, **spec}, sort_keys=True), "task": task, "protocol": protocol,
               "calibration_seed": draw}
-    record = {"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": task,
-              "protocol": protocol, "status": "ok", "metrics": metrics}
-    store.put({**record, "facts": planner_facts(model, spec)} if facts else record)
+    store.put(make_record(model, scheme, task, metrics, protocol=protocol, config=config,
+                          facts=planner_facts(model, spec) if facts else None))
 
 
 def fill(store, facts=True):
@@ -102,7 +102,7 @@ def test_seeds_and_draws_fold_with_the_right_n_and_spread(store):
 
 
 def test_report_puts_the_matrix_first_and_marks_overlap_with_zero(store):
-    _, report = write_report(store)
+    _, report = write_report(store, zoo=ZOO)
     text = report.read_text()
     first_screen = "\n".join(text.splitlines()[:12])
     assert "representative schemes" in first_screen and "tiny · softmax" in first_screen and "tiny · vga" in first_screen
@@ -129,7 +129,7 @@ def test_changed_checkpoint_is_a_separate_row(store):
 
 
 def test_models_and_schemes_narrow_the_report(store, capsys):
-    _, report = write_report(store, models="tiny-b*", schemes=["w8a8-pt"])
+    _, report = write_report(store, zoo=ZOO, models="tiny-b*", schemes=["w8a8-pt"])
     text = report.read_text()
     assert "tiny · vga" in text and "tiny · softmax" not in text and "w8a8-dyn" not in text
     assert main(["compare", "--models", "tiny-a*", "--results", str(store.root)]) == 0
@@ -155,7 +155,7 @@ def test_html_report_is_self_contained_and_escaped(store, tmp_path):
     evil = "<img src=x onerror=alert(1)>"
     put(store, evil, "fp32", "ppl", {"ppl": 10.0})
     put(store, evil, "w8a8-pt", "ppl", {"ppl": 11.0}, 0)
-    _, report = write_report(store, fmt="html")
+    _, report = write_report(store, zoo=ZOO, fmt="html")
     html = report.read_text()
     assert evil not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     assert 'id="matrix"' in html and "data:image/png;base64," in html
@@ -166,7 +166,7 @@ def test_html_report_is_self_contained_and_escaped(store, tmp_path):
 def test_report_writes_atomically_and_keeps_the_old_file_on_failure(store, monkeypatch):
     import qbench.results as results
 
-    _, report = write_report(store)
+    _, report = write_report(store, zoo=ZOO)
     before = report.read_text()
 
     def full_disk(*args, **kwargs):
@@ -202,8 +202,7 @@ def test_a_records_facts_place_it_not_its_name(tmp_path):
                   "task": "ppl", "protocol": "p1"}
         facts = {"model": {"arm": "aaa", "preset": "tiny"} if model == "elsewhere-z" else planner_facts(model, spec)["model"],
                  "scheme": planner_facts(model, SCHEME_SPECS["fp32"] if scheme == "fp32" else spec)["scheme"]}
-        store.put({"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": "ppl",
-                   "protocol": "p1", "status": "ok", "metrics": {"ppl": ppl}, "facts": facts})
+        store.put(make_record(model, scheme, "ppl", {"ppl": ppl}, protocol="p1", config=config, facts=facts))
     cells = headline_matrix(matrix_values(store.records(), ZOO))
     new = cells[cells.scheme == "zz-w4-new"]
     assert set(new.group) == {2} and set(new.width) == {4}
@@ -271,27 +270,26 @@ def put_failed(store, model, scheme, error):
     spec = SCHEME_SPECS.get(scheme, SCHEME_SPECS["w8a8-pt"])
     config = {"model": {"name": model, "checkpoint_hash": ZOO[model]["checkpoint_hash"]},
               "scheme": json.dumps({"name": scheme, **spec}, sort_keys=True), "task": "ppl", "protocol": "p1"}
-    store.put({"key": cell_key(config), "config": config, "model": model, "scheme": scheme, "task": "ppl",
-               "protocol": "p1", "status": "failed", "error": error, "metrics": {},
-               "facts": planner_facts(model, spec)})
+    store.put(make_record(model, scheme, "ppl", {}, protocol="p1", status="failed", config=config,
+                          facts=planner_facts(model, spec), error=error))
 
 
 def test_a_failed_cells_reason_shows_in_report_html_and_compare(store, capsys):
     """tiny-b under w8a8-dyn failed: its matrix cell reads `failed:nonfinite` (not `-`), the
     legend says what that means, and the full message is in the failed-cells table."""
     put_failed(store, "tiny-b", "w8a8-dyn", "NonFiniteError: non-finite logits (12 values) under protocol p1")
-    _, report = write_report(store)
+    _, report = write_report(store, zoo=ZOO)
     text = report.read_text()
     assert "failed:nonfinite" in text and "`nonfinite` NaN/inf logits" in text
     assert "Failed cells (1): why" in text and "non-finite logits (12 values)" in text
-    _, page = write_report(store, fmt="html")
+    _, page = write_report(store, zoo=ZOO, fmt="html")
     assert "failed:nonfinite" in page.read_text() and "non-finite logits (12 values)" in page.read_text()
     assert main(["compare", "--results", str(store.root)]) == 0
     out = capsys.readouterr().out
     assert "failed:nonfinite" in out and "non-finite logits (12 values)" in out
     # a later success replaces the failure everywhere
     put(store, "tiny-b", "w8a8-dyn", "ppl", {"ppl": 40.0})
-    assert "failed:" not in write_report(store)[1].read_text()
+    assert "failed:" not in write_report(store, zoo=ZOO)[1].read_text()
 
 
 def test_sweep_prints_each_failed_cell_with_its_reason(monkeypatch, capsys, tmp_path):

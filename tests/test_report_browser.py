@@ -25,7 +25,7 @@ def test_matrix_is_visible_and_a_header_click_sorts(tmp_path, monkeypatch):
     for model, fp, q in [("tiny-a", 10.0, 10.5), ("tiny-a-s1", 20.0, 20.1), ("tiny-b", 40.0, 48.0)]:
         put(store, model, "fp32", "ppl", {"ppl": fp})
         put(store, model, "w8a8-pt", "ppl", {"ppl": q}, 0)
-    _, report = write_report(store, fmt="html")
+    _, report = write_report(store, zoo=ZOO, fmt="html")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS[1:], headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 800})

@@ -8,6 +8,7 @@ import re
 import pandas as pd
 
 from qbench.results import MAX_QUARANTINE_WARNINGS, ResultStore
+from record_factory import make_record
 
 
 def test_many_quarantined_records_print_a_bounded_number_of_lines(tmp_path, capsys):
@@ -19,13 +20,12 @@ def test_many_quarantined_records_print_a_bounded_number_of_lines(tmp_path, caps
     assert ResultStore(tmp_path).records() == []
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == MAX_QUARANTINE_WARNINGS + 1, err
-    assert f"{2 * MAX_QUARANTINE_WARNINGS} more invalid records moved" in err[-1]
-    assert len(list((records / ".quarantine").glob("*.json"))) == 3 * MAX_QUARANTINE_WARNINGS  # every one moved
+    assert f"{2 * MAX_QUARANTINE_WARNINGS} more invalid records skipped" in err[-1]
+    assert len(list(records.glob("*.json"))) == 3 * MAX_QUARANTINE_WARNINGS  # reading moves none of them
 
 
 def _record(key, seed=0):
-    return {"key": key, "model": "m", "scheme": "w8a8-pt", "task": "ppl", "protocol": "p", "status": "ok",
-            "calibration_seed": seed, "metrics": {"ppl": 10.0 + seed, "kl": 0.1}}
+    return make_record("m", "w8a8-pt", "ppl", {"ppl": 10.0 + seed, "kl": 0.1}, key=key, calibration_seed=seed)
 
 
 def test_a_record_listed_twice_counts_once():

@@ -3,6 +3,7 @@ import pandas as pd
 
 from qbench.results import ResultStore
 from qbench.study import mechanism_logs, mechanism_table, run_study, write_study
+from record_factory import make_record
 
 
 def test_quick_study_runs_and_writes_tables_traceable_to_records(tmp_path):
@@ -39,9 +40,8 @@ def test_mechanism_table_reads_the_bb_training_logs():
 
 
 def _ppl_record(model, scheme, ppl, draw=None, **metrics):
-    return {"model": model, "scheme": scheme, "task": "ppl", "status": "ok", "protocol": "p",
-            "calibration_seed": draw, "metrics": {"ppl": ppl, **metrics}, "key": f"{model}-{scheme}-{draw}",
-            "config": {}, "provenance": {}}
+    return make_record(model, scheme, "ppl", {"ppl": ppl, **metrics}, key=f"{model}-{scheme}-{draw}",
+                       calibration_seed=draw, config={}, provenance={})
 
 
 def test_ptq_table_cells_are_relative_changes_with_the_draw_spread():

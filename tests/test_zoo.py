@@ -86,12 +86,13 @@ def test_smollm2_loads_from_its_package_and_reproduces_its_perplexity():
 def test_smollm2_probes_show_its_known_extreme_tokens():
     """REFERENCE.md section 5: 40-60% of attention on token 0 in layers 12-28 and a massive
     activation of about 23,000 in one residual channel at the first token."""
-    from qbench.eval.protocols import resolve_protocol, task_protocol
+    from qbench.eval.catalogue import get_task
+    from qbench.eval.protocols import resolve_protocol
     from qbench.eval.perplexity import protocol_windows
     from qbench.probes import run_probes
 
     loaded = load_model("smollm2-135m")
-    protocol = task_protocol(resolve_protocol(loaded, 20000), "probes")
+    protocol = get_task("probes").protocol(resolve_protocol(loaded, 20000))
     windows, _, _ = protocol_windows(protocol, loaded.tokenizer)
     windows = [w for w in windows if len(w) == protocol.window][:16]
     result = run_probes(loaded.model, windows)

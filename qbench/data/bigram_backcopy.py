@@ -6,6 +6,7 @@ Every sequence starts with BOS.  The k triggers are the k most frequent characte
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import torch
@@ -70,3 +71,12 @@ class BigramBackcopy:
             drawn = torch.searchsorted(self._cdf[prev], u[i].unsqueeze(1), right=True)[:, 0]
             seq[:, i] = torch.where(self.is_trigger(prev), seq[:, i - 2], drawn)
         return seq
+
+
+@functools.lru_cache(maxsize=4)
+def for_corpus(corpus_spec: str) -> BigramBackcopy:
+    """The task whose bigram statistics come from the corpus' training split, built once per
+    process (evaluation, calibration and the mechanism probes share it)."""
+    from qbench.data.corpus import load_corpus
+
+    return BigramBackcopy("".join(load_corpus(corpus_spec).train))

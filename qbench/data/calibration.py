@@ -12,13 +12,12 @@ def calibration_source(corpus_spec: str, tokenizer, window: int, bigram_backcopy
     """A function (n_batches, seed, batch_size) -> list of (batch_size, window) LongTensors."""
     def batches(n_batches: int, seed: int, batch_size: int) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
-        corpus = load_corpus(corpus_spec)
         if bigram_backcopy:
-            from qbench.data.bigram_backcopy import BigramBackcopy
+            from qbench.data.bigram_backcopy import for_corpus
 
-            task = BigramBackcopy("".join(corpus.train))
+            task = for_corpus(corpus_spec)
             return [task.sample(batch_size, window, generator) for _ in range(n_batches)]
-        ids = cached_split_ids(corpus, "train", tokenizer)
+        ids = cached_split_ids(load_corpus(corpus_spec), "train", tokenizer)
         first = first_token_id(tokenizer)
         return [random_windows(ids, batch_size, window, first, generator) for _ in range(n_batches)]
 

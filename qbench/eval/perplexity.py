@@ -96,13 +96,18 @@ class PerplexityProtocol:
         """Targets scored per full window (None for Bigram-Backcopy)."""
         if self.kind == "llamacpp":
             return self.window - 1 - self.window // 2
-        if self.kind == "bigram_backcopy":
+        if self.synthetic:
             return None
         return self.window - (self.score_from or 0) if self.kind == "rolling" else self.window - 1 - (self.score_from or 0)
 
     @property
+    def synthetic(self) -> bool:
+        """A Bigram-Backcopy protocol: fixed synthetic sequences, not text."""
+        return self.kind == "bigram_backcopy"
+
+    @property
     def id(self) -> str:
-        if self.kind == "bigram_backcopy":
+        if self.synthetic:
             return f"bb-n{self.sequences}-T{self.window}-seed{self.seed}"
         limit = f"-first{self.max_chars}c" if self.max_chars else ""
         start = "bos" if self.first_token is None else "tok" + "".join(
@@ -161,11 +166,10 @@ def protocol_windows(protocol: PerplexityProtocol, tokenizer) -> tuple[list[torc
 
 
 def _protocol_windows(protocol: PerplexityProtocol, tokenizer) -> tuple[list[torch.Tensor], dict, str]:
-    if protocol.kind == "bigram_backcopy":
-        from qbench.data.bigram_backcopy import BigramBackcopy
+    if protocol.synthetic:
+        from qbench.data.bigram_backcopy import for_corpus
 
-        corpus = load_corpus(protocol.corpus)
-        task = BigramBackcopy("".join(corpus.train))
+        task = for_corpus(protocol.corpus)
         seqs = task.sample(protocol.sequences, protocol.window, torch.Generator().manual_seed(protocol.seed))
         data_hash = __import__("hashlib").sha256(seqs.numpy().tobytes()).hexdigest()
         return list(seqs), {"words": None, "bytes": None, "task": task}, data_hash
@@ -275,7 +279,7 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, protocol: PerplexityP
         raise ValueError(f"protocol {protocol.id}: the text gives no token to score (limit too small?)")
     result = {"protocol": protocol.id, "nll_sum": nll, "tokens": tokens, "windows": len(windows),
               "ppl": perplexity(nll, tokens, "token", protocol.id), "data_hash": data_hash}
-    if protocol.kind != "bigram_backcopy":
+    if not protocol.synthetic:
         result["first_token"] = first_token_text(tokenizer, protocol)
     if task is not None:
         # the copy circuit (positions right after a trigger) and the bigram positions; the

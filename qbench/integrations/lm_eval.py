@@ -54,7 +54,7 @@ class QBenchLM(HFLM):
             device = "cpu"
         place(loaded.model, resolve_device(device))
         calibration = calibration_source(protocol.corpus, loaded.tokenizer, protocol.window,
-                                         bigram_backcopy=protocol.kind == "bigram_backcopy")
+                                         bigram_backcopy=protocol.synthetic)
         self.qbench_quantization = quantize(loaded.model, resolved, calibration)
         self.qbench_model, self.qbench_scheme = loaded.name, resolved
         kwargs.pop("dtype", None)  # the model is already built

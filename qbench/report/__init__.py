@@ -3,7 +3,7 @@ matrix, REPORT.md / REPORT.html / summary.csv and plots.
 
 Reads records only: what a record says about its scheme and model (qbench.report.facts),
 never the live scheme or arm registries, so it imports neither qbench.quant nor
-qbench.modeling.
+qbench.modeling; the zoo's entries come from the caller (`zoo=`), and no torch loads.
 
   records    loading and selecting records, checkpoint labels
   facts      each record's scheme and model facts; the matrix's row and column order

@@ -2,11 +2,8 @@
 
 The report reads these facts from the records, never from the live registries (it imports
 neither qbench.quant nor qbench.modeling), so a record keeps its place in the report after
-the scheme or the arm that computed it is renamed or removed.  A record carries them as
-
-    "facts": {"model": {"arm": str | None, "preset": str | None},
-              "scheme": {"backend": str, "weight_bits": int | None, "activation_bits": int | None,
-                         "kv_bits": int | None, "attention_kernel": bool}}
+the scheme or the arm that computed it is renamed or removed.  A record carries them in
+`facts` (shape: qbench.facts.FACT_TYPES).
 
 Older records do not: their scheme facts come from the scheme's JSON in `config.scheme`
 (its options hold `attention_kernel` and `kv_cache`), their model facts from the zoo entry

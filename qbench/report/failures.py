@@ -68,12 +68,11 @@ def failure_lines(records: list[dict]) -> list[str]:
             zip(frame.model, frame.scheme, frame.task, frame.reason, frame.error)]
 
 
-def failures_and_marks(records: list[dict], zoo: dict | None = None) -> tuple[pd.DataFrame, dict]:
+def failures_and_marks(records: list[dict], zoo: dict) -> tuple[pd.DataFrame, dict]:
     """failed_cells(records) and the matrix marks of the failed perplexity cells."""
     failures = failed_cells(records)
     if failures.empty:
         return failures, {}
     from qbench.report.facts import row_identities
-    from qbench.zoo import read_zoo
 
-    return failures, failure_marks(records, row_identities(records, read_zoo() if zoo is None else zoo))
+    return failures, failure_marks(records, row_identities(records, zoo))

@@ -9,6 +9,7 @@ from qbench.report.facts import (
     EIGHT_BIT_GROUP, KERNEL_GROUP, LOW_BIT_GROUP, UNKNOWN_GROUP, row_identities, row_sort_key, scheme_facts_by_name,
     scheme_group, scheme_sort_key, scheme_width,
 )
+from qbench.eval.catalogue import is_native
 from qbench.report.records import REFERENCE_SCHEME, records_frame
 from qbench.scheme_catalog import screen_columns
 
@@ -34,11 +35,9 @@ def _short_scheme(name: str) -> str:
     return name.removesuffix("-g64")
 
 
-def fp_ppl_by_row(records: list[dict], zoo: dict | None = None) -> dict[tuple[str, str, str], float]:
-    """(family, arm, variant) -> fp32 perplexity on the matrix's protocol, mean over seeds."""
-    from qbench.zoo import read_zoo
-
-    zoo = read_zoo() if zoo is None else zoo
+def fp_ppl_by_row(records: list[dict], zoo: dict) -> dict[tuple[str, str, str], float]:
+    """(family, arm, variant) -> fp32 perplexity on the matrix's protocol, mean over seeds.
+    `zoo`: the zoo's entries by name (the caller reads them; the report does not)."""
     frame = records_frame([r for r in records if r["task"] == "ppl"])
     if frame.empty:
         return {}
@@ -90,13 +89,10 @@ def _main_protocols(frame: pd.DataFrame) -> dict[str, str]:
     return dict(zip(counts.drop_duplicates("model").model, counts.drop_duplicates("model").protocol))
 
 
-def matrix_values(records: list[dict], zoo: dict | None = None) -> pd.DataFrame:
+def matrix_values(records: list[dict], zoo: dict) -> pd.DataFrame:
     """One row per (model, scheme, record): the record's relative delta-ppl % against the
     fp32 record of the same model and protocol, with its row identity (family, arm,
     variant) and, where downstream tasks ran, the cell's mean flip rate over tasks and draws."""
-    from qbench.zoo import read_zoo
-
-    zoo = read_zoo() if zoo is None else zoo
     frame = records_frame([r for r in records if r["task"] == "ppl"])
     columns = ["family", "arm", "variant", "model", "scheme", "group", "width", "protocol", "rel_delta_%", "flip_rate"]
     if frame.empty:
@@ -111,7 +107,7 @@ def matrix_values(records: list[dict], zoo: dict | None = None) -> pd.DataFrame:
     frame["rel_delta_%"] = 100.0 * (frame.ppl - frame.fp_ppl) / frame.fp_ppl
     flips = {}
     for r in records:
-        if r["task"] not in ("ppl", "probes") and r.get("status") == "ok" and r["scheme"] != REFERENCE_SCHEME:
+        if not is_native(r["task"]) and r.get("status") == "ok" and r["scheme"] != REFERENCE_SCHEME:
             value = (r.get("metrics") or {}).get("flip_rate")
             if value is not None:
                 flips.setdefault((r["model"], r["scheme"]), []).append(value)

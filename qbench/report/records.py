@@ -30,14 +30,11 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def label_checkpoints(records: list[dict], zoo: dict | None = None) -> list[dict]:
+def label_checkpoints(records: list[dict], zoo: dict) -> list[dict]:
     """Records whose checkpoint differs from the one the zoo lists under their model name
     (a corrupted or retrained checkpoint) get the model name `name@<short hash>`, so reports
     never average different checkpoints; outside the zoo, a name seen with several
-    checkpoints is split the same way."""
-    from qbench.zoo import read_zoo
-
-    zoo = read_zoo() if zoo is None else zoo
+    checkpoints is split the same way.  `zoo`: the zoo's entries by name, from the caller."""
     hashes: dict[str, set] = {}
     for r in records:
         hashes.setdefault(r["model"], set()).add(_checkpoint(r))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from qbench.eval.catalogue import is_native, native_tasks
 from qbench.report.records import REFERENCE_SCHEME, records_frame
 
 TASK_METRICS = {"accuracy": "acc", "flip_rate": "flip_rate", "recovery": "recovery"}
@@ -14,12 +15,12 @@ def task_short(task: str) -> str:
 
 
 def task_frame(records: list[dict]) -> pd.DataFrame:
-    """Downstream task metrics (every task that is neither ppl nor probes), one row per
+    """Downstream task metrics (every task that is not native: lm-eval's), one row per
     (model, scheme) with columns <task>_acc / _flip_rate / _recovery (calibration draws
     averaged).  fp32 rows carry flip_rate 0 and recovery 1 by definition."""
     rows = []
     for r in records:
-        if r["task"] in ("ppl", "probes") or r.get("status") != "ok":
+        if is_native(r["task"]) or r.get("status") != "ok":
             continue
         metrics, short = r.get("metrics") or {}, task_short(r["task"])
         default = {"flip_rate": 0.0, "recovery": 1.0} if r["scheme"] == REFERENCE_SCHEME else {}
@@ -35,16 +36,17 @@ def task_frame(records: list[dict]) -> pd.DataFrame:
     ordered = [f"{t}_{m}" for t in tasks for m in TASK_METRICS.values() if f"{t}_{m}" in wide.columns]
     return wide[ordered].reset_index()
 
-PROBE_COLUMNS = {"max_inf_norm": "max_inf_norm", "kurtosis_mean": "kurtosis", "sink_rate@0.3": "sink_rate@0.3",
-                 "first_token_share_mean": "first_token_share"}
-
-
-def probe_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per (model, scheme): probe metrics, averaged over calibration draws."""
+def native_task_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per (model, scheme): the report columns of every native task that has ok
+    records (probes: max_inf_norm, kurtosis, ...; Task.report_columns), averaged over
+    calibration draws."""
+    wanted = {task.name: task.report_columns for task in native_tasks() if task.report_columns}
+    ok = [r for r in records if r["task"] in wanted and r.get("status") == "ok"]
+    present = [name for name in wanted if any(r["task"] == name for r in ok)]
+    columns = [column for name in present for column in wanted[name].values()]
     rows = [{"model": r["model"], "scheme": r["scheme"],
-             **{name: (r.get("metrics") or {}).get(key) for key, name in PROBE_COLUMNS.items()}}
-            for r in records if r["task"] == "probes" and r.get("status") == "ok"]
-    frame = pd.DataFrame(rows, columns=["model", "scheme", *PROBE_COLUMNS.values()])
+             **{name: (r.get("metrics") or {}).get(key) for key, name in wanted[r["task"]].items()}} for r in ok]
+    frame = pd.DataFrame(rows, columns=["model", "scheme", *columns])
     return frame.groupby(["model", "scheme"], as_index=False, sort=False).mean() if rows else frame
 
 
@@ -80,10 +82,10 @@ def comparison_table(records: list[dict]) -> pd.DataFrame:
     frame["rel_delta_%"] = 100.0 * frame.delta_ppl / frame.fp_ppl
     columns = ["model", "scheme", "protocol", "status", "n", "ppl", "ppl_std", "delta_ppl", "rel_delta_%", "kl",
                "top1_agreement", "word_ppl", "byte_ppl", "tokens"]
-    probes = probe_frame(records)
-    if not probes.empty:
-        frame = frame.merge(probes, on=["model", "scheme"], how="left")
-        columns += list(PROBE_COLUMNS.values())
+    native = native_task_frame(records)
+    if not native.empty:
+        frame = frame.merge(native, on=["model", "scheme"], how="left")
+        columns += [c for c in native.columns if c not in ("model", "scheme")]
     tasks = task_frame(records)
     if len(tasks.columns) > 2:
         frame = frame.merge(tasks, on=["model", "scheme"], how="left")

@@ -21,14 +21,12 @@ from qbench.results import ResultStore, atomic_write_text
 
 
 def write_report(store: ResultStore, out_dir: Path | None = None, fmt: str = "md", models: str | None = None,
-                 schemes: list[str] | None = None) -> tuple[Path, Path]:
+                 schemes: list[str] | None = None, *, zoo: dict) -> tuple[Path, Path]:
     """summary.csv always; REPORT.md or REPORT.html (self-contained) with the headline matrix
-    first.  `models` (globs) and `schemes` narrow it.  Raises EmptyReportError when there
-    is nothing to compare (no records, or only fp32 ones)."""
-    from qbench.zoo import read_zoo
-
+    first.  `models` (globs) and `schemes` narrow it.  `zoo`: the zoo's entries by name
+    (qbench.zoo.read_zoo(), read by the caller: the report does not import the zoo).  Raises
+    EmptyReportError when there is nothing to compare (no records, or only fp32 ones)."""
     out_dir = Path(out_dir or store.root)
-    zoo = read_zoo()
     records = select_records(label_checkpoints(store.records(), zoo), models, schemes)
     where = f" matching --models {models!r}" if models else ""
     if not records:
@@ -87,12 +85,12 @@ class Section:
 
 
 def report_sections(records: list[dict], table: pd.DataFrame, cells: pd.DataFrame,
-                    zoo: dict | None = None) -> list[Section]:
+                    zoo: dict) -> list[Section]:
     """The report in reading order: the first screen (representative schemes, within 120
     columns), the worst cells and the extreme tokens, then the full matrix and the details,
     folded."""
     failures, marks = failures_and_marks(records, zoo)
-    first = first_screen_table(cells, fp_ppl_by_row(records), marks)
+    first = first_screen_table(cells, fp_ppl_by_row(records, zoo), marks)
     legend = FIRST_SCREEN_LEGEND + (" " + FAILURE_LEGEND if marks else "")
     sections = [Section("Perplexity change vs fp32 (%): the representative schemes", first if not first.empty else None,
                         legend if not first.empty else "No quantized perplexity cell has an fp32 reference.")]

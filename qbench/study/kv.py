@@ -14,6 +14,8 @@ import argparse
 import statistics
 from pathlib import Path
 
+from qbench.eval.catalogue import is_native
+
 KV_SCHEMES = ["kv8", "kv8-sink1", "kv4", "kv4-sink1", "kv2", "kv2-sink1", "kv2-g32", "kv2-g32-r128",
               "kv2-kivi-g32-r32", "kv2-kivi-g32-r32-sink1", "kv4-kivi-g32-r128", "kv2-kivi-g32-r128",
               "kv2-kivi-g32-r128-sink1", "w8a8-dyn", "w8a8-dyn-kv4", "w8a8-dyn-kv4-sink1"]  # composed: last
@@ -85,7 +87,7 @@ def task_table(records: list[dict]) -> list[str]:
     """SmolLM2's lm-eval cells under KV schemes (the same model path as perplexity)."""
     rows = {}
     for r in records:
-        if (r.get("status") == "ok" and r.get("model") == SMOLLM2 and r.get("task") not in ("ppl", "probes")
+        if (r.get("status") == "ok" and r.get("model") == SMOLLM2 and not is_native(r.get("task"))
                 and r.get("scheme") in KV_SCHEMES + ["fp32"]):
             rows[(r["task"], r["protocol"], r["scheme"])] = r["metrics"]
     keys = sorted({(t, p) for (t, p, s) in rows if s != "fp32" and (t, p, "fp32") in rows})
