@@ -80,17 +80,6 @@ def _costs(start: float, device) -> dict:
             "device": device_name(device)}
 
 
-def _log_computed(key: str) -> None:
-    """Test and stress hook: QBENCH_COMPUTE_LOG names a file that gets one line per cell this
-    process computed and recorded (bench/stress.py counts duplicates with it)."""
-    import os
-
-    path = os.environ.get("QBENCH_COMPUTE_LOG")
-    if path:
-        with open(path, "a") as f:
-            f.write(f"{key} {os.getpid()}\n")
-
-
 def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False, force: bool = False,
                 wait: bool = True, device=None) -> dict | None:
     """Run one planned cell unless the store already holds a valid record of it.  The cell's
@@ -113,7 +102,6 @@ def run_planned(planned: PlannedCell, store: ResultStore, progress: bool = False
         elif record is None:
             record = run_cell(planned.model_ref.load(), planned, progress, device)
             store.put(record.schema_checked())
-            _log_computed(key)
     finally:
         lock.release()
     return record

@@ -69,7 +69,7 @@ def test_every_package_a_scheme_needs_is_in_the_records_provenance():
     handlers' `package`, by import name; the distribution found from the installed ones)."""
     from importlib.metadata import packages_distributions
 
-    from qbench.results import TRACKED_LIBRARIES
+    from qbench.record import TRACKED_LIBRARIES
 
     distributions = packages_distributions()
     needed = {package for scheme in SCHEMES.values() for package in scheme_info(scheme).packages}
