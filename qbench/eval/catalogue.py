@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 
 from qbench.eval import heldout_tasks
-from qbench.registry import closest
+from qbench.suggest import closest
 
 BLIMP_ITEMS_PER_SUBTASK = 20
 PROBE_WINDOW = 64  # Gu et al.'s sink rate is defined at a fixed T = 64
