@@ -39,7 +39,7 @@ def imports():
 LAYERS = [
     ("util", ["qbench.paths", "qbench.atomic", "qbench.safefile", "qbench.suggest", "qbench.validate",
               "qbench.device", "qbench.online", "qbench.archive", "qbench.facts", "qbench.results", "qbench.errors",
-              "qbench.scheme_catalog"]),
+              "qbench.scheme_catalog", "qbench.record"]),
     ("data", ["qbench.data"]),
     ("modeling", ["qbench.modeling"]),
     ("probes", ["qbench.probes"]),

@@ -156,7 +156,7 @@ def test_a_new_weight_method_and_backend_run_in_bench_report_and_recheck(dummy_m
     assert records[2]["facts"]["scheme"]["backend"] == "test-per-tensor"
     # the report: the method's scheme in the first screen's column its tag names; the backend's
     # scheme a column of the full matrix (its group from its bits, 4)
-    _, report = write_report(store, tmp_path / "out")
+    _, report = write_report(store, tmp_path / "out", zoo={})
     text = report.read_text()
     first_screen = text.split("## ", 2)[1]
     header = next(line for line in first_screen.splitlines() if line.startswith("| model"))
