@@ -107,7 +107,7 @@ def main() -> int:
     import bitsandbytes  # noqa: F401  imports paid before timing, on both sides
 
     from perf_quant import cpu_name
-    from qbench.bench import run_cell
+    from qbench.runner import run_cell
     from qbench.data import load_corpus
     from qbench.data.tokens import split_text
     from qbench.plan import plan_cells

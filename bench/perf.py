@@ -73,7 +73,7 @@ def store_overhead(tmp: Path, cells: int) -> tuple[float, float, float]:
     """(seconds of one real ppl cell, store put+get per cell, report table per cell)."""
     import copy
 
-    from qbench.bench import run_bench
+    from qbench.runner import run_bench
     from qbench.report import comparison_table
     from qbench.results import ResultStore
 

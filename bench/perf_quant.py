@@ -167,7 +167,7 @@ def cell_rows(model_name: str = "smollm2-135m", limit: int = 20000):
     first, as in any campaign) against a bare fp32 forward over the same windows."""
     import tempfile
 
-    from qbench.bench import run_planned
+    from qbench.runner import run_planned
     from qbench.eval.perplexity import protocol_windows
     from qbench.plan import plan_cells
     from qbench.results import ResultStore

@@ -38,7 +38,7 @@ def _split(text: str) -> list[str]:
 
 
 def _cmd_bench(args) -> int:
-    from qbench.bench import run_bench
+    from qbench.runner import run_bench
     from qbench.report import comparison_table, format_table
     from qbench.results import ResultStore
     from qbench.validate import names, non_negative_int, positive_int, seed_list

@@ -198,7 +198,7 @@ def replan(record: dict):
 
 
 def recheck_record(record: dict, here: dict | None = None) -> Recheck:
-    from qbench.bench import run_cell
+    from qbench.runner import run_cell
 
     start = time.time()
     tol, why = tolerance(record, here)

@@ -62,7 +62,7 @@ class Measured:
 
 def _child(keys: list[str], results: str) -> int:
     """In the perturbed process: recompute each key's cell, print one JSON line each."""
-    from qbench.bench import run_cell
+    from qbench.runner import run_cell
     from qbench.recheck import kernel_identity, replan
 
     store = ResultStore(results)

@@ -36,7 +36,7 @@ def run_planned_cell(planned: PlannedCell, results_dir: str, threads: int = 1) -
 
 
 def _run_planned_cell(planned: PlannedCell, results_dir: str) -> dict:
-    from qbench.bench import run_planned
+    from qbench.runner import run_planned
     from qbench.results import ResultStore
 
     key = planned.cell.key
@@ -120,7 +120,7 @@ def _died_with(processes: list, running_dir: Path) -> dict[str, str]:
 
 def _record_dead_cell(planned: PlannedCell, results_dir: str, why: str) -> dict:
     """A cell whose worker died on its retry too: recorded as failed, with the reason."""
-    from qbench.bench import failed_record
+    from qbench.runner import failed_record
     from qbench.results import ResultStore
 
     store, key = ResultStore(results_dir), planned.cell.key

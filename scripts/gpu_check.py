@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU only: tiny-vga, three schemes, 3000 characters, CPU reference computed fresh")
     args = parser.parse_args()
-    from qbench.bench import run_bench
+    from qbench.runner import run_bench
     from qbench.device import device_name, resolve_device
     from qbench.results import ResultStore
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-import qbench.bench as bench
-from qbench.bench import run_bench
+import qbench.runner as bench
+from qbench.runner import run_bench
 from qbench.cli import main
 from qbench.eval import PerplexityProtocol, evaluate_perplexity
 from qbench.report import comparison_table, write_report
@@ -37,7 +37,7 @@ def test_bench_writes_one_record_per_cell_with_provenance(micro_checkpoint, tmp_
 def test_records_carry_their_model_and_scheme_facts_outside_the_key(micro_checkpoint, tmp_path):
     """Every record, failed ones too, says what the report needs (arm, preset, backend and
     bits) without the report importing the registries; the facts are not in the key."""
-    from qbench.bench import failed_record
+    from qbench.runner import failed_record
     from qbench.plan import plan_cells
     from qbench.results import cell_key, validate_record
 

@@ -4,7 +4,7 @@ and an unusable device is a one-line error (exit 2) before any work."""
 import pytest
 import torch
 
-from qbench.bench import run_bench
+from qbench.runner import run_bench
 from qbench.cli import EXIT_USAGE, main
 from qbench.device import resolve_device
 from qbench.results import ResultStore

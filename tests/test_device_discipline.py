@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from device_sim import DeviceMismatch, SimulatedCuda
-from qbench.bench import run_bench
+from qbench.runner import run_bench
 from qbench.quant import SCHEMES
 from qbench.results import ResultStore
 

@@ -242,7 +242,7 @@ def test_every_scheme_group_runs_or_is_refused_at_planning(model_type, scheme_na
 
 
 def test_a_refused_cell_is_recorded_once_without_loading_the_model(tmp_path, monkeypatch):
-    from qbench.bench import run_cells
+    from qbench.runner import run_cells
     from qbench.plan import plan_cells
     from qbench.results import ResultStore
     from qbench.zoo import ModelRef

@@ -282,7 +282,7 @@ def test_empty_model_text_file_model_and_suite_limit(micro_checkpoint, tmp_path,
 
 
 def test_results_path_that_is_a_file_is_reported_before_any_cell(micro_checkpoint, tmp_path, capsys, monkeypatch):
-    import qbench.bench as bench
+    import qbench.runner as bench
 
     monkeypatch.setattr(bench, "run_cell", lambda *a, **k: pytest.fail("a cell ran"))
     blocker = tmp_path / "results"

@@ -50,7 +50,7 @@ LAYERS = [
     ("zoo", ["qbench.zoo"]),
     ("training", ["qbench.resumable", "qbench.train", "qbench.retrofit"]),
     ("plan", ["qbench.plan"]),
-    ("runner", ["qbench.bench", "qbench.recheck", "qbench.sensitivity", "qbench.sweep"]),
+    ("runner", ["qbench.runner", "qbench.recheck", "qbench.sensitivity", "qbench.sweep"]),
     ("report/study", ["qbench.report", "qbench.study", "qbench.listing", "qbench.migration", "qbench.zoo_refresh"]),
     ("cli", ["qbench.cli"]),
     ("integrations", ["qbench.integrations"]),
@@ -102,7 +102,7 @@ def test_layering():
             assert not {t for t in targets if t.startswith("qbench.quant")}, name
         if name.startswith("qbench.data"):  # the bottom floor: corpora and tokens know no model
             assert not {t for t in targets if t.startswith(("qbench.modeling", "qbench.quant", "qbench.probes",
-                                                            "qbench.eval", "qbench.plan", "qbench.bench"))}, name
+                                                            "qbench.eval", "qbench.plan", "qbench.runner"))}, name
 
 
 def import_circle(graph):
@@ -176,9 +176,9 @@ def test_the_runner_is_not_a_library():
     but the CLI, the study runner, the sweep and the two recomputing commands (recheck,
     sensitivity) import the bench (eval, the zoo refresh and the planner least of all)."""
     graph = imports()
-    users = {name for name, targets in graph.items() if "qbench.bench" in targets}
+    users = {name for name, targets in graph.items() if "qbench.runner" in targets}
     assert users <= {"qbench.cli", "qbench.sweep", "qbench.recheck", "qbench.sensitivity", "qbench.study.plan"}, users
-    assert "qbench.bench" not in graph["qbench.plan"]
+    assert "qbench.runner" not in graph["qbench.plan"]
 
 
 def test_import_qbench_is_light():

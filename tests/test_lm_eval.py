@@ -55,7 +55,7 @@ def test_missing_blimp_data_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_bench_records_blimp_accuracy_and_flip_rate(blimp_folder, micro_checkpoint, tmp_path):
-    from qbench.bench import run_bench
+    from qbench.runner import run_bench
     from qbench.report import comparison_table
     from qbench.results import ResultStore
 
@@ -72,7 +72,7 @@ def test_task_items_changed_after_planning_are_refused_not_recorded(micro_checkp
     """A planned lm-eval cell is keyed by its items' hash: if the items differ when it runs
     (a task file changed under a sweep), the cell stops with the data error (exit 4) instead
     of recording other items under the planned key."""
-    import qbench.bench as bench
+    import qbench.runner as bench
     from qbench.plan import plan_cells
     from qbench.results import ResultStore
 

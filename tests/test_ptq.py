@@ -315,7 +315,7 @@ def micro128(tmp_path_factory, small_corpus, micro_preset):
 
 
 def test_new_schemes_are_listed_and_run_from_bench(micro128, tmp_path):
-    from qbench.bench import run_bench
+    from qbench.runner import run_bench
     from qbench.quant import SCHEMES
     from qbench.results import ResultStore
 

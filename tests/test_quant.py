@@ -96,5 +96,5 @@ def test_missing_optional_backend_names_the_package(monkeypatch):
         quantize(QBenchForCausalLM(config), "nf4")
     with pytest.raises(ImportError, match="`optimum-quanto` package"):
         quantize(QBenchForCausalLM(config), "quanto-w4")
-    code = "import sys; sys.modules['bitsandbytes'] = None; sys.modules['optimum'] = None; import qbench.quant, qbench.bench"
+    code = "import sys; sys.modules['bitsandbytes'] = None; sys.modules['optimum'] = None; import qbench.quant, qbench.runner"
     subprocess.run([sys.executable, "-c", code], check=True)  # qbench imports without them

@@ -138,7 +138,7 @@ def dummy_method_and_backend():
 
 def test_a_new_weight_method_and_backend_run_in_bench_report_and_recheck(dummy_method_and_backend, micro_checkpoint,
                                                                           tmp_path):
-    from qbench.bench import run_bench
+    from qbench.runner import run_bench
     from qbench.recheck import recheck_record, sample
     from qbench.report import write_report
     from qbench.results import ResultStore

@@ -108,7 +108,7 @@ def test_bb_protocol_reports_the_copy_circuit_and_per_layer_mechanism(tmp_path):
     quantized model too; the training log has per-layer columns."""
     import csv
 
-    from qbench.bench import run_bench
+    from qbench.runner import run_bench
     from qbench.results import ResultStore
 
     out = tmp_path / "bb2"

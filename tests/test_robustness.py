@@ -111,9 +111,9 @@ def test_corrupt_record_is_recomputed_not_trusted(micro_checkpoint, recorded):
 
 def test_nan_producing_quantization_is_a_failed_cell(micro_checkpoint, recorded, monkeypatch, capsys):
     results, before = recorded
-    import qbench.bench
+    import qbench.runner
 
-    real = qbench.bench.quantize
+    real = qbench.runner.quantize
 
     def poison(model, scheme, calibration):
         facts = real(model, scheme, calibration)
@@ -121,7 +121,7 @@ def test_nan_producing_quantization_is_a_failed_cell(micro_checkpoint, recorded,
             model.lm_head.weight.fill_(float("nan"))
         return facts
 
-    monkeypatch.setattr(qbench.bench, "quantize", poison)
+    monkeypatch.setattr(qbench.runner, "quantize", poison)
     assert bench(micro_checkpoint, results, "w6a6") == 1
     assert "non-finite logits" in capsys.readouterr().err
     failed = [r for r in ResultStore(results).records() if r["status"] == "failed"]

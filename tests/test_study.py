@@ -137,13 +137,13 @@ def test_mechanism_plot_draws_a_row_per_layer(tmp_path):
 
 
 def test_writing_the_study_computes_nothing_and_counts_the_plan(tmp_path, monkeypatch):
-    import qbench.bench
+    import qbench.runner
     from qbench.paths import models_dir
 
     def refuse(*args, **kwargs):
         raise AssertionError("write_study computed a cell")
 
-    monkeypatch.setattr(qbench.bench, "run_cell", refuse)
+    monkeypatch.setattr(qbench.runner, "run_cell", refuse)
     path = write_study(ResultStore(tmp_path / "empty"), tmp_path / "out", models_dir(), quick=True)
     text = path.read_text()
     assert "The store holds 0 of the" in text and "`qbench study --compute`" in text

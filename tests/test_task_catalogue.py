@@ -43,7 +43,7 @@ def mean_logit_task():
 
 def test_a_task_registered_at_test_time_is_planned_reported_and_rechecked(micro_checkpoint, tmp_path,
                                                                            mean_logit_task):
-    from qbench.bench import run_bench
+    from qbench.runner import run_bench
     from qbench.plan import plan_cells
     from qbench.recheck import recheck_record, sample
     from qbench.report import comparison_table, write_report
@@ -78,7 +78,7 @@ def test_an_unregistered_name_is_an_lm_eval_task():
 def test_a_new_record_names_one_protocol_and_its_hashes(micro_checkpoint, tmp_path):
     """The protocol string is the record's, not repeated in the metrics; the hash of the
     scored text is `metrics.scored_data_hash`, distinct from the split's `config.data_hash`."""
-    from qbench.bench import run_bench
+    from qbench.runner import run_bench
 
     store = ResultStore(tmp_path / "results")
     for record in run_bench([str(micro_checkpoint)], ["fp32"], ["ppl", "probes"], store, limit=LIMIT,

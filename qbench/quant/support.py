@@ -4,7 +4,7 @@ weights load): a scheme's handlers declare what they need of the layout
 SmoothQuant scales into, a rotatable residual stream), a task may need attention too (the
 probes), and the family (qbench.modeling.families, found by `model_type`) says why it
 cannot take a need.  The planner turns a refusal into a failed record written once, without
-loading the model (qbench.bench), so a rerun does not recompute it.
+loading the model (qbench.runner), so a rerun does not recompute it.
 
 `support_table()` renders the family x scheme table the README carries (between the markers
 below); `python -m qbench.quant.support --write-readme` regenerates it and

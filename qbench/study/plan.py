@@ -87,7 +87,7 @@ def run_study(store: ResultStore, quick: bool = False, progress: bool = True,
               stages: list[str] | None = None) -> list[dict]:
     """Compute every cell of the study suite that the store lacks (hours on a CPU for the full
     one); `stages`: only the cells of these stages (by name, e.g. ["primary"])."""
-    from qbench.bench import run_cells
+    from qbench.runner import run_cells
 
     suite = study_suite(quick)
     if stages:

@@ -11,14 +11,14 @@ nothing unless one of these variables is set:
   QBENCH_TEST_COMPUTE_LOG one line `<key> <pid>` per cell this process computed (bench/stress.py
                           and a test count cells computed twice with it)
 
-The hooks wrap qbench.sweep._run_planned_cell and qbench.bench.run_cell once those modules
+The hooks wrap qbench.sweep._run_planned_cell and qbench.runner.run_cell once those modules
 are imported (an import hook, as qbench's lm-eval startup hook does), so production code
 carries none of them.  (The variables start with QBENCH_ so that a Ray sweep forwards them.)"""
 import importlib.abc
 import os
 import sys
 
-_TARGETS = ("qbench.sweep", "qbench.bench")
+_TARGETS = ("qbench.sweep", "qbench.runner")
 
 
 def _patch_sweep(module):
