@@ -52,7 +52,7 @@ LAYERS = [
     ("plan", ["qbench.plan"]),
     ("runner", ["qbench.runner", "qbench.recheck", "qbench.sensitivity", "qbench.sweep"]),
     ("report/study", ["qbench.report", "qbench.study", "qbench.listing", "qbench.migration", "qbench.zoo_refresh"]),
-    ("cli", ["qbench.cli"]),
+    ("cli", ["qbench.cli", "qbench.cli_parser"]),
     ("integrations", ["qbench.integrations"]),
 ]
 
