@@ -9,7 +9,8 @@ checkpoints' mechanism logs; `qbench study --compute` first runs the plan's miss
 - answer.py: the three sentences under the title; provenance.py: how each checkpoint was trained
 - prose.py: the discussion and README results text, filled from named values
 - writer.py: STUDY.md, section by section (a registry: `SECTIONS`)
-- retrofit.py: the retrofit section (arms fine-tuned into SmolLM2) from the records
+- retrofit.py: the retrofit section (arms fine-tuned into SmolLM2) from the records;
+  retrofit_experiment.py: issue 32's experiment (H1, H2: trained control, clamp and repair)
 - kv.py: the KV-cache section (each arm's cache quantized) from the records
 """
 from qbench.study.mechanism import bb_quant_tables, bb_records_frame, mechanism_logs, mechanism_plot, mechanism_table

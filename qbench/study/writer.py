@@ -14,8 +14,7 @@ from qbench.study.facts import Facts
 from qbench.study.verdict import RULE_TEXT, chance_sentence
 from qbench.study.mechanism import bb_quant_tables, mechanism_logs, mechanism_plot, mechanism_table
 from qbench.study.plan import (BB_GUO_PRESETS, BB_SCHEMES, LONG_SCHEMES, SMOLLM2_LONG_LIMIT, SMOLLM2_LONG_SCHEMES,
-                               Coverage, StudyPlan, plan)
-from qbench.study.plan import coverage as study_coverage
+                               Coverage, StudyPlan, plan, coverage as study_coverage)
 from qbench.study.published import GUO_PUBLISHED, PUBLISHED
 from qbench.study.tables import (arm_label, arm_table, degradation_plot, extreme_token_table, more_text_table,
                                  ptq_table, smollm2_probe_summary, split_protocols)
@@ -359,13 +358,10 @@ def register_section(section: Callable[[list[dict]], str], before: SectionFuncti
     SECTIONS.insert(SECTIONS.index(before), from_records)
 
 
-from qbench.study.kv import kv_section  # noqa: E402  (sections of other parts of qbench)
-from qbench.study.retrofit import retrofit_section  # noqa: E402
-from qbench.study.retrofit_experiment import experiment_section  # noqa: E402
+from qbench.study import kv, retrofit, retrofit_experiment  # noqa: E402  (sections of other parts)
 
-register_section(kv_section)
-register_section(retrofit_section)
-register_section(experiment_section)
+for _section in (kv.kv_section, retrofit.retrofit_section, retrofit_experiment.experiment_section):
+    register_section(_section)
 
 
 def split_table(table: pd.DataFrame, keys: tuple[str, ...] = ("arm", "scheme")) -> list[str]:
@@ -382,9 +378,8 @@ def split_table(table: pd.DataFrame, keys: tuple[str, ...] = ("arm", "scheme")) 
 
 def write_study(store: ResultStore, out: Path, models_dir: Path, quick: bool = False,
                 discussion: Path | None = None, coverage: bool = True, readme: Path | None = None) -> Path:
-    """STUDY.md (STUDY_QUICK.md) and its plots from what the store holds; computes nothing.
-    `coverage` plans the study's cells to say how many of them the store holds; `readme`:
-    also re-render that README's generated results text (qbench/study/prose.py)."""
+    """STUDY.md (STUDY_QUICK.md) and its plots from the store, computing nothing; `coverage`: how many
+    of the plan's cells it holds; `readme`: also its generated results text (qbench/study/prose.py)."""
     out = Path(out)
     p = plan(quick)
     records = store.records()
