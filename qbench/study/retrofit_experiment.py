@@ -143,6 +143,27 @@ COLUMNS = [("fp32", "fp32 ppl", ".3f"), ("e_orig", "E_orig %", "+.2f"), ("e_own"
            ("position", "at position", ".2g"), ("sink", "sink rate@0.3 %", ".1f")]
 
 
+def _observations(values: dict, models: list[str]) -> list[str]:
+    """What the table shows that no verdict tests, computed from it: H2a (the unrepaired clamp)
+    and where the largest activation sits after the repair."""
+    out = []
+    base = values.get(BASE, {})
+    unrepaired = [values[m]["fp32"] for m in models if parse(m)["hyp"] == "h2" and parse(m)["tokens"] == 0
+                  and "fp32" in values[m]]
+    if unrepaired and "fp32" in base:
+        out.append(f"- H2a: the clamp without repair takes the fp32 perplexity from {base['fp32']:.2f} to "
+                   f"{min(unrepaired):,.0f} (0 tokens): the model depends on the capped activation.")
+    for hyp in ("h1", "h2"):
+        final = [m for m in models
+                 if parse(m)["hyp"] == hyp and parse(m)["tokens"] is None and "position" in values[m]]
+        moved = [m for m in final if values[m]["position"] != 0]
+        if final:
+            out.append(f"- {hyp.upper()}: in {len(moved)} of {len(final)} fine-tuned models the largest activation "
+                       f"is no longer on the first token (positions "
+                       f"{sorted({int(values[m]['position']) for m in final})}); the original's is on token 0.")
+    return out + [""] if out else []
+
+
 def experiment_section(records: list[dict]) -> str:
     values = endpoint_values(records)
     models = [m for m in values if parse(m)]
@@ -165,7 +186,7 @@ def experiment_section(records: list[dict]) -> str:
                 if any(cells):
                     rows.append([hyp, arm, "0.1M (final)" if tokens is None else f"{tokens // 1000}k"]
                                 + [_fmt(c, spec) for c, (_, _, spec) in zip(cells, COLUMNS)])
-    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""] + _observations(values, models)
     rows = [["test", "arm", "seeds (arm / control)", "margin (control spread)", "verdict"], ["---"] * 5]
     for label, hyp, key, predicted, vs_original in TESTS:
         for arm in ARMS[1:] if not vs_original else ARMS:
