@@ -199,3 +199,17 @@ def test_a_separated_difference_within_the_control_spread_is_not_shown():
     assert judge(endpoint_values(_records([30.0, 31.0], [20.0, 21.0])), "h1", "vga", "e_orig")[1].label == "insufficient"
     text = experiment_section(_records([30.0, 30.2, 30.4, 30.6], [29.0, 29.1, 29.2, 29.3]))
     assert "Written before the runs" in text and "| H1: E_orig" in text and "supported (p 0.014" in text
+
+
+def test_the_section_reports_the_unrepaired_clamp_and_where_the_largest_activation_moved():
+    from qbench.study.retrofit_experiment import experiment_section
+
+    records = _records([30.0], [29.0]) + [_ppl("smollm2-rf-h2-softmax-s0-t0k", "fp32", 1000.0),
+                                          _ppl("smollm2-rf-h2-softmax-s0", "fp32", 40.0)]
+    for model, position in (("smollm2-135m", 0), ("smollm2-rf-h2-softmax-s0", 1), ("smollm2-rf-h1-vga-s0", 0)):
+        records.append({"model": model, "scheme": "fp32", "task": "probes", "status": "ok",
+                        "metrics": {"massive_activation_max": 100.0, "max_activation_position": position}})
+    text = experiment_section(records)
+    assert "from 20.00 to 1,000 (0 tokens)" in text
+    assert "- H2: in 1 of 1 fine-tuned models the largest activation is no longer on the first token" in text
+    assert "- H1: in 0 of 1 fine-tuned models" in text
