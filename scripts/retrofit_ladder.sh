@@ -15,7 +15,9 @@ PY=${PY:-.venv/bin/python}
 QBENCH=${QBENCH:-.venv/bin/qbench}
 LOGS=${LOGS:-logs/ladder}
 WORKERS=${WORKERS:-2}
-mkdir -p "$LOGS/claims"
+# claims coordinate this invocation's workers only: a rerun starts with none (finished runs are
+# skipped by their retrofit.json, benched cells by the store), so a killed job is picked up again
+rm -rf "$LOGS/claims"; mkdir -p "$LOGS/claims"
 
 jobs() {  # "hypothesis arm seed"; a fourth field "snapshots": bench that run's dose snapshots
   for hyp in h2 h1; do for arm in softmax vga; do echo "$hyp $arm 0"; done; done
