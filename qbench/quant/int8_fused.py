@@ -67,6 +67,12 @@ def _mode() -> str:
     return forced
 
 
+def fusion_mode() -> str:
+    """The fusion mode in force (QBENCH_INT8_FUSION) and the generation of the compiled
+    cache: a key for callers that keep the functions `fused` returned."""
+    return f"{_mode()}:{id(_cache)}"
+
+
 _cache: dict = {}
 
 

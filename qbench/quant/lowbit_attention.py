@@ -115,6 +115,15 @@ def context_block(acc: torch.Tensor, column_sums: torch.Tensor, v_scale: torch.T
 
 
 def _check_blocks(device) -> dict:
+    """The score, probability and context blocks, fused where bit-equal (once per device and
+    fusion mode: the lookup itself cost 30 us a call)."""
+    from qbench.quant.int8_fused import fusion_mode
+
+    return _blocks_for(torch.device(device), fusion_mode())
+
+
+@functools.lru_cache(maxsize=16)
+def _blocks_for(device, mode) -> dict:
     from qbench.quant.int8_fused import fused
 
     def check(eager, make):
@@ -171,6 +180,36 @@ def _codes(dim, device):
 _CODES: dict = {}
 
 
+def prologue(q: torch.Tensor, k: torch.Tensor, v_codes: torch.Tensor, qk_dim) -> tuple:
+    """Q and K codes with their scales, and V's column sums (int32, (B, H, 1, D))."""
+    return (*int8_codes(q, qk_dim), *int8_codes(k, qk_dim), v_codes.to(torch.int32).sum(dim=-2, keepdim=True))
+
+
+def _prologue(qk_dim, device):
+    """`prologue` fused where bit-equal (one compiled call instead of two and an eager sum)."""
+    from qbench.quant.int8_fused import fusion_mode
+
+    return _prologue_for(qk_dim, torch.device(device), fusion_mode())
+
+
+@functools.lru_cache(maxsize=16)
+def _prologue_for(qk_dim, device, mode):
+    from qbench.quant.int8_fused import fused
+
+    eager = functools.partial(prologue, qk_dim=qk_dim)
+
+    def check(candidate):
+        g = torch.Generator().manual_seed(0)
+        for b, h, t_q, t_k, d in ((1, 2, 5, 5, 8), (2, 3, 17, 23, 64)):
+            q, k = torch.randn(b, h, t_q, d, generator=g) * 5, torch.randn(b, h, t_k, d, generator=g) * 5
+            q[..., 0, :] = 0.0
+            v_codes = torch.randint(-127, 128, (b, h, t_k, d), generator=g, dtype=torch.int8)
+            if not all(torch.equal(w, c) for w, c in zip(eager(q, k, v_codes), candidate(q, k, v_codes))):
+                return f"the codes of Q and K over {qk_dim} or V's column sums differ from eager"
+        return None
+    return fused(f"attention prologue {qk_dim}", eager, check, device)[0]
+
+
 def quantize_probs(p: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "int8":
         return torch.round(p * 255.0)  # codes 0..255, scale 1/255
@@ -195,9 +234,10 @@ class LowBitAttention:
         quantize_probs(torch.zeros(1), probs)  # validates the format
         self.probs, self.qkv_granularity, self.query_chunk = probs, qkv_granularity, query_chunk
 
-    def _quantize_qk(self, x: torch.Tensor):
-        """(B, H, T, D): per token, or one scale per (sequence, head)."""
-        return _codes(-1 if self.qkv_granularity == "token" else (-2, -1), x.device)(x)
+    @property
+    def _qk_dim(self):
+        """Q and K (B, H, T, D): per token, or one scale per (sequence, head)."""
+        return -1 if self.qkv_granularity == "token" else (-2, -1)
 
     def quantize_values(self, v: torch.Tensor):
         """(B, H, T, D): per channel within each (sequence, head), or one per (sequence, head)."""
@@ -215,11 +255,11 @@ class LowBitAttention:
         to (B, H, T_q, T_k)) marks hidden keys; None = causal.  Queries are processed in
         chunks of `query_chunk`; P[..., 0] goes to `hooks.first_column` when hooks are set."""
         t_q, t_k = q.shape[-2], k.shape[-2]
-        q_codes, q_scale = self._quantize_qk(q)
-        k_codes, k_scale = self._quantize_qk(k)
+        # Q and K codes and V's column sums in one fused call (at T = 256 each call's fixed cost
+        # was as long as its arithmetic)
+        q_codes, q_scale, k_codes, k_scale, column_sums = _prologue(self._qk_dim, q.device)(q, k, v_codes)
         # K^T as a view of contiguous codes: each head's matrix column-major (int_matmul reads it so)
         k_t, k_scale_row = k_codes.contiguous().transpose(-1, -2), k_scale.transpose(-1, -2)  # (B, H, D, T_k), (B, H, 1, T_k | 1)
-        column_sums = v_codes.to(torch.int32).sum(dim=-2, keepdim=True)  # (B, H, 1, D)
         bias = causal_bias(t_q, t_k, q.device) if hidden is None else hidden_bias(hidden)
         out = torch.empty(*q.shape[:-1], v_codes.shape[-1], dtype=torch.float32, device=q.device)
         first = [] if hooks is not None else None
