@@ -213,3 +213,27 @@ def test_the_section_reports_the_unrepaired_clamp_and_where_the_largest_activati
     assert "from 20.00 to 1,000 (0 tokens)" in text
     assert "- H2: in 1 of 1 fine-tuned models the largest activation is no longer on the first token" in text
     assert "- H1: in 0 of 1 fine-tuned models" in text
+
+
+def test_seeds_added_after_the_first_results_are_declared_and_the_preregistered_verdict_shown_beside():
+    """H2c's one-sample test cannot reach p < 0.05 with 4 seeds (min p 1/16); a fifth seed can
+    (1/32).  The section says the seed was added after the results and gives the verdict on the
+    pre-registered seeds 0-3 beside the one on every seed."""
+    from qbench.study.retrofit_experiment import experiment_section, judge_against_original, endpoint_values
+
+    records = [_ppl("smollm2-135m", "fp32", 20.0), _ppl("smollm2-135m", "w8a8-pt", 80.0)]  # E_own +300%
+    for arm, pts in (("softmax", [70.0, 71.0, 72.0, 73.0, 74.0]), ("vga", [40.0, 41.0, 42.0, 43.0, 44.0])):
+        for seed, pt in enumerate(pts):
+            records += [_ppl(f"smollm2-rf-h2-{arm}-s{seed}", "fp32", 20.0),
+                        _ppl(f"smollm2-rf-h2-{arm}-s{seed}", "w8a8-pt", pt)]
+    values = endpoint_values(records)
+    five = judge_against_original(values, "h2", "vga", "e_own")[1]
+    four = judge_against_original(values, "h2", "vga", "e_own", seeds=range(4))[1]
+    assert five.label == "supported" and five.p_predicted == pytest.approx(1 / 32)
+    assert four.label != "supported" and four.p_predicted == pytest.approx(1 / 16)
+    text = experiment_section(records)
+    assert "Added after the first results (not pre-registered)" in text
+    assert "| H2c: E_own vs the original's E_own (%) | vga | 5 / - |" in text
+    assert "| H2c: E_own vs the original's E_own (%), seeds 0-3 | vga | 4 / - |" in text
+    # without a fifth seed there is nothing to declare
+    assert "Added after" not in experiment_section([r for r in records if not r["model"].endswith("-s4")])
