@@ -218,7 +218,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048, help="rows of the linear inputs")
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--threads", default="1,2", help="thread counts, each measured in this run")
+    parser.add_argument("--threads", default="1,2", help="thread counts, each measured in this run, each in a "
+                        "process of its own (users run one thread count per process; measured in one process "
+                        "after the 1-thread part, the 2-thread rows were up to 4x slower than in a fresh "
+                        "process: attention at T = 256 6.4 ms vs 1.5-1.9)")
+    parser.add_argument("--rows-to", help=argparse.SUPPRESS)  # one thread count's rows, for the parent run
     parser.add_argument("--skip", default="", help="comma list of parts to skip: linear,model,attention,cell")
     parser.add_argument("--out", default="results/PERF_QUANT.md")
     args = parser.parse_args()
@@ -230,11 +234,32 @@ def main() -> None:
               f"{torch.backends.cpu.get_cpu_capability()} kernels")
     lines = ["# Quantized-path speed (same run)", "", header, "",
              "Throughput ratios: baseline time / path time (> 1 is faster). fp32 and bf16 baselines are "
-             "measured beside every row. The ceiling row is the packed int8 GEMM alone on ready codes.", "",
+             "timed in turn with every row's path (interleaved, medians); each thread count runs in a "
+             "process of its own. The ceiling row is the packed int8 GEMM alone on ready codes; the "
+             "dynamic-quantization ceiling adds one read of the fp32 input (its row maxima), which any "
+             "W8A8 with per-token scales computed at run time must do.", "",
              "| threads | shape | path | fp32 ms | bf16 ms | path ms | vs fp32 | vs bf16 |",
              "|---:|---|---|---:|---:|---:|---:|---:|"]
     print(header)
-    for threads in (int(t) for t in args.threads.split(",")):
+    counts = [int(t) for t in args.threads.split(",")]
+    if len(counts) > 1 or not args.rows_to:  # the parent: one child process per thread count
+        import subprocess
+        import tempfile
+
+        for threads in counts:
+            with tempfile.NamedTemporaryFile("r", suffix=".md") as rows:
+                subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+                                "--threads", str(threads), "--skip", args.skip, "--rows-to", rows.name], check=True)
+                lines += rows.read().splitlines()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        from sections import keep_sections  # bench/direct.py's section stays
+
+        Path(args.out).write_text(keep_sections(Path(args.out), "\n".join(lines) + "\n",
+                                                ["A quantized cell vs the library used directly"]))
+        print(f"wrote {args.out}")
+        return
+    rows = []
+    for threads in counts:
         torch.set_num_threads(threads)
         parts = []
         if "linear" not in skip:
@@ -252,13 +277,8 @@ def main() -> None:
                 line = (f"| {threads} | {label} | {name} | {fp32 * 1e3:.2f} | {half} | {seconds * 1e3:.2f} | "
                         f"{fp32 / seconds:.2f}x | {vs_half} |")
                 print(line, flush=True)
-                lines.append(line)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    from sections import keep_sections  # bench/direct.py's section stays
-
-    Path(args.out).write_text(keep_sections(Path(args.out), "\n".join(lines) + "\n",
-                                            ["A quantized cell vs the library used directly"]))
-    print(f"wrote {args.out}")
+                rows.append(line)
+    Path(args.rows_to).write_text("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":
