@@ -11,7 +11,10 @@
 # H2c cannot reach p < 0.05 with 4 seeds: added after the first results, said so in STUDY.md),
 # H1's dose.  A dose job whose snapshots are missing retrains seed 0 in a scratch folder, checks
 # that the rerun's final deltas equal the kept run's bit for bit (the same run, so its snapshots
-# belong to it), and moves the snapshots into models/.
+# belong to it), and moves the snapshots into models/.  A rerun that differs stays in
+# logs/ladder/rerun and the job is marked FAILED: H1's vga seed 0 (its first run predates the
+# attention composition of issue 31) was then moved to models/<name>-rerun[-t<k>k] and benched as
+# a rerun, which the study shows apart and no verdict counts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

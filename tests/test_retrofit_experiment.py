@@ -175,7 +175,9 @@ def _records(control_pt, vga_pt, fp32=20.0):
 def test_endpoints_are_computed_against_the_original_and_the_own_fp32():
     from qbench.study.retrofit_experiment import endpoint_values, parse
 
-    assert parse("smollm2-rf-h2-vga_out-s1-t25k") == {"hyp": "h2", "arm": "vga_out", "seed": 1, "tokens": 25000}
+    assert parse("smollm2-rf-h2-vga_out-s1-t25k") == {"hyp": "h2", "arm": "vga_out", "seed": 1, "tokens": 25000,
+                                                       "rerun": False}
+    assert parse("smollm2-rf-h1-vga-s0-rerun-t25k")["rerun"] and parse("smollm2-rf-h1-vga-s0-rerun")["tokens"] is None
     assert parse("smollm2-rf-pilot-vga-s0") is None
     values = endpoint_values(_records([30.0], [25.0], fp32=25.0))
     row = values["smollm2-rf-h1-vga-s0"]
@@ -237,3 +239,21 @@ def test_seeds_added_after_the_first_results_are_declared_and_the_preregistered_
     assert "| H2c: E_own vs the original's E_own (%), seeds 0-3 | vga | 4 / - |" in text
     # without a fifth seed there is nothing to declare
     assert "Added after" not in experiment_section([r for r in records if not r["model"].endswith("-s4")])
+
+
+def test_a_rerun_gives_its_dose_rows_apart_and_no_verdict_counts_it():
+    """The `-rerun` models (a seed rerun whose final differs from the kept run's) show their
+    snapshots and final as (rerun) rows; the verdicts and the seed counts use the runs only."""
+    from qbench.study.retrofit_experiment import endpoint_values, experiment_section, judge
+
+    records = _records([30.0, 30.2, 30.4, 30.6], [29.0, 29.1, 29.2, 29.3])
+    records += [_ppl("smollm2-rf-h1-vga-s0-rerun", "fp32", 20.0), _ppl("smollm2-rf-h1-vga-s0-rerun", "w8a8-pt", 10.0),
+                _ppl("smollm2-rf-h1-vga-s0-rerun-t25k", "fp32", 21.0),
+                _ppl("smollm2-rf-h1-vga-s0-rerun-t25k", "w8a8-pt", 33.0)]
+    evidence, found = judge(endpoint_values(records), "h1", "vga", "e_orig")
+    assert len(evidence.arm) == 4 and 10.0 / 20 * 100 - 100 not in evidence.arm  # the rerun's -50% is not a unit
+    text = experiment_section(records)
+    assert "**Rows marked (rerun).**" in text
+    assert "| h1 | vga | 25k (rerun) | 21.000 |" in text and "| h1 | vga | 0.1M (final) (rerun) | 20.000 |" in text
+    assert "| h1 | vga | 0.1M (final) | 20.000 ± 0.000 (n=4) |" in text
+    assert "Rows marked" not in experiment_section(_records([30.0], [29.0]))

@@ -19,7 +19,7 @@ PRIMARY = "w8a8-pt"
 DRAW = 0
 ARMS = ("softmax", "vga", "vga_out", "sink_logit")
 NAME = re.compile(r"smollm2-rf-(?P<hyp>h[12])-(?P<arm>softmax|vga_out|vga|sink_logit)-s(?P<seed>\d+)"
-                  r"(?:-t(?P<tokens>\d+)k)?$")
+                  r"(?P<rerun>-rerun)?(?:-t(?P<tokens>\d+)k)?$")
 
 PREREGISTRATION = """\
 **Written before the runs (issue 32).** SmolLM2-135M, fine-tuned on the sotu training split
@@ -58,6 +58,17 @@ verdicts below use every seed. Adding seeds after seeing results can favour a ve
 stopping), so the verdicts on the pre-registered seeds 0-3 are given beside them
 (`seeds 0-3` rows); a verdict that differs between the two is reported as such, not as a finding."""
 
+RERUN = """\
+**Rows marked (rerun).** A dose's snapshots must come from the run whose final they precede. H1's
+vga seed 0 first ran on the code before the attention composition was unified (issue 31: the same
+float32 arithmetic bit for bit; under bf16 autocast a gated arm's training differs from the first
+step on), and its snapshots were not kept. `scripts/retrofit_ladder.sh` reran it on the current
+code (same seed and data order; two runs of the current code are equal bit for bit) and kept the
+snapshots only if the rerun's final equals the kept run's: it does for the control, not for vga.
+So vga's H1 dose is the rerun's (`-rerun` models), shown with the rerun's own final; every verdict
+uses the first runs. H2's vga seed 0 and its snapshots also ran on the earlier code; every other run
+on the current one."""
+
 PREREGISTERED_SEEDS = range(4)
 """Fine-tune seeds of the control and vga named in PREREGISTRATION."""
 
@@ -67,7 +78,8 @@ def parse(name: str) -> dict | None:
     if found is None:
         return None
     return {"hyp": found["hyp"], "arm": found["arm"], "seed": int(found["seed"]),
-            "tokens": int(found["tokens"]) * 1000 if found["tokens"] is not None else None}
+            "tokens": int(found["tokens"]) * 1000 if found["tokens"] is not None else None,
+            "rerun": found["rerun"] is not None}
 
 
 def endpoint_values(records: list[dict]) -> dict:
@@ -100,14 +112,15 @@ def endpoint_values(records: list[dict]) -> dict:
     return out
 
 
-def units(values: dict, hyp: str, arm: str, key: str, tokens: int | None = None, seeds=None) -> list[float]:
+def units(values: dict, hyp: str, arm: str, key: str, tokens: int | None = None, seeds=None,
+          reruns: bool = False) -> list[float]:
     """One value per fine-tune seed at the largest dose (tokens None) or a snapshot; `seeds`:
-    only those seeds (None: every seed)."""
+    only those seeds (None: every seed); `reruns`: the `-rerun` models instead of the runs."""
     out = []
     for model, row in sorted(values.items()):
         info = parse(model)
         if (info and info["hyp"] == hyp and info["arm"] == arm and info["tokens"] == tokens and key in row
-                and (seeds is None or info["seed"] in seeds)):
+                and info["rerun"] == reruns and (seeds is None or info["seed"] in seeds)):
             out.append(row[key])
     return out
 
@@ -167,8 +180,8 @@ def _observations(values: dict, models: list[str]) -> list[str]:
         out.append(f"- H2a: the clamp without repair takes the fp32 perplexity from {base['fp32']:.2f} to "
                    f"{min(unrepaired):,.0f} (0 tokens): the model depends on the capped activation.")
     for hyp in ("h1", "h2"):
-        final = [m for m in models
-                 if parse(m)["hyp"] == hyp and parse(m)["tokens"] is None and "position" in values[m]]
+        final = [m for m in models if parse(m)["hyp"] == hyp and parse(m)["tokens"] is None
+                 and not parse(m)["rerun"] and "position" in values[m]]
         moved = [m for m in final if values[m]["position"] != 0]
         if final:
             out.append(f"- {hyp.upper()}: in {len(moved)} of {len(final)} fine-tuned models the largest activation "
@@ -197,6 +210,8 @@ def experiment_section(records: list[dict]) -> str:
                       and parse(m)["hyp"] == "h2" for m in values if parse(m))
     if extra_seeds:
         lines += [AMENDMENT, ""]
+    if any(parse(m)["rerun"] for m in values if parse(m)):
+        lines += [RERUN, ""]
     if not models:
         return "\n".join(lines + ["No record of these runs yet (`scripts/retrofit_ladder.sh`).", ""])
     lines += ["Per arm and dose: the mean ± sample SD over fine-tune seeds (n seeds); the original's row is one "
@@ -209,11 +224,13 @@ def experiment_section(records: list[dict]) -> str:
         doses = sorted({parse(m)["tokens"] for m in models if parse(m)["hyp"] == hyp},
                        key=lambda t: math.inf if t is None else t)
         for arm in ARMS:
-            for tokens in doses:
-                cells = [units(values, hyp, arm, k, tokens) for k, _, _ in COLUMNS]
-                if any(cells):
-                    rows.append([hyp, arm, "0.1M (final)" if tokens is None else f"{tokens // 1000}k"]
-                                + [_fmt(c, spec) for c, (_, _, spec) in zip(cells, COLUMNS)])
+            for reruns in (False, True):
+                for tokens in doses:
+                    cells = [units(values, hyp, arm, k, tokens, reruns=reruns) for k, _, _ in COLUMNS]
+                    if any(cells):
+                        label = "0.1M (final)" if tokens is None else f"{tokens // 1000}k"
+                        rows.append([hyp, arm, label + (" (rerun)" if reruns else "")]
+                                    + [_fmt(c, spec) for c, (_, _, spec) in zip(cells, COLUMNS)])
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""] + _observations(values, models)
     rows = [["test", "arm", "seeds (arm / control)", "margin (control spread)", "verdict"], ["---"] * 5]
     for label, hyp, key, predicted, vs_original in TESTS:
