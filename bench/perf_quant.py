@@ -259,25 +259,25 @@ def main() -> None:
         print(f"wrote {args.out}")
         return
     rows = []
-    for threads in counts:
-        torch.set_num_threads(threads)
-        parts = []
-        if "linear" not in skip:
-            parts.append(linear_rows(args.tokens, args.repeats))
-        if "model" not in skip:
-            parts.append(model_rows(args.repeats, (("tiny-vga", (8, 256)), ("smollm2-135m", (4, 512)))))
-        if "attention" not in skip:
-            parts.append(attention_rows(args.repeats))
-        if "cell" not in skip and threads == 1:
-            parts.append(cell_rows())
-        for part in parts:
-            for label, name, fp32, bf16, seconds in part:
-                half = f"{bf16 * 1e3:.2f}" if bf16 else "-"
-                vs_half = f"{bf16 / seconds:.2f}x" if bf16 else "-"
-                line = (f"| {threads} | {label} | {name} | {fp32 * 1e3:.2f} | {half} | {seconds * 1e3:.2f} | "
-                        f"{fp32 / seconds:.2f}x | {vs_half} |")
-                print(line, flush=True)
-                rows.append(line)
+    threads = counts[0]  # a child: one thread count
+    torch.set_num_threads(threads)
+    parts = []
+    if "linear" not in skip:
+        parts.append(linear_rows(args.tokens, args.repeats))
+    if "model" not in skip:
+        parts.append(model_rows(args.repeats, (("tiny-vga", (8, 256)), ("smollm2-135m", (4, 512)))))
+    if "attention" not in skip:
+        parts.append(attention_rows(args.repeats))
+    if "cell" not in skip and threads == 1:
+        parts.append(cell_rows())
+    for part in parts:
+        for label, name, fp32, bf16, seconds in part:
+            half = f"{bf16 * 1e3:.2f}" if bf16 else "-"
+            vs_half = f"{bf16 / seconds:.2f}x" if bf16 else "-"
+            line = (f"| {threads} | {label} | {name} | {fp32 * 1e3:.2f} | {half} | {seconds * 1e3:.2f} | "
+                    f"{fp32 / seconds:.2f}x | {vs_half} |")
+            print(line, flush=True)
+            rows.append(line)
     Path(args.rows_to).write_text("\n".join(rows) + "\n")
 
 

@@ -67,10 +67,18 @@ def _mode() -> str:
     return forced
 
 
-def fusion_mode() -> str:
-    """The fusion mode in force (QBENCH_INT8_FUSION) and the generation of the compiled
-    cache: a key for callers that keep the functions `fused` returned."""
-    return f"{_mode()}:{id(_cache)}"
+def per_fusion_mode(build):
+    """`build(*args)` made once per argument set and fusion mode (QBENCH_INT8_FUSION and the
+    generation of the compiled cache): for callers that look their fused functions up on every
+    call (the attention kernel's blocks; the lookup cost ~30 us a call)."""
+    @functools.lru_cache(maxsize=32)
+    def cached(mode, *args):
+        return build(*args)
+
+    @functools.wraps(build)
+    def lookup(*args):
+        return cached(f"{_mode()}:{id(_cache)}", *args)
+    return lookup
 
 
 _cache: dict = {}

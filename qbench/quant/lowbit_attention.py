@@ -23,6 +23,8 @@ import functools
 
 import torch
 
+from qbench.quant.int8_fused import fused, per_fusion_mode
+
 INT8_MAX = 127
 
 
@@ -114,18 +116,9 @@ def context_block(acc: torch.Tensor, column_sums: torch.Tensor, v_scale: torch.T
     return (acc + 128 * column_sums).float() / 255.0 * v_scale
 
 
+@per_fusion_mode
 def _check_blocks(device) -> dict:
-    """The score, probability and context blocks, fused where bit-equal (once per device and
-    fusion mode: the lookup itself cost 30 us a call)."""
-    from qbench.quant.int8_fused import fusion_mode
-
-    return _blocks_for(torch.device(device), fusion_mode())
-
-
-@functools.lru_cache(maxsize=16)
-def _blocks_for(device, mode) -> dict:
-    from qbench.quant.int8_fused import fused
-
+    """The score, probability and context blocks, fused where bit-equal."""
     def check(eager, make):
         def run(candidate):
             for shape in ((1, 2, 5, 7), (2, 3, 16, 33)):
@@ -159,11 +152,10 @@ def _blocks_for(device, mode) -> dict:
                                    ("context", context_block, context_args))}
 
 
+@per_fusion_mode
 def _codes(dim, device):
     """int8_codes over `dim`, fused where bit-equal (one pass instead of six)."""
-    from qbench.quant.int8_fused import fused
-
-    eager = _CODES.setdefault(dim, lambda x: int8_codes(x, dim))
+    eager = functools.partial(int8_codes, dim=dim)
 
     def check(candidate):
         g = torch.Generator().manual_seed(0)
@@ -177,25 +169,14 @@ def _codes(dim, device):
     return fused(f"attention codes {dim}", eager, check, device)[0]
 
 
-_CODES: dict = {}
-
-
 def prologue(q: torch.Tensor, k: torch.Tensor, v_codes: torch.Tensor, qk_dim) -> tuple:
     """Q and K codes with their scales, and V's column sums (int32, (B, H, 1, D))."""
     return (*int8_codes(q, qk_dim), *int8_codes(k, qk_dim), v_codes.to(torch.int32).sum(dim=-2, keepdim=True))
 
 
+@per_fusion_mode
 def _prologue(qk_dim, device):
     """`prologue` fused where bit-equal (one compiled call instead of two and an eager sum)."""
-    from qbench.quant.int8_fused import fusion_mode
-
-    return _prologue_for(qk_dim, torch.device(device), fusion_mode())
-
-
-@functools.lru_cache(maxsize=16)
-def _prologue_for(qk_dim, device, mode):
-    from qbench.quant.int8_fused import fused
-
     eager = functools.partial(prologue, qk_dim=qk_dim)
 
     def check(candidate):
