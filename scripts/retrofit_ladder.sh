@@ -66,7 +66,8 @@ worker() {
     grep -q "done $name ${what:-}\$" "$LOGS/progress.log" 2>/dev/null && continue  # finished and benched
     mkdir "$LOGS/claims/$name${what:+-$what}" 2>/dev/null || continue
     echo "$(date -u +%FT%TZ) worker $1: $name ${what:-}" >> "$LOGS/progress.log"
-    if [ "$what" = snapshots ] && ! ls -d models/$name-t*k >/dev/null 2>&1; then
+    # (a rerun already kept as models/<name>-rerun is not tried again)
+    if [ "$what" = snapshots ] && ! ls -d models/$name-t*k >/dev/null 2>&1 && [ ! -d "models/$name-rerun" ]; then
       rebuild_snapshots "$name" "$hyp" "$arm" "$seed" >> "$LOGS/$name-dose.log" 2>&1 || {
         echo "$(date -u +%FT%TZ) FAILED $name snapshots" >> "$LOGS/progress.log"; continue; }
     fi
