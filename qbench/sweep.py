@@ -95,27 +95,12 @@ def _stop_workers(pool) -> None:
         time.sleep(0.02)
 
 
-def _pool_run(planned: PlannedCell, results_dir: str, running_dir: str, threads: int) -> dict:
-    """Worker side of the local pool: note which cell this process runs (so the parent can
-    tell, when a worker dies, which cell died with it), then run it."""
-    Path(running_dir, str(os.getpid())).write_text(planned.cell.key)
-    return run_planned_cell(planned, results_dir, threads)
-
-
-def _died_with(processes: list, running_dir: Path) -> dict[str, str]:
-    """{key: why} for the cells whose worker died on its own (killed, crashed, out of
-    memory); the pool's own SIGTERM of the other workers after a death is not counted."""
+def _why(code: int | None) -> str:
     import signal
 
-    def why(code):
-        return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-
-    notes = {p: running_dir / str(p.pid) for p in processes if (running_dir / str(p.pid)).exists()}
-    dead = {note.read_text(): why(p.exitcode) for p, note in notes.items()
-            if p.exitcode not in (None, 0, -signal.SIGTERM)}
-    # no worker died on its own (all SIGTERMed from outside): every running cell is charged,
-    # so a cell that keeps killing its worker cannot loop for ever
-    return dead or {note.read_text(): why(p.exitcode) for p, note in notes.items() if p.exitcode is not None}
+    if code is None:
+        return "exit status unknown"
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
 
 
 def _record_dead_cell(planned: PlannedCell, results_dir: str, why: str) -> dict:
@@ -135,31 +120,12 @@ def _name(planned: PlannedCell) -> str:
     return f"{planned.cell.model} {planned.cell.scheme.name} {planned.cell.task}"
 
 
-def _remove_stale_running_dirs(folder: Path) -> None:
-    """`qbench-sweep-<pid>-*` folders whose sweep is gone (killed with -9: its `finally` never
-    ran) are removed, so kills do not pile folders up in the temporary directory."""
-    import shutil
-
-    for path in folder.glob("qbench-sweep-*-*"):
-        pid = path.name.split("-")[2]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # its sweep is still running
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except OSError:  # another user's live process
-            continue
-
-
 def run_local(cells: list[PlannedCell], results_dir: str, workers: int = 1, progress: bool = True,
               retries: int = 1, threads: int = 1) -> list[dict]:
     """Run the planned cells here (workers <= 1) or in `workers` spawned processes, each
     shipped as it is.  A worker that
-    dies (killed, out of memory) loses only its cell: the pool is rebuilt, the other cells
-    it was running go back to the queue, and the cell is retried `retries` times, then
-    recorded as failed.  A cell that raises (its checkpoint changed under the sweep) is
+    dies (killed, out of memory) loses only its cell: its process is replaced, the other
+    workers' cells go on, and the cell is retried `retries` times, then recorded as failed.  A cell that raises (its checkpoint changed under the sweep) is
     skipped with a warning; its error is raised once every other cell has run.  Ctrl-C
     stops at once: no new cell starts, running cells are abandoned (nothing partial is
     recorded), and KeyboardInterrupt reaches the caller (exit 130); workers never outlive
@@ -186,9 +152,8 @@ def run_local(cells: list[PlannedCell], results_dir: str, workers: int = 1, prog
             raise errors[0]
         return out
     import multiprocessing as mp
-    import shutil
     import signal
-    import tempfile
+    from collections import deque
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -199,65 +164,62 @@ def run_local(cells: list[PlannedCell], results_dir: str, workers: int = 1, prog
         interrupted.append(signum)
         raise KeyboardInterrupt
 
-    def new_pool():
-        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+    def new_slot():
+        # one single-process pool per worker, given one cell at a time: a worker that dies
+        # breaks only its own pool, so the cells the other workers are running go on (one
+        # shared pool terminates every worker when one dies, and their cells were computed twice)
+        return ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
                                    initializer=_worker_init, initargs=(os.getpid(),))
 
-    _remove_stale_running_dirs(Path(tempfile.gettempdir()))
-    running_dir = Path(tempfile.mkdtemp(prefix=f"qbench-sweep-{os.getpid()}-"))
+    queue = deque(cells)
     deaths: dict[str, int] = {}
     errors: list[Exception] = []
     previous = signal.signal(signal.SIGINT, on_sigint)
-    pool = new_pool()
+    slots = [new_slot() for _ in range(min(workers, len(cells)))]
+    running = {}  # future -> (slot index, cell)
     try:
-        pending = {pool.submit(_pool_run, c, results_dir, str(running_dir), threads): c for c in cells}
-        bar = tqdm(total=len(pending), desc="cells", disable=not progress)
-        while pending:  # short waits: the main thread gets to run the Ctrl-C handler promptly
-            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            lost = []
+        bar = tqdm(total=len(cells), desc="cells", disable=not progress)
+        while queue or running:
+            busy = {slot for slot, _ in running.values()}
+            for slot in range(len(slots)):
+                if slot not in busy and queue:
+                    cell = queue.popleft()
+                    running[slots[slot].submit(run_planned_cell, cell, results_dir, threads)] = (slot, cell)
+            # short waits: the main thread gets to run the Ctrl-C handler promptly
+            finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
             for future in finished:
-                cell = pending.pop(future)
+                slot, cell = running.pop(future)
                 try:
                     out.append(future.result())
-                except BrokenProcessPool:
-                    lost.append(cell)
-                    continue
+                except BrokenProcessPool:  # its worker died (killed, out of memory): rebuild that slot
+                    processes = list((getattr(slots[slot], "_processes", None) or {}).values())
+                    _stop_workers(slots[slot])
+                    why = _why(processes[0].exitcode) if processes else "exit status unknown"
+                    slots[slot] = new_slot()
+                    key = cell.cell.key
+                    deaths[key] = deaths.get(key, 0) + 1
+                    print(f"qbench sweep: warning: the worker running {_name(cell)} died ({why}); "
+                          + ("retrying it" if deaths[key] <= retries else "recording it as failed"), file=sys.stderr)
+                    if deaths[key] <= retries:
+                        queue.appendleft(cell)
+                        continue
+                    out.append(_record_dead_cell(cell, results_dir, why))
                 except Exception as err:  # the cell raised (a checkpoint changed under it): the others go on
                     errors.append(err)
                     print(f"qbench sweep: warning: {_name(cell)} not run: "
                           f"{' '.join(str(err).split())[:300]}", file=sys.stderr)
                 bar.update(1)
-            if not lost:
-                continue
-            # a worker died: every cell still queued on this pool is lost with it; rebuild
-            processes = list((getattr(pool, "_processes", None) or {}).values())
-            lost += list(pending.values())
-            _stop_workers(pool)
-            died = _died_with(processes, running_dir)
-            for child in running_dir.iterdir():
-                child.unlink(missing_ok=True)
-            pool, pending = new_pool(), {}
-            for cell in lost:
-                key = cell.cell.key
-                if key in died:
-                    deaths[key] = deaths.get(key, 0) + 1
-                    print(f"qbench sweep: warning: the worker running {_name(cell)} died ({died[key]}); "
-                          + ("retrying it" if deaths[key] <= retries else "recording it as failed"), file=sys.stderr)
-                    if deaths[key] > retries:
-                        out.append(_record_dead_cell(cell, results_dir, died[key]))
-                        bar.update(1)
-                        continue
-                pending[pool.submit(_pool_run, cell, results_dir, str(running_dir), threads)] = cell
         bar.close()
     except BaseException:
-        _stop_workers(pool)
+        for pool in slots:
+            _stop_workers(pool)
         if interrupted:
             raise KeyboardInterrupt from None
         raise
     finally:
         signal.signal(signal.SIGINT, previous)
-        shutil.rmtree(running_dir, ignore_errors=True)
-    pool.shutdown(wait=True)
+    for pool in slots:
+        pool.shutdown(wait=True)
     if errors:  # after every other cell ran: the first error, whose type gives the exit code
         raise errors[0]
     return out

@@ -1,8 +1,5 @@
 """Quarantine warnings summarised, duplicate models or seeds
-counted once, `|` and line breaks in names kept inside their REPORT.md cell, and folders
-of killed local sweeps removed."""
-import json
-import os
+counted once, and `|` and line breaks in names kept inside their REPORT.md cell."""
 import re
 
 import pandas as pd
@@ -59,18 +56,3 @@ def test_pipes_and_line_breaks_in_names_stay_inside_their_cell():
         assert "a\\|b" in text and "c d" in text
     plain = pd.DataFrame({"model": ["x"], "ppl": [1.25]})
     assert markdown_table(plain) == plain.astype(object).to_markdown(index=False, floatfmt=".4g", missingval="-")
-
-
-def test_folders_of_killed_local_sweeps_are_removed(tmp_path):
-    """`kill -9` of a local sweep left its qbench-sweep-* folder in the temporary directory."""
-    from qbench.sweep import _remove_stale_running_dirs
-
-    dead = tmp_path / "qbench-sweep-999999999-ab12"  # a pid beyond pid_max: no such process
-    alive = tmp_path / f"qbench-sweep-{os.getppid()}-cd34"
-    mine = tmp_path / f"qbench-sweep-{os.getpid()}-ef56"
-    other = tmp_path / "qbench-sweep-x"
-    for folder in (dead, alive, mine, other):
-        folder.mkdir()
-        (folder / "note").write_text(json.dumps(1))
-    _remove_stale_running_dirs(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, mine.name, other.name])
