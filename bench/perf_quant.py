@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -77,6 +78,21 @@ def _torchao(linear):
     return model
 
 
+def with_fusion(module, mode: str):
+    """`module` run with QBENCH_INT8_FUSION=`mode` (read on every call)."""
+    def run(x):
+        previous = os.environ.get("QBENCH_INT8_FUSION")
+        os.environ["QBENCH_INT8_FUSION"] = mode
+        try:
+            return module(x)
+        finally:
+            if previous is None:
+                os.environ.pop("QBENCH_INT8_FUSION", None)
+            else:
+                os.environ["QBENCH_INT8_FUSION"] = previous
+    return run
+
+
 def linear_rows(tokens: int, repeats: int):
     from qbench.quant.bnb import four_bit_linear, int8_linear
     from qbench.quant.int8_fused import quantize_rows, shared_codes
@@ -93,6 +109,8 @@ def linear_rows(tokens: int, repeats: int):
             chosen = DynamicQuantLinear(linear, 8, 8, int8_matmul=True)  # what a cell runs here
             codes, _ = quantize_rows(x, True, chosen.gemm.zero_point, chosen.gemm.input_dtype)
             paths = {f"qbench int8 ({chosen.kernel}, as a cell runs)": chosen,
+                     f"qbench int8 ({chosen.kernel}), compiled passes instead of the native kernel":
+                         with_fusion(chosen, "compiled"),
                      **{f"qbench int8 {k}": DynamicQuantLinear(linear, 8, 8, int8_matmul=True, kernel=k)
                         for k in kernels if k != chosen.kernel},
                      f"int8 GEMM alone ({chosen.kernel}: the ceiling)": lambda _x: chosen.gemm(codes),
@@ -110,8 +128,9 @@ def linear_rows(tokens: int, repeats: int):
             # the ceiling of any W8A8 with per-token scales computed at run time: the input read
             # once (its row maxima) plus the packed GEMM; the fp32 GEMM reads it too, but at its
             # compute rate, so at narrow outputs this read bounds the ratio
+            # (x.amax: one vectorised read; x.abs().amax reads twice and writes a temporary)
             fp32, half, read, gemm = interleaved([lambda: linear(x), lambda: bf16(x_bf16),
-                                                  lambda: x.abs().amax(dim=1), lambda: chosen.gemm(codes)], repeats)
+                                                  lambda: x.amax(dim=1), lambda: chosen.gemm(codes)], repeats)
             yield label, "one read of the fp32 input + int8 GEMM alone (the dynamic-quantization ceiling)", \
                 fp32, half, read + gemm
             if label.startswith("smollm2 576->"):  # q/k/v and gate/up: siblings read one input

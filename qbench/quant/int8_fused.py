@@ -7,12 +7,15 @@ and inductor's C++ code does it in one vectorised pass over the rows.  The compi
 functions are the same float operations (IEEE division, round-half-even, no contraction
 into FMAs), so the codes and scales are identical to the eager ones: checked once per
 process on adversarial rows (ties at .5, zero rows, +-max); any mismatch or compile failure
-falls back to eager.  QBENCH_INT8_FUSION=eager|compiled forces one; cells record which ran
-(`int8_fusion`).  The rescale after the GEMM stays eager and in place on the GEMM's own
+falls back to eager.  The rescale after the GEMM stays eager and in place on the GEMM's own
 output (measured faster than a compiled pass, which writes a fresh buffer).
 
-torch.compile is the maintained route (no hand-written C++ to build and keep): a custom
-kernel would save only the compile time, about 5-10 s on the first call of a process.
+Per-token int8 codes, the real int8 linears' case, go one step further where the CPU has
+AVX-512: qbench.quant.int8_native's C kernel reads each row once (inductor's code reads the
+input twice and was 1.6-1.8x slower at SmolLM2's shapes) and rescales in one pass; it is
+checked against the eager passes the same way, and the compiled passes serve where it is
+unavailable or differs.  QBENCH_INT8_FUSION=native (default) | compiled | eager forces a
+level; cells record which ran (`int8_fusion`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import types
 import torch
 
 QMAX = 127
-MODES = ("compiled", "eager")
+MODES = ("native", "compiled", "eager")
 
 
 def quantize_rows(x: torch.Tensor, per_token: bool, zero_point: int, dtype: torch.dtype):
@@ -61,7 +64,7 @@ def quantize_mismatch(candidate, per_token: bool, zero_point: int, dtype: torch.
 
 
 def _mode() -> str:
-    forced = os.environ.get("QBENCH_INT8_FUSION", "compiled")
+    forced = os.environ.get("QBENCH_INT8_FUSION", "native")
     if forced not in MODES:
         raise ValueError(f"QBENCH_INT8_FUSION={forced!r}: choose one of {MODES}")
     return forced
@@ -116,17 +119,43 @@ def fused(name: str, eager, check, device: torch.device | str = "cpu") -> tuple:
     """(function, mode) for any elementwise block: `eager` compiled where `check(candidate)`
     (None = bit-equal to eager) holds here, else `eager` itself.  CPU only: the check runs
     on the CPU, and a GPU compiler's division need not be IEEE's."""
-    if _mode() == "eager" or torch.device(device).type != "cpu":
+    if _mode() == "eager" or torch.device(device).type != "cpu":  # native: the compiled blocks
         return eager, "eager"
     fn, mode = _compiled((name,), lambda: eager, check)
     return (fn or eager), mode
 
 
+def _native(zero_point: int, dtype: torch.dtype) -> tuple:
+    """(the native per-token quantizer, None) when built and exact here, else (None, why)."""
+    key = ("native", zero_point, dtype)
+    if key not in _cache:
+        from qbench.quant import int8_native
+
+        lib, why = int8_native.library()
+        fn = functools.partial(int8_native.quantize_rows, zero_point=zero_point, dtype=dtype)
+        if lib is not None:
+            why = quantize_mismatch(fn, True, zero_point, dtype)
+        _cache[key] = (fn, None) if lib is not None and why is None else (None, why)
+    return _cache[key]
+
+
 def quantizer(per_token: bool, zero_point: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple:
-    """(x -> (codes, scale), mode): compiled when exact here, else the eager passes."""
+    """(x -> (codes, scale), mode): the native kernel (per-token int8 codes) or the compiled
+    passes when exact here, else the eager passes."""
     eager = functools.partial(quantize_rows, per_token=per_token, zero_point=zero_point, dtype=dtype)
     if _mode() == "eager" or torch.device(device).type != "cpu":
         return eager, "eager"
+    if _mode() == "native" and per_token and dtype in (torch.int8, torch.uint8):
+        fn, why = _native(zero_point, dtype)
+        if fn is not None:
+            return fn, "native"
+        compiled, mode = _quantizer_compiled(per_token, zero_point, dtype, eager)
+        return compiled, f"{mode} (native kernel not used: {why})"
+    return _quantizer_compiled(per_token, zero_point, dtype, eager)
+
+
+def _quantizer_compiled(per_token: bool, zero_point: int, dtype: torch.dtype, eager) -> tuple:
+    """(the compiled quantizer, "compiled") when exact here, else (eager, "eager (why)")."""
     fn, mode = _compiled(("quantize", per_token, zero_point, dtype),
                          lambda: functools.partial(quantize_rows, per_token=per_token, zero_point=zero_point,
                                                    dtype=dtype),

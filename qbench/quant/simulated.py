@@ -78,10 +78,18 @@ class DynamicQuantLinear(nn.Module):
             # kernel reads, scale (N, 1) per token or () per call; one quantization per input
             # tensor (q, k, v read the same one)
             spec = (self.activation_granularity == "per_token", self.gemm.zero_point, self.gemm.input_dtype)
-            x_codes, x_scale = shared_codes.get(x2, spec, quantizer(*spec, device=x2.device)[0])
-            y = self.gemm(x_codes).mul_(x_scale)  # (N, out): (X_q W_q^T s_w) s_x, in place on the GEMM's output
-            if self.bias is not None:
-                y = y.add_(self.bias)
+            quantize, mode = quantizer(*spec, device=x2.device)
+            x_codes, x_scale = shared_codes.get(x2, spec, quantize)
+            y = self.gemm(x_codes)  # (N, out): X_q W_q^T s_w
+            if (mode == "native" and y.is_contiguous() and y.dtype == torch.float32
+                    and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous()))):
+                from qbench.quant.int8_native import rescale_rows_
+
+                rescale_rows_(y, x_scale, self.bias)  # the same two roundings, one pass
+            else:
+                y = y.mul_(x_scale)  # (X_q W_q^T s_w) s_x, in place on the GEMM's output
+                if self.bias is not None:
+                    y = y.add_(self.bias)
         else:
             # (N, 1): one per token, or (): one for the whole call
             x_scale = symmetric_scale(x2, self.activation_bits, dim=ACTIVATION_SCALE_DIM[self.activation_granularity])

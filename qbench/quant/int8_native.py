@@ -1,0 +1,220 @@
+"""Per-token int8 quantization of a float32 matrix with one read of each row: a small C
+kernel (AVX-512 intrinsics) built at first use by the machine's C compiler, the same one
+torch.compile's inductor needs, cached per source, flags and compiler, and called through
+ctypes (which releases the GIL).
+
+Why not torch.compile (qbench.quant.int8_fused): inductor's code for the same operations
+walks all rows twice, once for the row maxima and once for the codes, so at SmolLM2's
+shapes (2,048 x 576 floats, 4.7 MB, past the L2 cache) the input is read twice from
+memory, and it stores int8 through a partial-vector path: measured 0.64-0.94 ms a call at
+1 thread where one read of the input takes 0.2 ms (bench/perf_quant.py; Intel Xeon, AMX).
+This kernel keeps each row in L1 between its maximum and its codes.  No library offers the
+operation (torch's quantized_decomposed per-token ops are Python decompositions; torchao's
+int8 dynamic path measured slower than qbench's whole linear, results/PERF_QUANT.md).
+
+Exactness: the operations of qbench.quant.int8_fused.quantize_rows in the same float32
+arithmetic: max |x| over the row (NaN propagates), max(amax, 1e-8f) / 127 rounded once,
+x / scale correctly rounded (no reciprocal), round half to even, clamp to +-127, + zero
+point, saturating conversion; compiled without fast-math and without FMA contraction.
+Before first use it is checked bit for bit against the eager passes (int8_fused's
+adversarial rows) and dropped if it differs; CPUs without AVX-512 (F, BW, VL, DQ) and machines
+without a compiler keep the compiled or eager passes.  Rows are split over `threads`
+POSIX threads when there are enough of them.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+#include <immintrin.h>
+
+/* |fl(x * r) - fl(x / s)| <= 1.5 * 2^-23 * |x / s| <= 2.3e-5 for |x / s| <= 127.5, with
+   r = fl(1 / s).  Where fl(x * r) lies farther than 2^-14 from every k + 0.5, both round to
+   the same integer; lanes nearer than that (about 2 in 10,000) are divided exactly. */
+#define FAR_FROM_HALF (0.5f - 6.103515625e-05f)
+
+/* No clamp to +-127 is needed: |x| <= amax, so |x / s| <= 127 (1 + 2^-24) < 127.5. */
+static inline void quantize_row(const float *row, int64_t cols, uint8_t *out, float *scale, int zero_point,
+                                int is_unsigned) {
+    const __m512 far = _mm512_set1_ps(FAR_FROM_HALF);
+    const __m512i zp = _mm512_set1_epi32(zero_point);
+    const int64_t full = cols - cols % 16;
+    const __mmask16 tail = (__mmask16)((1u << (cols % 16)) - 1u);
+    __m512 m = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t c = 0; c < full; c += 16) {
+        __m512 v = _mm512_abs_ps(_mm512_loadu_ps(row + c));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, v);
+    }
+    if (tail) {
+        __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, row + full));
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, v);
+    }
+    float amax = nan ? NAN : _mm512_reduce_max_ps(m);
+    float s = (amax < 1e-8f ? 1e-8f : amax) / 127.0f;  /* clamp_min: NaN stays NaN */
+    *scale = s;
+    const __m512 sv = _mm512_set1_ps(s), rv = _mm512_set1_ps(1.0f / s);
+    for (int64_t c = 0; c < cols; c += 16) {
+        const __mmask16 k = c < full ? (__mmask16)0xFFFF : tail;
+        const __m512 x = _mm512_maskz_loadu_ps(k, row + c);
+        __m512 q = _mm512_mul_ps(x, rv);
+        /* q - round(q) in one instruction (VREDUCEPS); near a half, or not finite: divide */
+        const __m512 off = _mm512_abs_ps(_mm512_reduce_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __mmask16 exact = _mm512_cmp_ps_mask(off, far, _CMP_NLE_UQ);
+        if (exact) q = _mm512_mask_div_ps(q, exact, x, sv);
+        __m512i i = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m128i b;
+        if (is_unsigned) b = _mm512_cvtusepi32_epi8(_mm512_add_epi32(i, zp));
+        else b = _mm512_cvtsepi32_epi8(i);
+        _mm_mask_storeu_epi8(out + c, k, b);
+    }
+}
+
+/* y (rows, cols) = y * s[row] (+ b[col]): the rescale after the GEMM, in place, one pass:
+   the same two roundings as y.mul_(s).add_(b). */
+int qbench_rescale_rows(float *y, int64_t rows, int64_t cols, const float *s, const float *b, int threads) {
+    const int64_t full = cols - cols % 16;
+    const __mmask16 tail = (__mmask16)((1u << (cols % 16)) - 1u);
+    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        float *row = y + r * cols;
+        const __m512 sv = _mm512_set1_ps(s[r]);
+        for (int64_t c = 0; c < cols; c += 16) {
+            const __mmask16 k = c < full ? (__mmask16)0xFFFF : tail;
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + c), sv);
+            if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, b + c));
+            _mm512_mask_storeu_ps(row + c, k, v);
+        }
+    }
+    return 0;
+}
+
+int qbench_quantize_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, uint8_t *codes, float *scale,
+                         int zero_point, int is_unsigned, int threads) {
+    /* torch's own OpenMP runtime (the process has libgomp.so.1 loaded already): its threads */
+    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1)
+    for (int64_t r = 0; r < rows; ++r)
+        quantize_row(x + r * ld, cols, codes + r * cols, scale + r, zero_point, is_unsigned);
+    return 0;
+}
+"""
+
+FLAGS = ["-O2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fPIC", "-shared", "-fopenmp",
+         "-ffp-contract=off", "-fno-fast-math", "-fno-finite-math-only"]
+# below this many elements a call stays on one thread
+THREAD_MIN_ELEMENTS = 1 << 16
+_state: dict = {}
+
+
+def cpu_has_avx512() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build() -> ctypes.CDLL:
+    """The kernel's shared library: built once per source, flags and compiler into the
+    cache folder (atomic rename under a lock), then loaded."""
+    from qbench.atomic import FileLock
+    from qbench.paths import cache_dir
+
+    compiler = _compiler()
+    if compiler is None:
+        raise OSError("no C compiler (cc, gcc or $CC)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, version]).encode()).hexdigest()[:16]
+    folder = cache_dir() / "native"
+    folder.mkdir(parents=True, exist_ok=True)
+    library = folder / f"quantize_rows-{key}.so"
+    with FileLock(folder / "build.lock"):
+        if not library.exists():
+            with tempfile.TemporaryDirectory(dir=folder) as work:
+                source = Path(work) / "quantize_rows.c"
+                source.write_text(SOURCE)
+                built = Path(work) / "quantize_rows.so"
+                done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True,
+                                      text=True, timeout=120)
+                if done.returncode != 0:
+                    raise OSError(f"the C compiler failed: {(done.stderr.strip().splitlines() or [''])[-1][:200]}")
+                os.replace(built, library)
+    lib = ctypes.CDLL(str(library))
+    lib.qbench_quantize_rows.restype = lib.qbench_rescale_rows.restype = ctypes.c_int
+    lib.qbench_quantize_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.qbench_rescale_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def library():
+    """(the loaded library, None) once built, or (None, why not) on this machine."""
+    if "lib" not in _state:
+        if not cpu_has_avx512():
+            _state["lib"], _state["why"] = None, "no AVX-512 (F, BW, VL, DQ) on this CPU"
+        else:
+            try:
+                _state["lib"], _state["why"] = _build(), None
+            except (OSError, subprocess.SubprocessError, AttributeError) as err:
+                _state["lib"], _state["why"] = None, f"{type(err).__name__}: {str(err)[:200]}"
+    return _state["lib"], _state["why"]
+
+
+def _threads(elements: int) -> int:
+    return max(1, min(torch.get_num_threads(), elements // THREAD_MIN_ELEMENTS))
+
+
+def _require():
+    lib, why = library()
+    if lib is None:
+        raise RuntimeError(f"the native kernels are not available here: {why}")
+    return lib
+
+
+def quantize_rows(x: torch.Tensor, zero_point: int, dtype: torch.dtype):
+    """x (N, K) float32 on the CPU -> (codes (N, K) `dtype`, scale (N, 1) float32): what
+    int8_fused.quantize_rows(x, per_token=True, ...) gives, in one pass per row."""
+    lib = _require()
+    if dtype not in (torch.int8, torch.uint8) or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError("the native quantizer takes a 2-D float32 CPU tensor and gives int8 or uint8 codes")
+    if x.stride(-1) != 1 or x.stride(0) < x.shape[1]:
+        x = x.contiguous()
+    rows, cols = x.shape
+    codes = torch.empty(rows, cols, dtype=dtype)
+    scale = torch.empty(rows, 1, dtype=torch.float32)
+    if rows and cols:
+        lib.qbench_quantize_rows(x.data_ptr(), rows, cols, x.stride(0), codes.data_ptr(), scale.data_ptr(),
+                                 zero_point, int(dtype == torch.uint8), _threads(rows * cols))
+    return codes, scale
+
+
+def rescale_rows_(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y (N, M) float32 contiguous, in place: y * scale (N, 1) (+ bias (M,)), one pass; the
+    same two roundings as y.mul_(scale).add_(bias)."""
+    lib = _require()
+    rows, cols = y.shape
+    if not (y.is_contiguous() and y.dtype == scale.dtype == torch.float32 and scale.numel() == rows
+            and scale.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.numel() == cols
+                                                            and bias.is_contiguous()))):
+        raise ValueError("rescale_rows_ takes float32 contiguous y (N, M), scale (N, 1), bias (M,)")
+    if rows and cols:
+        lib.qbench_rescale_rows(y.data_ptr(), rows, cols, scale.data_ptr(),
+                                None if bias is None else bias.data_ptr(), _threads(rows * cols))
+    return y
