@@ -251,3 +251,38 @@ def test_the_compiled_kernel_blocks_give_the_eager_kernel_bit_for_bit(monkeypatc
         compiled = module(x)
     assert all(mode == "compiled" for _, mode in int8_fused._cache.values()), int8_fused._cache
     assert len(int8_fused._cache) >= 4 and torch.equal(compiled, eager)
+
+
+def test_native_q_and_k_codes_give_the_eager_kernel_bit_for_bit(monkeypatch):
+    """QBENCH_INT8_FUSION=native (the default outside tests): Q and K codes come from the
+    native per-token quantizer where the CPU has AVX-512, in the projection's layout or a
+    contiguous one; the kernel's output is the eager kernel's, bit for bit."""
+    from qbench.modeling import QBenchConfig
+    from qbench.modeling.model import QBenchAttention
+    from qbench.quant import int8_fused, int8_native
+    from qbench.quant import lowbit_attention as lowbit
+
+    if int8_native.library()[0] is None:
+        pytest.skip(f"no native kernel here: {int8_native.library()[1]}")
+    torch.manual_seed(0)
+    module = QBenchAttention(QBenchConfig(d_model=64, n_head=2, attention="vga", max_position_embeddings=80), 0).eval()
+    module.qbench_hooks, module.qbench_kernel = None, lowbit.LowBitAttention(query_chunk=32)
+    x = torch.randn(2, 80, 64)
+    monkeypatch.setenv("QBENCH_INT8_FUSION", "eager")
+    with torch.no_grad():
+        eager = module(x)
+        monkeypatch.setenv("QBENCH_INT8_FUSION", "native")
+        monkeypatch.setattr(int8_fused, "_cache", {})  # a fresh block lookup, with the blocks left eager:
+        monkeypatch.setattr(lowbit, "fused", lambda name, fn, check, device="cpu": (fn, "eager"))  # no compile
+        monkeypatch.setattr(lowbit, "NATIVE_MIN_ELEMENTS", 0)  # these small shapes too
+        calls = []
+        real = lowbit.native_token_codes
+        monkeypatch.setattr(lowbit, "native_token_codes", lambda t: calls.append(t.is_contiguous()) or real(t))
+        native = module(x)
+        q = torch.randn(2, 3, 9, 16)
+        for layout in (q, q.transpose(1, 2).contiguous().transpose(1, 2), q.transpose(-1, -2).contiguous().transpose(-1, -2)):
+            codes, scale = real(layout)
+            want = lowbit.int8_codes(layout, -1)
+            assert torch.equal(codes, want[0]) and torch.equal(scale, want[1])
+    assert calls == [False, False]  # q and k read in the projection's layout
+    assert torch.equal(native, eager)

@@ -141,9 +141,21 @@ def _native(zero_point: int, dtype: torch.dtype) -> tuple:
 
 def quantizer(per_token: bool, zero_point: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple:
     """(x -> (codes, scale), mode): the native kernel (per-token int8 codes) or the compiled
-    passes when exact here, else the eager passes."""
+    passes when exact here, else the eager passes.  Looked up on every layer call: the
+    answer is kept per fusion mode and arguments, for the compiled cache it was made with."""
+    key = (_mode(), per_token, zero_point, dtype, torch.device(device).type)
+    found = _quantizers.get(key)
+    if found is None or found[0] is not _cache:  # a cleared cache (tests) answers afresh
+        found = _quantizers[key] = (_cache, _quantizer(per_token, zero_point, dtype, key[-1]))
+    return found[1]
+
+
+_quantizers: dict = {}
+
+
+def _quantizer(per_token: bool, zero_point: int, dtype: torch.dtype, device_type: str) -> tuple:
     eager = functools.partial(quantize_rows, per_token=per_token, zero_point=zero_point, dtype=dtype)
-    if _mode() == "eager" or torch.device(device).type != "cpu":
+    if _mode() == "eager" or device_type != "cpu":
         return eager, "eager"
     if _mode() == "native" and per_token and dtype in (torch.int8, torch.uint8):
         fn, why = _native(zero_point, dtype)

@@ -37,48 +37,62 @@ SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
 #include <immintrin.h>
+#include <omp.h>
 
 /* |fl(x * r) - fl(x / s)| <= 1.5 * 2^-23 * |x / s| <= 2.3e-5 for |x / s| <= 127.5, with
    r = fl(1 / s).  Where fl(x * r) lies farther than 2^-14 from every k + 0.5, both round to
    the same integer; lanes nearer than that (about 2 in 10,000) are divided exactly. */
 #define FAR_FROM_HALF (0.5f - 6.103515625e-05f)
 
-/* No clamp to +-127 is needed: |x| <= amax, so |x / s| <= 127 (1 + 2^-24) < 127.5. */
-static inline void quantize_row(const float *row, int64_t cols, uint8_t *out, float *scale, int zero_point,
-                                int is_unsigned) {
+static inline __m512 row_abs_max(const float *row, int64_t full, __mmask16 tail) {
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(row + c)));
+    if (tail) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, row + full)));
+    return m;
+}
+
+/* Rows first..last-1.  Each row's codes are computed from L1 while the next row's maximum is
+   read from memory in the same loop (the two overlap: the first is arithmetic, the second
+   loads).  No clamp to +-127 is needed: |x| <= amax, so |x / s| <= 127 (1 + 2^-24) < 127.5.
+   A NaN in a row is found in the codes loop (its lane is never far from a half); the maximum
+   of the other lanes then does not matter: the row's scale is NaN, as eager's amax makes it. */
+static void quantize_range(const float *x, int64_t ld, int64_t first, int64_t last, int64_t cols, uint8_t *codes,
+                           float *scales, int zero_point, int is_unsigned) {
     const __m512 far = _mm512_set1_ps(FAR_FROM_HALF);
     const __m512i zp = _mm512_set1_epi32(zero_point);
     const int64_t full = cols - cols % 16;
     const __mmask16 tail = (__mmask16)((1u << (cols % 16)) - 1u);
-    __m512 m = _mm512_setzero_ps();
-    __mmask16 nan = 0;
-    for (int64_t c = 0; c < full; c += 16) {
-        __m512 v = _mm512_abs_ps(_mm512_loadu_ps(row + c));
-        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        m = _mm512_max_ps(m, v);
-    }
-    if (tail) {
-        __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, row + full));
-        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        m = _mm512_max_ps(m, v);
-    }
-    float amax = nan ? NAN : _mm512_reduce_max_ps(m);
-    float s = (amax < 1e-8f ? 1e-8f : amax) / 127.0f;  /* clamp_min: NaN stays NaN */
-    *scale = s;
-    const __m512 sv = _mm512_set1_ps(s), rv = _mm512_set1_ps(1.0f / s);
-    for (int64_t c = 0; c < cols; c += 16) {
-        const __mmask16 k = c < full ? (__mmask16)0xFFFF : tail;
-        const __m512 x = _mm512_maskz_loadu_ps(k, row + c);
-        __m512 q = _mm512_mul_ps(x, rv);
-        /* q - round(q) in one instruction (VREDUCEPS); near a half, or not finite: divide */
-        const __m512 off = _mm512_abs_ps(_mm512_reduce_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        const __mmask16 exact = _mm512_cmp_ps_mask(off, far, _CMP_NLE_UQ);
-        if (exact) q = _mm512_mask_div_ps(q, exact, x, sv);
-        __m512i i = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m128i b;
-        if (is_unsigned) b = _mm512_cvtusepi32_epi8(_mm512_add_epi32(i, zp));
-        else b = _mm512_cvtsepi32_epi8(i);
-        _mm_mask_storeu_epi8(out + c, k, b);
+    if (first >= last) return;
+    __m512 m = row_abs_max(x + first * ld, full, tail);
+    for (int64_t r = first; r < last; ++r) {
+        const float *row = x + r * ld;
+        const float *next = r + 1 < last ? row + ld : row;  /* the last row re-reads itself (in L1) */
+        uint8_t *out = codes + r * cols;
+        float amax = _mm512_reduce_max_ps(m);
+        float s = (amax < 1e-8f ? 1e-8f : amax) / 127.0f;  /* clamp_min */
+        const __m512 sv = _mm512_set1_ps(s), rv = _mm512_set1_ps(1.0f / s);
+        __m512 m_next = _mm512_setzero_ps();
+        int nan = 0;
+        for (int64_t c = 0; c < cols; c += 16) {
+            const __mmask16 k = c < full ? (__mmask16)0xFFFF : tail;
+            m_next = _mm512_max_ps(m_next, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, next + c)));
+            const __m512 v = _mm512_maskz_loadu_ps(k, row + c);
+            __m512 q = _mm512_mul_ps(v, rv);
+            /* q - round(q) in one instruction (VREDUCEPS); near a half, or not finite: divide */
+            const __m512 off = _mm512_abs_ps(_mm512_reduce_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            const __mmask16 exact = _mm512_cmp_ps_mask(off, far, _CMP_NLE_UQ);
+            if (exact) {
+                q = _mm512_mask_div_ps(q, exact, v, sv);
+                nan |= _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q) != 0;
+            }
+            __m512i i = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m128i b;
+            if (is_unsigned) b = _mm512_cvtusepi32_epi8(_mm512_add_epi32(i, zp));
+            else b = _mm512_cvtsepi32_epi8(i);
+            _mm_mask_storeu_epi8(out + c, k, b);
+        }
+        scales[r] = nan ? NAN : s;
+        m = m_next;
     }
 }
 
@@ -103,10 +117,15 @@ int qbench_rescale_rows(float *y, int64_t rows, int64_t cols, const float *s, co
 
 int qbench_quantize_rows(const float *x, int64_t rows, int64_t cols, int64_t ld, uint8_t *codes, float *scale,
                          int zero_point, int is_unsigned, int threads) {
-    /* torch's own OpenMP runtime (the process has libgomp.so.1 loaded already): its threads */
-    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1)
-    for (int64_t r = 0; r < rows; ++r)
-        quantize_row(x + r * ld, cols, codes + r * cols, scale + r, zero_point, is_unsigned);
+    /* torch's own OpenMP runtime (the process has libgomp.so.1 loaded already): its threads,
+       each one contiguous block of rows */
+    if (threads <= 1) { quantize_range(x, ld, 0, rows, cols, codes, scale, zero_point, is_unsigned); return 0; }
+    #pragma omp parallel num_threads(threads)
+    {
+        const int64_t n = omp_get_num_threads(), t = omp_get_thread_num(), step = (rows + n - 1) / n;
+        const int64_t first = t * step, last = first + step < rows ? first + step : rows;
+        quantize_range(x, ld, first, last, cols, codes, scale, zero_point, is_unsigned);
+    }
     return 0;
 }
 """

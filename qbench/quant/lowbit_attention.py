@@ -191,6 +191,36 @@ def _prologue(qk_dim, device):
     return fused(f"attention prologue {qk_dim}", eager, check, device)[0]
 
 
+# Q and K go to the native quantizer from this many elements up: at 4 heads x 1,024 tokens
+# x 64 the kernel was 10-15% faster than with the compiled prologue (bench/perf_quant.py's
+# attention rows, both in one process, 1 and 2 threads); at 256 tokens two calls and the
+# copies to contiguous codes cost more than the one compiled call (3-4% slower).
+NATIVE_MIN_ELEMENTS = 1 << 17
+
+
+def native_token_codes(x: torch.Tensor):
+    """int8_codes(x, -1) for x (B, H, T, D) float32 by the native per-token quantizer
+    (qbench.quant.int8_native: the same operations, one read of each row; |x| / scale <= 127,
+    so its clamp never acts), or None where it is not in use (QBENCH_INT8_FUSION other than
+    native, no AVX-512, not exact here).  x is read in its own layout when that is rows of D
+    (contiguous, or the projection's (B, T, H, D) seen as (B, H, T, D)); the codes and
+    scales come back contiguous (B, H, T, .)."""
+    from qbench.quant import int8_fused
+
+    if int8_fused._mode() != "native" or x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    fn, _ = int8_fused._native(0, torch.int8)  # checked once against the eager passes
+    if fn is None:
+        return None
+    swap = not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+    base = x.transpose(1, 2) if swap else x.contiguous()
+    codes, scale = fn(base.reshape(-1, base.shape[-1]))
+    codes, scale = codes.view(base.shape), scale.view(*base.shape[:-1], 1)
+    # contiguous (B, H, T, .) codes and scales: the GEMMs and the compiled score block read them
+    # so (strided scales made the score block several times slower)
+    return (codes.transpose(1, 2).contiguous(), scale.transpose(1, 2).contiguous()) if swap else (codes, scale)
+
+
 def quantize_probs(p: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "int8":
         return torch.round(p * 255.0)  # codes 0..255, scale 1/255
@@ -236,9 +266,15 @@ class LowBitAttention:
         to (B, H, T_q, T_k)) marks hidden keys; None = causal.  Queries are processed in
         chunks of `query_chunk`; P[..., 0] goes to `hooks.first_column` when hooks are set."""
         t_q, t_k = q.shape[-2], k.shape[-2]
-        # Q and K codes and V's column sums in one fused call (at T = 256 each call's fixed cost
-        # was as long as its arithmetic)
-        q_codes, q_scale, k_codes, k_scale, column_sums = _prologue(self._qk_dim, q.device)(q, k, v_codes)
+        # Q and K codes by the native quantizer (one read of each row), else with V's column sums
+        # in one fused call (at T = 256 each call's fixed cost was as long as its arithmetic)
+        native = ((native_token_codes(q), native_token_codes(k))
+                  if self.qkv_granularity == "token" and q.numel() >= NATIVE_MIN_ELEMENTS else (None,))
+        if None not in native:
+            (q_codes, q_scale), (k_codes, k_scale) = native
+            column_sums = v_codes.to(torch.int32).sum(dim=-2, keepdim=True)
+        else:
+            q_codes, q_scale, k_codes, k_scale, column_sums = _prologue(self._qk_dim, q.device)(q, k, v_codes)
         # K^T as a view of contiguous codes: each head's matrix column-major (int_matmul reads it so)
         k_t, k_scale_row = k_codes.contiguous().transpose(-1, -2), k_scale.transpose(-1, -2)  # (B, H, D, T_k), (B, H, 1, T_k | 1)
         bias = causal_bias(t_q, t_k, q.device) if hidden is None else hidden_bias(hidden)

@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qbench.quant.handlers import register, require
+from qbench.quant.int8_fused import quantizer, shared_codes
+from qbench.quant.int8_native import rescale_rows_
 from qbench.quant.surgery import quantizable_linears, set_submodule
 
 # the axis each granularity reduces over for one scale: weights (out, in), activations (N, in)
@@ -72,8 +74,6 @@ class DynamicQuantLinear(nn.Module):
         shape = x.shape  # (..., in)
         x2 = x.reshape(-1, shape[-1]).float()
         if self.int8_matmul:
-            from qbench.quant.int8_fused import quantizer, shared_codes
-
             # the simulated path's float operations, fused where exact: codes in the dtype the
             # kernel reads, scale (N, 1) per token or () per call; one quantization per input
             # tensor (q, k, v read the same one)
@@ -83,8 +83,6 @@ class DynamicQuantLinear(nn.Module):
             y = self.gemm(x_codes)  # (N, out): X_q W_q^T s_w
             if (mode == "native" and y.is_contiguous() and y.dtype == torch.float32
                     and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous()))):
-                from qbench.quant.int8_native import rescale_rows_
-
                 rescale_rows_(y, x_scale, self.bias)  # the same two roundings, one pass
             else:
                 y = y.mul_(x_scale)  # (X_q W_q^T s_w) s_x, in place on the GEMM's output
@@ -104,10 +102,8 @@ class DynamicQuantLinear(nn.Module):
 
 
 def _fusion_used(model: nn.Module) -> str:
-    """Which quantize / rescale passes the model's int8 layers run (compiled where exact):
-    decided now, on one layer's specialisation, the same for every layer of the model."""
-    from qbench.quant.int8_fused import quantizer
-
+    """Which quantize / rescale passes the model's int8 layers run (native or compiled where
+    exact): decided now, on one layer's specialisation, the same for every layer of the model."""
     layer = next(m for m in model.modules() if isinstance(m, DynamicQuantLinear) and m.int8_matmul)
     return quantizer(layer.activation_granularity == "per_token", layer.gemm.zero_point, layer.gemm.input_dtype,
                      device=layer.weight_codes.device)[1]
