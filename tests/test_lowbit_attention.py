@@ -286,3 +286,96 @@ def test_native_q_and_k_codes_give_the_eager_kernel_bit_for_bit(monkeypatch):
             assert torch.equal(codes, want[0]) and torch.equal(scale, want[1])
     assert calls == [False, False]  # q and k read in the projection's layout
     assert torch.equal(native, eager)
+
+
+def _c_blocks_or_skip():
+    from qbench.quant import attention_native
+
+    lib, why = attention_native.library()
+    if lib is None:
+        pytest.skip(f"no C attention blocks here: {why}")
+
+
+@pytest.mark.parametrize("arm", sorted(ATTENTION_ARMS))
+def test_c_blocks_give_the_eager_kernel_bit_for_bit(arm, monkeypatch):
+    """QBENCH_INT8_FUSION=native (the default outside tests) with AVX-512 VNNI: the two int8
+    GEMMs and their blocks run in C (qbench.quant.attention_native); every arm's output and
+    the P[..., 0] the probes see equal the eager kernel's, bit for bit, with two sequences,
+    query chunks and key counts that are no multiple of 16 (or of 4), and a padding mask."""
+    from qbench.quant import attention_native
+    from qbench.quant import lowbit_attention as lowbit
+
+    _c_blocks_or_skip()
+    torch.manual_seed(0)
+    module = QBenchAttention(QBenchConfig(d_model=64, n_head=2, attention=arm, max_position_embeddings=80), 0).eval()
+    x = torch.randn(2, 37, 64) * 2
+    q, k, v = module._split(module.q_proj(x)), module._split(module.k_proj(x)), module._split(module.v_proj(x))
+    hidden = torch.zeros(2, 1, 37, 37, dtype=torch.bool)
+    hidden[1, ..., :5] = True  # the second sequence's first 5 keys are padding
+    hidden |= torch.triu(torch.ones(37, 37, dtype=torch.bool), diagonal=1)
+
+    class Observer:
+        def __init__(self):
+            self.first = []
+
+        def scores(self, s): return s
+        def probs(self, p): return p
+        def context(self, c): return c
+
+        def first_column(self, p):
+            self.first.append(p)
+
+    calls = []
+    real = attention_native.Packed.scores
+    monkeypatch.setattr(attention_native.Packed, "scores", lambda self, *a: calls.append(1) or real(self, *a))
+    results = {}
+    for mode in ("eager", "native"):
+        monkeypatch.setenv("QBENCH_INT8_FUSION", mode)
+        for name, call_hidden in (("causal", None), ("padded", hidden)):
+            observer = Observer()
+            with torch.no_grad():
+                out = lowbit.LowBitAttention(query_chunk=16).weighted_sum(
+                    q, k, *lowbit.LowBitAttention().quantize_values(v), module.arm.normalise, module, 0.125,
+                    call_hidden, observer)
+            results[mode, name] = out, torch.cat(observer.first)
+    assert len(calls) == 2 * 3  # the C blocks ran: 3 chunks of 16 queries, twice
+    for name in ("causal", "padded"):  # bit for bit; the padded queries that see no key have NaN weights
+        for got, want in zip(results["native", name], results["eager", name]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_c_blocks_serve_only_what_they_compute(monkeypatch):
+    """fp8 P, one scale per head, or a head width that is no multiple of 16: the torch blocks."""
+    from qbench.quant import lowbit_attention as lowbit
+
+    _c_blocks_or_skip()
+    monkeypatch.setenv("QBENCH_INT8_FUSION", "native")
+    q, v_codes = torch.randn(1, 2, 8, 16), torch.zeros(1, 2, 8, 16, dtype=torch.int8)
+    assert LowBitAttention()._c_blocks(q, v_codes)
+    assert not LowBitAttention(probs="fp8")._c_blocks(q, v_codes)
+    assert not LowBitAttention(qkv_granularity="head")._c_blocks(q, v_codes)
+    assert not LowBitAttention()._c_blocks(torch.randn(1, 2, 8, 24), torch.zeros(1, 2, 8, 24, dtype=torch.int8))
+    assert not LowBitAttention()._c_blocks(q.double(), v_codes)
+    monkeypatch.setenv("QBENCH_INT8_FUSION", "compiled")
+    assert not lowbit._c_blocks_available(q, v_codes)
+
+
+def test_c_value_codes_equal_int8_codes_bit_for_bit():
+    """V's per-channel codes from C (x * (1/s), the exact division near every tie) equal
+    int8_codes(v, -2): values built on and 1-4 ulps around every k + 0.5 over many binades,
+    in the projection's (B, T, H, D) layout and a contiguous one; a NaN channel's scale is NaN."""
+    from qbench.quant import attention_native
+    from test_int8_native import near_ties
+
+    _c_blocks_or_skip()
+    ties = near_ties(64, 96, 3).t().reshape(96, 2, 2, 16).permute(1, 2, 0, 3)  # (B, H, T, D): ties down T
+    projection = torch.randn(2, 33, 3 * 32, generator=torch.Generator().manual_seed(4)) * 5
+    viewed = projection.view(2, 33, 6, 16).transpose(1, 2)[:, 2:4]  # strided (B, H, T, D) rows
+    for v in (ties.contiguous(), ties, viewed, torch.zeros(1, 1, 5, 16)):
+        want, got = int8_codes(v, -2), attention_native.value_codes(v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), tuple(v.shape)
+    v = torch.randn(1, 2, 9, 32)
+    v[0, 1, 4, 20] = float("nan")
+    scale = attention_native.value_codes(v)[1]
+    assert torch.isnan(scale[0, 1, 0, 20]) and torch.isnan(scale).sum() == 1
+    assert torch.isnan(int8_codes(v, -2)[1][0, 1, 0, 20])

@@ -137,44 +137,57 @@ THREAD_MIN_ELEMENTS = 1 << 16
 _state: dict = {}
 
 
-def cpu_has_avx512() -> bool:
+def cpu_flags() -> set[str]:
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):
-        return False
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags)
+        return set()
+
+
+def cpu_has_avx512() -> bool:
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags()
 
 
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build() -> ctypes.CDLL:
-    """The kernel's shared library: built once per source, flags and compiler into the
-    cache folder (atomic rename under a lock), then loaded."""
+def build(name: str, source: str, flags: list[str]) -> ctypes.CDLL:
+    """A C source's shared library: built once per source, flags and compiler into the cache
+    folder (atomic rename under a lock), then loaded."""
     from qbench.atomic import FileLock
     from qbench.paths import cache_dir
 
     compiler = _compiler()
     if compiler is None:
         raise OSError("no C compiler (cc, gcc or $CC)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, version]).encode()).hexdigest()[:16]
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (subprocess.SubprocessError, OSError) as err:
+        raise OSError(f"the C compiler does not run: {err}") from None
+    key = hashlib.sha256("\0".join([source, *flags, version]).encode()).hexdigest()[:16]
     folder = cache_dir() / "native"
     folder.mkdir(parents=True, exist_ok=True)
-    library = folder / f"quantize_rows-{key}.so"
+    library_path = folder / f"{name}-{key}.so"
     with FileLock(folder / "build.lock"):
-        if not library.exists():
+        if not library_path.exists():
             with tempfile.TemporaryDirectory(dir=folder) as work:
-                source = Path(work) / "quantize_rows.c"
-                source.write_text(SOURCE)
-                built = Path(work) / "quantize_rows.so"
-                done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True,
-                                      text=True, timeout=120)
+                source_path = Path(work) / f"{name}.c"
+                source_path.write_text(source)
+                built = Path(work) / f"{name}.so"
+                try:
+                    done = subprocess.run([compiler, *flags, str(source_path), "-o", str(built)], capture_output=True,
+                                          text=True, timeout=120)
+                except subprocess.SubprocessError as err:
+                    raise OSError(f"the C compiler did not finish: {err}") from None
                 if done.returncode != 0:
                     raise OSError(f"the C compiler failed: {(done.stderr.strip().splitlines() or [''])[-1][:200]}")
-                os.replace(built, library)
-    lib = ctypes.CDLL(str(library))
+                os.replace(built, library_path)
+    return ctypes.CDLL(str(library_path))
+
+
+def _build() -> ctypes.CDLL:
+    lib = build("quantize_rows", SOURCE, FLAGS)
     lib.qbench_quantize_rows.restype = lib.qbench_rescale_rows.restype = ctypes.c_int
     lib.qbench_quantize_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]

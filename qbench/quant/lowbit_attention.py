@@ -252,11 +252,23 @@ class LowBitAttention:
 
     def quantize_values(self, v: torch.Tensor):
         """(B, H, T, D): per channel within each (sequence, head), or one per (sequence, head)."""
+        if self.qkv_granularity == "token" and v.shape[-2] and _c_blocks_available(v, v):
+            from qbench.quant import attention_native
+
+            return attention_native.value_codes(v)  # the same codes and scales, one C call
         return _codes(-2 if self.qkv_granularity == "token" else (-2, -1), v.device)(v)
 
     @staticmethod
     def quantize_gate(g: torch.Tensor) -> torch.Tensor:
         return quantize_gate(g)
+
+    def _c_blocks(self, q: torch.Tensor, v_codes: torch.Tensor) -> bool:
+        """The C blocks serve this call: int8 P, per-token Q/K scales, the native fusion level,
+        a CPU with AVX-512 VNNI, float32 queries, a head width that is a multiple of 16."""
+        return self.probs == "int8" and self.qkv_granularity == "token" and _c_blocks_available(q, v_codes)
+
+    def _weighted_sum_c(self, *args):
+        return _weighted_sum_c(self, *args)
 
     def weighted_sum(self, q: torch.Tensor, k: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
                      normalise, module, scaling: float, hidden: torch.Tensor | None,
@@ -266,6 +278,10 @@ class LowBitAttention:
         to (B, H, T_q, T_k)) marks hidden keys; None = causal.  Queries are processed in
         chunks of `query_chunk`; P[..., 0] goes to `hooks.first_column` when hooks are set."""
         t_q, t_k = q.shape[-2], k.shape[-2]
+        if self._c_blocks(q, v_codes):
+            out = self._weighted_sum_c(q, k, v_codes, v_scale, normalise, module, scaling, hidden, hooks)
+            if out is not None:
+                return out
         # Q and K codes by the native quantizer (one read of each row), else with V's column sums
         # in one fused call (at T = 256 each call's fixed cost was as long as its arithmetic)
         native = ((native_token_codes(q), native_token_codes(k))
@@ -297,6 +313,40 @@ class LowBitAttention:
         if first is not None and hasattr(hooks, "first_column"):
             hooks.first_column(torch.cat(first, dim=-1))
         return out
+
+
+def _c_blocks_available(q: torch.Tensor, v_codes: torch.Tensor) -> bool:
+    from qbench.quant import attention_native, int8_fused
+
+    return int8_fused._mode() == "native" and attention_native.supported(q, v_codes)
+
+
+def _weighted_sum_c(kernel: LowBitAttention, q, k, v_codes, v_scale, normalise, module, scaling, hidden, hooks):
+    """weighted_sum with the two int8 GEMMs and their elementwise blocks in C (qbench.quant.
+    attention_native), the normaliser between them; None if Q's or K's native codes are not
+    available here (the caller then runs the torch blocks)."""
+    from qbench.quant import attention_native
+
+    q_native, k_native = native_token_codes(q), native_token_codes(k)
+    if q_native is None or k_native is None:
+        return None
+    (q_codes, q_scale), (k_codes, k_scale) = q_native, k_native
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    packed = attention_native.Packed(k_codes, k_scale, v_codes, v_scale)
+    bias = causal_bias(t_q, t_k, q.device) if hidden is None else hidden_bias(hidden)
+    out = torch.empty(*q.shape[:-1], v_codes.shape[-1], dtype=torch.float32, device=q.device)
+    first = [] if hooks is not None else None
+    for start in range(0, t_q, kernel.query_chunk):
+        stop = min(start + kernel.query_chunk, t_q)
+        scores = packed.scores(q_codes[..., start:stop, :], q_scale[..., start:stop, :], scaling,
+                               bias[..., start:stop, :])
+        p = normalise(scores, module)
+        if first is not None:
+            first.append(p[..., 0].clone())
+        packed.context_into(p, out[..., start:stop, :])
+    if first is not None and hasattr(hooks, "first_column"):
+        hooks.first_column(torch.cat(first, dim=-1))
+    return out
 
 
 def install_kernel(model: torch.nn.Module, kernel: LowBitAttention) -> int:
