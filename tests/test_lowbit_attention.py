@@ -277,7 +277,7 @@ def test_native_q_and_k_codes_give_the_eager_kernel_bit_for_bit(monkeypatch):
         monkeypatch.setattr(lowbit, "NATIVE_MIN_ELEMENTS", 0)  # these small shapes too
         calls = []
         real = lowbit.native_token_codes
-        monkeypatch.setattr(lowbit, "native_token_codes", lambda t: calls.append(t.is_contiguous()) or real(t))
+        monkeypatch.setattr(lowbit, "native_token_codes", lambda t, **kw: calls.append(t.is_contiguous()) or real(t, **kw))
         native = module(x)
         q = torch.randn(2, 3, 9, 16)
         for layout in (q, q.transpose(1, 2).contiguous().transpose(1, 2), q.transpose(-1, -2).contiguous().transpose(-1, -2)):

@@ -36,14 +36,13 @@ SOURCE = r"""
 
 /* K (tk, d) int8, d % 4 == 0 -> kp [tkb][d/4][16 keys][4 bytes] (zero padded to tkb * 16 keys)
    and ksum[tkb * 16] = sum_d K[j, d] (0 for padding). */
-static void pack_k_one(const int8_t *k, int64_t tk, int64_t d, int8_t *kp, int32_t *ksum) {
+static void pack_k_one(const int8_t *k, int64_t st, int64_t tk, int64_t d, int8_t *kp, int32_t *ksum) {
     const int64_t tkb = (tk + 15) / 16, dq = d / 4;
-    const int32_t *k32 = (const int32_t *)k;
     int32_t *kp32 = (int32_t *)kp;
     memset(kp, 0, (size_t)(tkb * dq * 64));
     const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
     for (int64_t j = 0; j < tk; ++j) {
-        const int32_t *row = k32 + j * dq;
+        const int32_t *row = (const int32_t *)(k + j * st);
         int32_t *dst = kp32 + (j / 16) * dq * 16 + (j % 16);
         for (int64_t g = 0; g < dq; ++g) dst[g * 16] = row[g];
         /* sum of the row's codes: of the u8 codes (s8 ^ 0x80 = s8 + 128) by SAD, minus 128 d */
@@ -51,7 +50,7 @@ static void pack_k_one(const int8_t *k, int64_t tk, int64_t d, int8_t *kp, int32
         for (int64_t c = 0; c < d; c += 64) {
             const __mmask64 m = d - c >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (d - c)) - 1);
             /* masked-off bytes load as 0x00 and flip to 0x80: counted, then taken off below */
-            sums = _mm512_add_epi64(sums, _mm512_sad_epu8(_mm512_xor_si512(_mm512_maskz_loadu_epi8(m, k + j * d + c),
+            sums = _mm512_add_epi64(sums, _mm512_sad_epu8(_mm512_xor_si512(_mm512_maskz_loadu_epi8(m, k + j * st + c),
                                                                             flip), zero));
         }
         const int64_t padded = ((d + 63) / 64) * 64;
@@ -60,33 +59,38 @@ static void pack_k_one(const int8_t *k, int64_t tk, int64_t d, int8_t *kp, int32
     for (int64_t j = tk; j < tkb * 16; ++j) ksum[j] = 0;
 }
 
-int qbench_attn_pack_k(const int8_t *k, int64_t bh, int64_t tk, int64_t d, int8_t *kp, int32_t *ksum,
-                       int threads) {
+/* k (B, H, tk, d) codes at k + b sb + h sh + j st (rows of d contiguous) */
+int qbench_attn_pack_k(const int8_t *k, int64_t nb, int64_t nh, int64_t sb, int64_t sh, int64_t st, int64_t tk,
+                       int64_t d, int8_t *kp, int32_t *ksum, int threads) {
     const int64_t tkb = (tk + 15) / 16;
     #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1)
-    for (int64_t b = 0; b < bh; ++b)
-        pack_k_one(k + b * tk * d, tk, d, kp + b * tkb * (d / 4) * 64, ksum + b * tkb * 16);
+    for (int64_t b = 0; b < nb * nh; ++b)
+        pack_k_one(k + (b / nh) * sb + (b % nh) * sh, st, tk, d, kp + b * tkb * (d / 4) * 64, ksum + b * tkb * 16);
     return 0;
 }
 
-/* scores (bh, tq, tk) float; q (bh, tq, d) codes at q + b * q_stride, qs at qs + b * qs_stride;
-   ks (bh, tk); bias (tq, tk) at bias + b * bias_stride (0: shared). */
-int qbench_attn_scores(const int8_t *q, int64_t q_stride, const float *qs, int64_t qs_stride, int64_t bh,
-                       int64_t tq, int64_t d, const int8_t *kp, const int32_t *ksum, const float *ks, int64_t tk,
-                       float scaling, const float *bias, int64_t bias_stride, float *out, int threads) {
+/* scores (B H, tq, tk) float; q (B, H, tq, d) codes at q + b q_sb + h q_sh + i q_st (rows of d
+   contiguous), qs at qs + b qs_sb + h qs_sh + i qs_st; ks (B H, tk); bias (tq, tk) at
+   bias + (b H + h) bias_stride (0: shared). */
+int qbench_attn_scores(const int8_t *q, int64_t q_sb, int64_t q_sh, int64_t q_st, const float *qs, int64_t qs_sb,
+                       int64_t qs_sh, int64_t qs_st, int64_t nb, int64_t nh, int64_t tq, int64_t d, const int8_t *kp,
+                       const int32_t *ksum, const float *ks, int64_t tk, float scaling, const float *bias,
+                       int64_t bias_stride, float *out, int threads) {
+    const int64_t bh = nb * nh;
     const int64_t tkb = (tk + 15) / 16, dq = d / 4;
     const __m512 scale_v = _mm512_set1_ps(scaling);
     const __m512i m128 = _mm512_set1_epi32(128);
     #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if(threads > 1)
     for (int64_t b = 0; b < bh; ++b) {
         for (int64_t i = 0; i < tq; ++i) {
-            const int32_t *qrow = (const int32_t *)(q + b * q_stride + i * d);
+            const int64_t sb = b / nh, sh = b % nh;
+            const int32_t *qrow = (const int32_t *)(q + sb * q_sb + sh * q_sh + i * q_st);
             const int8_t *kpb = kp + b * tkb * dq * 64;
             const int32_t *ksb = ksum + b * tkb * 16;
             const float *ksc = ks + b * tk;
             const float *brow = bias + b * bias_stride + i * tk;
             float *orow = out + (b * tq + i) * tk;
-            const __m512 qsv = _mm512_set1_ps(qs[b * qs_stride + i]);
+            const __m512 qsv = _mm512_set1_ps(qs[sb * qs_sb + sh * qs_sh + i * qs_st]);
             for (int64_t jb0 = 0; jb0 < tkb; jb0 += 4) {  /* 4 blocks of 16 keys: 4 independent chains */
                 const int64_t nb = tkb - jb0 < 4 ? tkb - jb0 : 4;
                 __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
@@ -284,9 +288,9 @@ def library():
             try:
                 lib = int8_native.build("attention", SOURCE, FLAGS)
                 i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-                lib.qbench_attn_pack_k.argtypes = [ptr, i64, i64, i64, ptr, ptr, c_int]
-                lib.qbench_attn_scores.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, c_float,
-                                                   ptr, i64, ptr, c_int]
+                lib.qbench_attn_pack_k.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, c_int]
+                lib.qbench_attn_scores.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, i64, ptr,
+                                                   ptr, ptr, i64, c_float, ptr, i64, ptr, c_int]
                 lib.qbench_attn_pack_v.argtypes = [ptr, i64, i64, i64, ptr, c_int]
                 lib.qbench_attn_context.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, c_int]
                 lib.qbench_attn_value_codes.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, c_int]
@@ -329,31 +333,33 @@ class Packed:
         lib = library()[0]
         b, h, tk, d = k_codes.shape
         self.bh, self.tk, self.d = b * h, tk, d
-        k_codes, v_codes = k_codes.contiguous(), v_codes.contiguous()
+        if k_codes.stride(-1) != 1:
+            k_codes = k_codes.contiguous()  # any layout of rows of D (the projection's too)
+        v_codes = v_codes.contiguous()
         tkb, tkq = (tk + 15) // 16, (tk + 3) // 4
         self.kp = torch.empty(self.bh * tkb * (d // 4) * 64, dtype=torch.int8)
         self.ksum = torch.empty(self.bh * tkb * 16, dtype=torch.int32)
         self.vp = torch.empty(self.bh * tkq * (d // 16) * 64, dtype=torch.int8)
         threads = _threads(self.bh * tk * d)
-        lib.qbench_attn_pack_k(k_codes.data_ptr(), self.bh, tk, d, self.kp.data_ptr(), self.ksum.data_ptr(), threads)
+        lib.qbench_attn_pack_k(k_codes.data_ptr(), b, h, k_codes.stride(0), k_codes.stride(1), k_codes.stride(2), tk,
+                               d, self.kp.data_ptr(), self.ksum.data_ptr(), threads)
         lib.qbench_attn_pack_v(v_codes.data_ptr(), self.bh, tk, d, self.vp.data_ptr(), threads)
         self.k_scale = k_scale.expand(b, h, tk, 1).contiguous()
         self.v_scale = v_scale.expand(b, h, 1, d).contiguous()
 
     def scores(self, q_codes: torch.Tensor, q_scale: torch.Tensor, scaling: float, bias: torch.Tensor) -> torch.Tensor:
-        """q_codes (B, H, Tq, D) int8 and q_scale (B, H, Tq, 1), each a contiguous tensor's rows
-        (a chunk of queries); bias broadcastable to (B, H, Tq, Tk) -> scores (B, H, Tq, Tk)."""
+        """q_codes (B, H, Tq, D) int8 (rows of D in any layout) and q_scale (B, H, Tq, 1), a
+        chunk of queries; bias broadcastable to (B, H, Tq, Tk) -> scores (B, H, Tq, Tk)."""
         b, h, tq, d = q_codes.shape
-        for name, t, inner in (("q_codes", q_codes, d), ("q_scale", q_scale, 1)):
-            if t.stride(-1) != 1 or t.stride(-2) != inner or t.stride(0) != h * t.stride(1):
-                raise ValueError(f"{name} must be rows of a contiguous (B, H, T, .) tensor")
+        if q_codes.stride(-1) != 1:
+            q_codes = q_codes.contiguous()
         if bias.dim() == 2 or all(n == 1 for n in bias.shape[:-2]):
             bias_rows, bias_stride = bias.reshape(tq, self.tk).contiguous(), 0
         else:
             bias_rows, bias_stride = bias.expand(b, h, tq, self.tk).contiguous(), tq * self.tk
         out = torch.empty(b, h, tq, self.tk)
         library()[0].qbench_attn_scores(
-            q_codes.data_ptr(), q_codes.stride(1), q_scale.data_ptr(), q_scale.stride(1), self.bh, tq, d,
+            q_codes.data_ptr(), *q_codes.stride()[:3], q_scale.data_ptr(), *q_scale.stride()[:3], b, h, tq, d,
             self.kp.data_ptr(), self.ksum.data_ptr(), self.k_scale.data_ptr(), self.tk, scaling,
             bias_rows.data_ptr(), bias_stride, out.data_ptr(), _threads(self.bh * tq * self.tk))
         return out

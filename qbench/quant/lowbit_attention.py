@@ -198,13 +198,13 @@ def _prologue(qk_dim, device):
 NATIVE_MIN_ELEMENTS = 1 << 17
 
 
-def native_token_codes(x: torch.Tensor):
+def native_token_codes(x: torch.Tensor, contiguous: bool = True):
     """int8_codes(x, -1) for x (B, H, T, D) float32 by the native per-token quantizer
     (qbench.quant.int8_native: the same operations, one read of each row; |x| / scale <= 127,
     so its clamp never acts), or None where it is not in use (QBENCH_INT8_FUSION other than
     native, no AVX-512, not exact here).  x is read in its own layout when that is rows of D
     (contiguous, or the projection's (B, T, H, D) seen as (B, H, T, D)); the codes and
-    scales come back contiguous (B, H, T, .)."""
+    scales come back contiguous (B, H, T, .), or as views in x's layout (`contiguous=False`)."""
     from qbench.quant import int8_fused
 
     if int8_fused._mode() != "native" or x.device.type != "cpu" or x.dtype != torch.float32:
@@ -216,9 +216,13 @@ def native_token_codes(x: torch.Tensor):
     base = x.transpose(1, 2) if swap else x.contiguous()
     codes, scale = fn(base.reshape(-1, base.shape[-1]))
     codes, scale = codes.view(base.shape), scale.view(*base.shape[:-1], 1)
-    # contiguous (B, H, T, .) codes and scales: the GEMMs and the compiled score block read them
-    # so (strided scales made the score block several times slower)
-    return (codes.transpose(1, 2).contiguous(), scale.transpose(1, 2).contiguous()) if swap else (codes, scale)
+    if not swap:
+        return codes, scale
+    if not contiguous:  # views in x's layout (the C blocks read rows of D in any layout)
+        return codes.transpose(1, 2), scale.transpose(1, 2)
+    # contiguous (B, H, T, .) codes and scales: _int_mm and the compiled score block read them so
+    # (strided scales made the score block several times slower)
+    return codes.transpose(1, 2).contiguous(), scale.transpose(1, 2).contiguous()
 
 
 def quantize_probs(p: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -327,7 +331,7 @@ def _weighted_sum_c(kernel: LowBitAttention, q, k, v_codes, v_scale, normalise, 
     available here (the caller then runs the torch blocks)."""
     from qbench.quant import attention_native
 
-    q_native, k_native = native_token_codes(q), native_token_codes(k)
+    q_native, k_native = native_token_codes(q, contiguous=False), native_token_codes(k, contiguous=False)
     if q_native is None or k_native is None:
         return None
     (q_codes, q_scale), (k_codes, k_scale) = q_native, k_native
