@@ -16,6 +16,12 @@ at most one (B, H, chunk, T_k) block of scores exists at a time:
 The kernel names no arm: qbench.modeling.compose.compose applies the arm's gate and hands
 the kernel its normaliser; the kernel substitutes its blocks (`quantize_values`,
 `quantize_gate`, `weighted_sum`) for the float ones there, beside the float path.
+
+Where the CPU has AVX-512 VNNI (QBENCH_INT8_FUSION=native, the default; int8 P, per-token
+scales, head width a multiple of 16), V's codes, Q K^T with the score block and P's codes
+with P V and the context block run as C (qbench.quant.attention_native), the normaliser
+between them, with the same numbers bit for bit; elsewhere the torch blocks below (compiled
+where bit-equal, else eager).
 """
 from __future__ import annotations
 
