@@ -253,17 +253,24 @@ def test_the_compiled_kernel_blocks_give_the_eager_kernel_bit_for_bit(monkeypatc
     assert len(int8_fused._cache) >= 4 and torch.equal(compiled, eager)
 
 
+def _c_blocks_or_skip():
+    from qbench.quant import attention_native
+
+    lib, why = attention_native.library()
+    if lib is None:
+        pytest.skip(f"no C attention blocks here: {why}")
+
+
 def test_native_q_and_k_codes_give_the_eager_kernel_bit_for_bit(monkeypatch):
-    """QBENCH_INT8_FUSION=native (the default outside tests): Q and K codes come from the
-    native per-token quantizer where the CPU has AVX-512, in the projection's layout or a
+    """QBENCH_INT8_FUSION=native (the default outside tests): the C blocks take Q and K codes
+    from the native per-token quantizer, read in the projection's layout (no copy) or any
     contiguous one; the kernel's output is the eager kernel's, bit for bit."""
     from qbench.modeling import QBenchConfig
     from qbench.modeling.model import QBenchAttention
-    from qbench.quant import int8_fused, int8_native
+    from qbench.quant import int8_fused
     from qbench.quant import lowbit_attention as lowbit
 
-    if int8_native.library()[0] is None:
-        pytest.skip(f"no native kernel here: {int8_native.library()[1]}")
+    _c_blocks_or_skip()
     torch.manual_seed(0)
     module = QBenchAttention(QBenchConfig(d_model=64, n_head=2, attention="vga", max_position_embeddings=80), 0).eval()
     module.qbench_hooks, module.qbench_kernel = None, lowbit.LowBitAttention(query_chunk=32)
@@ -274,7 +281,6 @@ def test_native_q_and_k_codes_give_the_eager_kernel_bit_for_bit(monkeypatch):
         monkeypatch.setenv("QBENCH_INT8_FUSION", "native")
         monkeypatch.setattr(int8_fused, "_cache", {})  # a fresh block lookup, with the blocks left eager:
         monkeypatch.setattr(lowbit, "fused", lambda name, fn, check, device="cpu": (fn, "eager"))  # no compile
-        monkeypatch.setattr(lowbit, "NATIVE_MIN_ELEMENTS", 0)  # these small shapes too
         calls = []
         real = lowbit.native_token_codes
         monkeypatch.setattr(lowbit, "native_token_codes", lambda t, **kw: calls.append(t.is_contiguous()) or real(t, **kw))
@@ -286,14 +292,6 @@ def test_native_q_and_k_codes_give_the_eager_kernel_bit_for_bit(monkeypatch):
             assert torch.equal(codes, want[0]) and torch.equal(scale, want[1])
     assert calls == [False, False]  # q and k read in the projection's layout
     assert torch.equal(native, eager)
-
-
-def _c_blocks_or_skip():
-    from qbench.quant import attention_native
-
-    lib, why = attention_native.library()
-    if lib is None:
-        pytest.skip(f"no C attention blocks here: {why}")
 
 
 @pytest.mark.parametrize("arm", sorted(ATTENTION_ARMS))

@@ -276,6 +276,7 @@ int qbench_attn_context(const float *p, int64_t bh, int64_t tq, int64_t tk, cons
 FLAGS = ["-O2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fPIC", "-shared",
          "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-finite-math-only"]
 MAX_HEAD_DIM = 1024  # 64 accumulators of 16 channels
+PER_THREAD = 1 << 15  # elements of work below which a call stays on one thread
 _state: dict = {}
 
 
@@ -318,12 +319,9 @@ def value_codes(v: torch.Tensor):
     scale = torch.empty(b, h, 1, d)
     if v.numel():
         library()[0].qbench_attn_value_codes(v.data_ptr(), b, h, v.stride(0), v.stride(1), v.stride(2), t, d,
-                                             codes.data_ptr(), scale.data_ptr(), _threads(v.numel()))
+                                             codes.data_ptr(), scale.data_ptr(),
+                                             int8_native.threads_for(v.numel(), PER_THREAD))
     return codes, scale
-
-
-def _threads(work: int) -> int:
-    return max(1, min(torch.get_num_threads(), work // (1 << 15)))
 
 
 class Packed:
@@ -340,7 +338,7 @@ class Packed:
         self.kp = torch.empty(self.bh * tkb * (d // 4) * 64, dtype=torch.int8)
         self.ksum = torch.empty(self.bh * tkb * 16, dtype=torch.int32)
         self.vp = torch.empty(self.bh * tkq * (d // 16) * 64, dtype=torch.int8)
-        threads = _threads(self.bh * tk * d)
+        threads = int8_native.threads_for(self.bh * tk * d, PER_THREAD)
         lib.qbench_attn_pack_k(k_codes.data_ptr(), b, h, k_codes.stride(0), k_codes.stride(1), k_codes.stride(2), tk,
                                d, self.kp.data_ptr(), self.ksum.data_ptr(), threads)
         lib.qbench_attn_pack_v(v_codes.data_ptr(), self.bh, tk, d, self.vp.data_ptr(), threads)
@@ -361,7 +359,8 @@ class Packed:
         library()[0].qbench_attn_scores(
             q_codes.data_ptr(), *q_codes.stride()[:3], q_scale.data_ptr(), *q_scale.stride()[:3], b, h, tq, d,
             self.kp.data_ptr(), self.ksum.data_ptr(), self.k_scale.data_ptr(), self.tk, scaling,
-            bias_rows.data_ptr(), bias_stride, out.data_ptr(), _threads(self.bh * tq * self.tk))
+            bias_rows.data_ptr(), bias_stride, out.data_ptr(),
+            int8_native.threads_for(self.bh * tq * self.tk, PER_THREAD))
         return out
 
     def context_into(self, p: torch.Tensor, out: torch.Tensor) -> None:
@@ -373,4 +372,4 @@ class Packed:
             raise ValueError("out must be rows of a contiguous (B, H, T, D) tensor")
         library()[0].qbench_attn_context(p.data_ptr(), self.bh, tq, tk, self.vp.data_ptr(), self.d,
                                          self.v_scale.data_ptr(), out.data_ptr(), out.stride(1),
-                                         _threads(self.bh * tq * tk))
+                                         int8_native.threads_for(self.bh * tq * tk, PER_THREAD))

@@ -38,15 +38,11 @@ _choice: str | None = None
 
 def cpu_signature() -> dict:
     """CPU model, instruction-set flags that matter for int8, torch version."""
-    model, flags = "unknown", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from qbench.quant.int8_native import cpu_flags
+    from qbench.record import machine
+
+    model = machine()["cpu"] or "unknown"
+    flags = cpu_flags()
     relevant = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni", "fma"))
     # the candidate list is part of the key: a cache written before a kernel existed is not reused
     return {"cpu": model, "flags": relevant, "capability": torch.backends.cpu.get_cpu_capability(),

@@ -12,14 +12,17 @@ This kernel keeps each row in L1 between its maximum and its codes.  No library 
 operation (torch's quantized_decomposed per-token ops are Python decompositions; torchao's
 int8 dynamic path measured slower than qbench's whole linear, results/PERF_QUANT.md).
 
-Exactness: the operations of qbench.quant.int8_fused.quantize_rows in the same float32
-arithmetic: max |x| over the row (NaN propagates), max(amax, 1e-8f) / 127 rounded once,
-x / scale correctly rounded (no reciprocal), round half to even, clamp to +-127, + zero
-point, saturating conversion; compiled without fast-math and without FMA contraction.
-Before first use it is checked bit for bit against the eager passes (int8_fused's
-adversarial rows) and dropped if it differs; CPUs without AVX-512 (F, BW, VL, DQ) and machines
-without a compiler keep the compiled or eager passes.  Rows are split over `threads`
-POSIX threads when there are enough of them.
+Exactness: the codes and scales of qbench.quant.int8_fused.quantize_rows in the same float32
+arithmetic: max |x| over the row (a NaN makes the row's scale NaN), max(amax, 1e-8f) / 127
+rounded once, round(x / scale) half to even, + zero point.  The quotient is x * fl(1/scale),
+within 2.3e-5 of the correctly rounded x / scale for |x / scale| <= 127.5; every lane whose
+product lies within 2^-14 of a rounding tie (about 2 in 10,000) is divided exactly, so both
+round to the same integer.  No clamp to +-127 is needed (|x| <= amax).  Compiled without
+fast-math and without FMA contraction.  Before first use it is checked bit for bit against
+the eager passes (int8_fused's adversarial rows) and dropped if it differs; CPUs without
+AVX-512 (F, BW, VL, DQ) and machines without a compiler keep the compiled or eager passes.
+Rows are split over torch's own OpenMP threads (the library binds to the libgomp torch has
+loaded) when there are enough of them.
 """
 from __future__ import annotations
 
@@ -138,6 +141,7 @@ _state: dict = {}
 
 
 def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags (/proc/cpuinfo; empty elsewhere)."""
     try:
         return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):
@@ -209,8 +213,9 @@ def library():
     return _state["lib"], _state["why"]
 
 
-def _threads(elements: int) -> int:
-    return max(1, min(torch.get_num_threads(), elements // THREAD_MIN_ELEMENTS))
+def threads_for(work: int, per_thread: int = THREAD_MIN_ELEMENTS) -> int:
+    """torch's thread count for a call, fewer when the work gives each less than `per_thread`."""
+    return max(1, min(torch.get_num_threads(), work // per_thread))
 
 
 def _require():
@@ -233,7 +238,7 @@ def quantize_rows(x: torch.Tensor, zero_point: int, dtype: torch.dtype):
     scale = torch.empty(rows, 1, dtype=torch.float32)
     if rows and cols:
         lib.qbench_quantize_rows(x.data_ptr(), rows, cols, x.stride(0), codes.data_ptr(), scale.data_ptr(),
-                                 zero_point, int(dtype == torch.uint8), _threads(rows * cols))
+                                 zero_point, int(dtype == torch.uint8), threads_for(rows * cols))
     return codes, scale
 
 
@@ -248,5 +253,5 @@ def rescale_rows_(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError("rescale_rows_ takes float32 contiguous y (N, M), scale (N, 1), bias (M,)")
     if rows and cols:
         lib.qbench_rescale_rows(y.data_ptr(), rows, cols, scale.data_ptr(),
-                                None if bias is None else bias.data_ptr(), _threads(rows * cols))
+                                None if bias is None else bias.data_ptr(), threads_for(rows * cols))
     return y

@@ -197,20 +197,13 @@ def _prologue(qk_dim, device):
     return fused(f"attention prologue {qk_dim}", eager, check, device)[0]
 
 
-# Q and K go to the native quantizer from this many elements up: at 4 heads x 1,024 tokens
-# x 64 the kernel was 10-15% faster than with the compiled prologue (bench/perf_quant.py's
-# attention rows, both in one process, 1 and 2 threads); at 256 tokens two calls and the
-# copies to contiguous codes cost more than the one compiled call (3-4% slower).
-NATIVE_MIN_ELEMENTS = 1 << 17
-
-
-def native_token_codes(x: torch.Tensor, contiguous: bool = True):
+def native_token_codes(x: torch.Tensor):
     """int8_codes(x, -1) for x (B, H, T, D) float32 by the native per-token quantizer
     (qbench.quant.int8_native: the same operations, one read of each row; |x| / scale <= 127,
     so its clamp never acts), or None where it is not in use (QBENCH_INT8_FUSION other than
     native, no AVX-512, not exact here).  x is read in its own layout when that is rows of D
-    (contiguous, or the projection's (B, T, H, D) seen as (B, H, T, D)); the codes and
-    scales come back contiguous (B, H, T, .), or as views in x's layout (`contiguous=False`)."""
+    (contiguous, or the projection's (B, T, H, D) seen as (B, H, T, D)), and the codes and
+    scales come back as views in that layout (the C blocks read rows of D in any layout)."""
     from qbench.quant import int8_fused
 
     if int8_fused._mode() != "native" or x.device.type != "cpu" or x.dtype != torch.float32:
@@ -222,13 +215,7 @@ def native_token_codes(x: torch.Tensor, contiguous: bool = True):
     base = x.transpose(1, 2) if swap else x.contiguous()
     codes, scale = fn(base.reshape(-1, base.shape[-1]))
     codes, scale = codes.view(base.shape), scale.view(*base.shape[:-1], 1)
-    if not swap:
-        return codes, scale
-    if not contiguous:  # views in x's layout (the C blocks read rows of D in any layout)
-        return codes.transpose(1, 2), scale.transpose(1, 2)
-    # contiguous (B, H, T, .) codes and scales: _int_mm and the compiled score block read them so
-    # (strided scales made the score block several times slower)
-    return codes.transpose(1, 2).contiguous(), scale.transpose(1, 2).contiguous()
+    return (codes.transpose(1, 2), scale.transpose(1, 2)) if swap else (codes, scale)
 
 
 def quantize_probs(p: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -277,86 +264,73 @@ class LowBitAttention:
         a CPU with AVX-512 VNNI, float32 queries, a head width that is a multiple of 16."""
         return self.probs == "int8" and self.qkv_granularity == "token" and _c_blocks_available(q, v_codes)
 
-    def _weighted_sum_c(self, *args):
-        return _weighted_sum_c(self, *args)
-
     def weighted_sum(self, q: torch.Tensor, k: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
                      normalise, module, scaling: float, hidden: torch.Tensor | None,
                      hooks=None) -> torch.Tensor:
         """P V in 8 bits for every (sequence, head) at once: q, k (B, H, T, D) float; V as
         int8 codes (B, H, T_k, D) with scales (B, H, 1 | T_k..., D).  `hidden` (broadcastable
         to (B, H, T_q, T_k)) marks hidden keys; None = causal.  Queries are processed in
-        chunks of `query_chunk`; P[..., 0] goes to `hooks.first_column` when hooks are set."""
+        chunks of `query_chunk`; P[..., 0] goes to `hooks.first_column` when hooks are set.
+        The chunk's blocks are C (`_c_chunk_blocks`) where they serve, else torch ops."""
         t_q, t_k = q.shape[-2], k.shape[-2]
-        if self._c_blocks(q, v_codes):
-            out = self._weighted_sum_c(q, k, v_codes, v_scale, normalise, module, scaling, hidden, hooks)
-            if out is not None:
-                return out
-        # Q and K codes by the native quantizer (one read of each row), else with V's column sums
-        # in one fused call (at T = 256 each call's fixed cost was as long as its arithmetic)
-        native = ((native_token_codes(q), native_token_codes(k))
-                  if self.qkv_granularity == "token" and q.numel() >= NATIVE_MIN_ELEMENTS else (None,))
-        if None not in native:
-            (q_codes, q_scale), (k_codes, k_scale) = native
-            column_sums = v_codes.to(torch.int32).sum(dim=-2, keepdim=True)
-        else:
-            q_codes, q_scale, k_codes, k_scale, column_sums = _prologue(self._qk_dim, q.device)(q, k, v_codes)
-        # K^T as a view of contiguous codes: each head's matrix column-major (int_matmul reads it so)
-        k_t, k_scale_row = k_codes.contiguous().transpose(-1, -2), k_scale.transpose(-1, -2)  # (B, H, D, T_k), (B, H, 1, T_k | 1)
+        blocks = self._c_chunk_blocks(q, k, v_codes, v_scale, scaling) if self._c_blocks(q, v_codes) else None
+        scores_of, context_into = blocks or self._torch_chunk_blocks(q, k, v_codes, v_scale, scaling)
         bias = causal_bias(t_q, t_k, q.device) if hidden is None else hidden_bias(hidden)
         out = torch.empty(*q.shape[:-1], v_codes.shape[-1], dtype=torch.float32, device=q.device)
         first = [] if hooks is not None else None
-        blocks = _check_blocks(q.device)
         for start in range(0, t_q, self.query_chunk):
             stop = min(start + self.query_chunk, t_q)
-            qs = q_scale[..., start:stop, :] if q_scale.shape[-2] == t_q else q_scale  # per token or per head
-            scores = blocks["scores"](int_matmul(q_codes[..., start:stop, :], k_t), qs, k_scale_row, scaling,
-                                      bias[..., start:stop, :])
-            p = normalise(scores, module)
+            p = normalise(scores_of(start, stop, bias[..., start:stop, :]), module)
             if first is not None:
                 first.append(p[..., 0].clone())
-            if self.probs == "int8":
-                shifted = blocks["probs"](p)  # uint8 codes 0..255 as int8, exact shift
-                out[..., start:stop, :] = blocks["context"](int_matmul(shifted, v_codes), column_sums, v_scale)
-            else:  # fp8 P: products exact in fp32
-                out[..., start:stop, :] = quantize_probs(p, self.probs) @ (v_codes.float() * v_scale)
+            context_into(p, out[..., start:stop, :])
         if first is not None and hasattr(hooks, "first_column"):
             hooks.first_column(torch.cat(first, dim=-1))
         return out
+
+    def _torch_chunk_blocks(self, q, k, v_codes, v_scale, scaling: float) -> tuple:
+        """(scores of queries start:stop, P -> P V written into the chunk's rows) in torch ops:
+        Q and K codes with V's column sums in one fused call (at T = 256 each call's fixed
+        cost was as long as its arithmetic), per-head int8 GEMMs, the compiled blocks."""
+        t_q = q.shape[-2]
+        q_codes, q_scale, k_codes, k_scale, column_sums = _prologue(self._qk_dim, q.device)(q, k, v_codes)
+        # K^T as a view of contiguous codes: each head's matrix column-major (int_matmul reads it so)
+        k_t, k_scale_row = k_codes.contiguous().transpose(-1, -2), k_scale.transpose(-1, -2)  # (B, H, D, T_k), (B, H, 1, T_k | 1)
+        blocks = _check_blocks(q.device)
+
+        def scores_of(start, stop, bias):
+            qs = q_scale[..., start:stop, :] if q_scale.shape[-2] == t_q else q_scale  # per token or per head
+            return blocks["scores"](int_matmul(q_codes[..., start:stop, :], k_t), qs, k_scale_row, scaling, bias)
+
+        def context_into(p, rows):
+            if self.probs == "int8":
+                shifted = blocks["probs"](p)  # uint8 codes 0..255 as int8, exact shift
+                rows.copy_(blocks["context"](int_matmul(shifted, v_codes), column_sums, v_scale))
+            else:  # fp8 P: products exact in fp32
+                rows.copy_(quantize_probs(p, self.probs) @ (v_codes.float() * v_scale))
+        return scores_of, context_into
+
+    def _c_chunk_blocks(self, q, k, v_codes, v_scale, scaling: float) -> tuple | None:
+        """The same two blocks in C (qbench.quant.attention_native): Q and K codes by the native
+        quantizer read in the projection's layout, K and V packed once; None if the native
+        quantizer is not in use here (the torch blocks then run)."""
+        from qbench.quant import attention_native
+
+        q_native, k_native = native_token_codes(q), native_token_codes(k)
+        if q_native is None or k_native is None:
+            return None
+        (q_codes, q_scale), (k_codes, k_scale) = q_native, k_native
+        packed = attention_native.Packed(k_codes, k_scale, v_codes, v_scale)
+
+        def scores_of(start, stop, bias):
+            return packed.scores(q_codes[..., start:stop, :], q_scale[..., start:stop, :], scaling, bias)
+        return scores_of, packed.context_into
 
 
 def _c_blocks_available(q: torch.Tensor, v_codes: torch.Tensor) -> bool:
     from qbench.quant import attention_native, int8_fused
 
     return int8_fused._mode() == "native" and attention_native.supported(q, v_codes)
-
-
-def _weighted_sum_c(kernel: LowBitAttention, q, k, v_codes, v_scale, normalise, module, scaling, hidden, hooks):
-    """weighted_sum with the two int8 GEMMs and their elementwise blocks in C (qbench.quant.
-    attention_native), the normaliser between them; None if Q's or K's native codes are not
-    available here (the caller then runs the torch blocks)."""
-    from qbench.quant import attention_native
-
-    q_native, k_native = native_token_codes(q, contiguous=False), native_token_codes(k, contiguous=False)
-    if q_native is None or k_native is None:
-        return None
-    (q_codes, q_scale), (k_codes, k_scale) = q_native, k_native
-    t_q, t_k = q.shape[-2], k.shape[-2]
-    packed = attention_native.Packed(k_codes, k_scale, v_codes, v_scale)
-    bias = causal_bias(t_q, t_k, q.device) if hidden is None else hidden_bias(hidden)
-    out = torch.empty(*q.shape[:-1], v_codes.shape[-1], dtype=torch.float32, device=q.device)
-    first = [] if hooks is not None else None
-    for start in range(0, t_q, kernel.query_chunk):
-        stop = min(start + kernel.query_chunk, t_q)
-        scores = packed.scores(q_codes[..., start:stop, :], q_scale[..., start:stop, :], scaling,
-                               bias[..., start:stop, :])
-        p = normalise(scores, module)
-        if first is not None:
-            first.append(p[..., 0].clone())
-        packed.context_into(p, out[..., start:stop, :])
-    if first is not None and hasattr(hooks, "first_column"):
-        hooks.first_column(torch.cat(first, dim=-1))
-    return out
 
 
 def install_kernel(model: torch.nn.Module, kernel: LowBitAttention) -> int:
