@@ -266,7 +266,8 @@ def main() -> None:
     lines = ["# Quantized-path speed (same run)", "", header, "",
              "Throughput ratios: baseline time / path time (> 1 is faster). fp32 and bf16 baselines are "
              "timed in turn with every row's path (interleaved, medians); each thread count runs in a "
-             "process of its own. The ceiling row is the packed int8 GEMM alone on ready codes; the "
+             "process of its own, its allocator first put where a model's forward leaves it. The ceiling "
+             "row is the packed int8 GEMM alone on ready codes; the "
              "dynamic-quantization ceiling adds one read of the fp32 input (its row maxima), which any "
              "W8A8 with per-token scales computed at run time must do.", "",
              "| threads | shape | path | fp32 ms | bf16 ms | path ms | vs fp32 | vs bf16 |",

@@ -377,3 +377,26 @@ def test_c_value_codes_equal_int8_codes_bit_for_bit():
     scale = attention_native.value_codes(v)[1]
     assert torch.isnan(scale[0, 1, 0, 20]) and torch.isnan(scale).sum() == 1
     assert torch.isnan(int8_codes(v, -2)[1][0, 1, 0, 20])
+
+
+def test_the_record_says_which_attention_blocks_ran(monkeypatch):
+    """`quantization.lowbit_attention_blocks`: "c" where the C blocks serve the model's heads,
+    else "torch (why)"; the stock Llama heads (width 16) and ours alike."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qbench.quant import attention_native, quantize
+
+    monkeypatch.setenv("QBENCH_INT8_FUSION", "native")
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    facts = quantize(LlamaForCausalLM(config).eval(), "w8a8-attn")
+    lib, why = attention_native.library()
+    assert facts["lowbit_attention_blocks"] == ("c" if lib is not None else f"torch ({why})")
+    narrow = LlamaConfig(vocab_size=320, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if lib is not None:
+        assert quantize(LlamaForCausalLM(narrow).eval(), "w8a8-attn")["lowbit_attention_blocks"] == \
+            "torch (head width 12)"
+    monkeypatch.setenv("QBENCH_INT8_FUSION", "eager")
+    assert quantize(LlamaForCausalLM(config).eval(), "w8a8-attn")["lowbit_attention_blocks"] == \
+        "torch (QBENCH_INT8_FUSION=eager, cpu)"

@@ -333,6 +333,25 @@ def _c_blocks_available(q: torch.Tensor, v_codes: torch.Tensor) -> bool:
     return int8_fused._mode() == "native" and attention_native.supported(q, v_codes)
 
 
+def blocks_in_use(kernel: LowBitAttention, head_dim: int | None, device) -> str:
+    """Which blocks the kernel runs on this machine for heads of `head_dim`, for the record:
+    "c" (qbench.quant.attention_native) or "torch (why not C)"."""
+    from qbench.quant import attention_native, int8_fused
+
+    if kernel.probs != "int8" or kernel.qkv_granularity != "token":
+        return "torch (fp8 P or per-head scales)"
+    if int8_fused._mode() != "native" or torch.device(device).type != "cpu":
+        return f"torch (QBENCH_INT8_FUSION={int8_fused._mode()}, {torch.device(device).type})"
+    lib, why = attention_native.library()
+    if lib is None:
+        return f"torch ({why})"
+    if head_dim is None or head_dim % 16 or head_dim > attention_native.MAX_HEAD_DIM:
+        return f"torch (head width {head_dim})"
+    if int8_fused._native(0, torch.int8)[0] is None:
+        return f"torch (native quantizer: {int8_fused._native(0, torch.int8)[1]})"
+    return "c"
+
+
 def install_kernel(model: torch.nn.Module, kernel: LowBitAttention) -> int:
     """Attach the kernel to every attention module (ours directly, stock HF ones through the
     attention registry)."""

@@ -157,7 +157,13 @@ def apply_dynamic(model: nn.Module, scheme, calibration=None) -> dict:
         facts["int8_fusion"] = _fusion_used(model)  # quantize and rescale passes: compiled or eager (why)
     kernel_options = scheme.options.get("attention_kernel")
     if kernel_options:
-        from qbench.quant.lowbit_attention import LowBitAttention, install_kernel
+        from qbench.device import model_device
+        from qbench.modeling.hooks import attention_layers
+        from qbench.quant.lowbit_attention import LowBitAttention, blocks_in_use, install_kernel
 
-        facts["lowbit_attention_modules"] = install_kernel(model, LowBitAttention(**kernel_options))
+        kernel = LowBitAttention(**kernel_options)
+        facts["lowbit_attention_modules"] = install_kernel(model, kernel)
+        layers = attention_layers(model)
+        head_dim = getattr(layers[0][1], "head_dim", None) if layers else None
+        facts["lowbit_attention_blocks"] = blocks_in_use(kernel, head_dim, model_device(model))  # C or torch (why)
     return facts
