@@ -15,7 +15,7 @@ from qbench.modeling import ATTENTION_ARMS, QBenchConfig
 from qbench.modeling.attention import NORMALISERS, softmax_weights
 from qbench.modeling.compose import compose
 from qbench.modeling.model import QBenchAttention
-from qbench.quant.lowbit_attention import LowBitAttention, int8_codes
+from qbench.quant.lowbit_attention import LowBitAttention, causal_bias, int8_codes, quantize_gate
 
 T, D = 48, 16
 
@@ -261,18 +261,26 @@ def _c_blocks_or_skip():
         pytest.skip(f"no C attention blocks here: {why}")
 
 
-def test_native_q_and_k_codes_give_the_eager_kernel_bit_for_bit(monkeypatch):
-    """QBENCH_INT8_FUSION=native (the default outside tests): the C blocks take Q and K codes
-    from the native per-token quantizer, read in the projection's layout (no copy) or any
-    contiguous one; the kernel's output is the eager kernel's, bit for bit."""
+GATED = sorted(name for name, arm in ATTENTION_ARMS.items() if arm.gate_source is not None)
+
+
+@pytest.mark.parametrize("arm,granularity", [(arm, "head") for arm in GATED] + [("vga", "element"), ("vga_out", "element")])
+def test_whole_module_in_c_gives_the_eager_kernel_bit_for_bit(arm, granularity, monkeypatch):
+    """QBENCH_INT8_FUSION=native (the default outside tests): a gated module's whole kernel
+    path (V's codes with the dequantized V the gate reads, the gate's rounding and g V
+    re-quantized in one C call, Q and K quantized inside the C blocks from the projection's
+    layout) gives the eager kernel's output bit for bit, one gate per head or per channel."""
     from qbench.modeling import QBenchConfig
     from qbench.modeling.model import QBenchAttention
-    from qbench.quant import int8_fused
+    from qbench.quant import attention_native, int8_fused
     from qbench.quant import lowbit_attention as lowbit
 
     _c_blocks_or_skip()
     torch.manual_seed(0)
-    module = QBenchAttention(QBenchConfig(d_model=64, n_head=2, attention="vga", max_position_embeddings=80), 0).eval()
+    module = QBenchAttention(QBenchConfig(d_model=64, n_head=2, attention=arm, max_position_embeddings=80,
+                                          gate_granularity=granularity), 0).eval()
+    with torch.no_grad():
+        module.gate_proj.weight.mul_(8)  # gates spread over (0, 1), not all near the init
     module.qbench_hooks, module.qbench_kernel = None, lowbit.LowBitAttention(query_chunk=32)
     x = torch.randn(2, 80, 64)
     monkeypatch.setenv("QBENCH_INT8_FUSION", "eager")
@@ -282,16 +290,72 @@ def test_native_q_and_k_codes_give_the_eager_kernel_bit_for_bit(monkeypatch):
         monkeypatch.setattr(int8_fused, "_cache", {})  # a fresh block lookup, with the blocks left eager:
         monkeypatch.setattr(lowbit, "fused", lambda name, fn, check, device="cpu": (fn, "eager"))  # no compile
         calls = []
-        real = lowbit.native_token_codes
-        monkeypatch.setattr(lowbit, "native_token_codes", lambda t, **kw: calls.append(t.is_contiguous()) or real(t, **kw))
+        for name in ("value_codes", "gated_value_codes"):
+            real = getattr(attention_native, name)
+            monkeypatch.setattr(attention_native, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
         native = module(x)
-        q = torch.randn(2, 3, 9, 16)
-        for layout in (q, q.transpose(1, 2).contiguous().transpose(1, 2), q.transpose(-1, -2).contiguous().transpose(-1, -2)):
-            codes, scale = real(layout)
-            want = lowbit.int8_codes(layout, -1)
-            assert torch.equal(codes, want[0]) and torch.equal(scale, want[1])
-    assert calls == [False, False]  # q and k read in the projection's layout
+    spec = ATTENTION_ARMS[arm]
+    assert calls == ["value_codes"] + (["gated_value_codes"] if spec.gate_position == "value" else [])
     assert torch.equal(native, eager)
+
+
+def test_c_scores_skip_only_hidden_keys_whose_scores_are_finite(monkeypatch):
+    """The C score block writes -inf for hidden keys without their products only where the
+    score is finite (finite + -inf = -inf): a NaN query row, and scales whose product
+    overflows float32, give the torch block's NaN and +-inf there too; near-tie Q and K rows
+    quantize as int8_codes does."""
+    from qbench.quant import attention_native
+    from test_int8_native import near_ties
+
+    _c_blocks_or_skip()
+    g = torch.Generator().manual_seed(2)
+    q = near_ties(2 * 2 * 160, 32, 6).reshape(2, 160, 2, 32).transpose(1, 2)  # the projection's layout
+    k = near_ties(2 * 2 * 160, 32, 7).reshape(2, 2, 160, 32)
+    q[0, 0, 10] = float("nan")  # its hidden keys 64..159 are whole skippable groups but for the NaN
+    q[1, 1, :20] *= 1e30  # s_q s_k overflows to inf: inf * S = +-inf (NaN at S = 0), + -inf = NaN
+    k[1, 1, 64:] *= 1e30
+    q[1, 0, :20] *= 1e18  # s_q s_k finite, S s_q s_k overflows for some keys
+    k[1, 0, 64:] *= 1e18
+    v_codes, v_scale = int8_codes(torch.randn(2, 2, 160, 32, generator=g), -2)
+    bias = causal_bias(160, 160, "cpu")
+    monkeypatch.setenv("QBENCH_INT8_FUSION", "eager")
+    scores_of, _ = LowBitAttention()._torch_chunk_blocks(q, k, v_codes, v_scale, 0.125)
+    want = scores_of(0, 160, bias)
+    monkeypatch.setenv("QBENCH_INT8_FUSION", "native")
+    got = attention_native.Packed(k, v_codes, v_scale).scores(q, 0.125, bias)
+    for h in (0, 1):  # the cases are hit: NaN where a hidden key's score overflowed
+        assert want[1, h, :20, 64:].isnan().any()
+    assert want[0, 0, 10].isnan().all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_c_gated_value_codes_equal_the_eager_blocks_bit_for_bit():
+    """round(255 g) / 255 (codes * scale) re-quantized per channel, in C, equals the torch
+    blocks: gates on and beside the halves of 1/255, one per (token, head) or per channel,
+    strided as the gate's projection leaves them, on V's codes of near_ties values (the
+    re-quantization is value_codes' per-channel routine, tested on ties below); a NaN gate
+    makes its head's scales NaN."""
+    from qbench.quant import attention_native
+    from test_int8_native import near_ties
+
+    _c_blocks_or_skip()
+    g = torch.Generator().manual_seed(5)
+    ties = near_ties(64, 96, 3).t().reshape(96, 2, 2, 16).permute(1, 2, 0, 3).contiguous()  # (B, H, T, D)
+    v_codes, v_scale = int8_codes(ties, -2)
+    halves = (torch.arange(96, dtype=torch.float32) + 0.5) / 255  # round(255 g) ties
+    per_head = torch.rand(2, 96, 2, 1, generator=g).transpose(1, 2)  # the projection's (B, T, H, 1) layout
+    per_head[0, 0, :, 0] = halves
+    per_head[1, 1, :, 0] = torch.nextafter(halves, torch.ones(()))
+    per_channel = torch.rand(2, 96, 2, 16, generator=g).transpose(1, 2)
+    per_channel[0, 1, :, 3] = halves
+    for gate in (per_head, per_channel, per_head.contiguous(), torch.ones(2, 2, 96, 1)):
+        want = int8_codes(quantize_gate(gate) * (v_codes.float() * v_scale), -2)
+        got = attention_native.gated_value_codes(gate, v_codes, v_scale)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), tuple(gate.stride())
+    nan_gate = per_head.clone()
+    nan_gate[1, 0, 7, 0] = float("nan")
+    scale = attention_native.gated_value_codes(nan_gate, v_codes, v_scale)[1]
+    assert torch.isnan(scale[1, 0]).all() and torch.isnan(scale).sum() == 16
 
 
 @pytest.mark.parametrize("arm", sorted(ATTENTION_ARMS))

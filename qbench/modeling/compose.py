@@ -115,7 +115,7 @@ def _gate(arm, gate, v, q, hooks, notify=True):
     if isinstance(gate, torch.Tensor):
         return gate
     heads = v.shape[1] if arm.gate_position == "value" else q.shape[1]
-    return gate_values(arm, gate, _flat(v), heads, q.shape[-2], hooks, notify)
+    return gate_values(arm, gate, _flat(v) if arm.gate_source == "value" else None, heads, q.shape[-2], hooks, notify)
 
 
 def compose(arm: AttentionArm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, call: Call = CAUSAL,
@@ -223,13 +223,15 @@ def _lowbit(kernel, arm, normalise, q, k, v, gate, call: Call, module, hooks):
     itself quantized, g V re-quantized at the value position, the kernel's P V, g O."""
     dtype = q.dtype
     q, k, v = q.float(), k.float(), v.float()
-    v_codes, v_scale = kernel.quantize_values(v)
+    reads_values = arm.gate_source == "value"
+    v_codes, v_scale, *v_deq = kernel.quantize_values(v, dequantized=reads_values)
     g = None
     if arm.gate_source is not None:
-        v_deq = v_codes.float() * v_scale  # a gate that reads values sees the quantized ones
-        g = kernel.quantize_gate(_gate(arm, gate, v_deq, q, hooks))
+        g = _gate(arm, gate, v_deq[0] if reads_values else v, q, hooks)  # a gate that reads values sees the quantized ones
         if arm.gate_position == "value":
-            v_codes, v_scale = kernel.quantize_values(g * v_deq)  # g_j V_j, re-quantized
+            v_codes, v_scale = kernel.gated_values(g, v_codes, v_scale)  # g_j V_j (g quantized), re-quantized
+        else:
+            g = kernel.quantize_gate(g)
     groups = q.shape[1] // k.shape[1]
     k, v_codes, v_scale = repeat_kv(k, groups), repeat_kv(v_codes, groups), repeat_kv(v_scale, groups)
     scaling = call.scaling if call.scaling is not None else 1.0 / math.sqrt(q.shape[-1])

@@ -1,10 +1,16 @@
 """The low-precision attention kernel's two int8 GEMMs and their elementwise blocks as C
 (AVX-512 VNNI intrinsics), built and loaded like qbench.quant.int8_native's quantizer.
 
-Per (sequence, head), for a chunk of queries:
-  scores: S = Q K^T exact in int32 (VNNI multiplies u8 x s8: Q's codes + 128 as u8, minus
-          128 sum_d K[j, d]), then the score block's float operations in its order:
-          ((float(S) * (s_q s_k)) * scaling) + bias;
+Per (sequence, head):
+  values: V's per-channel codes (with the dequantized V a value-reading gate reads, in the
+          same pass); for a gate at the value position, round(255 g) / 255 times that V,
+          re-quantized per channel, in one more call;
+  K:      per-token codes (the native row quantizer's arithmetic) packed for VNNI, with their
+          row sums and scales;
+and for a chunk of queries:
+  scores: each query row's per-token codes, then S = Q K^T exact in int32 (VNNI multiplies
+          u8 x s8: Q's codes + 128 as u8, minus 128 sum_d K[j, d]), then the score block's
+          float operations in its order: ((float(S) * (s_q s_k)) * scaling) + bias;
   context: P's codes round(255 p) as u8 (the kernel's uint8 codes before their -128 shift;
           a query that sees no key has NaN weights, coded as torch's cast codes them),
           P V exact in int32 (the same integer as P' V + 128 colsum(V)), then
@@ -15,9 +21,10 @@ contraction: the output equals the eager kernel's bit for bit (tests/test_lowbit
 
 Why: at T = 256 the kernel's time was fixed costs (8 per-head torch._int_mm calls of ~25 us,
 5 compiled elementwise calls of ~30-120 us each, dynamo's guard checks and, at 2 threads, an
-OpenMP fork and join per call) rather than arithmetic; two calls here replace them.  No
-library has a batched int8 x int8 -> int32 GEMM on the CPU (torch._int_mm is 2-D only; torch
-.bmm on int8 runs a reference loop, 3.6 ms at 4 x 256 x 64 x 256).
+OpenMP fork and join per call) rather than arithmetic; a few calls here replace them (Q and
+K quantized inside the calls that read them, the gate's passes in one).  No library has a
+batched int8 x int8 -> int32 GEMM on the CPU (torch._int_mm is 2-D only; torch.bmm on int8
+runs a reference loop, 3.6 ms at 4 x 256 x 64 x 256).
 """
 from __future__ import annotations
 
@@ -30,19 +37,56 @@ from qbench.quant import int8_native
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 #include <math.h>
 #include <immintrin.h>
 #include <omp.h>
 
-/* K (tk, d) int8, d % 4 == 0 -> kp [tkb][d/4][16 keys][4 bytes] (zero padded to tkb * 16 keys)
-   and ksum[tkb * 16] = sum_d K[j, d] (0 for padding). */
-static void pack_k_one(const int8_t *k, int64_t st, int64_t tk, int64_t d, int8_t *kp, int32_t *ksum) {
+#define MAX_D 1024
+
+/* |fl(x * r) - fl(x / s)| <= 2.3e-5 for |x / s| <= 127.5 with r = fl(1 / s): lanes farther than
+   2^-14 from every k + 0.5 round as x / s does; nearer ones (and NaN) are divided exactly
+   (qbench.quant.int8_native's argument). */
+#define FAR_FROM_HALF (0.5f - 6.103515625e-05f)
+
+/* One row of d floats (d % 16 == 0) -> int8 codes round(x / s), s = max(max |x|, 1e-8) / 127, as
+   lowbit_attention.int8_codes(x, -1) computes them (an infinite x: s infinite, codes 0); a NaN in the
+   row makes s NaN (its other codes then never reach the output: every score of the row or key is NaN). */
+static inline float row_codes(const float *row, int64_t d, int8_t *out) {
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(row + c)));
+    const float amax = _mm512_reduce_max_ps(m);
+    const float s = (amax < 1e-8f ? 1e-8f : amax) / 127.0f;  /* clamp_min, then / 127 */
+    const __m512 sv = _mm512_set1_ps(s), rv = _mm512_set1_ps(1.0f / s), far = _mm512_set1_ps(FAR_FROM_HALF);
+    int nan = 0;
+    for (int64_t c = 0; c < d; c += 16) {
+        const __m512 v = _mm512_loadu_ps(row + c);
+        __m512 q = _mm512_mul_ps(v, rv);
+        const __m512 off = _mm512_abs_ps(_mm512_reduce_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __mmask16 exact = _mm512_cmp_ps_mask(off, far, _CMP_NLE_UQ);
+        if (exact) {
+            q = _mm512_mask_div_ps(q, exact, v, sv);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0;
+        }
+        /* to int8 through int32, the low byte, as torch's cast: a NaN quotient (an infinite x) codes 0 */
+        _mm_storeu_si128((__m128i *)(out + c),
+                         _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    }
+    return nan ? NAN : s;
+}
+
+/* K (tk, d) float rows at k + j st, d % 16 == 0 -> its per-token codes packed as
+   kp [tkb][d/4][16 keys][4 bytes] (zero padded to tkb * 16 keys), ksum[tkb * 16] = sum_d K[j, d]
+   (0 for padding) and the scales ks[tk]. */
+static void pack_k_one(const float *k, int64_t st, int64_t tk, int64_t d, int8_t *kp, int32_t *ksum, float *ks) {
     const int64_t tkb = (tk + 15) / 16, dq = d / 4;
     int32_t *kp32 = (int32_t *)kp;
+    int8_t codes[MAX_D] __attribute__((aligned(64)));
     memset(kp, 0, (size_t)(tkb * dq * 64));
     const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
     for (int64_t j = 0; j < tk; ++j) {
-        const int32_t *row = (const int32_t *)(k + j * st);
+        ks[j] = row_codes(k + j * st, d, codes);
+        const int32_t *row = (const int32_t *)codes;
         int32_t *dst = kp32 + (j / 16) * dq * 16 + (j % 16);
         for (int64_t g = 0; g < dq; ++g) dst[g * 16] = row[g];
         /* sum of the row's codes: of the u8 codes (s8 ^ 0x80 = s8 + 128) by SAD, minus 128 d */
@@ -50,7 +94,7 @@ static void pack_k_one(const int8_t *k, int64_t st, int64_t tk, int64_t d, int8_
         for (int64_t c = 0; c < d; c += 64) {
             const __mmask64 m = d - c >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (d - c)) - 1);
             /* masked-off bytes load as 0x00 and flip to 0x80: counted, then taken off below */
-            sums = _mm512_add_epi64(sums, _mm512_sad_epu8(_mm512_xor_si512(_mm512_maskz_loadu_epi8(m, k + j * st + c),
+            sums = _mm512_add_epi64(sums, _mm512_sad_epu8(_mm512_xor_si512(_mm512_maskz_loadu_epi8(m, codes + c),
                                                                             flip), zero));
         }
         const int64_t padded = ((d + 63) / 64) * 64;
@@ -59,40 +103,65 @@ static void pack_k_one(const int8_t *k, int64_t st, int64_t tk, int64_t d, int8_
     for (int64_t j = tk; j < tkb * 16; ++j) ksum[j] = 0;
 }
 
-/* k (B, H, tk, d) codes at k + b sb + h sh + j st (rows of d contiguous) */
-int qbench_attn_pack_k(const int8_t *k, int64_t nb, int64_t nh, int64_t sb, int64_t sh, int64_t st, int64_t tk,
-                       int64_t d, int8_t *kp, int32_t *ksum, int threads) {
+/* k (B, H, tk, d) float at k + b sb + h sh + j st (rows of d contiguous) */
+int qbench_attn_pack_k(const float *k, int64_t nb, int64_t nh, int64_t sb, int64_t sh, int64_t st, int64_t tk,
+                       int64_t d, int8_t *kp, int32_t *ksum, float *ks, int threads) {
     const int64_t tkb = (tk + 15) / 16;
     #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1)
     for (int64_t b = 0; b < nb * nh; ++b)
-        pack_k_one(k + (b / nh) * sb + (b % nh) * sh, st, tk, d, kp + b * tkb * (d / 4) * 64, ksum + b * tkb * 16);
+        pack_k_one(k + (b / nh) * sb + (b % nh) * sh, st, tk, d, kp + b * tkb * (d / 4) * 64, ksum + b * tkb * 16,
+                   ks + b * tk);
     return 0;
 }
 
-/* scores (B H, tq, tk) float; q (B, H, tq, d) codes at q + b q_sb + h q_sh + i q_st (rows of d
-   contiguous), qs at qs + b qs_sb + h qs_sh + i qs_st; ks (B H, tk); bias (tq, tk) at
+/* scores (B H, tq, tk) float; q (B, H, tq, d) float at q + b q_sb + h q_sh + i q_st (rows of d
+   contiguous), each row quantized here (row_codes); ks (B H, tk); bias (tq, tk) at
    bias + (b H + h) bias_stride (0: shared). */
-int qbench_attn_scores(const int8_t *q, int64_t q_sb, int64_t q_sh, int64_t q_st, const float *qs, int64_t qs_sb,
-                       int64_t qs_sh, int64_t qs_st, int64_t nb, int64_t nh, int64_t tq, int64_t d, const int8_t *kp,
-                       const int32_t *ksum, const float *ks, int64_t tk, float scaling, const float *bias,
-                       int64_t bias_stride, float *out, int threads) {
+int qbench_attn_scores(const float *q, int64_t q_sb, int64_t q_sh, int64_t q_st, int64_t nb, int64_t nh, int64_t tq,
+                       int64_t d, const int8_t *kp, const int32_t *ksum, const float *ks, int64_t tk, float scaling,
+                       const float *bias, int64_t bias_stride, float *out, int threads) {
     const int64_t bh = nb * nh;
     const int64_t tkb = (tk + 15) / 16, dq = d / 4;
     const __m512 scale_v = _mm512_set1_ps(scaling);
     const __m512i m128 = _mm512_set1_epi32(128);
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if(threads > 1)
+    /* |Q K^T| <= 127 * 127 * d < 16384 d: below this |s_q s_k| every score is finite (NaN: never) */
+    const __m512 limit = _mm512_set1_ps((float)(1e38 / (16384.0 * (double)d * fabs((double)scaling))));
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    #pragma omp parallel num_threads(threads) if(threads > 1)
+    {
+    int8_t codes[MAX_D] __attribute__((aligned(64)));
+    const int32_t *qrow = (const int32_t *)codes;
+    #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < bh; ++b) {
         for (int64_t i = 0; i < tq; ++i) {
             const int64_t sb = b / nh, sh = b % nh;
-            const int32_t *qrow = (const int32_t *)(q + sb * q_sb + sh * q_sh + i * q_st);
+            const float qs = row_codes(q + sb * q_sb + sh * q_sh + i * q_st, d, codes);
             const int8_t *kpb = kp + b * tkb * dq * 64;
             const int32_t *ksb = ksum + b * tkb * 16;
             const float *ksc = ks + b * tk;
             const float *brow = bias + b * bias_stride + i * tk;
             float *orow = out + (b * tq + i) * tk;
-            const __m512 qsv = _mm512_set1_ps(qs[sb * qs_sb + sh * qs_sh + i * qs_st]);
+            const __m512 qsv = _mm512_set1_ps(qs);
             for (int64_t jb0 = 0; jb0 < tkb; jb0 += 4) {  /* 4 blocks of 16 keys: 4 independent chains */
                 const int64_t nb = tkb - jb0 < 4 ? tkb - jb0 : 4;
+                /* keys all hidden (bias -inf; the future of a causal query) whose scores are finite
+                   (s_q s_k within `limit`, not NaN): finite + -inf is -inf, so no products */
+                int hidden = 1;
+                for (int64_t x = 0; x < nb && hidden; ++x) {
+                    const int64_t jb = jb0 + x, left = tk - jb * 16;
+                    const __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+                    const __m512 t = _mm512_abs_ps(_mm512_mul_ps(qsv, _mm512_maskz_loadu_ps(k, ksc + jb * 16)));
+                    hidden = _mm512_mask_cmp_ps_mask(k, _mm512_maskz_loadu_ps(k, brow + jb * 16), minus_inf, _CMP_EQ_OQ) == k
+                             && _mm512_mask_cmp_ps_mask(k, t, limit, _CMP_LE_OQ) == k;
+                }
+                if (hidden) {
+                    for (int64_t x = 0; x < nb; ++x) {
+                        const int64_t jb = jb0 + x, left = tk - jb * 16;
+                        _mm512_mask_storeu_ps(orow + jb * 16, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u),
+                                              minus_inf);
+                    }
+                    continue;
+                }
                 __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                                   _mm512_setzero_si512()};
                 const int8_t *blk = kpb + jb0 * dq * 64;
@@ -124,50 +193,102 @@ int qbench_attn_scores(const int8_t *q, int64_t q_sb, int64_t q_sh, int64_t q_st
             }
         }
     }
+    }
     return 0;
 }
 
-/* V's codes per channel (over the keys) of each (sequence, head), as lowbit_attention.int8_codes(v, -2):
-   v (B, H, T, D) float at v + b sb + h sh + j st (channels contiguous), d % 16 == 0 -> codes (B H, T, D)
-   int8 contiguous and scale (B H, D): max |v| over T, max(., 1e-8) / 127, round(v / s) as the row
-   quantizer computes it (v * (1/s), the exact division where that lies near a tie), cast to int8
-   through int32 as torch does (a NaN channel: scale NaN, codes 0). */
-#define FAR_FROM_HALF (0.5f - 6.103515625e-05f)
-int qbench_attn_value_codes(const float *v, int64_t nb, int64_t nh, int64_t sb, int64_t sh, int64_t st, int64_t t,
-                            int64_t d, int8_t *codes, float *scale, int threads) {
-    const int64_t db = d / 16;
-    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1)
-    for (int64_t bh = 0; bh < nb * nh; ++bh) {
-        const float *base = v + (bh / nh) * sb + (bh % nh) * sh;
-        int8_t *out = codes + bh * t * d;
-        for (int64_t x = 0; x < db; ++x) {
-            __m512 m = _mm512_setzero_ps();
-            for (int64_t j = 0; j < t; ++j) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(base + j * st + x * 16)));
-            const __m512 s = _mm512_div_ps(_mm512_max_ps(m, _mm512_set1_ps(1e-8f)), _mm512_set1_ps(127.0f));
-            const __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), s);
-            const __m512 far = _mm512_set1_ps(FAR_FROM_HALF);
-            __mmask16 nan = 0;
-            for (int64_t j = 0; j < t; ++j) {
-                const __m512 val = _mm512_loadu_ps(base + j * st + x * 16);
-                __m512 q = _mm512_mul_ps(val, r);
-                const __m512 off = _mm512_abs_ps(_mm512_reduce_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-                const __mmask16 exact = _mm512_cmp_ps_mask(off, far, _CMP_NLE_UQ);
-                if (exact) {
-                    q = _mm512_mask_div_ps(q, exact, val, s);
-                    nan |= _mm512_cmp_ps_mask(val, val, _CMP_UNORD_Q);
-                }
-                const __m512i i = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                _mm_storeu_si128((__m128i *)(out + j * d + x * 16), _mm512_cvtepi32_epi8(i));
+/* V's codes per channel (over the keys) of one (sequence, head), as lowbit_attention.int8_codes(v, -2):
+   v (T, D) float at v + j st (channels contiguous), d % 16 == 0 -> codes (T, D) int8 contiguous and
+   scale (D): max |v| over T, max(., 1e-8) / 127, round(v / s) as row_codes computes it (v * (1/s), the
+   exact division where that lies near a tie), cast to int8 through int32 as torch does (a NaN
+   channel: scale NaN, codes 0).  With `deq`, also codes * scale (the dequantized V a value-reading
+   gate sees) at deq + j deq_st (NaN for a NaN channel, as torch's 0 * NaN). */
+static void channel_codes(const float *base, int64_t st, int64_t t, int64_t d, int8_t *out, float *scale,
+                          float *deq, int64_t deq_st) {
+    const __m512 far = _mm512_set1_ps(FAR_FROM_HALF);
+    for (int64_t x = 0; x < d / 16; ++x) {
+        __m512 m = _mm512_setzero_ps();
+        for (int64_t j = 0; j < t; ++j) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(base + j * st + x * 16)));
+        const __m512 s = _mm512_div_ps(_mm512_max_ps(m, _mm512_set1_ps(1e-8f)), _mm512_set1_ps(127.0f));
+        const __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), s);
+        __mmask16 nan = 0;
+        for (int64_t j = 0; j < t; ++j) {
+            const __m512 val = _mm512_loadu_ps(base + j * st + x * 16);
+            __m512 q = _mm512_mul_ps(val, r);
+            const __m512 off = _mm512_abs_ps(_mm512_reduce_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            const __mmask16 exact = _mm512_cmp_ps_mask(off, far, _CMP_NLE_UQ);
+            if (exact) {
+                q = _mm512_mask_div_ps(q, exact, val, s);
+                nan |= _mm512_cmp_ps_mask(val, val, _CMP_UNORD_Q);
             }
-            /* a NaN anywhere in the channel: eager's max is NaN, so are its scale and every code's
-               quotient (codes 0 through the cast) */
-            _mm512_storeu_ps(scale + bh * d + x * 16, _mm512_mask_blend_ps(nan, s, _mm512_set1_ps(NAN)));
-            if (nan)
-                for (int64_t j = 0; j < t; ++j)
-                    _mm_mask_storeu_epi8(out + j * d + x * 16, nan, _mm_setzero_si128());
+            const __m512i i = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm_storeu_si128((__m128i *)(out + j * d + x * 16), _mm512_cvtepi32_epi8(i));
+            if (deq) _mm512_storeu_ps(deq + j * deq_st + x * 16, _mm512_mul_ps(_mm512_cvtepi32_ps(i), s));
         }
+        /* a NaN anywhere in the channel: eager's max is NaN, so are its scale and every code's
+           quotient (codes 0 through the cast) */
+        _mm512_storeu_ps(scale + x * 16, _mm512_mask_blend_ps(nan, s, _mm512_set1_ps(NAN)));
+        if (nan)
+            for (int64_t j = 0; j < t; ++j) {
+                _mm_mask_storeu_epi8(out + j * d + x * 16, nan, _mm_setzero_si128());
+                if (deq) _mm512_mask_storeu_ps(deq + j * deq_st + x * 16, nan, _mm512_set1_ps(NAN));
+            }
     }
+}
+
+/* v (B, H, T, D) float at v + b sb + h sh + j st -> codes (B H, T, D), scale (B H, D); deq (or NULL)
+   at deq + b deq_sb + h deq_sh + j deq_st. */
+int qbench_attn_value_codes(const float *v, int64_t nb, int64_t nh, int64_t sb, int64_t sh, int64_t st, int64_t t,
+                            int64_t d, int8_t *codes, float *scale, float *deq, int64_t deq_sb, int64_t deq_sh,
+                            int64_t deq_st, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1)
+    for (int64_t bh = 0; bh < nb * nh; ++bh)
+        channel_codes(v + (bh / nh) * sb + (bh % nh) * sh, st, t, d, codes + bh * t * d, scale + bh * d,
+                      deq ? deq + (bh / nh) * deq_sb + (bh % nh) * deq_sh : deq, deq_st);
     return 0;
+}
+
+/* The gate at the value position: g V re-quantized, as the composition's eager blocks compute it:
+   g' = round(255 g) / 255 (the gate's 8-bit codes), V' = float(code) * s_v (the dequantized V), then
+   the codes of g' V' per channel (channel_codes).  g (B, H, T, 1 | D) at g + b g_sb + h g_sh + j g_st
+   + c g_sc (g_sc 0: one gate per token and head); codes_in (B H, T, D), scale_in (B H, D). */
+int qbench_attn_gated_value_codes(const int8_t *codes_in, const float *scale_in, const float *g, int64_t g_sb,
+                                  int64_t g_sh, int64_t g_st, int64_t g_sc, int64_t nb, int64_t nh, int64_t t,
+                                  int64_t d, int8_t *codes, float *scale, int threads) {
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if(threads > 1)
+    {
+        float *buf = (float *)aligned_alloc(64, (size_t)(((t * d * 4) + 63) / 64 * 64));
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        const __m512 c255 = _mm512_set1_ps(255.0f);
+        const __m512i channel = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                   _mm512_set1_epi32((int)g_sc));
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < nb * nh; ++bh) {
+            if (!buf) continue;
+            const int8_t *cin = codes_in + bh * t * d;
+            const float *sin = scale_in + bh * d;
+            const float *gb = g + (bh / nh) * g_sb + (bh % nh) * g_sh;
+            for (int64_t j = 0; j < t; ++j)
+                for (int64_t x = 0; x < d / 16; ++x) {
+                    __m512 gv = g_sc == 1 ? _mm512_loadu_ps(gb + j * g_st + x * 16)
+                              : g_sc ? _mm512_i32gather_ps(channel, gb + j * g_st + x * 16 * g_sc, 4)
+                                     : _mm512_set1_ps(gb[j * g_st]);
+                    gv = _mm512_div_ps(_mm512_roundscale_ps(_mm512_mul_ps(gv, c255), _MM_FROUND_TO_NEAREST_INT |
+                                                                                      _MM_FROUND_NO_EXC), c255);
+                    const __m512 vd = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(cin + j * d + x * 16)))),
+                        _mm512_loadu_ps(sin + x * 16));
+                    _mm512_storeu_ps(buf + j * d + x * 16, _mm512_mul_ps(gv, vd));
+                }
+            channel_codes(buf, d, t, d, codes + bh * t * d, scale + bh * d, NULL, 0);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
 }
 
 /* V (tk, d) int8, d % 16 == 0 -> vp [tkq][d/16][16 channels][4 keys] (zero padded to tkq * 4 keys). */
@@ -226,6 +347,7 @@ int qbench_attn_context(const float *p, int64_t bh, int64_t tq, int64_t tk, cons
                 __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
                 for (int64_t j0 = 0; j0 < tk; j0 += 4096) {  /* P's codes in blocks of 4,096 keys */
                     const int64_t n = tk - j0 < 4096 ? tk - j0 : 4096;
+                    int64_t used = 0;  /* keys up to the last block of nonzero codes (the rest add 0) */
                     for (int64_t j = 0; j < n; j += 16) {
                         const __mmask16 k = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
                         /* as the eager block: round(255 p) - 128 in float, to int8 through int32 (the
@@ -235,11 +357,13 @@ int qbench_attn_context(const float *p, int64_t bh, int64_t tq, int64_t tk, cons
                         x = _mm512_sub_ps(_mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), c128);
                         const __m128i c = _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(x, _MM_FROUND_TO_NEAREST_INT |
                                                                                            _MM_FROUND_NO_EXC));
-                        _mm_storeu_si128((__m128i *)(codes + j), _mm_xor_si128(c, _mm_set1_epi8((char)0x80)));
+                        const __m128i u = _mm_xor_si128(c, _mm_set1_epi8((char)0x80));
+                        _mm_storeu_si128((__m128i *)(codes + j), u);
+                        if (!_mm_testz_si128(u, u)) used = j + 16 < n ? j + 16 : n;
                     }
                     for (int64_t j = n; j < ((n + 3) / 4) * 4; ++j) codes[j] = 0;
                     const int32_t *c32 = (const int32_t *)codes;
-                    const int64_t groups = (n + 3) / 4;
+                    const int64_t groups = (used + 3) / 4;
                     if (nx == 4) {
                         for (int64_t jq = 0; jq < groups; ++jq) {
                             const __m512i pb = _mm512_set1_epi32(c32[jq]);
@@ -289,12 +413,15 @@ def library():
             try:
                 lib = int8_native.build("attention", SOURCE, FLAGS)
                 i64, ptr, c_int, c_float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-                lib.qbench_attn_pack_k.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, c_int]
-                lib.qbench_attn_scores.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, i64, i64, ptr,
-                                                   ptr, ptr, i64, c_float, ptr, i64, ptr, c_int]
+                lib.qbench_attn_pack_k.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, c_int]
+                lib.qbench_attn_scores.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64,
+                                                   c_float, ptr, i64, ptr, c_int]
                 lib.qbench_attn_pack_v.argtypes = [ptr, i64, i64, i64, ptr, c_int]
                 lib.qbench_attn_context.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, c_int]
-                lib.qbench_attn_value_codes.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, c_int]
+                lib.qbench_attn_value_codes.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64,
+                                                        i64, i64, c_int]
+                lib.qbench_attn_gated_value_codes.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64,
+                                                              ptr, ptr, c_int]
                 _state["lib"], _state["why"] = lib, None
             except (OSError, AttributeError) as err:
                 _state["lib"], _state["why"] = None, f"{type(err).__name__}: {str(err)[:200]}"
@@ -308,58 +435,90 @@ def supported(q: torch.Tensor, v_codes: torch.Tensor) -> bool:
             and v_codes.shape[-1] == d and library()[0] is not None)
 
 
-def value_codes(v: torch.Tensor):
-    """lowbit_attention.int8_codes(v, -2) for v (B, H, T, D) float32 whose channels are
-    contiguous (the projection's layout or any other): (codes (B, H, T, D) int8 contiguous,
-    scale (B, H, 1, D))."""
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) as rows of D in any layout (the projection's (B, T, H, D) seen as (B, H,
+    T, D) too): the C blocks read it through its strides."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def value_codes(v: torch.Tensor, dequantized: bool = False):
+    """lowbit_attention.int8_codes(v, -2) for v (B, H, T, D) float32 (rows of D in any layout):
+    (codes (B, H, T, D) int8 contiguous, scale (B, H, 1, D)); with `dequantized`, also
+    codes * scale (B, H, T, D) float32 in the value projection's (B, T, H, D) memory layout
+    (what a value-reading gate reads: flattening it is a view), from the same call."""
     b, h, t, d = v.shape
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    v = _rows(v)
     codes = torch.empty(b, h, t, d, dtype=torch.int8)
     scale = torch.empty(b, h, 1, d)
+    deq = torch.empty(b, t, h, d).transpose(1, 2) if dequantized else None
     if v.numel():
         library()[0].qbench_attn_value_codes(v.data_ptr(), b, h, v.stride(0), v.stride(1), v.stride(2), t, d,
                                              codes.data_ptr(), scale.data_ptr(),
+                                             None if deq is None else deq.data_ptr(),
+                                             *(deq.stride()[:3] if deq is not None else (0, 0, 0)),
                                              int8_native.threads_for(v.numel(), PER_THREAD))
-    return codes, scale
+    return (codes, scale) if deq is None else (codes, scale, deq)
+
+
+def gated_value_codes(g: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor):
+    """The gate at the value position on V's codes, in one call: the codes and scales of
+    int8_codes(round(255 g) / 255 * (codes * scale), -2), as the kernel's torch blocks compute
+    them.  g (B, H, T, 1 | D) float32 (any strides), codes (B, H, T, D) int8, scale (B, H, 1, D)."""
+    b, h, t, d = codes.shape
+    codes, scale = codes.contiguous(), scale.expand(b, h, 1, d).contiguous()
+    g = g.expand(b, h, t, g.shape[-1])
+    out, out_scale = torch.empty_like(codes), torch.empty_like(scale)
+    if codes.numel():
+        failed = library()[0].qbench_attn_gated_value_codes(
+            codes.data_ptr(), scale.data_ptr(), g.data_ptr(), *g.stride()[:3], g.stride(3) if g.shape[-1] == d else 0,
+            b, h, t, d, out.data_ptr(), out_scale.data_ptr(), int8_native.threads_for(codes.numel(), PER_THREAD))
+        if failed:
+            raise MemoryError(f"gated value codes: no memory for a ({t}, {d}) float buffer")
+    return out, out_scale
+
+
+def gate_supported(g: torch.Tensor, codes: torch.Tensor) -> bool:
+    """What gated_value_codes takes: a float32 CPU gate, one per (token, head) or per channel,
+    on CPU codes of a head width that is a multiple of 16."""
+    d = codes.shape[-1]
+    return (g.device.type == "cpu" and codes.device.type == "cpu" and g.dtype == torch.float32 and g.dim() == 4
+            and g.shape[-1] in (1, d) and d % 16 == 0 and d <= MAX_HEAD_DIM and library()[0] is not None)
 
 
 class Packed:
-    """K and V of every (sequence, head) packed once per call for the VNNI blocks."""
+    """K's per-token codes (quantized here, from float) and V's codes of every (sequence, head),
+    packed once per call for the VNNI blocks."""
 
-    def __init__(self, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor):
+    def __init__(self, k: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor):
         lib = library()[0]
-        b, h, tk, d = k_codes.shape
+        b, h, tk, d = k.shape
         self.bh, self.tk, self.d = b * h, tk, d
-        if k_codes.stride(-1) != 1:
-            k_codes = k_codes.contiguous()  # any layout of rows of D (the projection's too)
+        k = _rows(k)
         v_codes = v_codes.contiguous()
         tkb, tkq = (tk + 15) // 16, (tk + 3) // 4
         self.kp = torch.empty(self.bh * tkb * (d // 4) * 64, dtype=torch.int8)
         self.ksum = torch.empty(self.bh * tkb * 16, dtype=torch.int32)
+        self.k_scale = torch.empty(self.bh * tk)
         self.vp = torch.empty(self.bh * tkq * (d // 16) * 64, dtype=torch.int8)
         threads = int8_native.threads_for(self.bh * tk * d, PER_THREAD)
-        lib.qbench_attn_pack_k(k_codes.data_ptr(), b, h, k_codes.stride(0), k_codes.stride(1), k_codes.stride(2), tk,
-                               d, self.kp.data_ptr(), self.ksum.data_ptr(), threads)
+        lib.qbench_attn_pack_k(k.data_ptr(), b, h, k.stride(0), k.stride(1), k.stride(2), tk, d, self.kp.data_ptr(),
+                               self.ksum.data_ptr(), self.k_scale.data_ptr(), threads)
         lib.qbench_attn_pack_v(v_codes.data_ptr(), self.bh, tk, d, self.vp.data_ptr(), threads)
-        self.k_scale = k_scale.expand(b, h, tk, 1).contiguous()
         self.v_scale = v_scale.expand(b, h, 1, d).contiguous()
 
-    def scores(self, q_codes: torch.Tensor, q_scale: torch.Tensor, scaling: float, bias: torch.Tensor) -> torch.Tensor:
-        """q_codes (B, H, Tq, D) int8 (rows of D in any layout) and q_scale (B, H, Tq, 1), a
-        chunk of queries; bias broadcastable to (B, H, Tq, Tk) -> scores (B, H, Tq, Tk)."""
-        b, h, tq, d = q_codes.shape
-        if q_codes.stride(-1) != 1:
-            q_codes = q_codes.contiguous()
+    def scores(self, q: torch.Tensor, scaling: float, bias: torch.Tensor) -> torch.Tensor:
+        """q (B, H, Tq, D) float32 (rows of D in any layout), a chunk of queries, quantized per
+        token here; bias broadcastable to (B, H, Tq, Tk) -> scores (B, H, Tq, Tk)."""
+        b, h, tq, d = q.shape
+        q = _rows(q)
         if bias.dim() == 2 or all(n == 1 for n in bias.shape[:-2]):
             bias_rows, bias_stride = bias.reshape(tq, self.tk).contiguous(), 0
         else:
             bias_rows, bias_stride = bias.expand(b, h, tq, self.tk).contiguous(), tq * self.tk
         out = torch.empty(b, h, tq, self.tk)
         library()[0].qbench_attn_scores(
-            q_codes.data_ptr(), *q_codes.stride()[:3], q_scale.data_ptr(), *q_scale.stride()[:3], b, h, tq, d,
-            self.kp.data_ptr(), self.ksum.data_ptr(), self.k_scale.data_ptr(), self.tk, scaling,
-            bias_rows.data_ptr(), bias_stride, out.data_ptr(),
+            q.data_ptr(), *q.stride()[:3], b, h, tq, d, self.kp.data_ptr(), self.ksum.data_ptr(),
+            self.k_scale.data_ptr(), self.tk, scaling, bias_rows.data_ptr(), bias_stride, out.data_ptr(),
             int8_native.threads_for(self.bh * tq * self.tk, PER_THREAD))
         return out
 

@@ -197,27 +197,6 @@ def _prologue(qk_dim, device):
     return fused(f"attention prologue {qk_dim}", eager, check, device)[0]
 
 
-def native_token_codes(x: torch.Tensor):
-    """int8_codes(x, -1) for x (B, H, T, D) float32 by the native per-token quantizer
-    (qbench.quant.int8_native: the same operations, one read of each row; |x| / scale <= 127,
-    so its clamp never acts), or None where it is not in use (QBENCH_INT8_FUSION other than
-    native, no AVX-512, not exact here).  x is read in its own layout when that is rows of D
-    (contiguous, or the projection's (B, T, H, D) seen as (B, H, T, D)), and the codes and
-    scales come back as views in that layout (the C blocks read rows of D in any layout)."""
-    from qbench.quant import int8_fused
-
-    if int8_fused._mode() != "native" or x.device.type != "cpu" or x.dtype != torch.float32:
-        return None
-    fn, _ = int8_fused._native(0, torch.int8)  # checked once against the eager passes
-    if fn is None:
-        return None
-    swap = not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
-    base = x.transpose(1, 2) if swap else x.contiguous()
-    codes, scale = fn(base.reshape(-1, base.shape[-1]))
-    codes, scale = codes.view(base.shape), scale.view(*base.shape[:-1], 1)
-    return (codes.transpose(1, 2), scale.transpose(1, 2)) if swap else (codes, scale)
-
-
 def quantize_probs(p: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "int8":
         return torch.round(p * 255.0)  # codes 0..255, scale 1/255
@@ -247,17 +226,30 @@ class LowBitAttention:
         """Q and K (B, H, T, D): per token, or one scale per (sequence, head)."""
         return -1 if self.qkv_granularity == "token" else (-2, -1)
 
-    def quantize_values(self, v: torch.Tensor):
-        """(B, H, T, D): per channel within each (sequence, head), or one per (sequence, head)."""
+    def quantize_values(self, v: torch.Tensor, dequantized: bool = False):
+        """(B, H, T, D): per channel within each (sequence, head), or one per (sequence, head)
+        -> (codes, scales); with `dequantized`, also codes * scales (what a gate that reads
+        values sees)."""
         if self.qkv_granularity == "token" and v.shape[-2] and _c_blocks_available(v, v):
             from qbench.quant import attention_native
 
-            return attention_native.value_codes(v)  # the same codes and scales, one C call
-        return _codes(-2 if self.qkv_granularity == "token" else (-2, -1), v.device)(v)
+            return attention_native.value_codes(v, dequantized)  # the same numbers, one C call
+        codes, scale = _codes(-2 if self.qkv_granularity == "token" else (-2, -1), v.device)(v)
+        return (codes, scale, codes.float() * scale) if dequantized else (codes, scale)
 
     @staticmethod
     def quantize_gate(g: torch.Tensor) -> torch.Tensor:
         return quantize_gate(g)
+
+    def gated_values(self, g: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor):
+        """A gate at the value position: g quantized to 8 bits, times the dequantized V, the
+        product re-quantized as V is -> (codes, scales)."""
+        from qbench.quant import attention_native
+
+        if (self.qkv_granularity == "token" and v_codes.shape[-2] and _native_level()
+                and attention_native.gate_supported(g, v_codes)):
+            return attention_native.gated_value_codes(g, v_codes, v_scale)  # the same numbers, one C call
+        return self.quantize_values(quantize_gate(g) * (v_codes.float() * v_scale))
 
     def _c_blocks(self, q: torch.Tensor, v_codes: torch.Tensor) -> bool:
         """The C blocks serve this call: int8 P, per-token Q/K scales, the native fusion level,
@@ -310,27 +302,30 @@ class LowBitAttention:
                 rows.copy_(quantize_probs(p, self.probs) @ (v_codes.float() * v_scale))
         return scores_of, context_into
 
-    def _c_chunk_blocks(self, q, k, v_codes, v_scale, scaling: float) -> tuple | None:
-        """The same two blocks in C (qbench.quant.attention_native): Q and K codes by the native
-        quantizer read in the projection's layout, K and V packed once; None if the native
-        quantizer is not in use here (the torch blocks then run)."""
+    def _c_chunk_blocks(self, q, k, v_codes, v_scale, scaling: float) -> tuple:
+        """The same two blocks in C (qbench.quant.attention_native): Q and K quantized per token
+        inside the calls that read them (in the projection's layout), K and V packed once."""
         from qbench.quant import attention_native
 
-        q_native, k_native = native_token_codes(q), native_token_codes(k)
-        if q_native is None or k_native is None:
-            return None
-        (q_codes, q_scale), (k_codes, k_scale) = q_native, k_native
-        packed = attention_native.Packed(k_codes, k_scale, v_codes, v_scale)
+        packed = attention_native.Packed(k, v_codes, v_scale)
 
         def scores_of(start, stop, bias):
-            return packed.scores(q_codes[..., start:stop, :], q_scale[..., start:stop, :], scaling, bias)
+            return packed.scores(q[..., start:stop, :], scaling, bias)
         return scores_of, packed.context_into
 
 
-def _c_blocks_available(q: torch.Tensor, v_codes: torch.Tensor) -> bool:
-    from qbench.quant import attention_native, int8_fused
+def _native_level() -> bool:
+    """QBENCH_INT8_FUSION=native and the native row quantizer (whose arithmetic the C blocks
+    share) checked exact here against the eager passes."""
+    from qbench.quant import int8_fused
 
-    return int8_fused._mode() == "native" and attention_native.supported(q, v_codes)
+    return int8_fused._mode() == "native" and int8_fused._native(0, torch.int8)[0] is not None
+
+
+def _c_blocks_available(q: torch.Tensor, v_codes: torch.Tensor) -> bool:
+    from qbench.quant import attention_native
+
+    return _native_level() and attention_native.supported(q, v_codes)
 
 
 def blocks_in_use(kernel: LowBitAttention, head_dim: int | None, device) -> str:
