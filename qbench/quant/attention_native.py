@@ -165,14 +165,23 @@ int qbench_attn_scores(const float *q, int64_t q_sb, int64_t q_sh, int64_t q_st,
                 __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                                   _mm512_setzero_si512()};
                 const int8_t *blk = kpb + jb0 * dq * 64;
-                if (nb == 4) {
-                    for (int64_t g = 0; g < dq; ++g) {
+                if (nb == 4) {  /* dq is even (d % 16 == 0): 8 chains, even and odd channel groups, summed
+                                   exactly in int32 at the end */
+                    __m512i odd[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                                      _mm512_setzero_si512()};
+                    for (int64_t g = 0; g < dq; g += 2) {
                         const __m512i qb = _mm512_set1_epi32(qrow[g] ^ (int32_t)0x80808080);  /* s8 + 128 as u8 */
+                        const __m512i qc = _mm512_set1_epi32(qrow[g + 1] ^ (int32_t)0x80808080);
                         acc[0] = _mm512_dpbusd_epi32(acc[0], qb, _mm512_loadu_si512(blk + g * 64));
                         acc[1] = _mm512_dpbusd_epi32(acc[1], qb, _mm512_loadu_si512(blk + (dq + g) * 64));
                         acc[2] = _mm512_dpbusd_epi32(acc[2], qb, _mm512_loadu_si512(blk + (2 * dq + g) * 64));
                         acc[3] = _mm512_dpbusd_epi32(acc[3], qb, _mm512_loadu_si512(blk + (3 * dq + g) * 64));
+                        odd[0] = _mm512_dpbusd_epi32(odd[0], qc, _mm512_loadu_si512(blk + (g + 1) * 64));
+                        odd[1] = _mm512_dpbusd_epi32(odd[1], qc, _mm512_loadu_si512(blk + (dq + g + 1) * 64));
+                        odd[2] = _mm512_dpbusd_epi32(odd[2], qc, _mm512_loadu_si512(blk + (2 * dq + g + 1) * 64));
+                        odd[3] = _mm512_dpbusd_epi32(odd[3], qc, _mm512_loadu_si512(blk + (3 * dq + g + 1) * 64));
                     }
+                    for (int x = 0; x < 4; ++x) acc[x] = _mm512_add_epi32(acc[x], odd[x]);
                 } else {
                     for (int64_t g = 0; g < dq; ++g) {
                         const __m512i qb = _mm512_set1_epi32(qrow[g] ^ (int32_t)0x80808080);
@@ -364,8 +373,22 @@ int qbench_attn_context(const float *p, int64_t bh, int64_t tq, int64_t tk, cons
                     for (int64_t j = n; j < ((n + 3) / 4) * 4; ++j) codes[j] = 0;
                     const int32_t *c32 = (const int32_t *)codes;
                     const int64_t groups = (used + 3) / 4;
-                    if (nx == 4) {
-                        for (int64_t jq = 0; jq < groups; ++jq) {
+                    if (nx == 4) {  /* 8 chains: even and odd groups of keys, summed exactly in int32 */
+                        __m512i b0 = _mm512_setzero_si512(), b1 = b0, b2 = b0, b3 = b0;
+                        int64_t jq = 0;
+                        for (; jq + 1 < groups; jq += 2) {
+                            const __m512i pb = _mm512_set1_epi32(c32[jq]), pc = _mm512_set1_epi32(c32[jq + 1]);
+                            const int8_t *blk = vpb + ((j0 / 4 + jq) * db + x0) * 64;
+                            a0 = _mm512_dpbusd_epi32(a0, pb, _mm512_loadu_si512(blk));
+                            a1 = _mm512_dpbusd_epi32(a1, pb, _mm512_loadu_si512(blk + 64));
+                            a2 = _mm512_dpbusd_epi32(a2, pb, _mm512_loadu_si512(blk + 128));
+                            a3 = _mm512_dpbusd_epi32(a3, pb, _mm512_loadu_si512(blk + 192));
+                            b0 = _mm512_dpbusd_epi32(b0, pc, _mm512_loadu_si512(blk + db * 64));
+                            b1 = _mm512_dpbusd_epi32(b1, pc, _mm512_loadu_si512(blk + db * 64 + 64));
+                            b2 = _mm512_dpbusd_epi32(b2, pc, _mm512_loadu_si512(blk + db * 64 + 128));
+                            b3 = _mm512_dpbusd_epi32(b3, pc, _mm512_loadu_si512(blk + db * 64 + 192));
+                        }
+                        if (jq < groups) {
                             const __m512i pb = _mm512_set1_epi32(c32[jq]);
                             const int8_t *blk = vpb + ((j0 / 4 + jq) * db + x0) * 64;
                             a0 = _mm512_dpbusd_epi32(a0, pb, _mm512_loadu_si512(blk));
@@ -373,6 +396,8 @@ int qbench_attn_context(const float *p, int64_t bh, int64_t tq, int64_t tk, cons
                             a2 = _mm512_dpbusd_epi32(a2, pb, _mm512_loadu_si512(blk + 128));
                             a3 = _mm512_dpbusd_epi32(a3, pb, _mm512_loadu_si512(blk + 192));
                         }
+                        a0 = _mm512_add_epi32(a0, b0); a1 = _mm512_add_epi32(a1, b1);
+                        a2 = _mm512_add_epi32(a2, b2); a3 = _mm512_add_epi32(a3, b3);
                     } else {
                         for (int64_t jq = 0; jq < groups; ++jq) {
                             const __m512i pb = _mm512_set1_epi32(c32[jq]);
