@@ -12,11 +12,18 @@ int8 weight codes.  Candidates compute the int32 product X_q W_q^T:
                 dot-product units (AVX-512 VNNI / AMX), a slow reference path elsewhere.
   fp32-exact    the same integers through the fp32 GEMM, exact while the reduction length
                 is <= 1024 (every partial sum below 2^24), in chunks of 1024 beyond.
+  amx           qbench's own AMX-INT8 tile kernel (qbench.quant.int8_amx), weights packed
+                once, the layer's per-token rescale and bias in its epilogue (one pass, no
+                second read of the output); CPUs with AMX only.
+  onednn-qlinear, onednn-qlinear-u8
+                oneDNN's prepacked int8 linear (s8 codes, or u8 codes + 128), the weight
+                scales in its epilogue, the per-token rescale a second pass.
 
 At first use every available candidate is checked against the exact integer product on
 adversarial inputs (codes at +-127, the case where AVX2's pairwise int16 multiply-add can
-saturate), and the exact ones are timed at SmolLM2's shapes; the fastest is cached per CPU
-model and flags in $QBENCH_CACHE/int8_gemm.json (QBENCH_INT8_GEMM=<name> forces one).
+saturate), and the exact ones are timed at SmolLM2's shapes as the layer runs them (GEMM,
+per-token rescale and bias); the fastest is cached per CPU model and flags in
+$QBENCH_CACHE/int8_gemm.json (QBENCH_INT8_GEMM=<name> forces one).
 Cells record the kernel that ran (`quantization.int8_kernel`).
 """
 from __future__ import annotations
@@ -30,7 +37,7 @@ import warnings
 
 import torch
 
-CANDIDATES = ("onednn-qlinear", "onednn-qlinear-u8", "fbgemm", "x86", "onednn", "fp32-exact")
+CANDIDATES = ("amx", "onednn-qlinear", "onednn-qlinear-u8", "fbgemm", "x86", "onednn", "fp32-exact")
 QLINEAR = ("onednn-qlinear", "onednn-qlinear-u8")
 EXACT_FP32_K = 1024
 _choice: str | None = None
@@ -64,7 +71,11 @@ class Int8Gemm:
         self.weight_scale = weight_scale.float().contiguous()
         self.out_features, self.in_features = weight_codes.shape
         self.input_dtype, self.zero_point = torch.int8, 0
-        if kernel in QLINEAR:
+        if kernel == "amx":
+            from qbench.quant.int8_amx import AmxLinear
+
+            self.amx = AmxLinear(weight_codes, self.weight_scale)
+        elif kernel in QLINEAR:
             if kernel == "onednn-qlinear-u8":
                 self.input_dtype, self.zero_point = torch.uint8, 128
             self.packed = torch.ops.onednn.qlinear_prepack(weight_codes.to(torch.int8).contiguous(), None)
@@ -93,6 +104,8 @@ class Int8Gemm:
     def __call__(self, x_codes: torch.Tensor) -> torch.Tensor:
         if x_codes.dtype != self.input_dtype:
             x_codes = (x_codes.to(torch.int16) + self.zero_point if self.zero_point else x_codes).to(self.input_dtype)
+        if self.kernel == "amx":
+            return self.amx(x_codes)
         if self.kernel in QLINEAR:
             return torch.ops.onednn.qlinear_pointwise(
                 x_codes.contiguous(), 1.0, self.zero_point, self.packed, self.weight_scale, self.weight_zero_points,
@@ -107,6 +120,28 @@ class Int8Gemm:
             part = x_codes[:, start:start + EXACT_FP32_K] @ self.weight_t[start:start + EXACT_FP32_K]
             acc = part if acc is None else acc + part
         return acc * self.weight_scale
+
+
+    def linear(self, x_codes: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None = None,
+               native: bool = False) -> torch.Tensor:
+        """The layer's output ((X_q W_q^T) s_w) s_x + b, float32 (N, out): x_scale (N, 1) per
+        token or () per call.  The AMX kernel applies s_x and b in its epilogue; the others
+        return (X_q W_q^T) s_w and the rescale is a second pass (`native`: qbench's one-pass C
+        rescale, qbench.quant.int8_native; else torch's mul_ and add_).  The same roundings,
+        in the same order, either way."""
+        rows = x_codes.shape[0]
+        plain = bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+        if (self.kernel == "amx" and plain and x_scale.dtype == torch.float32 and x_scale.numel() == rows
+                and x_scale.is_contiguous()):
+            return self.amx(x_codes, x_scale, bias)
+        y = self(x_codes)  # (N, out): X_q W_q^T s_w
+        if native and plain and y.is_contiguous() and y.dtype == torch.float32 and x_scale.numel() == rows \
+                and x_scale.is_contiguous() and x_scale.dtype == torch.float32:
+            from qbench.quant.int8_native import rescale_rows_
+
+            return rescale_rows_(y, x_scale, bias)  # the same two roundings, one pass
+        y = y.mul_(x_scale)  # (X_q W_q^T s_w) s_x, in place on the GEMM's output
+        return y if bias is None else y.add_(bias)
 
 
 class _engine:
@@ -124,6 +159,10 @@ class _engine:
 
 
 def available(kernel: str) -> bool:
+    if kernel == "amx":
+        from qbench.quant.int8_amx import library
+
+        return library()[0] is not None
     if kernel in ("fbgemm", "x86"):
         return kernel in torch.backends.quantized.supported_engines
     if kernel in QLINEAR:
@@ -168,18 +207,30 @@ def _time(kernel: str, shapes, tokens: int, repeats: int) -> float:
         gemm = Int8Gemm(kernel, w, torch.full((n_out,), 0.01))
         x = torch.randint(-127, 128, (tokens, n_in), generator=generator).to(torch.int16)
         x = (x + gemm.zero_point).to(gemm.input_dtype)  # the codes as the kernel reads them
+        x_scale, bias = torch.rand(tokens, 1, generator=generator), torch.randn(n_out, generator=generator)
+        native = _native_rescale()
+
+        def layer(rows):  # what the layer runs after its quantizer: GEMM, rescale, bias
+            return gemm.linear(x[:rows], x_scale[:rows], bias, native)
         start = time.perf_counter()
-        gemm(x[:PROBE_ROWS])
+        layer(PROBE_ROWS)
         if time.perf_counter() - start > PROBE_LIMIT_S:
             return float("inf")
-        gemm(x)
+        layer(tokens)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            gemm(x)
+            layer(tokens)
             times.append(time.perf_counter() - start)
         total += statistics.median(times)
     return total
+
+
+def _native_rescale() -> bool:
+    """Whether the layer's rescale runs as qbench's C pass here (as the layer decides it)."""
+    from qbench.quant.int8_fused import quantizer
+
+    return quantizer(True, 0, torch.int8)[1] == "native"
 
 
 SMOLLM2_SHAPES = [(576, 576), (576, 1536), (1536, 576)]

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from qbench.quant.handlers import register, require
 from qbench.quant.int8_fused import quantizer, shared_codes
-from qbench.quant.int8_native import rescale_rows_
 from qbench.quant.surgery import quantizable_linears, set_submodule
 
 # the axis each granularity reduces over for one scale: weights (out, in), activations (N, in)
@@ -80,14 +79,7 @@ class DynamicQuantLinear(nn.Module):
             spec = (self.activation_granularity == "per_token", self.gemm.zero_point, self.gemm.input_dtype)
             quantize, mode = quantizer(*spec, device=x2.device)
             x_codes, x_scale = shared_codes.get(x2, spec, quantize)
-            y = self.gemm(x_codes)  # (N, out): X_q W_q^T s_w
-            if (mode == "native" and y.is_contiguous() and y.dtype == torch.float32
-                    and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous()))):
-                rescale_rows_(y, x_scale, self.bias)  # the same two roundings, one pass
-            else:
-                y = y.mul_(x_scale)  # (X_q W_q^T s_w) s_x, in place on the GEMM's output
-                if self.bias is not None:
-                    y = y.add_(self.bias)
+            y = self.gemm.linear(x_codes, x_scale, self.bias, native=mode == "native")  # ((X_q W_q^T) s_w) s_x + b
         else:
             # (N, 1): one per token, or (): one for the whole call
             x_scale = symmetric_scale(x2, self.activation_bits, dim=ACTIVATION_SCALE_DIM[self.activation_granularity])
