@@ -336,10 +336,12 @@ int qbench_attn_pack_v(const int8_t *v, int64_t bh, int64_t tk, int64_t d, int8_
     return 0;
 }
 
-/* out rows (bh, tq, d) at out + b * out_stride + i * d = (float(sum_j round(255 p_ij) v_jd) / 255) * vs_d;
+/* out rows (B, H, tq, d) at out + (b / nh) o_sb + (b % nh) o_sh + i o_st (channels contiguous)
+   = (float(sum_j round(255 p_ij) v_jd) / 255) * vs_d, b the (sequence, head) index;
    p (bh, tq, tk) contiguous, vs at vs + b * d. */
 int qbench_attn_context(const float *p, int64_t bh, int64_t tq, int64_t tk, const int8_t *vp, int64_t d,
-                        const float *vs, float *out, int64_t out_stride, int threads) {
+                        const float *vs, float *out, int64_t nh, int64_t o_sb, int64_t o_sh, int64_t o_st,
+                        int threads) {
     const int64_t tkq = (tk + 3) / 4, db = d / 16;
     const __m512 c255 = _mm512_set1_ps(255.0f), c128 = _mm512_set1_ps(128.0f);
     #pragma omp parallel num_threads(threads) if(threads > 1)
@@ -350,7 +352,7 @@ int qbench_attn_context(const float *p, int64_t bh, int64_t tq, int64_t tk, cons
             for (int64_t i = 0; i < tq; ++i) {
                 const float *prow = p + (b * tq + i) * tk;
                 const int8_t *vpb = vp + b * tkq * db * 64;
-                float *orow = out + b * out_stride + i * d;
+                float *orow = out + (b / nh) * o_sb + (b % nh) * o_sh + i * o_st;
               for (int64_t x0 = 0; x0 < db; x0 += 4) {  /* 4 blocks of 16 channels in registers */
                 const int64_t nx = db - x0 < 4 ? db - x0 : 4;
                 __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
@@ -442,7 +444,7 @@ def library():
                 lib.qbench_attn_scores.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64,
                                                    c_float, ptr, i64, ptr, c_int]
                 lib.qbench_attn_pack_v.argtypes = [ptr, i64, i64, i64, ptr, c_int]
-                lib.qbench_attn_context.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, c_int]
+                lib.qbench_attn_context.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, c_int]
                 lib.qbench_attn_value_codes.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64,
                                                         i64, i64, c_int]
                 lib.qbench_attn_gated_value_codes.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64,
@@ -548,12 +550,12 @@ class Packed:
         return out
 
     def context_into(self, p: torch.Tensor, out: torch.Tensor) -> None:
-        """P (B, H, Tq, Tk) in [0, 1] -> (P V) written into `out`, rows of a contiguous
-        (B, H, T, D) float32 tensor."""
+        """P (B, H, Tq, Tk) in [0, 1] -> (P V) written into `out` (B, H, Tq, D) float32 whose
+        channels are contiguous (any layout of rows: the heads-merged (B, T, H, D) too)."""
         b, h, tq, tk = p.shape
         p = p.contiguous()
-        if out.stride(-1) != 1 or out.stride(-2) != self.d or out.stride(0) != h * out.stride(1):
-            raise ValueError("out must be rows of a contiguous (B, H, T, D) tensor")
+        if out.stride(-1) != 1 or out.dtype != torch.float32 or tuple(out.shape) != (b, h, tq, self.d):
+            raise ValueError("out must be float32 (B, H, Tq, D) with contiguous channels")
         library()[0].qbench_attn_context(p.data_ptr(), self.bh, tq, tk, self.vp.data_ptr(), self.d,
-                                         self.v_scale.data_ptr(), out.data_ptr(), out.stride(1),
+                                         self.v_scale.data_ptr(), out.data_ptr(), h, *out.stride()[:3],
                                          int8_native.threads_for(self.bh * tq * tk, PER_THREAD))

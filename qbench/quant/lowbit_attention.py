@@ -268,7 +268,9 @@ class LowBitAttention:
         blocks = self._c_chunk_blocks(q, k, v_codes, v_scale, scaling) if self._c_blocks(q, v_codes) else None
         scores_of, context_into = blocks or self._torch_chunk_blocks(q, k, v_codes, v_scale, scaling)
         bias = causal_bias(t_q, t_k, q.device) if hidden is None else hidden_bias(hidden)
-        out = torch.empty(*q.shape[:-1], v_codes.shape[-1], dtype=torch.float32, device=q.device)
+        # laid out as (B, T, H, D): merging the heads afterwards is a view, not a copy
+        b, h = q.shape[0], q.shape[1]
+        out = torch.empty(b, t_q, h, v_codes.shape[-1], dtype=torch.float32, device=q.device).transpose(1, 2)
         first = [] if hooks is not None else None
         for start in range(0, t_q, self.query_chunk):
             stop = min(start + self.query_chunk, t_q)
