@@ -161,28 +161,46 @@ def test_a_reference_loop_kernel_is_dropped_not_timed(monkeypatch):
     assert int8_gemm._time("fp32-exact", [(64, 16)], 128, 1) < 60.0
 
 
-@pytest.mark.skipif(not available("amx"), reason="no AMX-INT8 here")
-def test_amx_epilogue_gives_the_separate_rescale_bit_for_bit():
-    """The AMX kernel's epilogue ((float(acc) s_w) s_x + b, rounded after each operation)
+@pytest.mark.parametrize("kernel", ["amx", "vnni"])
+def test_native_epilogue_gives_the_separate_rescale_bit_for_bit(kernel):
+    """qbench's own kernels' epilogue ((float(acc) s_w) s_x + b, rounded after each operation)
     equals torch._int_mm's product times s_w followed by the layer's rescale, bit for bit:
-    row counts, reductions and output widths that are no multiple of the tiles (32 rows, 64
-    bytes, 32 channels), with and without bias, a NaN row scale, and one scale per call
-    (which the layer rescales in a second pass)."""
+    row counts, reductions and output widths that are no multiple of the blocks (32 or 4 rows,
+    64 or 4 bytes, 32 or 64 channels), codes at +-127 (and -128, VNNI's u8 + 128 edge), with and
+    without bias, a NaN row scale, and one scale per call (which the layer rescales in a second
+    pass)."""
+    if not available(kernel):
+        pytest.skip(f"no {kernel} kernel here")
     g = torch.Generator().manual_seed(3)
-    for rows, n_in, n_out in ((2048, 576, 192), (37, 1600, 48), (5, 70, 17), (1, 8, 1), (64, 128, 33)):
+    for rows, n_in, n_out in ((2048, 576, 192), (37, 1600, 48), (5, 70, 17), (1, 8, 1), (64, 128, 33), (7, 5, 70)):
         w = torch.randint(-127, 128, (n_out, n_in), generator=g, dtype=torch.int8)
         w[0] = 127
         codes = torch.randint(-127, 128, (rows, n_in), generator=g, dtype=torch.int8)
         codes[0] = 127
+        codes[-1] = -128
         w_scale = torch.rand(n_out, generator=g) * 0.01 + 1e-3
         x_scale, bias = torch.rand(rows, 1, generator=g), torch.randn(n_out, generator=g)
         x_scale[-1] = float("nan")
-        amx, reference = Int8Gemm("amx", w, w_scale), Int8Gemm("onednn", w, w_scale)
-        assert torch.equal(amx(codes), reference(codes))  # the GEMM times s_w, as the kernels give it
+        native, reference = Int8Gemm(kernel, w, w_scale), Int8Gemm("onednn", w, w_scale)
+        assert torch.equal(native(codes), reference(codes))  # the GEMM times s_w, as the kernels give it
         for b in (bias, None):
-            for native in (False, True):
+            for fused in (False, True):
                 want = reference.linear(codes, x_scale, b, native=False)
-                got = amx.linear(codes, x_scale, b, native=native)
+                got = native.linear(codes, x_scale, b, native=fused)
                 torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
         per_call = torch.tensor(0.37)
-        assert torch.equal(amx.linear(codes, per_call, bias), reference.linear(codes, per_call, bias))
+        assert torch.equal(native.linear(codes, per_call, bias), reference.linear(codes, per_call, bias))
+
+
+def test_a_cpu_without_the_instructions_leaves_the_native_kernels_out(monkeypatch):
+    """No AMX or VNNI flags: the kernels say why and are not candidates; nothing is built."""
+    from qbench.quant import int8_linear, int8_native
+
+    monkeypatch.setattr(int8_linear, "_state", {})
+    monkeypatch.setattr(int8_native, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(int8_native, "build", lambda *a: pytest.fail("built on a CPU without the instructions"))
+    assert int8_linear.library("amx") == (None, "no AMX-INT8 on this CPU")
+    assert int8_linear.library("vnni") == (None, "no AVX-512 VNNI on this CPU")
+    assert not available("amx") and not available("vnni")
+    with pytest.raises(RuntimeError, match="not available here: no AMX-INT8"):
+        Int8Gemm("amx", torch.zeros(4, 8, dtype=torch.int8), torch.ones(4))

@@ -12,9 +12,9 @@ int8 weight codes.  Candidates compute the int32 product X_q W_q^T:
                 dot-product units (AVX-512 VNNI / AMX), a slow reference path elsewhere.
   fp32-exact    the same integers through the fp32 GEMM, exact while the reduction length
                 is <= 1024 (every partial sum below 2^24), in chunks of 1024 beyond.
-  amx           qbench's own AMX-INT8 tile kernel (qbench.quant.int8_amx), weights packed
-                once, the layer's per-token rescale and bias in its epilogue (one pass, no
-                second read of the output); CPUs with AMX only.
+  amx, vnni     qbench's own int8 linear (qbench.quant.int8_linear) on AMX-INT8 tiles or
+                AVX-512 VNNI, weights packed once, the layer's per-token rescale and bias in
+                its epilogue (one pass, no second read of the output).
   onednn-qlinear, onednn-qlinear-u8
                 oneDNN's prepacked int8 linear (s8 codes, or u8 codes + 128), the weight
                 scales in its epilogue, the per-token rescale a second pass.
@@ -37,8 +37,9 @@ import warnings
 
 import torch
 
-CANDIDATES = ("amx", "onednn-qlinear", "onednn-qlinear-u8", "fbgemm", "x86", "onednn", "fp32-exact")
+CANDIDATES = ("amx", "vnni", "onednn-qlinear", "onednn-qlinear-u8", "fbgemm", "x86", "onednn", "fp32-exact")
 QLINEAR = ("onednn-qlinear", "onednn-qlinear-u8")
+NATIVE = ("amx", "vnni")  # qbench.quant.int8_linear
 EXACT_FP32_K = 1024
 _choice: str | None = None
 
@@ -71,10 +72,10 @@ class Int8Gemm:
         self.weight_scale = weight_scale.float().contiguous()
         self.out_features, self.in_features = weight_codes.shape
         self.input_dtype, self.zero_point = torch.int8, 0
-        if kernel == "amx":
-            from qbench.quant.int8_amx import AmxLinear
+        if kernel in NATIVE:
+            from qbench.quant.int8_linear import NativeLinear
 
-            self.amx = AmxLinear(weight_codes, self.weight_scale)
+            self.native = NativeLinear(kernel, weight_codes, self.weight_scale)
         elif kernel in QLINEAR:
             if kernel == "onednn-qlinear-u8":
                 self.input_dtype, self.zero_point = torch.uint8, 128
@@ -104,8 +105,8 @@ class Int8Gemm:
     def __call__(self, x_codes: torch.Tensor) -> torch.Tensor:
         if x_codes.dtype != self.input_dtype:
             x_codes = (x_codes.to(torch.int16) + self.zero_point if self.zero_point else x_codes).to(self.input_dtype)
-        if self.kernel == "amx":
-            return self.amx(x_codes)
+        if self.kernel in NATIVE:
+            return self.native(x_codes)
         if self.kernel in QLINEAR:
             return torch.ops.onednn.qlinear_pointwise(
                 x_codes.contiguous(), 1.0, self.zero_point, self.packed, self.weight_scale, self.weight_zero_points,
@@ -125,15 +126,15 @@ class Int8Gemm:
     def linear(self, x_codes: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None = None,
                native: bool = False) -> torch.Tensor:
         """The layer's output ((X_q W_q^T) s_w) s_x + b, float32 (N, out): x_scale (N, 1) per
-        token or () per call.  The AMX kernel applies s_x and b in its epilogue; the others
+        token or () per call.  qbench's own kernels apply s_x and b in their epilogue; the others
         return (X_q W_q^T) s_w and the rescale is a second pass (`native`: qbench's one-pass C
         rescale, qbench.quant.int8_native; else torch's mul_ and add_).  The same roundings,
         in the same order, either way."""
         rows = x_codes.shape[0]
         plain = bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
-        if (self.kernel == "amx" and plain and x_scale.dtype == torch.float32 and x_scale.numel() == rows
+        if (self.kernel in NATIVE and plain and x_scale.dtype == torch.float32 and x_scale.numel() == rows
                 and x_scale.is_contiguous()):
-            return self.amx(x_codes, x_scale, bias)
+            return self.native(x_codes, x_scale, bias)
         y = self(x_codes)  # (N, out): X_q W_q^T s_w
         if native and plain and y.is_contiguous() and y.dtype == torch.float32 and x_scale.numel() == rows \
                 and x_scale.is_contiguous() and x_scale.dtype == torch.float32:
@@ -159,10 +160,10 @@ class _engine:
 
 
 def available(kernel: str) -> bool:
-    if kernel == "amx":
-        from qbench.quant.int8_amx import library
+    if kernel in NATIVE:
+        from qbench.quant.int8_linear import library
 
-        return library()[0] is not None
+        return library(kernel)[0] is not None
     if kernel in ("fbgemm", "x86"):
         return kernel in torch.backends.quantized.supported_engines
     if kernel in QLINEAR:
