@@ -34,20 +34,12 @@ import torch
 
 from qbench.quant import int8_native
 
-SOURCE = r"""
-#include <stdint.h>
+SOURCE = int8_native.QUOTIENT_C + r"""
 #include <string.h>
 #include <stdlib.h>
-#include <math.h>
-#include <immintrin.h>
 #include <omp.h>
 
-#define MAX_D 1024
-
-/* |fl(x * r) - fl(x / s)| <= 2.3e-5 for |x / s| <= 127.5 with r = fl(1 / s): lanes farther than
-   2^-14 from every k + 0.5 round as x / s does; nearer ones (and NaN) are divided exactly
-   (qbench.quant.int8_native's argument). */
-#define FAR_FROM_HALF (0.5f - 6.103515625e-05f)
+#define MAX_D 1024  /* MAX_HEAD_DIM below */
 
 /* One row of d floats (d % 16 == 0) -> int8 codes round(x / s), s = max(max |x|, 1e-8) / 127, as
    lowbit_attention.int8_codes(x, -1) computes them (an infinite x: s infinite, codes 0); a NaN in the
@@ -57,17 +49,10 @@ static inline float row_codes(const float *row, int64_t d, int8_t *out) {
     for (int64_t c = 0; c < d; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(row + c)));
     const float amax = _mm512_reduce_max_ps(m);
     const float s = (amax < 1e-8f ? 1e-8f : amax) / 127.0f;  /* clamp_min, then / 127 */
-    const __m512 sv = _mm512_set1_ps(s), rv = _mm512_set1_ps(1.0f / s), far = _mm512_set1_ps(FAR_FROM_HALF);
-    int nan = 0;
+    const __m512 sv = _mm512_set1_ps(s), rv = _mm512_set1_ps(1.0f / s);
+    __mmask16 nan = 0;
     for (int64_t c = 0; c < d; c += 16) {
-        const __m512 v = _mm512_loadu_ps(row + c);
-        __m512 q = _mm512_mul_ps(v, rv);
-        const __m512 off = _mm512_abs_ps(_mm512_reduce_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        const __mmask16 exact = _mm512_cmp_ps_mask(off, far, _CMP_NLE_UQ);
-        if (exact) {
-            q = _mm512_mask_div_ps(q, exact, v, sv);
-            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0;
-        }
+        const __m512 q = qbench_quotient(_mm512_loadu_ps(row + c), rv, sv, &nan);
         /* to int8 through int32, the low byte, as torch's cast: a NaN quotient (an infinite x) codes 0 */
         _mm_storeu_si128((__m128i *)(out + c),
                          _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
@@ -165,23 +150,14 @@ int qbench_attn_scores(const float *q, int64_t q_sb, int64_t q_sh, int64_t q_st,
                 __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                                   _mm512_setzero_si512()};
                 const int8_t *blk = kpb + jb0 * dq * 64;
-                if (nb == 4) {  /* dq is even (d % 16 == 0): 8 chains, even and odd channel groups, summed
-                                   exactly in int32 at the end */
-                    __m512i odd[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                                      _mm512_setzero_si512()};
-                    for (int64_t g = 0; g < dq; g += 2) {
+                if (nb == 4) {
+                    for (int64_t g = 0; g < dq; ++g) {
                         const __m512i qb = _mm512_set1_epi32(qrow[g] ^ (int32_t)0x80808080);  /* s8 + 128 as u8 */
-                        const __m512i qc = _mm512_set1_epi32(qrow[g + 1] ^ (int32_t)0x80808080);
                         acc[0] = _mm512_dpbusd_epi32(acc[0], qb, _mm512_loadu_si512(blk + g * 64));
                         acc[1] = _mm512_dpbusd_epi32(acc[1], qb, _mm512_loadu_si512(blk + (dq + g) * 64));
                         acc[2] = _mm512_dpbusd_epi32(acc[2], qb, _mm512_loadu_si512(blk + (2 * dq + g) * 64));
                         acc[3] = _mm512_dpbusd_epi32(acc[3], qb, _mm512_loadu_si512(blk + (3 * dq + g) * 64));
-                        odd[0] = _mm512_dpbusd_epi32(odd[0], qc, _mm512_loadu_si512(blk + (g + 1) * 64));
-                        odd[1] = _mm512_dpbusd_epi32(odd[1], qc, _mm512_loadu_si512(blk + (dq + g + 1) * 64));
-                        odd[2] = _mm512_dpbusd_epi32(odd[2], qc, _mm512_loadu_si512(blk + (2 * dq + g + 1) * 64));
-                        odd[3] = _mm512_dpbusd_epi32(odd[3], qc, _mm512_loadu_si512(blk + (3 * dq + g + 1) * 64));
                     }
-                    for (int x = 0; x < 4; ++x) acc[x] = _mm512_add_epi32(acc[x], odd[x]);
                 } else {
                     for (int64_t g = 0; g < dq; ++g) {
                         const __m512i qb = _mm512_set1_epi32(qrow[g] ^ (int32_t)0x80808080);
@@ -214,7 +190,6 @@ int qbench_attn_scores(const float *q, int64_t q_sb, int64_t q_sh, int64_t q_st,
    gate sees) at deq + j deq_st (NaN for a NaN channel, as torch's 0 * NaN). */
 static void channel_codes(const float *base, int64_t st, int64_t t, int64_t d, int8_t *out, float *scale,
                           float *deq, int64_t deq_st) {
-    const __m512 far = _mm512_set1_ps(FAR_FROM_HALF);
     for (int64_t x = 0; x < d / 16; ++x) {
         __m512 m = _mm512_setzero_ps();
         for (int64_t j = 0; j < t; ++j) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(base + j * st + x * 16)));
@@ -222,14 +197,7 @@ static void channel_codes(const float *base, int64_t st, int64_t t, int64_t d, i
         const __m512 r = _mm512_div_ps(_mm512_set1_ps(1.0f), s);
         __mmask16 nan = 0;
         for (int64_t j = 0; j < t; ++j) {
-            const __m512 val = _mm512_loadu_ps(base + j * st + x * 16);
-            __m512 q = _mm512_mul_ps(val, r);
-            const __m512 off = _mm512_abs_ps(_mm512_reduce_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            const __mmask16 exact = _mm512_cmp_ps_mask(off, far, _CMP_NLE_UQ);
-            if (exact) {
-                q = _mm512_mask_div_ps(q, exact, val, s);
-                nan |= _mm512_cmp_ps_mask(val, val, _CMP_UNORD_Q);
-            }
+            const __m512 q = qbench_quotient(_mm512_loadu_ps(base + j * st + x * 16), r, s, &nan);
             const __m512i i = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             _mm_storeu_si128((__m128i *)(out + j * d + x * 16), _mm512_cvtepi32_epi8(i));
             if (deq) _mm512_storeu_ps(deq + j * deq_st + x * 16, _mm512_mul_ps(_mm512_cvtepi32_ps(i), s));

@@ -7,8 +7,10 @@ and inductor's C++ code does it in one vectorised pass over the rows.  The compi
 functions are the same float operations (IEEE division, round-half-even, no contraction
 into FMAs), so the codes and scales are identical to the eager ones: checked once per
 process on adversarial rows (ties at .5, zero rows, +-max); any mismatch or compile failure
-falls back to eager.  The rescale after the GEMM stays eager and in place on the GEMM's own
-output (measured faster than a compiled pass, which writes a fresh buffer).
+falls back to eager.  The rescale after the GEMM is not compiled (a compiled pass writes a
+fresh buffer and measured slower): in place on the GEMM's output (eager, or qbench's one-pass
+C rescale at the native level), or in the epilogue of qbench's own GEMM kernels
+(qbench.quant.int8_linear).
 
 Per-token int8 codes, the real int8 linears' case, go one step further where the CPU has
 AVX-512: qbench.quant.int8_native's C kernel reads each row once (inductor's code reads the

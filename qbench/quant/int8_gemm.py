@@ -122,7 +122,6 @@ class Int8Gemm:
             acc = part if acc is None else acc + part
         return acc * self.weight_scale
 
-
     def linear(self, x_codes: torch.Tensor, x_scale: torch.Tensor, bias: torch.Tensor | None = None,
                native: bool = False) -> torch.Tensor:
         """The layer's output ((X_q W_q^T) s_w) s_x + b, float32 (N, out): x_scale (N, 1) per
@@ -130,14 +129,12 @@ class Int8Gemm:
         return (X_q W_q^T) s_w and the rescale is a second pass (`native`: qbench's one-pass C
         rescale, qbench.quant.int8_native; else torch's mul_ and add_).  The same roundings,
         in the same order, either way."""
-        rows = x_codes.shape[0]
-        plain = bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
-        if (self.kernel in NATIVE and plain and x_scale.dtype == torch.float32 and x_scale.numel() == rows
-                and x_scale.is_contiguous()):
+        per_row = (x_scale.dtype == torch.float32 and x_scale.numel() == x_codes.shape[0] and x_scale.is_contiguous()
+                   and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))
+        if self.kernel in NATIVE and per_row:
             return self.native(x_codes, x_scale, bias)
         y = self(x_codes)  # (N, out): X_q W_q^T s_w
-        if native and plain and y.is_contiguous() and y.dtype == torch.float32 and x_scale.numel() == rows \
-                and x_scale.is_contiguous() and x_scale.dtype == torch.float32:
+        if native and per_row and y.is_contiguous() and y.dtype == torch.float32:
             from qbench.quant.int8_native import rescale_rows_
 
             return rescale_rows_(y, x_scale, bias)  # the same two roundings, one pass
@@ -202,6 +199,7 @@ PROBE_ROWS, PROBE_LIMIT_S = 64, 0.25
 
 def _time(kernel: str, shapes, tokens: int, repeats: int) -> float:
     total = 0.0
+    native = _native_rescale()
     for n_in, n_out in shapes:
         generator = torch.Generator().manual_seed(1)
         w = torch.randint(-127, 128, (n_out, n_in), generator=generator).to(torch.int8)
@@ -209,7 +207,6 @@ def _time(kernel: str, shapes, tokens: int, repeats: int) -> float:
         x = torch.randint(-127, 128, (tokens, n_in), generator=generator).to(torch.int16)
         x = (x + gemm.zero_point).to(gemm.input_dtype)  # the codes as the kernel reads them
         x_scale, bias = torch.rand(tokens, 1, generator=generator), torch.randn(n_out, generator=generator)
-        native = _native_rescale()
 
         def layer(rows):  # what the layer runs after its quantizer: GEMM, rescale, bias
             return gemm.linear(x[:rows], x_scale[:rows], bias, native)

@@ -36,16 +36,35 @@ from pathlib import Path
 
 import torch
 
-SOURCE = r"""
+# x / s as every C kernel of qbench's that quantizes computes it (this one's rows, the attention
+# kernel's rows and channels): one C piece, put before each source that uses it
+QUOTIENT_C = r"""
 #include <stdint.h>
 #include <math.h>
 #include <immintrin.h>
-#include <omp.h>
 
 /* |fl(x * r) - fl(x / s)| <= 1.5 * 2^-23 * |x / s| <= 2.3e-5 for |x / s| <= 127.5, with
    r = fl(1 / s).  Where fl(x * r) lies farther than 2^-14 from every k + 0.5, both round to
    the same integer; lanes nearer than that (about 2 in 10,000) are divided exactly. */
 #define FAR_FROM_HALF (0.5f - 6.103515625e-05f)
+
+/* the quotient that round(v / s) needs: v * r, divided exactly in the lanes near a tie or not
+   finite (VREDUCEPS gives q - round(q) in one instruction); the lanes where v is NaN are added
+   to *nan_lanes */
+static inline __m512 qbench_quotient(__m512 v, __m512 r, __m512 s, __mmask16 *nan_lanes) {
+    __m512 q = _mm512_mul_ps(v, r);
+    const __m512 off = _mm512_abs_ps(_mm512_reduce_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __mmask16 exact = _mm512_cmp_ps_mask(off, _mm512_set1_ps(FAR_FROM_HALF), _CMP_NLE_UQ);
+    if (exact) {
+        q = _mm512_mask_div_ps(q, exact, v, s);
+        *nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    return q;
+}
+"""
+
+SOURCE = QUOTIENT_C + r"""
+#include <omp.h>
 
 static inline __m512 row_abs_max(const float *row, int64_t full, __mmask16 tail) {
     __m512 m = _mm512_setzero_ps();
@@ -61,7 +80,6 @@ static inline __m512 row_abs_max(const float *row, int64_t full, __mmask16 tail)
    of the other lanes then does not matter: the row's scale is NaN, as eager's amax makes it. */
 static void quantize_range(const float *x, int64_t ld, int64_t first, int64_t last, int64_t cols, uint8_t *codes,
                            float *scales, int zero_point, int is_unsigned) {
-    const __m512 far = _mm512_set1_ps(FAR_FROM_HALF);
     const __m512i zp = _mm512_set1_epi32(zero_point);
     const int64_t full = cols - cols % 16;
     const __mmask16 tail = (__mmask16)((1u << (cols % 16)) - 1u);
@@ -75,19 +93,11 @@ static void quantize_range(const float *x, int64_t ld, int64_t first, int64_t la
         float s = (amax < 1e-8f ? 1e-8f : amax) / 127.0f;  /* clamp_min */
         const __m512 sv = _mm512_set1_ps(s), rv = _mm512_set1_ps(1.0f / s);
         __m512 m_next = _mm512_setzero_ps();
-        int nan = 0;
+        __mmask16 nan = 0;  /* lanes past the row load 0, never NaN */
         for (int64_t c = 0; c < cols; c += 16) {
             const __mmask16 k = c < full ? (__mmask16)0xFFFF : tail;
             m_next = _mm512_max_ps(m_next, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, next + c)));
-            const __m512 v = _mm512_maskz_loadu_ps(k, row + c);
-            __m512 q = _mm512_mul_ps(v, rv);
-            /* q - round(q) in one instruction (VREDUCEPS); near a half, or not finite: divide */
-            const __m512 off = _mm512_abs_ps(_mm512_reduce_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            const __mmask16 exact = _mm512_cmp_ps_mask(off, far, _CMP_NLE_UQ);
-            if (exact) {
-                q = _mm512_mask_div_ps(q, exact, v, sv);
-                nan |= _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q) != 0;
-            }
+            const __m512 q = qbench_quotient(_mm512_maskz_loadu_ps(k, row + c), rv, sv, &nan);
             __m512i i = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             __m128i b;
             if (is_unsigned) b = _mm512_cvtusepi32_epi8(_mm512_add_epi32(i, zp));

@@ -18,10 +18,11 @@ the kernel its normaliser; the kernel substitutes its blocks (`quantize_values`,
 `quantize_gate`, `weighted_sum`) for the float ones there, beside the float path.
 
 Where the CPU has AVX-512 VNNI (QBENCH_INT8_FUSION=native, the default; int8 P, per-token
-scales, head width a multiple of 16), V's codes, Q K^T with the score block and P's codes
-with P V and the context block run as C (qbench.quant.attention_native), the normaliser
-between them, with the same numbers bit for bit; elsewhere the torch blocks below (compiled
-where bit-equal, else eager).
+scales, head width a multiple of 16), V's codes (with the dequantized V a gate reads), a
+value-position gate's rounding and g V's re-quantization, Q's and K's codes with Q K^T and
+the score block, and P's codes with P V and the context block run as C
+(qbench.quant.attention_native), the normaliser between them, with the same numbers bit for
+bit; elsewhere the torch blocks below (compiled where bit-equal, else eager).
 """
 from __future__ import annotations
 
@@ -265,8 +266,8 @@ class LowBitAttention:
         chunks of `query_chunk`; P[..., 0] goes to `hooks.first_column` when hooks are set.
         The chunk's blocks are C (`_c_chunk_blocks`) where they serve, else torch ops."""
         t_q, t_k = q.shape[-2], k.shape[-2]
-        blocks = self._c_chunk_blocks(q, k, v_codes, v_scale, scaling) if self._c_blocks(q, v_codes) else None
-        scores_of, context_into = blocks or self._torch_chunk_blocks(q, k, v_codes, v_scale, scaling)
+        chunk_blocks = self._c_chunk_blocks if self._c_blocks(q, v_codes) else self._torch_chunk_blocks
+        scores_of, context_into = chunk_blocks(q, k, v_codes, v_scale, scaling)
         bias = causal_bias(t_q, t_k, q.device) if hidden is None else hidden_bias(hidden)
         # laid out as (B, T, H, D): merging the heads afterwards is a view, not a copy
         b, h = q.shape[0], q.shape[1]
